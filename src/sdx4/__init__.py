@@ -1,0 +1,28 @@
+"""sdx4: upscale images 4x with the Stable Diffusion x4 Upscaler.
+
+    import sdx4
+    up = sdx4.load()                       # or sdx4.load(model="path/to/folder", device="cpu", dtype="fp32")
+    result = up("photo.png", prompt="a photo of a cat", seed=42)
+    result.image.save("photo_x4.png")
+    sdx4.upscale("photo.png", method="bicubic").image    # classical baseline, no model
+
+Importing sdx4 does not import torch; loading the model does.
+"""
+
+from ._version import __version__
+from .api import UpscaleResult, Upscaler, load, upscale
+from .imageio import ImageInputError, read_metadata
+from .options import METHODS, OptionsError, UpscaleOptions
+
+__all__ = [
+    "__version__",
+    "load",
+    "upscale",
+    "Upscaler",
+    "UpscaleResult",
+    "UpscaleOptions",
+    "OptionsError",
+    "ImageInputError",
+    "METHODS",
+    "read_metadata",
+]

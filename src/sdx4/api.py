@@ -1,0 +1,157 @@
+"""The Python API: `sdx4.load()` returns an `Upscaler`; calling it upscales one image.
+
+    import sdx4
+    up = sdx4.load()                                   # Hub id, cache, device and dtype chosen for you
+    result = up("photo.png", prompt="a cat", seed=1)   # or a PIL image / numpy array / tensor
+    result.images[0].save("photo_x4.png")
+    result.metadata                                    # every parameter, the seed included
+
+Entry points (CLI, server, batch) build an `UpscaleOptions` and call an `Upscaler`; none reaches inside.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from ._version import __version__
+from .classical import ALPHA_FILTER, resize, upscale_classical
+from .imageio import LoadedImage, as_loaded, attach_alpha
+from .options import UpscaleOptions
+
+SCALE = 4
+
+
+@dataclass(frozen=True)
+class UpscaleResult:
+    """The upscaled image(s) of one input, and the parameters that made them."""
+
+    images: list[Image.Image]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0]
+
+    @property
+    def seed(self) -> int | None:
+        return self.metadata.get("seed")
+
+
+def _options(options: UpscaleOptions | None, overrides: dict[str, Any]) -> UpscaleOptions:
+    base = options if options is not None else UpscaleOptions()
+    return base.replace(**overrides) if overrides else base
+
+
+def base_metadata(options: UpscaleOptions, image: LoadedImage) -> dict[str, Any]:
+    w, h = image.size
+    meta: dict[str, Any] = {
+        "sdx4_version": __version__,
+        "method": options.method,
+        "input_size": [w, h],
+        "output_size": [SCALE * w, SCALE * h],
+        "alpha": image.alpha is not None,
+    }
+    if options.method != "sd":
+        meta["alpha_method"] = options.method
+    return meta
+
+
+def upscale_classical_result(image: Any, options: UpscaleOptions) -> UpscaleResult:
+    """A classical method through the same result type (no model, no torch)."""
+    loaded = as_loaded(image)
+    t0 = time.perf_counter()
+    out = upscale_classical(loaded, options.method, SCALE)
+    meta = base_metadata(options, loaded)
+    meta["seconds"] = round(time.perf_counter() - t0, 4)
+    return UpscaleResult(images=[out], metadata=meta)
+
+
+def upscale(image: Any, options: UpscaleOptions | None = None, **overrides: Any) -> UpscaleResult:
+    """Classical upscaling without a model: `sdx4.upscale(img, method="lanczos")`."""
+    opts = _options(options, overrides)
+    if opts.method == "sd":
+        raise ValueError("method 'sd' needs the model: use sdx4.load() and call the upscaler it returns")
+    return upscale_classical_result(image, opts)
+
+
+class Upscaler:
+    """Holds the loaded model; call it with an image and options. One image per call."""
+
+    def __init__(self, components: Any) -> None:
+        self.components = components
+
+    @property
+    def info(self) -> dict[str, Any]:
+        c = self.components
+        return {
+            "model": c.model,
+            "random_weights": c.random_weights,
+            "max_noise_level": c.max_noise_level,
+            **c.placement.describe(),
+            "sdx4_version": __version__,
+        }
+
+    def __call__(
+        self,
+        image: Any,
+        options: UpscaleOptions | None = None,
+        *,
+        progress: Any = None,
+        **overrides: Any,
+    ) -> UpscaleResult:
+        """Upscale one image (path, PIL, numpy HWC uint8/float, or tensor CHW) by exactly 4x.
+
+        `options` (or keyword overrides such as prompt=..., seed=...) set the parameters; a missing
+        seed is drawn at random and reported in `result.metadata["seed"]`. `progress(i, n)` is called
+        after each denoising step and may raise to cancel.
+        """
+        opts = _options(options, overrides)
+        if opts.method != "sd":
+            return upscale_classical_result(image, opts)
+        loaded = as_loaded(image)
+        opts = opts.with_seed()
+        return self._upscale_sd(loaded, opts, progress)
+
+    def _upscale_sd(self, loaded: LoadedImage, opts: UpscaleOptions, progress: Any) -> UpscaleResult:
+        import numpy as np
+        import torch
+
+        from .pipeline import to_model_range, to_uint8, upscale_tensor
+
+        t0 = time.perf_counter()
+        pixels = torch.from_numpy(np.array(loaded.rgb, dtype=np.uint8))  # H,W,3
+        generator = torch.Generator("cpu").manual_seed(opts.seed)
+        out = upscale_tensor(self.components, to_model_range(pixels), opts, generator, progress)
+        rgb = [Image.fromarray(a.numpy(), "RGB") for a in to_uint8(out)]
+        alpha = None
+        if loaded.alpha is not None:
+            alpha = resize(loaded.alpha, rgb[0].size, ALPHA_FILTER)
+        images = [attach_alpha(im, alpha) for im in rgb]
+        meta = base_metadata(opts, loaded)
+        meta.update(
+            prompt=opts.prompt,
+            negative_prompt=opts.negative_prompt,
+            seed=opts.seed,
+            steps=opts.steps,
+            guidance=opts.guidance,
+            noise_level=opts.noise_level,
+            eta=opts.eta,
+            num_images=opts.num_images,
+            scheduler=type(self.components.scheduler).__name__,
+            **self.info,
+        )
+        if loaded.alpha is not None:
+            meta["alpha_method"] = ALPHA_FILTER
+        meta["seconds"] = round(time.perf_counter() - t0, 3)
+        return UpscaleResult(images=images, metadata=meta)
+
+
+def load(model: str | None = None, device: str = "auto", dtype: str = "auto") -> Upscaler:
+    """Load the x4 upscaler from a Hub id (default: the published model) or a local diffusers folder."""
+    from .models import DEFAULT_MODEL, load_components
+
+    return Upscaler(load_components(model or DEFAULT_MODEL, device=device, dtype=dtype))

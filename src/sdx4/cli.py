@@ -1,0 +1,224 @@
+"""The `sdx4` command line: a thin layer that builds options and calls the same core as the API.
+
+Exit codes: 0 success, 2 bad usage or bad input (the message names the file and the problem),
+1 any other failure. torch is imported only when the diffusion model is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+from .imageio import OUTPUT_SUFFIXES, ImageInputError, check_output_path, open_image, save_image
+from .options import METHODS, OptionsError, UpscaleOptions, option_defaults
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+DEFAULT_MODEL = "stabilityai/stable-diffusion-x4-upscaler"  # == models.DEFAULT_MODEL (no torch import here)
+
+
+class UsageError(Exception):
+    """Bad usage or bad input: reported as `sdx4: error: ...` with exit code 2."""
+
+
+def _add_upscale_args(p: argparse.ArgumentParser) -> None:
+    d = option_defaults()
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file(s) to upscale")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE_OR_DIR",
+        help="output file (one input) or folder; default: next to each input as NAME_x4.png",
+    )
+    p.add_argument("--prompt", default=d["prompt"], help="text describing the image")
+    p.add_argument("--negative-prompt", default=d["negative_prompt"], help="text describing what to avoid")
+    p.add_argument("--steps", type=int, default=d["steps"], help="denoising steps")
+    p.add_argument("--guidance", type=float, default=d["guidance"], help="guidance scale (<= 1: no guidance, 2x faster)")
+    p.add_argument("--noise-level", type=int, default=d["noise_level"], help="noise added to the input, 0..350")
+    p.add_argument("--seed", type=int, default=d["seed"], help="random seed (default: random, and reported)")
+    p.add_argument("--eta", type=float, default=d["eta"], help="DDIM eta, 0..1")
+    p.add_argument("--num-images", type=int, default=d["num_images"], help="images per input")
+    p.add_argument("--method", choices=METHODS, default=d["method"], help="sd = diffusion; others are classical filters")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local folder in diffusers layout")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="UNet/text-encoder precision (VAE stays fp32)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no messages, errors only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdx4",
+        description="Upscale images 4x with the Stable Diffusion x4 Upscaler (or a classical filter).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sdx4 {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    up = sub.add_parser(
+        "upscale",
+        help="upscale images 4x",
+        description="Upscale images 4x. Outputs are exactly 4W x 4H; PNG outputs carry every parameter.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_upscale_args(up)
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> UpscaleOptions:
+    try:
+        return UpscaleOptions(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            steps=args.steps,
+            guidance=args.guidance,
+            noise_level=args.noise_level,
+            eta=args.eta,
+            seed=args.seed,
+            num_images=args.num_images,
+            method=args.method,
+        )
+    except OptionsError as e:
+        raise UsageError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
+
+
+def output_paths(inputs: list[Path], output: str | None, options: UpscaleOptions) -> list[list[Path]]:
+    """For each input, the output path(s): one per generated image."""
+    n = options.num_images
+    tag = "_x4" if options.method == "sd" else f"_x4_{options.method}"
+    out = Path(output) if output else None
+    as_file = out is not None and out.suffix.lower() in OUTPUT_SUFFIXES and not out.is_dir()
+    if as_file and len(inputs) > 1:
+        raise UsageError(f"-o {out}: several inputs need an output folder, not a file")
+    result = []
+    for src in inputs:
+        if as_file:
+            assert out is not None
+            base, suffix, folder = out.stem, out.suffix, out.parent
+        else:
+            base, suffix, folder = src.stem + tag, ".png", (out if out is not None else src.parent)
+        names = [f"{base}{suffix}"] if n == 1 else [f"{base}_{i + 1}{suffix}" for i in range(n)]
+        result.append([folder / name for name in names])
+    flat = [p for ps in result for p in ps]
+    dupes = {p for p in flat if flat.count(p) > 1}
+    if dupes:
+        raise UsageError(f"several inputs would write the same output {sorted(map(str, dupes))[0]}; use distinct names")
+    return result
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars ("Loading weights") and info logs are noise in a CLI."""
+    for name in ("transformers", "diffusers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import diffusers.utils.logging as dl
+        import transformers.utils.logging as tl
+
+        tl.disable_progress_bar()
+        dl.disable_progress_bar()
+    except Exception:  # pragma: no cover - only cosmetics
+        pass
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    inputs = [Path(p) for p in args.inputs]
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+
+    # Check everything before any heavy work: inputs decode, outputs are writable and new.
+    for src in inputs:
+        try:
+            open_image(src)
+        except ImageInputError as e:
+            raise UsageError(str(e)) from None
+    outputs = output_paths(inputs, args.output, options)
+    if args.output and not Path(args.output).suffix.lower() in OUTPUT_SUFFIXES:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+    for paths in outputs:
+        for p in paths:
+            try:
+                check_output_path(p, args.overwrite)
+            except ImageInputError as e:
+                raise UsageError(str(e)) from None
+
+    upscaler = None
+    if options.method == "sd":
+        from .api import load
+        from .models import ModelNotFoundError, ModelPathError
+
+        _quiet_libraries()
+        t0 = time.perf_counter()
+        try:
+            upscaler = load(args.model, device=args.device, dtype=args.dtype)
+        except ModelPathError as e:
+            raise UsageError(str(e)) from None
+        except ModelNotFoundError as e:
+            print(f"sdx4: error: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        except ValueError as e:  # bad --device / --dtype for this machine
+            raise UsageError(str(e)) from None
+        info = upscaler.info
+        say(f"loaded {args.model} on {info['device']} ({info['unet_dtype']}) in {time.perf_counter() - t0:.1f} s")
+        if info["random_weights"]:
+            say("warning: this model has RANDOM WEIGHTS (made for tests/benchmarks); its output is noise")
+
+    for src, paths in zip(inputs, outputs):
+        opts = options.with_seed()
+        result = _run_one(upscaler, src, opts, quiet=args.quiet)
+        for image, path in zip(result.images, paths):
+            save_image(image, path, {**result.metadata, "input": src.name}, overwrite=args.overwrite)
+            say(f"{src} -> {path} ({image.width}x{image.height}" + (f", seed {opts.seed})" if opts.method == "sd" else ")"))
+    return EXIT_OK
+
+
+def _run_one(upscaler: Any, src: Path, opts: UpscaleOptions, quiet: bool) -> Any:
+    from .api import upscale_classical_result
+
+    if upscaler is None:
+        return upscale_classical_result(src, opts)
+    bar = None
+    if not quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=opts.steps, desc=src.name, unit="step", leave=False)
+
+    def progress(i: int, n: int) -> None:
+        if bar is not None:
+            bar.total = n
+            bar.update(i - bar.n)
+
+    try:
+        return upscaler(src, opts, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 with a usage message on bad usage
+    try:
+        if args.command == "upscale":
+            return cmd_upscale(args)
+        parser.error(f"unknown command {args.command}")
+    except UsageError as e:
+        print(f"sdx4: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sdx4: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # anything else: a clear one-line message, exit 1
+        from .models import ModelConfigError, ModelNotFoundError
+
+        if isinstance(e, (ModelConfigError, ModelNotFoundError, OSError)):
+            print(f"sdx4: error: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        raise
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

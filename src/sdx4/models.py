@@ -1,0 +1,329 @@
+"""Finding and loading the model: a Hub id (through the Hugging Face cache) or a local diffusers folder.
+
+Every component is loaded with diffusers' / transformers' own classes, checked against the others,
+and placed on the chosen device in the chosen precision (VAE always fp32: it overflows in fp16).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import urllib.parse
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger("sdx4")
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-x4-upscaler"
+#: The VAE scaling factor of the published upscaler; old configs lack it (diffusers forces it too).
+VAE_SCALING_FACTOR = 0.08333
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "low_res_scheduler")
+#: What to fetch from the Hub: configs, tokenizer files and safetensors weights, nothing else
+#: (the repo also holds multi-GB .ckpt / .bin copies we never need).
+HUB_ALLOW_PATTERNS = [
+    "model_index.json",
+    "*/config.json",
+    "*/scheduler_config.json",
+    "tokenizer/*",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+]
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+DType = Literal["auto", "fp32", "fp16", "bf16"]
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelNotFoundError(RuntimeError):
+    """The model could not be found or fetched; the message says which and how to fix it."""
+
+
+class ModelPathError(ModelNotFoundError):
+    """`--model` names a local folder that does not exist or is not in diffusers layout (bad usage)."""
+
+
+class ModelConfigError(ValueError):
+    """The model's components do not fit together (or one is broken); the message says which."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each component runs and in which precision."""
+
+    device: torch.device
+    unet_dtype: torch.dtype
+    text_dtype: torch.dtype
+    vae_dtype: torch.dtype = torch.float32
+
+    def describe(self) -> dict[str, str]:
+        name = {v: k for k, v in DTYPES.items()}
+        return {
+            "device": str(self.device),
+            "unet_dtype": name[self.unet_dtype],
+            "text_encoder_dtype": name[self.text_dtype],
+            "vae_dtype": name[self.vae_dtype],
+        }
+
+
+def resolve_placement(device: str = "auto", dtype: str = "auto") -> Placement:
+    """`auto`: CUDA (fp16 UNet/text encoder) > Apple MPS (fp32) > CPU (fp32). The VAE is always fp32."""
+    if device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", device):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps; got {device!r}")
+    if dtype not in ("auto", *DTYPES):
+        raise ValueError(f"dtype must be auto, fp32, fp16 or bf16; got {dtype!r}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this torch build sees no CUDA GPU")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device 'mps' asked for, but Apple MPS is not available here")
+    dev = torch.device(device)
+    if dtype == "auto":
+        # fp16 on CUDA halves memory and doubles speed; on MPS and CPU fp32 is the safe choice.
+        chosen = torch.float16 if dev.type == "cuda" else torch.float32
+    else:
+        chosen = DTYPES[dtype]
+    return Placement(device=dev, unet_dtype=chosen, text_dtype=chosen, vae_dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding the model folder
+# --------------------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _missing_parts(folder: Path) -> list[str]:
+    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+    for comp, files in (
+        ("unet", ("config.json",)),
+        ("vae", ("config.json",)),
+        ("text_encoder", ("config.json",)),
+        ("scheduler", ("scheduler_config.json",)),
+        ("low_res_scheduler", ("scheduler_config.json",)),
+    ):
+        if comp not in missing:
+            missing += [f"{comp}/{f}" for f in files if not (folder / comp / f).is_file()]
+    for comp in ("unet", "vae", "text_encoder"):
+        d = folder / comp
+        if d.is_dir() and not any(p.suffix in (".safetensors", ".bin") for p in d.iterdir()):
+            missing.append(f"{comp}/<weights>.safetensors")
+    return missing
+
+
+def _looks_like_path(model: str) -> bool:
+    """`./x`, `/x`, `~/x`, `a/b/c`, `C:\\x` are paths; `org/name` is a Hub id unless such a folder exists."""
+    return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") != 1
+
+
+def resolve_model_dir(model: str = DEFAULT_MODEL) -> Path:
+    """A local folder in diffusers layout for `model` (a path, or a Hub id fetched via the HF cache)."""
+    if not isinstance(model, str) or not model.strip():
+        raise ModelNotFoundError(f"model must be a Hub id like {DEFAULT_MODEL!r} or a folder path; got {model!r}")
+    local = Path(model).expanduser()
+    if local.exists() or _looks_like_path(model) or not _HUB_ID.match(model):
+        if not local.exists():
+            raise ModelPathError(
+                f"model folder {model!r} does not exist. Pass --model PATH to a folder in diffusers layout "
+                f"(with {', '.join(COMPONENTS)}), or a Hub id such as {DEFAULT_MODEL!r}."
+            )
+        if not local.is_dir():
+            raise ModelPathError(f"model {model!r} is a file; --model needs a folder in diffusers layout")
+        missing = _missing_parts(local)
+        if missing:
+            raise ModelPathError(
+                f"model folder {model!r} is not in diffusers layout: missing {', '.join(missing)}"
+            )
+        return local
+    return _hub_snapshot(model)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """A quick TCP connect to the Hub endpoint, so a machine without network fails in seconds."""
+    url = urllib.parse.urlparse(endpoint)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+
+    cache = constants.HF_HUB_CACHE
+    fix = (
+        f"Fix: connect this machine to the Hub once so the model is cached, or download it elsewhere and "
+        f"pass --model PATH to the local folder (diffusers layout)."
+    )
+    # 1. The cache first: no network needed when the model is already there.
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=True))
+        if not _missing_parts(folder):
+            return folder
+    except Exception as e:  # LocalEntryNotFoundError and friends: not (fully) cached
+        log.debug("not in the cache: %s", e)
+    if _hub_offline():
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1 forbids "
+            f"downloading it. {fix} Or unset HF_HUB_OFFLINE to download it."
+        )
+    endpoint = constants.ENDPOINT
+    if not _hub_reachable(endpoint):
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not in the Hugging Face cache ({cache}) and the Hub ({endpoint}) cannot be "
+            f"reached from this machine. {fix} Set HF_HUB_OFFLINE=1 to skip network look-ups."
+        )
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS))
+    except Exception as e:
+        raise ModelNotFoundError(f"could not download model {repo_id!r} from {endpoint}: {e}. {fix}") from e
+    missing = _missing_parts(folder)
+    if missing:
+        raise ModelNotFoundError(f"Hub repo {repo_id!r} is not a diffusers x4 upscaler: missing {', '.join(missing)}")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and checking the components
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Components:
+    """The loaded model parts. Plain data: the pipeline functions take what they need from it."""
+
+    unet: Any  # diffusers.UNet2DConditionModel
+    vae: Any  # diffusers.AutoencoderKL
+    text_encoder: Any  # transformers.CLIPTextModel
+    tokenizer: Any  # transformers.CLIPTokenizer
+    scheduler: Any  # diffusers.DDIMScheduler (v-prediction)
+    low_res_scheduler: Any  # diffusers.DDPMScheduler
+    placement: Placement
+    model: str  # what the user asked for (Hub id or path)
+    max_noise_level: int = 350
+    random_weights: bool = False
+
+    @property
+    def pad_multiple(self) -> int:
+        """The UNet halves the latent (len(blocks) - 1) times: inputs are padded to this multiple."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+
+def load_components(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> Components:
+    """Find, load, check and place every component of the x4 upscaler."""
+    placement = resolve_placement(device, dtype)
+    folder = resolve_model_dir(model)
+
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*scaling_factor.*")
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        check_tokenizer(tokenizer, folder / "tokenizer")
+        # transformers 5 loads in the dtype written in the config unless told: always pass ours.
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=placement.text_dtype)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=placement.unet_dtype)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=placement.vae_dtype)
+    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    low_res_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="low_res_scheduler")
+
+    index = _read_json(folder / "model_index.json")
+    max_noise_level = int(index.get("max_noise_level", 350))
+    check_components(unet, vae, text_encoder, max_noise_level)
+
+    for m in (unet, vae, text_encoder):
+        m.to(placement.device)
+        m.eval()
+        m.requires_grad_(False)
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        low_res_scheduler=low_res_scheduler,
+        placement=placement,
+        model=model,
+        max_noise_level=max_noise_level,
+        random_weights=(folder / RANDOM_WEIGHTS_MARKER).exists() or bool(index.get("_sdx4_random_weights")),
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def check_tokenizer(tokenizer: Any, where: Path | str) -> None:
+    """Refuse the near-empty tokenizer transformers 5 builds, without error, when files are missing."""
+    vocab = len(tokenizer)
+    ids = tokenizer("a photo of a cat").input_ids
+    if vocab < 256 or len(ids) < 3:
+        raise ModelConfigError(
+            f"tokenizer at {where} is broken: {vocab} tokens in its vocabulary and 'a photo of a cat' encodes "
+            f"to {len(ids)} ids. Its files (vocab.json, merges.txt, tokenizer_config.json) are missing or damaged."
+        )
+    if not 1 <= tokenizer.model_max_length <= 4096:
+        raise ModelConfigError(
+            f"tokenizer at {where} has model_max_length={tokenizer.model_max_length}; "
+            "tokenizer_config.json must set it (77 for CLIP)."
+        )
+
+
+def check_components(unet: Any, vae: Any, text_encoder: Any, max_noise_level: int) -> None:
+    """The components must fit together; the VAE scaling factor is forced to 0.08333 like diffusers."""
+    latent = vae.config.latent_channels
+    if unet.config.in_channels != latent + 3:
+        raise ModelConfigError(
+            f"unet in_channels is {unet.config.in_channels} but the x4 upscaler needs latent channels ({latent}) "
+            f"+ 3 RGB channels = {latent + 3}: unet/config.json and vae/config.json do not match"
+        )
+    if unet.config.out_channels != latent:
+        raise ModelConfigError(f"unet out_channels is {unet.config.out_channels}, expected vae latent channels {latent}")
+    hidden = text_encoder.config.hidden_size
+    if unet.config.cross_attention_dim != hidden:
+        raise ModelConfigError(
+            f"unet cross_attention_dim is {unet.config.cross_attention_dim} but the text encoder's hidden size is "
+            f"{hidden}: unet/config.json and text_encoder/config.json do not match"
+        )
+    classes = unet.config.num_class_embeds
+    if classes is None or classes <= max_noise_level:
+        raise ModelConfigError(
+            f"unet num_class_embeds is {classes}; it must exceed max_noise_level ({max_noise_level}), "
+            "since the noise level is the UNet's class label"
+        )
+    if getattr(vae.config, "scaling_factor", None) != VAE_SCALING_FACTOR:
+        log.warning(
+            "vae scaling_factor is %s; using %s as diffusers does for the x4 upscaler",
+            getattr(vae.config, "scaling_factor", None),
+            VAE_SCALING_FACTOR,
+        )
+        vae.register_to_config(scaling_factor=VAE_SCALING_FACTOR)
