@@ -39,7 +39,7 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d["steps"], help="denoising steps")
     p.add_argument("--guidance", type=float, default=d["guidance"], help="guidance scale (<= 1: no guidance, 2x faster)")
     p.add_argument("--noise-level", type=int, default=d["noise_level"], help="noise added to the input, 0..350")
-    p.add_argument("--seed", type=int, default=d["seed"], help="random seed (default: random, and reported)")
+    p.add_argument("--seed", type=int, default=d["seed"], help="random seed; None = draw one and report it")
     p.add_argument("--eta", type=float, default=d["eta"], help="DDIM eta, 0..1")
     p.add_argument("--num-images", type=int, default=d["num_images"], help="images per input")
     p.add_argument("--method", choices=METHODS, default=d["method"], help="sd = diffusion; others are classical filters")
@@ -48,6 +48,11 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="UNet/text-encoder precision (VAE stays fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no messages, errors only")
+
+
+#: Modules that add a subcommand: each has `register(subparsers)` which adds a parser whose `func(args)`
+#: returns an exit code. They must not import torch at import time (`sdx4 --help` stays fast).
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_upscale_args(up)
+    up.set_defaults(func=cmd_upscale)
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -201,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a usage message on bad usage
     try:
-        if args.command == "upscale":
-            return cmd_upscale(args)
-        parser.error(f"unknown command {args.command}")
+        return int(args.func(args))
     except UsageError as e:
         print(f"sdx4: error: {e}", file=sys.stderr)
         return EXIT_USAGE
