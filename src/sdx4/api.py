@@ -125,7 +125,8 @@ class Upscaler:
         t0 = time.perf_counter()
         pixels = torch.from_numpy(np.array(loaded.rgb, dtype=np.uint8))  # H,W,3
         generator = torch.Generator("cpu").manual_seed(opts.seed)
-        out = upscale_tensor(self.components, to_model_range(pixels), opts, generator, progress)
+        timings: dict[str, float] = {}
+        out = upscale_tensor(self.components, to_model_range(pixels), opts, generator, progress, timings)
         rgb = [Image.fromarray(a.numpy(), "RGB") for a in to_uint8(out)]
         alpha = None
         if loaded.alpha is not None:
@@ -147,6 +148,7 @@ class Upscaler:
         if loaded.alpha is not None:
             meta["alpha_method"] = ALPHA_FILTER
         meta["seconds"] = round(time.perf_counter() - t0, 3)
+        meta["timings"] = {k: round(v, 4) for k, v in timings.items()}
         return UpscaleResult(images=images, metadata=meta)
 
 

@@ -82,8 +82,13 @@ def upscale_tensor(
     options: UpscaleOptions,
     generator: torch.Generator,
     progress: ProgressFn | None = None,
+    timings: dict[str, float] | None = None,
 ) -> torch.Tensor:
-    """1,3,H,W in [-1,1] -> num_images,3,4H,4W in [-1,1] (float32, on CPU)."""
+    """1,3,H,W in [-1,1] -> num_images,3,4H,4W in [-1,1] (float32, on CPU).
+
+    `timings`, when given, receives the seconds spent in each stage (text_encoding, denoising, decoding).
+    """
+    clock = _StageClock(components.placement.device, timings)
     if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
         raise ValueError(f"image must be 1x3xHxW; got {tuple(image.shape)}")
     check_noise_level(components, options.noise_level)
@@ -93,6 +98,7 @@ def upscale_tensor(
 
     # 1. Prompt embeddings, CFG order [negative, positive].
     embeds = prompt_embeddings(components, options).to(device=device, dtype=dtype)  # (2)n,77,D
+    clock.lap("text_encoding")
 
     # 2. Low-res image in [-1,1], padded to what the UNet's down/up-sampling needs.
     image, (h, w) = pad_to_multiple(image.to(device=device, dtype=dtype), components.pad_multiple)  # 1,3,h',w'
@@ -126,11 +132,33 @@ def upscale_tensor(
         latents = scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
         if progress is not None:
             progress(i + 1, len(timesteps))
+    clock.lap("denoising")
 
     # 6. Decode in the VAE's precision (fp32: fp16 overflows to NaN), crop the padding away.
     latents = latents.to(components.placement.vae_dtype) / vae.config.scaling_factor
     decoded = vae.decode(latents, return_dict=False)[0]  # n,3,4h',4w'
-    return decoded[:, :, : 4 * h, : 4 * w].float().cpu()
+    out = decoded[:, :, : 4 * h, : 4 * w].float().cpu()
+    clock.lap("decoding")
+    return out
+
+
+class _StageClock:
+    """Wall time per stage; synchronises CUDA so GPU work is attributed to the right stage."""
+
+    def __init__(self, device: torch.device, sink: dict[str, float] | None) -> None:
+        import time
+
+        self._now = time.perf_counter
+        self.device, self.sink, self.t = device, sink, time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.sink is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = self._now()
+        self.sink[stage] = self.sink.get(stage, 0.0) + now - self.t
+        self.t = now
 
 
 def _step_kwargs(scheduler: Any, generator: torch.Generator, eta: float) -> dict[str, Any]:
