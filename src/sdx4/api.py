@@ -51,8 +51,9 @@ def base_metadata(options: UpscaleOptions, image: LoadedImage) -> dict[str, Any]
     meta: dict[str, Any] = {
         "sdx4_version": __version__,
         "method": options.method,
+        "scale": options.scale,
         "input_size": [w, h],
-        "output_size": [SCALE * w, SCALE * h],
+        "output_size": [options.scale * w, options.scale * h],
         "alpha": image.alpha is not None,
     }
     if options.method != "sd":
@@ -64,7 +65,7 @@ def upscale_classical_result(image: Any, options: UpscaleOptions) -> UpscaleResu
     """A classical method through the same result type (no model, no torch)."""
     loaded = as_loaded(image)
     t0 = time.perf_counter()
-    out = upscale_classical(loaded, options.method, SCALE)
+    out = upscale_classical(loaded, options.method, options.scale)
     meta = base_metadata(options, loaded)
     meta["seconds"] = round(time.perf_counter() - t0, 4)
     return UpscaleResult(images=[out], metadata=meta)
@@ -103,7 +104,7 @@ class Upscaler:
         progress: Any = None,
         **overrides: Any,
     ) -> UpscaleResult:
-        """Upscale one image (path, PIL, numpy HWC uint8/float, or tensor CHW) by exactly 4x.
+        """Upscale one image (path, PIL, numpy HWC uint8/float, or tensor CHW) by exactly `scale` (default 4).
 
         `options` (or keyword overrides such as prompt=..., seed=...) set the parameters; a missing
         seed is drawn at random and reported in `result.metadata["seed"]`. `progress(i, n)` is called
@@ -121,13 +122,35 @@ class Upscaler:
         import torch
 
         from .pipeline import to_model_range, to_uint8, upscale_tensor
+        from .scale import upscale_by
 
         t0 = time.perf_counter()
-        pixels = torch.from_numpy(np.array(loaded.rgb, dtype=np.uint8))  # H,W,3
         generator = torch.Generator("cpu").manual_seed(opts.seed)
         timings: dict[str, float] = {}
-        out = upscale_tensor(self.components, to_model_range(pixels), opts, generator, progress, timings)
-        rgb = [Image.fromarray(a.numpy(), "RGB") for a in to_uint8(out)]
+        reports: list[dict[str, Any]] = []
+        rgb: list[Image.Image] = []
+        # Each generated image goes through its own passes (scale != 4 needs several x4 passes or a
+        # downsample); with scale 4 this is one pass over all num_images at once, as diffusers does.
+        if opts.scale == SCALE:
+            pixels = torch.from_numpy(np.array(loaded.rgb, dtype=np.uint8))  # H,W,3
+            report: dict[str, Any] = {}
+            out = upscale_tensor(self.components, to_model_range(pixels), opts, generator, progress, timings, report=report)
+            rgb = [Image.fromarray(a.numpy(), "RGB") for a in to_uint8(out)]
+            reports.append(report)
+            passes = 1
+        else:
+            one = opts.replace(num_images=1)
+            for _ in range(opts.num_images):
+
+                def one_pass(im: Image.Image) -> Image.Image:
+                    pixels = torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8))  # H,W,3
+                    report: dict[str, Any] = {}
+                    out = upscale_tensor(self.components, to_model_range(pixels), one, generator, progress, timings, report=report)
+                    reports.append(report)
+                    return Image.fromarray(to_uint8(out)[0].numpy(), "RGB")
+
+                image, passes = upscale_by(loaded.rgb, opts.scale, one_pass)
+                rgb.append(image)
         alpha = None
         if loaded.alpha is not None:
             alpha = resize(loaded.alpha, rgb[0].size, ALPHA_FILTER)
@@ -144,6 +167,20 @@ class Upscaler:
             num_images=opts.num_images,
             scheduler=type(self.components.scheduler).__name__,
             **self.info,
+        )
+        # How the (last) pass was tiled and decoded, and what the user asked for.
+        meta.update(
+            passes=passes,
+            color_fix=opts.color_fix,
+            tiling=reports[-1]["tiling"],
+            vae_decode=reports[-1]["vae_decode"],
+            tiling_options={
+                "tile_size": opts.tile_size,
+                "tile_overlap": opts.tile_overlap,
+                "tile_batch": opts.tile_batch,
+                "tile_blend": opts.tile_blend,
+                "max_memory": opts.max_memory,
+            },
         )
         if loaded.alpha is not None:
             meta["alpha_method"] = ALPHA_FILTER

@@ -15,7 +15,7 @@ from typing import Any
 
 from ._version import __version__
 from .imageio import OUTPUT_SUFFIXES, ImageInputError, check_output_path, open_image, save_image
-from .options import METHODS, OptionsError, UpscaleOptions, option_defaults
+from .options import COLOR_FIXES, MAX_SCALE, METHODS, MIN_SCALE, TILE_BLENDS, OptionsError, UpscaleOptions, option_defaults, parse_size
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEFAULT_MODEL = "stabilityai/stable-diffusion-x4-upscaler"  # == models.DEFAULT_MODEL (no torch import here)
@@ -48,6 +48,13 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="UNet/text-encoder precision (VAE stays fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no messages, errors only")
+    p.add_argument("--scale", type=int, default=d["scale"], help=f"output = scale x input, an integer {MIN_SCALE}..{MAX_SCALE}")
+    p.add_argument("--color-fix", choices=COLOR_FIXES, default=d["color_fix"], help="match colours to the bicubic-upscaled input")
+    p.add_argument("--max-memory", default=None, metavar="SIZE", help="memory budget, weights included (e.g. 6GiB); default: 60%% of free RAM / 80%% of free GPU memory")
+    p.add_argument("--tile-size", type=int, default=d["tile_size"], help="latent tile side in input pixels (default: from --max-memory)")
+    p.add_argument("--tile-overlap", type=int, default=d["tile_overlap"], help="tile overlap in input pixels (default: a quarter of the tile)")
+    p.add_argument("--tile-batch", type=int, default=d["tile_batch"], help="tiles per UNet call (default: from --max-memory)")
+    p.add_argument("--tile-blend", choices=TILE_BLENDS, default=d["tile_blend"], help="weights that merge overlapping tiles")
 
 
 #: Modules that add a subcommand: each has `register(subparsers)` which adds a parser whose `func(args)`
@@ -66,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser(
         "upscale",
         help="upscale images 4x",
-        description="Upscale images 4x. Outputs are exactly 4W x 4H; PNG outputs carry every parameter.",
+        description="Upscale images 4x (or --scale N). Outputs are exactly NW x NH; PNG outputs carry every parameter.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_upscale_args(up)
@@ -90,6 +97,13 @@ def options_from_args(args: argparse.Namespace) -> UpscaleOptions:
             seed=args.seed,
             num_images=args.num_images,
             method=args.method,
+            scale=args.scale,
+            color_fix=args.color_fix,
+            tile_size=args.tile_size,
+            tile_overlap=args.tile_overlap,
+            tile_batch=args.tile_batch,
+            tile_blend=args.tile_blend,
+            max_memory=None if args.max_memory is None else parse_size(args.max_memory),
         )
     except OptionsError as e:
         raise UsageError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
@@ -98,7 +112,7 @@ def options_from_args(args: argparse.Namespace) -> UpscaleOptions:
 def output_paths(inputs: list[Path], output: str | None, options: UpscaleOptions) -> list[list[Path]]:
     """For each input, the output path(s): one per generated image."""
     n = options.num_images
-    tag = "_x4" if options.method == "sd" else f"_x4_{options.method}"
+    tag = f"_x{options.scale}" if options.method == "sd" else f"_x{options.scale}_{options.method}"
     out = Path(output) if output else None
     as_file = out is not None and out.suffix.lower() in OUTPUT_SUFFIXES and not out.is_dir()
     if as_file and len(inputs) > 1:

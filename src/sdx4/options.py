@@ -27,6 +27,31 @@ MAX_IMAGES_PER_PROMPT = 16
 #: Seeds are drawn from and must fit in 0 .. 2**63-1 (what torch.Generator.manual_seed accepts).
 MAX_SEED = 2**63 - 1
 
+ColorFix = Literal["none", "adain", "wavelet"]
+COLOR_FIXES: tuple[str, ...] = get_args(ColorFix)
+TileBlend = Literal["uniform", "gaussian", "feather"]  # == tiling.Blend (no torch import here)
+TILE_BLENDS: tuple[str, ...] = get_args(TileBlend)
+#: Integer output scales. 2-3: one x4 pass then a Lanczos downsample; 5-16: two passes (see docs/large-images.md).
+MIN_SCALE, MAX_SCALE = 2, 16
+#: Tile sizes are in input (= latent) pixels; the UNet needs at least 8 (its pad multiple for the real model).
+MIN_TILE_SIZE, MAX_TILE_SIZE = 8, 4096
+MAX_TILE_BATCH = 64
+#: --max-memory is the whole process' budget (weights included); below 1 GiB nothing useful fits.
+MIN_MAX_MEMORY, MAX_MAX_MEMORY = 2**30, 2**50
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+               "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'6GiB', '6G' (= GiB), '6GB' (10^9), '1500MiB', '123456' (bytes) -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise OptionsError(f"max_memory must be a size such as 6GiB, 6G, 1500MiB or a number of bytes; got {text!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
 
 class OptionsError(ValueError):
     """An option has a value outside what is allowed; the message names the option and the range."""
@@ -44,6 +69,15 @@ class UpscaleOptions:
     seed: random seed; None draws one, which is then reported in the result's metadata.
     num_images: images generated per input (different noise, same seed stream).
     method: "sd" for the diffusion model, or a classical interpolation filter (no model needed).
+    scale: output size = scale x input size, exactly; an integer 2..16 (see docs/large-images.md).
+    color_fix: match the output's colours / low frequencies to the bicubic-upscaled input
+      ("adain": per-channel mean and std; "wavelet": the low-frequency bands), or "none".
+    tile_size: latent tile side in input pixels (None: chosen from max_memory). 8..4096.
+    tile_overlap: overlap of neighbouring tiles in input pixels (None: a quarter of the tile).
+    tile_batch: tiles per UNet call (None: chosen from max_memory). 1..64.
+    tile_blend: how overlapping tile predictions are weighted (chosen by seam measurement).
+    max_memory: memory budget in bytes for the whole process, weights included (None: a safe share
+      of the free RAM, or of the free GPU memory on CUDA). Tile size and batch are chosen from it.
     """
 
     prompt: str = ""
@@ -55,6 +89,13 @@ class UpscaleOptions:
     seed: int | None = None
     num_images: int = 1
     method: Method = "sd"
+    scale: int = 4
+    color_fix: ColorFix = "none"
+    tile_size: int | None = None
+    tile_overlap: int | None = None
+    tile_batch: int | None = None
+    tile_blend: TileBlend = "gaussian"
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         _check_str("prompt", self.prompt)
@@ -68,6 +109,20 @@ class UpscaleOptions:
         _check_int("num_images", self.num_images, 1, MAX_IMAGES_PER_PROMPT)
         if self.method not in METHODS:
             raise OptionsError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        _check_int("scale", self.scale, MIN_SCALE, MAX_SCALE)
+        if self.color_fix not in COLOR_FIXES:
+            raise OptionsError(f"color_fix must be one of {', '.join(COLOR_FIXES)}; got {self.color_fix!r}")
+        if self.tile_size is not None:
+            _check_int("tile_size", self.tile_size, MIN_TILE_SIZE, MAX_TILE_SIZE)
+        if self.tile_overlap is not None:
+            hi = (self.tile_size or MAX_TILE_SIZE) - MIN_TILE_SIZE
+            _check_int("tile_overlap", self.tile_overlap, 0, hi)
+        if self.tile_batch is not None:
+            _check_int("tile_batch", self.tile_batch, 1, MAX_TILE_BATCH)
+        if self.tile_blend not in TILE_BLENDS:
+            raise OptionsError(f"tile_blend must be one of {', '.join(TILE_BLENDS)}; got {self.tile_blend!r}")
+        if self.max_memory is not None:
+            _check_int("max_memory", self.max_memory, MIN_MAX_MEMORY, MAX_MAX_MEMORY)
 
     @property
     def do_guidance(self) -> bool:

@@ -8,6 +8,11 @@ Latent diffusion: Rombach et al. 2022, https://arxiv.org/abs/2112.10752 (the x4 
 "LDM-SR" trained by Stability AI). Classifier-free guidance: Ho & Salimans 2022,
 https://arxiv.org/abs/2207.12598.
 
+Large images (docs/large-images.md): the UNet runs on overlapping latent tiles of ONE global latent,
+merged every step (MultiDiffusion, Bar-Tal et al. 2023, https://arxiv.org/abs/2302.08113); tile size and
+batch come from a memory budget (`memory.plan_memory`). When the image fits in one tile the loop is
+exactly the untiled one.
+
 Built on diffusers' model/scheduler classes, not on its pipeline class. For the same weights, seed and
 parameters (fp32, CPU) the result equals `StableDiffusionUpscalePipeline`'s, because the random draws
 happen in the same order: image noise first, then the initial latents, both from one generator.
@@ -15,6 +20,8 @@ happen in the same order: image noise first, then the initial latents, both from
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +29,17 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
+from . import memory, tiling
+from .colorfix import color_fix, reference_for
 from .models import Components
 from .options import OptionsError, UpscaleOptions
+
+try:  # tiled VAE decoding (issue 3 item 2); until it is merged, a stand-in that decodes untiled
+    from .vae_decode import decode_latents
+except ImportError:  # pragma: no cover - depends on the branch
+    from .vae_decode_fallback import decode_latents
+
+log = logging.getLogger("sdx4")
 
 #: progress(step_index_1_based, total_steps). It may raise to cancel: the loop stops at that step.
 ProgressFn = Callable[[int, int], None]
@@ -83,10 +99,14 @@ def upscale_tensor(
     generator: torch.Generator,
     progress: ProgressFn | None = None,
     timings: dict[str, float] | None = None,
+    *,
+    report: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """1,3,H,W in [-1,1] -> num_images,3,4H,4W in [-1,1] (float32, on CPU).
+    """1,3,H,W in [-1,1] -> num_images,3,4H,4W in [-1,1] (float32, on CPU). One x4 pass (`options.scale`
+    is handled by the caller, see `scale.py`).
 
     `timings`, when given, receives the seconds spent in each stage (text_encoding, denoising, decoding).
+    `report`, when given, receives how the image was tiled and decoded ("tiling", "vae_decode", "color_fix").
     """
     clock = _StageClock(components.placement.device, timings)
     if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
@@ -101,7 +121,9 @@ def upscale_tensor(
     clock.lap("text_encoding")
 
     # 2. Low-res image in [-1,1], padded to what the UNet's down/up-sampling needs.
+    original = image.float()  # 1,3,h,w  (the colour fix's reference)
     image, (h, w) = pad_to_multiple(image.to(device=device, dtype=dtype), components.pad_multiple)  # 1,3,h',w'
+    plan = plan_for(components, options, *image.shape[-2:])
 
     # 3. Noise the low-res image at `noise_level` (the model was trained on such noised inputs).
     #    This is the FIRST draw from the generator, as in diffusers.
@@ -118,14 +140,38 @@ def upscale_tensor(
     latents = randn_tensor((n, latent_channels, *image.shape[-2:]), generator=generator, device=device, dtype=dtype)
     latents = latents * scheduler.init_noise_sigma  # n,4,h',w'
 
-    # 5. Denoising loop.
+    # 5. Denoising loop. The UNet sees the whole latent, or overlapping tiles of it merged with blend
+    #    weights (the scheduler step stays global); on CUDA out-of-memory the tile is halved and retried.
     step_kwargs = _step_kwargs(scheduler, generator, options.eta)
     timesteps = scheduler.timesteps
+    tile_size, retries = plan.tile_size, 0
     for i, t in enumerate(timesteps):
         model_in = torch.cat([latents] * 2) if options.do_guidance else latents  # (2)n,4,h',w'
         model_in = scheduler.scale_model_input(model_in, t)
         model_in = torch.cat([model_in, image], dim=1)  # (2)n,7,h',w'  latents FIRST
-        pred = unet(model_in, t, encoder_hidden_states=embeds, class_labels=noise_level, return_dict=False)[0]
+
+        def unet_fn(x: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
+            k = x.shape[0] // batch  # x: k*(2)n,7,th,tw, tile-major
+            return unet(
+                x, t, encoder_hidden_states=embeds.repeat(k, 1, 1), class_labels=noise_level.repeat(k), return_dict=False
+            )[0]
+
+        def predict(size: int, model_in: torch.Tensor = model_in) -> torch.Tensor:
+            tiles = tiling.plan_tiles(*model_in.shape[-2:], size, _overlap(plan, size, components.pad_multiple), components.pad_multiple)
+            if len(tiles) == 1:  # the untiled path, unchanged
+                return unet(model_in, t, encoder_hidden_states=embeds, class_labels=noise_level, return_dict=False)[0]
+            return tiling.merge_tiled(
+                unet_fn,
+                [model_in],
+                tiles,
+                tile_batch=plan.tile_batch,
+                blend=options.tile_blend,
+                overlap=_overlap(plan, size, components.pad_multiple),
+            )
+
+        pred, new_size = tiling.retry_on_oom(predict, tile_size, min_tile=components.pad_multiple, multiple=components.pad_multiple)
+        retries += new_size != tile_size
+        tile_size = new_size
         if options.do_guidance:
             pred_uncond, pred_text = pred.chunk(2)
             pred = pred_uncond + options.guidance * (pred_text - pred_uncond)  # n,4,h',w'
@@ -136,10 +182,63 @@ def upscale_tensor(
 
     # 6. Decode in the VAE's precision (fp32: fp16 overflows to NaN), crop the padding away.
     latents = latents.to(components.placement.vae_dtype) / vae.config.scaling_factor
-    decoded = vae.decode(latents, return_dict=False)[0]  # n,3,4h',4w'
+    decoded, decode_report = decode_latents(vae, latents, tile_size=plan.vae_tile_size)  # n,3,4h',4w'
     out = decoded[:, :, : 4 * h, : 4 * w].float().cpu()
     clock.lap("decoding")
+
+    # 7. Colour fix against the bicubic-upscaled input (no-op for "none").
+    if options.color_fix != "none":
+        out = color_fix(out, reference_for(original.cpu(), out.shape[-2:]), options.color_fix)
+        clock.lap("color_fix")
+    if report is not None:
+        final_tiles = tiling.plan_tiles(*image.shape[-2:], tile_size, _overlap(plan, tile_size, components.pad_multiple), components.pad_multiple)
+        report["tiling"] = {
+            **plan.describe(),
+            "tile_size": min(tile_size, max(image.shape[-2:])),
+            "tile_overlap": _overlap(plan, tile_size, components.pad_multiple) if len(final_tiles) > 1 else 0,
+            "tiles": len(final_tiles),
+            "tiled": len(final_tiles) > 1,
+            "tile_blend": options.tile_blend,
+            "oom_retries": retries,
+        }
+        report["vae_decode"] = dataclasses.asdict(decode_report)
+        report["color_fix"] = options.color_fix
     return out
+
+
+def plan_for(components: Components, options: UpscaleOptions, h: int, w: int) -> memory.MemoryPlan:
+    """The memory plan for an h x w (padded) latent: explicit tile options win over the budget."""
+    placement = components.placement
+    weights = sum(
+        p.numel() * p.element_size()
+        for m in (components.unet, components.vae, components.text_encoder)
+        for p in m.parameters()
+    )
+    budget = options.max_memory
+    if budget is None:
+        budget = memory.default_budget(weights, placement.device.type, placement.device.index)
+    samples = options.num_images * (2 if options.do_guidance else 1)
+    dtype_bytes = torch.tensor([], dtype=placement.unet_dtype).element_size()
+    return memory.plan_memory(
+        h,
+        w,
+        budget_bytes=budget,
+        weights_bytes=weights,
+        samples_per_tile=samples,
+        images=options.num_images,
+        dtype_bytes=dtype_bytes,
+        multiple=components.pad_multiple,
+        tile_size=options.tile_size,
+        tile_overlap=options.tile_overlap,
+        tile_batch=options.tile_batch,
+    )
+
+
+def _overlap(plan: memory.MemoryPlan, tile_size: int, multiple: int) -> int:
+    """The plan's overlap, shrunk when an out-of-memory retry made the tile smaller."""
+    if tile_size == plan.tile_size:
+        return plan.tile_overlap
+    return min(plan.tile_overlap or memory.default_overlap(tile_size, multiple), memory.default_overlap(tile_size, multiple))
 
 
 class _StageClock:

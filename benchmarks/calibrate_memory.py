@@ -1,0 +1,73 @@
+"""Measure the working memory of one UNet call and one VAE decode per latent pixel (fp32, CPU).
+
+Each measurement runs in its own subprocess (peak RSS does not mix). The coefficients in
+`sdx4.memory` come from this script's output:
+
+    flock /tmp/sdx4-heavy.lock python benchmarks/calibrate_memory.py [MODEL_DIR]
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def _reset_peak() -> int:
+    """Reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0) and return the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def child(model: str, part: str, size: int, batch: int) -> None:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.set_grad_enabled(False)
+    if part == "unet":
+        m = UNet2DConditionModel.from_pretrained(model, subfolder="unet").eval()
+        x = torch.randn(batch, 7, size, size)
+        emb = torch.randn(batch, 77, m.config.cross_attention_dim)
+        cls = torch.full((batch,), 20)
+        m(x[..., :8, :8], 500, encoder_hidden_states=emb, class_labels=cls)  # page the (mmapped) weights in
+        base = _reset_peak()
+        m(x, 500, encoder_hidden_states=emb, class_labels=cls)
+    else:
+        m = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
+        x = torch.randn(batch, 4, size, size)
+        m.decode(x[..., :8, :8])  # page the (mmapped) weights in
+        base = _reset_peak()
+        m.decode(x)
+    peak = _status("VmHWM")
+    print(json.dumps({"part": part, "size": size, "batch": batch, "work_bytes": peak - base, "base": base}))
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        return
+    from sdx4.random_model import cached_random_model
+
+    model = sys.argv[1] if len(sys.argv) > 1 else str(cached_random_model("full"))
+    rows = []
+    for part, size, batch in [("unet", 32, 2), ("unet", 64, 2), ("unet", 96, 2), ("unet", 64, 4),
+                              ("vae", 32, 1), ("vae", 64, 1), ("vae", 96, 1)]:
+        out = subprocess.run([sys.executable, __file__, "--child", model, part, str(size), str(batch)],
+                             capture_output=True, text=True, check=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        row["bytes_per_pixel_sample"] = row["work_bytes"] / (size * size * batch)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""A memory budget instead of knobs: from `max_memory` choose the tile size and tile batch.
+
+`plan_memory` is pure (sizes in, plan out) and tested alone; `default_budget` reads what the machine
+has free. The cost model (bytes per latent pixel, fp32, CPU) was measured with
+`benchmarks/calibrate_memory.py` on the full-size architecture; working memory scales with the element
+size of the UNet's dtype. Sizes are latent pixels (== input pixels for this model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Working memory of one UNet call per latent pixel per batch sample, fp32 (measured, rounded up).
+UNET_BYTES_PER_PIXEL = 0  # set from calibration below
+#: Working memory of one VAE decode per latent pixel (the VAE always runs in fp32).
+VAE_BYTES_PER_PIXEL = 0
+#: Whole-image tensors kept during the run, per latent pixel per generated image (latents, the
+#: conditioning image, the float64 merge accumulators, the decoded and cropped output, uint8 copies).
+GLOBAL_BYTES_PER_PIXEL = 1200
+#: Allocator slack and small tensors, independent of the image.
+FIXED_OVERHEAD = 256 * 2**20
+#: Auto tiles never get smaller than this (the model was trained on 128x128 latents; small tiles see
+#: too little context); an explicit --tile-size may go down to the UNet's multiple.
+MIN_AUTO_TILE = 32
+MAX_AUTO_TILE_BATCH = 8
+#: Margin added to each side of a VAE tile for the decoder's overlap when estimating its memory.
+VAE_TILE_MARGIN = 16
+#: Shares of the free memory used when no budget is given.
+CPU_FREE_SHARE, CUDA_FREE_SHARE = 0.6, 0.8
+
+
+class MemoryBudgetError(ValueError):
+    """The budget cannot hold the model and the smallest tile; the message gives the numbers."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What the budget allows for one image (sizes in latent pixels)."""
+
+    tile_size: int  # >= max(h, w): one tile, the untiled path
+    tile_overlap: int
+    tile_batch: int
+    tiles: int
+    vae_tile_size: int | None  # None: decode the whole latent at once
+    estimate_bytes: int  # predicted peak, weights included
+    budget_bytes: int
+    weights_bytes: int
+
+    @property
+    def tiled(self) -> bool:
+        return self.tiles > 1
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "tile_size": self.tile_size,
+            "tile_overlap": self.tile_overlap,
+            "tile_batch": self.tile_batch,
+            "tiles": self.tiles,
+            "vae_tile_size": self.vae_tile_size,
+            "memory_estimate_gib": round(self.estimate_bytes / 2**30, 3),
+            "memory_budget_gib": round(self.budget_bytes / 2**30, 3),
+        }
+
+
+def unet_work_bytes(tile_h: int, tile_w: int, samples: int, dtype_bytes: int = 4) -> int:
+    """Working memory of one UNet call on `samples` tiles of tile_h x tile_w latent pixels."""
+    return int(UNET_BYTES_PER_PIXEL * tile_h * tile_w * samples * dtype_bytes / 4)
+
+
+def vae_work_bytes(tile_h: int, tile_w: int, images: int) -> int:
+    """Working memory of decoding `images` latents of tile_h x tile_w (fp32)."""
+    return int(VAE_BYTES_PER_PIXEL * tile_h * tile_w * images)
+
+
+def global_bytes(h: int, w: int, images: int) -> int:
+    return GLOBAL_BYTES_PER_PIXEL * h * w * images + FIXED_OVERHEAD
+
+
+def default_overlap(tile_size: int, multiple: int) -> int:
+    """A quarter of the tile, on the UNet's grid (at least one grid step)."""
+    return max(multiple, tile_size // 4 // multiple * multiple)
+
+
+def plan_memory(
+    h: int,
+    w: int,
+    *,
+    budget_bytes: int,
+    weights_bytes: int,
+    samples_per_tile: int,
+    images: int = 1,
+    dtype_bytes: int = 4,
+    multiple: int = 8,
+    tile_size: int | None = None,
+    tile_overlap: int | None = None,
+    tile_batch: int | None = None,
+) -> MemoryPlan:
+    """Choose tile size, overlap and tile batch for an h x w latent (a multiple of `multiple`).
+
+    samples_per_tile: UNet batch per tile (2 x images with guidance, else images).
+    Explicit tile_size / tile_overlap / tile_batch win over the budget. The largest tile that fits is
+    chosen (the whole latent when it fits: then nothing is tiled); then as many tiles per call as fit.
+    Larger images leave less room (whole-image tensors grow), so they never get larger tiles.
+    """
+    from .tiling import plan_tiles
+
+    if h < 1 or w < 1 or h % multiple or w % multiple:
+        raise ValueError(f"latent size {h}x{w} must be positive multiples of {multiple}")
+    fixed = weights_bytes + global_bytes(h, w, images)
+    work = budget_bytes - fixed
+
+    def unet(t: int, k: int) -> int:
+        return unet_work_bytes(min(t, h), min(t, w), k * samples_per_tile, dtype_bytes)
+
+    full = max(h, w)
+    if tile_size is None:
+        lo = min(full, max(multiple, MIN_AUTO_TILE // multiple * multiple))
+        t = full
+        while t > lo and unet(t, 1) > work:
+            t -= multiple
+        if unet(t, 1) > work:
+            raise MemoryBudgetError(
+                f"max_memory {budget_bytes / 2**30:.2f} GiB is too small: the weights ({weights_bytes / 2**30:.2f} GiB), "
+                f"the whole-image tensors ({(fixed - weights_bytes) / 2**30:.2f} GiB) and one {t}x{t} tile "
+                f"({unet(t, 1) / 2**30:.2f} GiB) need {(fixed + unet(t, 1)) / 2**30:.2f} GiB"
+            )
+    else:
+        t = max(multiple, tile_size // multiple * multiple)
+    t = min(t, full)
+    tiled = t < full
+    overlap = 0
+    if tiled:
+        overlap = default_overlap(t, multiple) if tile_overlap is None else tile_overlap
+        overlap = min(overlap, t - multiple)
+    tiles = len(plan_tiles(h, w, t, overlap, multiple))
+    if tile_batch is None:
+        k = 1
+        while k < min(tiles, MAX_AUTO_TILE_BATCH) and unet(t, k + 1) <= work:
+            k += 1
+    else:
+        k = min(tile_batch, tiles)
+    # VAE: the whole latent when it fits, else the largest square tile that does.
+    vae_tile: int | None = None
+    vae = vae_work_bytes(h, w, images)
+    if vae > work:
+        vt = full
+        while vt > multiple and vae_work_bytes(min(vt, h) + 2 * VAE_TILE_MARGIN, min(vt, w) + 2 * VAE_TILE_MARGIN, images) > work:
+            vt -= multiple
+        vae_tile = vt
+        vae = vae_work_bytes(min(vt, h) + 2 * VAE_TILE_MARGIN, min(vt, w) + 2 * VAE_TILE_MARGIN, images)
+    estimate = fixed + max(unet(t, k), vae)
+    return MemoryPlan(
+        tile_size=t,
+        tile_overlap=overlap,
+        tile_batch=k,
+        tiles=tiles,
+        vae_tile_size=vae_tile,
+        estimate_bytes=estimate,
+        budget_bytes=budget_bytes,
+        weights_bytes=weights_bytes,
+    )
+
+
+def free_memory_bytes(device_type: str, device_index: int | None = None) -> int:
+    """Free RAM (MemAvailable) on CPU/MPS, free memory of the GPU on CUDA."""
+    if device_type == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(device_index)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def default_budget(weights_bytes: int, device_type: str, device_index: int | None = None) -> int:
+    """The loaded weights plus a safe share of what is free now (60% of RAM, 80% of GPU memory)."""
+    share = CUDA_FREE_SHARE if device_type == "cuda" else CPU_FREE_SHARE
+    return weights_bytes + int(share * free_memory_bytes(device_type, device_index))
