@@ -29,10 +29,13 @@ def reference_for(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def adain(content: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Per image and channel: (x - mean_x) / std_x * std_ref + mean_ref.  B,C,H,W -> B,C,H,W."""
     _check(content, reference)
+    # Statistics in float64 (sums over millions of pixels), the per-pixel map in the content's dtype.
     c, r = content.double(), reference.double()
     c_mean, c_std = c.mean(dim=(-2, -1), keepdim=True), c.std(dim=(-2, -1), keepdim=True)
     r_mean, r_std = r.mean(dim=(-2, -1), keepdim=True), r.std(dim=(-2, -1), keepdim=True)
-    return ((c - c_mean) / (c_std + eps) * r_std + r_mean).to(content.dtype)
+    gain = (r_std / (c_std + eps)).to(content.dtype)  # B,C,1,1
+    bias = (r_mean - c_mean * r_std / (c_std + eps)).to(content.dtype)  # B,C,1,1
+    return content * gain + bias
 
 
 def wavelet_blur(x: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -55,8 +58,7 @@ def wavelet_low(x: torch.Tensor, levels: int = WAVELET_LEVELS) -> torch.Tensor:
 def wavelet(content: torch.Tensor, reference: torch.Tensor, levels: int = WAVELET_LEVELS) -> torch.Tensor:
     """content - low(content) + low(reference): the output's details on the reference's low frequencies."""
     _check(content, reference)
-    c, r = content.double(), reference.double()
-    return (c - wavelet_low(c, levels) + wavelet_low(r, levels)).to(content.dtype)
+    return content - wavelet_low(content, levels) + wavelet_low(reference.to(content.dtype), levels)
 
 
 def color_fix(content: torch.Tensor, reference: torch.Tensor, method: ColorFix) -> torch.Tensor:

@@ -1,0 +1,83 @@
+"""The memory planner: pure sizes in, tile plan out."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdx4 import memory
+from sdx4.memory import MemoryBudgetError, plan_memory
+
+GiB = 2**30
+WEIGHTS = int(3.6 * GiB)  # the full-size model in fp32
+
+
+def _plan(size: int, budget: float = 5.0, **kw):
+    return plan_memory(size, size, budget_bytes=int(budget * GiB), weights_bytes=WEIGHTS, samples_per_tile=2, multiple=8, **kw)
+
+
+def test_small_image_fits_in_one_tile():
+    p = _plan(64)
+    assert p.tiles == 1 and not p.tiled and p.tile_size == 64 and p.tile_overlap == 0
+    assert p.vae_tile_size is None
+    assert p.estimate_bytes <= p.budget_bytes
+
+
+def test_budget_picks_smaller_tiles_for_larger_images():
+    plans = [_plan(s, budget=6.0) for s in (64, 128, 256, 384, 512, 768, 1024)]
+    assert not plans[0].tiled and plans[0].tile_size == 64
+    tiled = [p for p in plans if p.tiled]
+    assert len(tiled) >= 3, "a 6 GiB budget must tile 512, 768 and 1024 px images"
+    # The budget's tile limit shrinks as whole-image tensors grow; the tile used is at most the limit
+    # (it may be smaller: the smallest tile that needs as few windows, to waste less on overlaps).
+    assert all(a.tile_limit >= b.tile_limit for a, b in zip(tiled, tiled[1:]))
+    assert tiled[-1].tile_limit < tiled[0].tile_limit, "whole-image tensors grow, so tiles must shrink"
+    assert all(a.tiles <= b.tiles for a, b in zip(plans, plans[1:]))
+    for p in plans:
+        assert p.estimate_bytes <= p.budget_bytes
+        assert p.tile_size % 8 == 0 and p.tile_size <= p.tile_limit
+
+
+def test_smaller_budget_gives_smaller_tiles():
+    assert _plan(1024, budget=5.5).tile_limit < _plan(1024, budget=6.0).tile_limit < _plan(1024, budget=12.0).tile_limit
+    assert _plan(1024, budget=5.5).tiles > _plan(1024, budget=6.0).tiles > _plan(1024, budget=12.0).tiles
+
+
+def test_tiles_just_big_enough_for_their_count():
+    p = _plan(256, budget=5.5)
+    # The budget allows 168 px tiles; two per side need only ceil((256 + 40) / 2) = 148 -> 152 on the grid.
+    assert (p.tile_limit, p.tile_size, p.tile_overlap, p.tiles) == (168, 152, 40, 4)
+
+
+def test_tile_batch_grows_with_budget():
+    assert _plan(1024, budget=5.5, tile_size=64).tile_batch < _plan(1024, budget=6.0, tile_size=64).tile_batch
+    assert _plan(1024, budget=64.0, tile_size=64).tile_batch == memory.MAX_AUTO_TILE_BATCH
+
+
+def test_explicit_options_win():
+    p = _plan(1024, budget=64.0, tile_size=100, tile_overlap=12, tile_batch=3)
+    assert (p.tile_size, p.tile_overlap, p.tile_batch) == (96, 12, 3)  # tile rounded down to the grid
+    assert _plan(64, tile_size=128).tiles == 1
+
+
+def test_default_overlap_is_a_quarter_of_the_tile_limit_on_the_grid():
+    p = _plan(2048, budget=12.0)
+    assert p.tiled and p.tile_overlap == max(8, p.tile_limit // 4 // 8 * 8)
+
+
+def test_large_image_tiles_the_vae_too():
+    p = _plan(1024, budget=6.0)
+    assert p.vae_tile_size is not None and p.vae_tile_size < 1024
+
+
+def test_too_small_budget_names_the_numbers():
+    with pytest.raises(MemoryBudgetError, match=r"max_memory 3\.00 GiB is too small: the weights \(3\.60 GiB\)"):
+        _plan(256, budget=3.0)
+
+
+def test_rejects_off_grid_sizes():
+    with pytest.raises(ValueError, match="multiples of 8"):
+        plan_memory(30, 32, budget_bytes=8 * GiB, weights_bytes=0, samples_per_tile=2, multiple=8)
+
+
+def test_fp16_halves_unet_working_memory():
+    assert memory.unet_work_bytes(64, 64, 2, dtype_bytes=2) * 2 == memory.unet_work_bytes(64, 64, 2, dtype_bytes=4)
