@@ -181,5 +181,10 @@ def test_seam_score():
     assert tiling.seam_score(seamed, [], [32]) > 1.5
     rows, cols = tiling.tile_boundaries(plan_tiles(64, 64, 32, 16, 8), 64, 64)
     assert rows == [16, 32, 48] and cols == [16, 32, 48]
+    # Period: a grid of stronger steps every 4th column (like the VAE's upsampling) is not a seam.
+    grid = smooth.clone()
+    grid[:, :, ::4] += 2.0
+    assert tiling.seam_score(grid, [], [32], period=1) > 1.25
+    assert tiling.seam_score(grid, [], [32], period=4) == pytest.approx(1.0, abs=0.2)
     with pytest.raises(ValueError, match="no tile boundary"):
         tiling.seam_score(smooth, [], [0, 64])

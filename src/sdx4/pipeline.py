@@ -200,6 +200,8 @@ def upscale_tensor(
             "tiled": len(final_tiles) > 1,
             "tile_blend": options.tile_blend,
             "oom_retries": retries,
+            "latent_size": list(image.shape[-2:]),
+            "pad_multiple": components.pad_multiple,
         }
         report["vae_decode"] = dataclasses.asdict(decode_report)
         report["color_fix"] = options.color_fix

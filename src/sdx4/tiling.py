@@ -185,28 +185,30 @@ def tile_boundaries(tiles: Sequence[Tile], h: int, w: int) -> tuple[list[int], l
     return rows, cols
 
 
-def seam_score(image: torch.Tensor, rows: Sequence[int], cols: Sequence[int]) -> float:
-    """Mean gradient magnitude across boundary lines / across all other lines (1.0 = no seam).
+def seam_score(image: torch.Tensor, rows: Sequence[int], cols: Sequence[int], period: int = 1) -> float:
+    """Mean gradient magnitude across boundary lines / across the other lines of the same phase (1.0 = no seam).
 
     image: C,H,W (or H,W). A row boundary r is the step between rows r-1 and r; likewise columns.
-    Raises ValueError when there is no boundary to score.
+    period: compare only with lines at the same position modulo `period` as the boundaries (the x4
+    VAE upsamples by nearest-neighbour steps, so every 4th line differs from the others even without
+    tiles; latent tile edges always fall on such lines). Raises ValueError when there is nothing to score.
     """
     x = image.double()
     if x.ndim == 2:
         x = x[None]
     dy = (x[:, 1:, :] - x[:, :-1, :]).abs().mean(dim=(0, 2))  # H-1: step into row r at index r-1
     dx = (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=(0, 1))  # W-1
-    rows = [r for r in rows if 0 < r < x.shape[1]]
-    cols = [c for c in cols if 0 < c < x.shape[2]]
+    rows = sorted({r for r in rows if 0 < r < x.shape[1]})
+    cols = sorted({c for c in cols if 0 < c < x.shape[2]})
     if not rows and not cols:
         raise ValueError("no tile boundary inside the image: nothing to score")
+    row_phases, col_phases = {r % period for r in rows}, {c % period for c in cols}
     on = [dy[r - 1] for r in rows] + [dx[c - 1] for c in cols]
-    row_mask = torch.ones_like(dy, dtype=torch.bool)
-    row_mask[[r - 1 for r in rows]] = False
-    col_mask = torch.ones_like(dx, dtype=torch.bool)
-    col_mask[[c - 1 for c in cols]] = False
-    off = torch.cat([dy[row_mask], dx[col_mask]])
-    return float(torch.stack(on).mean() / off.mean())
+    off = [dy[r - 1] for r in range(1, x.shape[1]) if r % period in row_phases and r not in rows]
+    off += [dx[c - 1] for c in range(1, x.shape[2]) if c % period in col_phases and c not in cols]
+    if not off:
+        raise ValueError("every line of that phase is a boundary: nothing to compare with")
+    return float(torch.stack(on).mean() / torch.stack(off).mean())
 
 
 def retry_on_oom(

@@ -1,0 +1,281 @@
+"""Large images: sdx4 (tiled, memory budget) side by side with diffusers' StableDiffusionUpscalePipeline.
+
+FULL-SIZE random weights (`cached_random_model("full")`, ~4 GB, built once), fp32, CPU, guidance 9
+(UNet batch 2), 1 step by default. Every run is its own subprocess so peak RSS (VmHWM, weights included)
+does not mix; a watchdog kills a run whose RSS passes --mem-limit and reports it as failed instead of
+letting it swap the machine. Runs alternate ours / diffusers per size.
+
+    flock /tmp/sdx4-heavy.lock python benchmarks/large_images.py --sizes 128 256 --max-memory 5GiB
+
+Writes JSON and markdown (default benchmarks/results/large_images.{json,md}). Also prints the planner's
+memory estimate for a 1024 px input (4096 px out) and, with --blends, the seam score of each blend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+GiB = 2**30
+
+
+# ------------------------------------------------------------------------------------------------
+# child side: one run, prints one JSON line
+# ------------------------------------------------------------------------------------------------
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def test_image(size: int, seed: int = 0) -> Any:
+    """A deterministic size x size RGB image with smooth shapes and some texture (uint8 PIL)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = np.stack([0.5 + 0.4 * np.sin(6 * xx + 2 * c + 3 * yy * (c + 1)) for c in range(3)], axis=-1)
+    texture = rng.normal(0, 0.04, (size, size, 3))
+    return Image.fromarray((np.clip(base + texture, 0, 1) * 255).astype(np.uint8), "RGB")
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_grad_enabled(False)
+    image = test_image(args.size)
+    out_path = Path(args.out_png) if args.out_png else None
+    row: dict[str, Any] = {"impl": args.impl, "size": args.size, "steps": args.steps}
+    if args.impl == "diffusers":
+        from diffusers import StableDiffusionUpscalePipeline
+
+        pipe = StableDiffusionUpscalePipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        row["rss_after_load_gib"] = _status("VmRSS") / GiB
+        t0 = time.perf_counter()
+        out = pipe(
+            prompt="",
+            image=image,
+            num_inference_steps=args.steps,
+            guidance_scale=9.0,
+            noise_level=20,
+            generator=torch.Generator("cpu").manual_seed(0),
+        ).images[0]
+        row["seconds"] = time.perf_counter() - t0
+    else:
+        import sdx4
+        from sdx4.options import parse_size
+
+        up = sdx4.load(args.model, device="cpu", dtype="fp32")
+        row["rss_after_load_gib"] = _status("VmRSS") / GiB
+        peak_denoise = {}
+
+        def progress(i: int, n: int) -> None:
+            if i == n:
+                peak_denoise["gib"] = _status("VmHWM") / GiB
+
+        overrides: dict[str, Any] = dict(steps=args.steps, guidance=9.0, noise_level=20, seed=0, tile_blend=args.blend)
+        if args.max_memory:
+            overrides["max_memory"] = parse_size(args.max_memory)
+        if args.tile_size:
+            overrides["tile_size"] = args.tile_size
+        if args.tile_overlap is not None:
+            overrides["tile_overlap"] = args.tile_overlap
+        t0 = time.perf_counter()
+        result = up(image, progress=progress, **overrides)
+        row["seconds"] = time.perf_counter() - t0
+        out = result.image
+        row["peak_rss_denoise_gib"] = peak_denoise.get("gib")
+        row["tiling"] = result.metadata["tiling"]
+        row["vae_decode"] = result.metadata["vae_decode"]
+        row["timings"] = result.metadata["timings"]
+        row["seam_score"] = seam_score_of(out, result.metadata["tiling"], args.size)
+    row["peak_rss_gib"] = _status("VmHWM") / GiB
+    row["output_size"] = list(out.size)
+    row["seconds_per_output_mp"] = row["seconds"] / (out.size[0] * out.size[1] / 1e6)
+    if out_path is not None:
+        out.save(out_path)
+    print(json.dumps(row), flush=True)
+
+
+def seam_score_of(image: Any, tiling_meta: dict[str, Any], size: int) -> float | None:
+    """Seam score of an output on the boundary lines of the tiles it was made with (None if untiled)."""
+    import numpy as np
+    import torch
+
+    from sdx4 import tiling
+
+    if not tiling_meta["tiled"]:
+        return None
+    lh, lw = tiling_meta["latent_size"]
+    m = tiling_meta["pad_multiple"]
+    tiles = tiling.plan_tiles(lh, lw, tiling_meta["tile_size"], tiling_meta["tile_overlap"], m)
+    rows, cols = tiling.tile_boundaries(tiles, lh, lw)
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)  # 3,H,W
+    return tiling.seam_score(x, [4 * r for r in rows], [4 * c for c in cols], period=4)
+
+
+# ------------------------------------------------------------------------------------------------
+# parent side
+# ------------------------------------------------------------------------------------------------
+
+
+def run_child(cmd: list[str], mem_limit: int, timeout: float) -> dict[str, Any]:
+    """Run one measurement; kill it when its RSS passes mem_limit (the watchdog) or after timeout."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, t0, killed = 0, time.time(), None
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                rss = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+            peak = max(peak, rss)
+        except (OSError, StopIteration):
+            pass
+        if peak > mem_limit:
+            killed = f"killed by the watchdog: RSS passed {mem_limit / GiB:.1f} GiB"
+        elif time.time() - t0 > timeout:
+            killed = f"killed after {timeout:.0f} s"
+        if killed:
+            proc.kill()
+            proc.wait()
+            break
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    if killed:
+        return {"failed": killed, "watchdog_peak_rss_gib": peak / GiB}
+    if proc.returncode != 0:
+        return {"failed": f"exit {proc.returncode}: {err.strip().splitlines()[-1] if err.strip() else ''}"}
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def planner_estimate(size: int, budget: int | None) -> dict[str, Any]:
+    """The planner's plan for a size x size input with the full model's fp32 weights."""
+    from sdx4 import memory
+
+    weights = int(3_576_000_000)  # UNet 473M + text encoder 340M + VAE 84M params, fp32 (~3.33 GiB)
+    budget = budget if budget is not None else memory.default_budget(weights, "cpu")
+    plan = memory.plan_memory(size, size, budget_bytes=budget, weights_bytes=weights, samples_per_tile=2)
+    return {"input_px": size, "output_px": 4 * size, **plan.describe()}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "| input -> output | impl | wall s | s / output MP | peak RSS GiB | peak RSS in denoising GiB | tiles (size/overlap) | VAE decode | seam score |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["runs"]:
+        io = f"{r['size']} -> {4 * r['size']}"
+        if "failed" in r:
+            lines.append(f"| {io} | {r['impl']} | failed: {r['failed']} | | | | | | |")
+            continue
+        t = r.get("tiling")
+        tiles = f"{t['tiles']} ({t['tile_size']}/{t['tile_overlap']}, {t['tile_blend']})" if t else "-"
+        vae = r.get("vae_decode")
+        vae_s = (("tiled" if vae["tiled"] else "untiled") + f", {vae['attention']} attention") if vae else "untiled"
+        seam = f"{r['seam_score']:.3f}" if r.get("seam_score") is not None else "-"
+        den = f"{r['peak_rss_denoise_gib']:.2f}" if r.get("peak_rss_denoise_gib") else "-"
+        lines.append(
+            f"| {io} | {r['impl']} | {r['seconds']:.1f} | {r['seconds_per_output_mp']:.1f} | {r['peak_rss_gib']:.2f} | {den} | {tiles} | {vae_s} | {seam} |"
+        )
+    if results.get("blends"):
+        lines += ["", "| blend | tiles | seam score |", "|---|---|---|"]
+        for b in results["blends"]:
+            seam = f"{b['seam_score']:.3f}" if b.get("seam_score") is not None else b.get("failed", "-")
+            lines.append(f"| {b.get('blend')} | {b.get('tiling', {}).get('tiles', '-')} | {seam} |")
+    p = results["planner_1024"]
+    lines += [
+        "",
+        f"Planner estimate for a 1024 px input (4096 px out), budget {p['memory_budget_gib']:.2f} GiB: "
+        f"{p['memory_estimate_gib']:.2f} GiB peak, {p['tiles']} tiles of {p['tile_size']} px (overlap {p['tile_overlap']}), "
+        f"tile batch {p['tile_batch']}, VAE tiles of {p['vae_tile_size']} latent px.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=("ours", "diffusers"), default="ours", help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, default=128, help=argparse.SUPPRESS)
+    p.add_argument("--out-png", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--blend", default="gaussian", help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None, help="model folder (default: the cached full-size random model)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="input sizes in px")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--max-memory", default="5GiB", help="sdx4's memory budget")
+    p.add_argument("--tile-size", type=int, default=None, help="force sdx4's tile size")
+    p.add_argument("--tile-overlap", type=int, default=None, help="force sdx4's tile overlap")
+    p.add_argument("--mem-limit", type=float, default=18.0, help="watchdog: kill a run above this RSS (GiB)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="kill a run after this many seconds")
+    p.add_argument("--skip-diffusers", action="store_true")
+    p.add_argument("--blends", type=int, default=0, metavar="SIZE", help="also score each blend at this input size (forced tiles)")
+    p.add_argument("--out", default="benchmarks/results/large_images", help="output path without suffix")
+    args = p.parse_args(argv)
+    if args.child:
+        child(args)
+        return 0
+
+    from sdx4.options import parse_size
+    from sdx4.random_model import cached_random_model
+
+    model = args.model or str(cached_random_model("full"))
+    mem_limit = int(args.mem_limit * GiB)
+    planner = planner_estimate(1024, parse_size(args.max_memory) if args.max_memory else None)
+    print("planner, 1024 px input -> 4096 px:", json.dumps(planner), flush=True)
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "settings": {"steps": args.steps, "guidance": 9.0, "dtype": "fp32", "device": "cpu", "max_memory": args.max_memory},
+        "planner_1024": planner,
+        "runs": [],
+        "blends": [],
+    }
+    import torch
+
+    results["machine"]["torch"] = torch.__version__
+    base = [sys.executable, __file__, "--child", "--model", model, "--steps", str(args.steps)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            impls = ["ours"] + ([] if args.skip_diffusers else ["diffusers"])
+            for impl in impls:
+                cmd = base + ["--impl", impl, "--size", str(size), "--out-png", f"{tmp}/{impl}_{size}.png"]
+                if impl == "ours":
+                    if args.max_memory:
+                        cmd += ["--max-memory", args.max_memory]
+                    if args.tile_size:
+                        cmd += ["--tile-size", str(args.tile_size)]
+                    if args.tile_overlap is not None:
+                        cmd += ["--tile-overlap", str(args.tile_overlap)]
+                row = {"impl": impl, "size": size, **run_child(cmd, mem_limit, args.timeout)}
+                print(json.dumps(row), flush=True)
+                results["runs"].append(row)
+        if args.blends:
+            tile = args.tile_size or args.blends // 2
+            overlap = args.tile_overlap if args.tile_overlap is not None else tile // 4
+            for blend in ("uniform", "gaussian", "feather"):
+                cmd = base + ["--impl", "ours", "--size", str(args.blends), "--blend", blend,
+                              "--tile-size", str(tile), "--tile-overlap", str(overlap)]
+                row = {"blend": blend, **run_child(cmd, mem_limit, args.timeout)}
+                print(json.dumps(row), flush=True)
+                results["blends"].append(row)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
