@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600.0, help="kill a run after this many seconds")
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument("--blends", type=int, default=0, metavar="SIZE", help="also score each blend at this input size (forced tiles)")
+    p.add_argument("--blend-tile", type=int, nargs=2, default=None, metavar=("SIZE", "OVERLAP"), help="tiles for --blends (default: half the size, a quarter overlap)")
     p.add_argument("--out", default="benchmarks/results/large_images", help="output path without suffix")
     args = p.parse_args(argv)
     if args.child:
@@ -261,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), flush=True)
                 results["runs"].append(row)
         if args.blends:
-            tile = args.tile_size or args.blends // 2
-            overlap = args.tile_overlap if args.tile_overlap is not None else tile // 4
+            tile, overlap = args.blend_tile or (args.blends // 2, args.blends // 8)
             for blend in ("uniform", "gaussian", "feather"):
                 cmd = base + ["--impl", "ours", "--size", str(args.blends), "--blend", blend,
                               "--tile-size", str(tile), "--tile-overlap", str(overlap)]

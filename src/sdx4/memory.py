@@ -132,8 +132,7 @@ def plan_memory(
     tiled = t < full
     overlap = 0
     if tiled:
-        overlap = default_overlap(t, multiple) if tile_overlap is None else tile_overlap
-        overlap = min(overlap, t - multiple)
+        overlap = min(default_overlap(t, multiple), t - multiple) if tile_overlap is None else tile_overlap
         if tile_size is None:
             t = _shrink_to_count(full, t, overlap, multiple)
     tiles = len(plan_tiles(h, w, t, overlap, multiple))

@@ -73,7 +73,7 @@ class UpscaleOptions:
     color_fix: match the output's colours / low frequencies to the bicubic-upscaled input
       ("adain": per-channel mean and std; "wavelet": the low-frequency bands), or "none".
     tile_size: latent tile side in input pixels (None: chosen from max_memory). 8..4096.
-    tile_overlap: overlap of neighbouring tiles in input pixels (None: a quarter of the tile).
+    tile_overlap: overlap of neighbouring tiles in input pixels, 0..tile_size/2 (None: a quarter of the tile).
     tile_batch: tiles per UNet call (None: chosen from max_memory). 1..64.
     tile_blend: how overlapping tile predictions are weighted (chosen by seam measurement).
     max_memory: memory budget in bytes for the whole process, weights included (None: a safe share
@@ -115,8 +115,8 @@ class UpscaleOptions:
         if self.tile_size is not None:
             _check_int("tile_size", self.tile_size, MIN_TILE_SIZE, MAX_TILE_SIZE)
         if self.tile_overlap is not None:
-            hi = (self.tile_size or MAX_TILE_SIZE) - MIN_TILE_SIZE
-            _check_int("tile_overlap", self.tile_overlap, 0, hi)
+            # At most half the tile: more would run most pixels through the UNet three times or more.
+            _check_int("tile_overlap", self.tile_overlap, 0, (self.tile_size or MAX_TILE_SIZE) // 2)
         if self.tile_batch is not None:
             _check_int("tile_batch", self.tile_batch, 1, MAX_TILE_BATCH)
         if self.tile_blend not in TILE_BLENDS:

@@ -1,0 +1,159 @@
+"""Tiled denoising through the real pipeline with a tiny random model (CPU, 2 steps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sdx4
+from sdx4 import pipeline
+from sdx4.cli import main
+from sdx4.options import OptionsError, UpscaleOptions, parse_size
+from sdx4.random_model import build_random_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = build_random_model(tmp_path_factory.mktemp("tiny") / "model", "tiny", seed=0)
+    return sdx4.load(str(path), device="cpu", dtype="fp32")
+
+
+def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1  # 1,3,h,w in [-1,1]
+
+
+def _run(up, image, seed=1, **opts):
+    report: dict = {}
+    options = UpscaleOptions(steps=2, seed=seed, **opts)
+    out = pipeline.upscale_tensor(up.components, image, options, torch.Generator().manual_seed(seed), report=report)
+    return out, report
+
+
+def test_one_tile_is_the_untiled_path_exactly(tiny, monkeypatch):
+    image = _image(24, 32)
+    auto, rep_auto = _run(tiny, image)
+    big, rep_big = _run(tiny, image, tile_size=64, tile_overlap=8)
+    assert torch.equal(auto, big)
+    assert rep_auto["tiling"]["tiles"] == rep_big["tiling"]["tiles"] == 1 and not rep_big["tiling"]["tiled"]
+
+    # The untiled path never goes through the tile merge.
+    def no_merge(*a, **k):
+        raise AssertionError("merge_tiled called for an image that fits in one tile")
+
+    monkeypatch.setattr(pipeline.tiling, "merge_tiled", no_merge)
+    assert torch.equal(_run(tiny, image)[0], auto)
+
+
+def test_tiled_is_close_to_untiled_and_differs_from_another_seed(tiny):
+    image = _image(24, 32)
+    untiled, _ = _run(tiny, image)
+    tiled, rep = _run(tiny, image, tile_size=16, tile_overlap=8)
+    assert rep["tiling"]["tiled"] and rep["tiling"]["tiles"] == 6 and rep["tiling"]["tile_overlap"] == 8
+    assert tiled.shape == untiled.shape == (1, 3, 96, 128)
+    other_seed, _ = _run(tiny, image, seed=2)
+    far = (other_seed - untiled).abs().mean()
+    near = (tiled - untiled).abs().mean()
+    assert near < 0.25 * far, (near, far)
+    assert not torch.equal(tiled, untiled)  # the UNet is not pointwise: tiles do change it a little
+
+
+def test_tiled_is_deterministic_and_batching_does_not_matter(tiny):
+    image = _image(24, 32)
+    a, _ = _run(tiny, image, tile_size=16, tile_overlap=8, tile_batch=1)
+    b, _ = _run(tiny, image, tile_size=16, tile_overlap=8, tile_batch=1)
+    c, rep = _run(tiny, image, tile_size=16, tile_overlap=8, tile_batch=4)
+    assert torch.equal(a, b)
+    assert rep["tiling"]["tile_batch"] == 4
+    torch.testing.assert_close(c, a, atol=1e-4, rtol=0)  # batched convs may round differently
+
+
+def test_oom_in_the_unet_halves_the_tile_and_other_errors_propagate(tiny, monkeypatch):
+    image = _image(24, 32)
+    reference, _ = _run(tiny, image, tile_size=16, tile_overlap=4)
+    unet = tiny.components.unet
+    calls = {"n": 0}
+
+    class OomOnce:
+        def __init__(self, error):
+            self.error = error
+
+        def __getattr__(self, name):
+            return getattr(unet, name)
+
+        def __call__(self, x, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise self.error
+            return unet(x, *a, **k)
+
+    monkeypatch.setattr(tiny.components, "unet", OomOnce(torch.OutOfMemoryError("CUDA out of memory")))
+    out, rep = _run(tiny, image, tile_size=32, tile_overlap=4)
+    assert rep["tiling"]["oom_retries"] == 1 and rep["tiling"]["tile_size"] == 16
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)  # 16 px tiles, as if asked for
+
+    calls["n"] = 0
+    monkeypatch.setattr(tiny.components, "unet", OomOnce(RuntimeError("mat1 and mat2 shapes cannot be multiplied")))
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        _run(tiny, image, tile_size=32, tile_overlap=4)
+    assert calls["n"] == 1
+
+
+def test_odd_sizes_scales_and_metadata(tiny):
+    res = tiny(_image(13, 7)[0] * 0.5 + 0.5, steps=2, seed=3, tile_size=8, tile_overlap=4, color_fix="adain")
+    assert res.image.size == (28, 52)
+    meta = res.metadata
+    assert meta["tiling"]["tiled"] and meta["tiling"]["tiles"] > 1 and meta["tiling"]["tile_blend"] == "gaussian"
+    assert meta["vae_decode"]["attention"] in ("global", "tile-local") and meta["color_fix"] == "adain"
+    assert meta["scale"] == 4 and meta["passes"] == 1 and meta["output_size"] == [28, 52]
+    res3 = tiny(_image(13, 7)[0] * 0.5 + 0.5, steps=2, seed=3, scale=3)
+    assert res3.image.size == (21, 39) and res3.metadata["passes"] == 1
+    res5 = tiny(_image(5, 3)[0] * 0.5 + 0.5, steps=1, seed=3, scale=5, num_images=2)
+    assert [im.size for im in res5.images] == [(15, 25), (15, 25)] and res5.metadata["passes"] == 2
+
+
+def test_color_fix_pulls_colours_towards_the_input(tiny):
+    image = _image(16, 16) * 0.3 + 0.4  # a bright, low-contrast input
+    plain, _ = _run(tiny, image)
+    fixed, rep = _run(tiny, image, color_fix="adain")
+    assert rep["color_fix"] == "adain"
+    target = image.mean(dim=(-2, -1))
+    assert (fixed.mean(dim=(-2, -1)) - target).abs().max() < 0.02
+    assert (plain.mean(dim=(-2, -1)) - target).abs().max() > 0.05  # random weights: far off without the fix
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("tile_size", 4, r"tile_size must be in 8\.\.4096; got 4"),
+        ("tile_overlap", 60, r"tile_overlap must be in 0\.\.32; got 60"),
+        ("tile_batch", 0, r"tile_batch must be in 1\.\.64; got 0"),
+        ("tile_blend", "cosine", "tile_blend must be one of uniform, gaussian, feather"),
+        ("color_fix", "hist", "color_fix must be one of none, adain, wavelet"),
+        ("max_memory", 1000, "max_memory must be in"),
+    ],
+)
+def test_tiling_options_are_checked(field, value, match):
+    kwargs = {field: value}
+    if field == "tile_overlap":
+        kwargs["tile_size"] = 64
+    with pytest.raises(OptionsError, match=match):
+        UpscaleOptions(**kwargs)
+
+
+def test_parse_size():
+    assert parse_size("6GiB") == 6 * 2**30 == parse_size("6g")
+    assert parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("2048") == 2048
+    with pytest.raises(OptionsError, match="max_memory must be a size such as 6GiB"):
+        parse_size("lots")
+
+
+def test_cli_max_memory_errors_name_the_option(tmp_path, capsys):
+    from PIL import Image
+
+    src = tmp_path / "in.png"
+    Image.new("RGB", (4, 4)).save(src)
+    assert main(["upscale", str(src), "--max-memory", "6 bananas"]) == 2
+    assert "--max-memory: max_memory must be a size" in capsys.readouterr().err
+    assert main(["upscale", str(src), "--tile-size", "3"]) == 2
+    assert "--tile-size: tile_size must be in 8..4096; got 3" in capsys.readouterr().err
