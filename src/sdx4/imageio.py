@@ -225,6 +225,7 @@ def save_image(
         kwargs["lossless"] = True
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _default_file_mode())  # mkstemp makes 0600 files; outputs get the usual mode
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=fmt, **kwargs)
             f.flush()
@@ -237,6 +238,13 @@ def save_image(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _default_file_mode() -> int:
+    """0666 minus the process umask, as a plain open() would give (umask read without changing it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
