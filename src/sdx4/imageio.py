@@ -241,8 +241,19 @@ def save_image(
 
 
 def _default_file_mode() -> int:
-    """0666 minus the process umask, as a plain open() would give (umask read without changing it)."""
-    mask = os.umask(0)
+    """0666 minus the process umask, as a plain open() would give.
+
+    Linux shows the umask in /proc without changing it (setting it, even briefly, would race with
+    other threads creating files, e.g. in the server); elsewhere read it by setting and restoring.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return 0o666 & ~mask
 
