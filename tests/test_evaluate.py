@@ -76,7 +76,11 @@ def test_evaluate_folder_numbers_and_failures(hr_dir: Path) -> None:
     assert report.failures[0].problem == f"{hr_dir / 'c_broken.png'}: cannot decode image (Truncated File Read)"
     assert "16x16 after cropping to a multiple of 4 is too small; need at least 19x19" in report.failures[1].problem
     means = report.means()
-    assert means["lanczos"]["psnr_y"] == pytest.approx(np.mean([r.psnr_y for r in report.rows if r.method == "lanczos"]))
+    lanczos = [r for r in report.rows if r.method == "lanczos"]
+    assert means["lanczos"]["psnr_y"] == pytest.approx(np.mean([r.psnr_y for r in lanczos]))
+    assert means["lanczos"]["ssim_y"] == pytest.approx(np.mean([r.ssim_y for r in lanczos]))
+    assert means["lanczos"]["seconds"] == pytest.approx(np.mean([r.seconds for r in lanczos]))
+    assert means["lanczos"]["seconds_median"] == pytest.approx(np.median([r.seconds for r in lanczos]))
     assert report.perceptual[0].available is False
 
 

@@ -167,6 +167,7 @@ class Report:
                 "ssim_y": float(np.mean([r.ssim_y for r in rows])),
                 "lpips": float(np.mean(lp)) if len(lp) == len(rows) else None,
                 "seconds": float(np.mean([r.seconds for r in rows])),
+                "seconds_median": float(np.median([r.seconds for r in rows])),
                 "images": float(len(rows)),
             }
         return out
@@ -308,10 +309,10 @@ def to_markdown(report: Report) -> str:
             f"model: {report.settings.get('model')}",
             "",
         ]
-    lines += ["## Mean per method", "", "| method | PSNR-Y (dB) | SSIM-Y | LPIPS | ms / image | images |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["## Mean per method", "", "| method | PSNR-Y (dB) | SSIM-Y | LPIPS | ms / image (mean) | ms (median) | images |", "|---|---:|---:|---:|---:|---:|---:|"]
     for m, v in means.items():
         lines.append(
-            f"| {m} | {_num(v['psnr_y'], 2)} | {_num(v['ssim_y'], 4)} | {_lpips_cell(v['lpips'], lp)} | {_ms(float(v['seconds'] or 0.0))} | {int(v['images'] or 0)} |"  # type: ignore[arg-type]
+            f"| {m} | {_num(v['psnr_y'], 2)} | {_num(v['ssim_y'], 4)} | {_lpips_cell(v['lpips'], lp)} | {_ms(float(v['seconds'] or 0.0))} | {_ms(float(v['seconds_median'] or 0.0))} | {int(v['images'] or 0)} |"  # type: ignore[arg-type]
         )
     lines += ["", "## Per image", "", "| image | size | method | PSNR-Y (dB) | SSIM-Y | LPIPS | ms |", "|---|---|---|---:|---:|---:|---:|"]
     for r in report.rows:
@@ -332,7 +333,10 @@ MATPLOTLIB_MISSING = "the plot needs matplotlib: pip install 'sdx4[eval]' (or pa
 
 
 def plot_png(report: Report) -> bytes:
-    """Mean PSNR-Y and SSIM-Y against mean seconds per image (log scale), one point per method."""
+    """Mean PSNR-Y and SSIM-Y against the MEDIAN seconds per image (log scale), one point per method.
+
+    The median, because one stalled call on a busy machine would otherwise move a point by 10x.
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -345,11 +349,11 @@ def plot_png(report: Report) -> bytes:
     FigureCanvasAgg(fig)
     for ax, key, label in zip(fig.subplots(1, 2), ("psnr_y", "ssim_y"), ("PSNR-Y (dB)", "SSIM-Y")):
         for m, v in means.items():
-            x, y = max(float(v["seconds"] or 0.0), 1e-6), float(v[key] or 0.0)
+            x, y = max(float(v["seconds_median"] or 0.0), 1e-6), float(v[key] or 0.0)
             ax.scatter([x], [y], s=40)
             ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
         ax.set_xscale("log")
-        ax.set_xlabel("seconds per image (log)")
+        ax.set_xlabel("median seconds per image (log)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.margins(x=0.25, y=0.15)  # room for the method names
