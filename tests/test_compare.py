@@ -153,9 +153,10 @@ def test_classical_compare_does_not_import_torch(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdx4.random_model import build_random_model
+    from sdx4.random_model import cached_random_model
 
-    return build_random_model(tmp_path_factory.mktemp("tiny") / "model")
+    # Session temp dir: test_evaluate.py reuses the same tiny model instead of building another.
+    return cached_random_model("tiny", cache_dir=tmp_path_factory.getbasetemp() / "sdx4-models")
 
 
 def test_compare_with_sd_on_tiny_model(tmp_path: Path, tiny_model: Path) -> None:

@@ -229,10 +229,10 @@ def test_lpips_plumbing_with_a_stand_in_package(tmp_path: Path, monkeypatch: pyt
 # --- sd on the tiny random model ---
 
 
-def test_evaluate_with_sd_on_tiny_model(tmp_path: Path) -> None:
-    from sdx4.random_model import build_random_model
+def test_evaluate_with_sd_on_tiny_model(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from sdx4.random_model import cached_random_model
 
-    model = build_random_model(tmp_path / "model")
+    model = cached_random_model("tiny", cache_dir=tmp_path_factory.getbasetemp() / "sdx4-models")
     d = tmp_path / "hr"
     d.mkdir()
     Image.open(PHOTOS / "chelsea.png").convert("RGB").resize((96, 96)).save(d / "c.png")
