@@ -5,17 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import sdx4
 from sdx4 import pipeline
 from sdx4.cli import main
 from sdx4.options import OptionsError, UpscaleOptions, parse_size
-from sdx4.random_model import build_random_model
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = build_random_model(tmp_path_factory.mktemp("tiny") / "model", "tiny", seed=0)
-    return sdx4.load(str(path), device="cpu", dtype="fp32")
+def tiny(tiny_upscaler):
+    return tiny_upscaler  # conftest: the tiny random model loaded through the real code
 
 
 def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:

@@ -15,7 +15,18 @@ from typing import Any
 
 from ._version import __version__
 from .imageio import OUTPUT_SUFFIXES, ImageInputError, check_output_path, open_image, save_image
-from .options import COLOR_FIXES, MAX_SCALE, METHODS, MIN_SCALE, TILE_BLENDS, OptionsError, UpscaleOptions, option_defaults, parse_size
+from .options import (
+    COLOR_FIXES,
+    MAX_SCALE,
+    METHODS,
+    MIN_SCALE,
+    SCHEDULERS,
+    TILE_BLENDS,
+    OptionsError,
+    UpscaleOptions,
+    option_defaults,
+    parse_size,
+)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEFAULT_MODEL = "stabilityai/stable-diffusion-x4-upscaler"  # == models.DEFAULT_MODEL (no torch import here)
@@ -43,9 +54,8 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=d["eta"], help="DDIM eta, 0..1")
     p.add_argument("--num-images", type=int, default=d["num_images"], help="images per input")
     p.add_argument("--method", choices=METHODS, default=d["method"], help="sd = diffusion; others are classical filters")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local folder in diffusers layout")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="UNet/text-encoder precision (VAE stays fp32)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=d["scheduler"], help="sampler (fewer steps: dpmpp-2m 20, unipc 15)")
+    add_model_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no messages, errors only")
     p.add_argument("--scale", type=int, default=d["scale"], help=f"output = scale x input, an integer {MIN_SCALE}..{MAX_SCALE}")
@@ -59,7 +69,36 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
 
 #: Modules that add a subcommand: each has `register(subparsers)` which adds a parser whose `func(args)`
 #: returns an exit code. They must not import torch at import time (`sdx4 --help` stays fast).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("sdx4.compare_cli", "sdx4.evaluate_cli")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model/--device/--dtype/--vae-dtype/--low-memory/--compile: how the model is loaded."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local folder in diffusers layout")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        default="auto",
+        help="UNet/text-encoder precision; auto = fp16 on CUDA, bf16 on CPUs with native bf16, else fp32",
+    )
+    p.add_argument("--vae-dtype", choices=("fp32", "bf16"), default="fp32", help="VAE precision (fp16 gives NaN)")
+    p.add_argument("--low-memory", action="store_true", help="drop the text encoder between prompts (-1.4 GB)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call; see README)")
+
+
+def load_from_args(args: argparse.Namespace) -> Any:
+    """sdx4.load() with the model arguments of `add_model_args`."""
+    from . import api
+
+    return api.load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        vae_dtype=args.vae_dtype,
+        low_memory=args.low_memory,
+        compile=args.compile,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +136,7 @@ def options_from_args(args: argparse.Namespace) -> UpscaleOptions:
             seed=args.seed,
             num_images=args.num_images,
             method=args.method,
+            scheduler=args.scheduler,
             scale=args.scale,
             color_fix=args.color_fix,
             tile_size=args.tile_size,
@@ -170,13 +210,12 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
     upscaler = None
     if options.method == "sd":
-        from .api import load
         from .models import ModelNotFoundError, ModelPathError
 
         _quiet_libraries()
         t0 = time.perf_counter()
         try:
-            upscaler = load(args.model, device=args.device, dtype=args.dtype)
+            upscaler = load_from_args(args)
         except ModelPathError as e:
             raise UsageError(str(e)) from None
         except ModelNotFoundError as e:
