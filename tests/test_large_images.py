@@ -154,3 +154,15 @@ def test_cli_max_memory_errors_name_the_option(tmp_path, capsys):
     assert "--max-memory: max_memory must be a size" in capsys.readouterr().err
     assert main(["upscale", str(src), "--tile-size", "3"]) == 2
     assert "--tile-size: tile_size must be in 8..4096; got 3" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_budget_too_small_before_any_work(tmp_path, capsys, tiny_model_dir):
+    from PIL import Image
+
+    src = tmp_path / "big.png"
+    Image.new("RGB", (2000, 1500)).save(src)
+    # 1 GiB cannot hold the whole-image tensors of a 2000x1500 input (~3.6 GB at 1.2 kB per pixel).
+    code = main(["upscale", str(src), "--model", str(tiny_model_dir), "--max-memory", "1GiB", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "big.png: --max-memory: max_memory 1.00 GiB is too small" in err
+    assert list(tmp_path.iterdir()) == [src]

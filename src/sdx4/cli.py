@@ -228,6 +228,16 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         if info["random_weights"]:
             say("warning: this model has RANDOM WEIGHTS (made for tests/benchmarks); its output is noise")
 
+    if upscaler is not None:  # the memory budget must hold every input, checked before any heavy work
+        from .memory import MemoryBudgetError
+        from .pipeline import check_memory
+
+        for src in inputs:
+            try:
+                check_memory(upscaler.components, options, *open_image(src).size)
+            except MemoryBudgetError as e:
+                raise UsageError(f"{src}: --max-memory: {e}") from None
+
     for src, paths in zip(inputs, outputs):
         opts = options.with_seed()
         result = _run_one(upscaler, src, opts, quiet=args.quiet)

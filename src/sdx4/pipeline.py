@@ -280,6 +280,16 @@ def plan_for(components: Components, options: UpscaleOptions, h: int, w: int) ->
     )
 
 
+def check_memory(components: Components, options: UpscaleOptions, width: int, height: int) -> None:
+    """Raise memory.MemoryBudgetError now (before any heavy work) if a pass of this input cannot fit."""
+    from .scale import pass_plan, target_size
+
+    m = components.pad_multiple
+    sizes = [(width, height)] + pass_plan((width, height), target_size((width, height), options.scale))[:-1]
+    for w, h in sizes:  # the input of every x4 pass
+        plan_for(components, options, -(-h // m) * m, -(-w // m) * m)
+
+
 def _overlap(plan: memory.MemoryPlan, tile_size: int, multiple: int) -> int:
     """The plan's overlap, shrunk when an out-of-memory retry made the tile smaller."""
     if tile_size == plan.tile_size:
