@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-limit", type=float, default=18.0, help="watchdog: kill a run above this RSS (GiB)")
     p.add_argument("--timeout", type=float, default=3600.0, help="kill a run after this many seconds")
     p.add_argument("--skip-diffusers", action="store_true")
+    p.add_argument("--impls", nargs="+", choices=("ours", "diffusers"), default=None, help="which implementations to run (default both)")
     p.add_argument("--blends", type=int, default=0, metavar="SIZE", help="also score each blend at this input size (forced tiles)")
     p.add_argument("--blend-tile", type=int, nargs=2, default=None, metavar=("SIZE", "OVERLAP"), help="tiles for --blends (default: half the size, a quarter overlap)")
     p.add_argument("--out", default="benchmarks/results/large_images", help="output path without suffix")
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     base = [sys.executable, __file__, "--child", "--model", model, "--steps", str(args.steps)]
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
-            impls = ["ours"] + ([] if args.skip_diffusers else ["diffusers"])
+            impls = args.impls or (["ours"] + ([] if args.skip_diffusers else ["diffusers"]))
             for impl in impls:
                 cmd = base + ["--impl", impl, "--size", str(size), "--out-png", f"{tmp}/{impl}_{size}.png"]
                 if impl == "ours":

@@ -81,3 +81,12 @@ def test_rejects_off_grid_sizes():
 
 def test_fp16_halves_unet_working_memory():
     assert memory.unet_work_bytes(64, 64, 2, dtype_bytes=2) * 2 == memory.unet_work_bytes(64, 64, 2, dtype_bytes=4)
+
+
+def test_memory_cli_prints_the_plan_for_1024px(capsys):
+    import json
+
+    assert memory.main(["--size", "1024", "1024", "--max-memory", "6GiB"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["output"] == [4096, 4096] and out["memory_budget_gib"] == 6.0
+    assert out["tiles"] > 1 and out["memory_estimate_gib"] <= 6.0 and out["vae_tile_size"] < 1024

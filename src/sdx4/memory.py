@@ -204,3 +204,42 @@ def default_budget(weights_bytes: int, device_type: str, device_index: int | Non
     """The loaded weights plus a safe share of what is free now (60% of RAM, 80% of GPU memory)."""
     share = CUDA_FREE_SHARE if device_type == "cuda" else CPU_FREE_SHARE
     return weights_bytes + int(share * free_memory_bytes(device_type, device_index))
+
+
+#: Parameters of the published model (UNet 473M, text encoder 340M, VAE 84M), for estimates without loading it.
+FULL_MODEL_PARAMS = {"unet": 473_000_000, "text_encoder": 340_000_000, "vae": 84_000_000}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sdx4.memory --size 1024 --max-memory 5GiB`: the plan and its estimate, no model loaded."""
+    import argparse
+    import json
+
+    from .options import parse_size
+
+    p = argparse.ArgumentParser(prog="python -m sdx4.memory", description=main.__doc__)
+    p.add_argument("--size", type=int, nargs=2, default=(1024, 1024), metavar=("W", "H"), help="input size in px")
+    p.add_argument("--max-memory", default=None, help="budget (default: as sdx4 upscale on this machine's CPU)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="UNet/text encoder precision")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--no-guidance", action="store_true", help="guidance <= 1 (one UNet sample per tile)")
+    a = p.parse_args(argv)
+    nbytes = 4 if a.dtype == "fp32" else 2
+    weights = (FULL_MODEL_PARAMS["unet"] + FULL_MODEL_PARAMS["text_encoder"]) * nbytes + FULL_MODEL_PARAMS["vae"] * 4
+    budget = parse_size(a.max_memory) if a.max_memory else default_budget(weights, "cpu")
+    w, h = a.size
+    plan = plan_memory(
+        -(-h // 8) * 8,
+        -(-w // 8) * 8,
+        budget_bytes=budget,
+        weights_bytes=weights,
+        samples_per_tile=a.num_images * (1 if a.no_guidance else 2),
+        images=a.num_images,
+        dtype_bytes=nbytes,
+    )
+    print(json.dumps({"input": [w, h], "output": [4 * w, 4 * h], "weights_gib": round(weights / 2**30, 3), **plan.describe()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
