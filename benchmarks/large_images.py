@@ -110,6 +110,61 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(row), flush=True)
 
 
+def blend_study(args: argparse.Namespace) -> None:
+    """One UNet pass over tiles, merged with every blend: the same tile predictions, only the weights differ.
+
+    Scores the merged (CFG-combined) latent prediction: seam score on the tile boundaries and the mean
+    absolute difference from the untiled prediction (relative to the untiled prediction's mean magnitude).
+    """
+    import torch
+
+    import sdx4
+    from sdx4 import tiling
+    from sdx4.options import UpscaleOptions
+    from sdx4.pipeline import prompt_embeddings, to_model_range
+    import numpy as np
+
+    torch.set_grad_enabled(False)
+    up = sdx4.load(args.model, device="cpu", dtype="fp32")
+    c = up.components
+    opts = UpscaleOptions(steps=args.steps, guidance=9.0, seed=0)
+    embeds = prompt_embeddings(c, opts)  # 2,77,D
+    g = torch.Generator().manual_seed(0)
+    image = to_model_range(torch.from_numpy(np.array(test_image(args.size))))  # 1,3,H,W
+    image = image + 0.02 * torch.randn(image.shape, generator=g)
+    latents = torch.randn(1, 4, args.size, args.size, generator=g)
+    t = torch.tensor(999)
+    model_in = torch.cat([torch.cat([latents] * 2), image.repeat(2, 1, 1, 1)], dim=1)  # 2,7,H,W
+    labels = torch.tensor([20, 20])
+
+    def unet(x: torch.Tensor) -> torch.Tensor:
+        k = x.shape[0] // 2
+        return c.unet(x, t, encoder_hidden_states=embeds.repeat(k, 1, 1), class_labels=labels.repeat(k), return_dict=False)[0]
+
+    def cfg(p: torch.Tensor) -> torch.Tensor:
+        u, te = p.chunk(2)
+        return u + 9.0 * (te - u)  # 1,4,H,W
+
+    full = cfg(unet(model_in))
+    tile, overlap = args.blend_tile_size, args.blend_tile_overlap
+    tiles = tiling.plan_tiles(args.size, args.size, tile, overlap, c.pad_multiple)
+    recorded: list[torch.Tensor] = []
+    tiling.merge_tiled(lambda x: recorded.append(unet(x)) or recorded[-1], [model_in], tiles, tile_batch=1, blend="uniform", overlap=overlap)
+    rows, cols = tiling.tile_boundaries(tiles, args.size, args.size)
+    out = []
+    for blend in tiling.BLENDS:
+        it = iter(recorded)
+        merged = cfg(tiling.merge_tiled(lambda x: next(it), [model_in], tiles, tile_batch=1, blend=blend, overlap=overlap))
+        out.append({
+            "blend": blend,
+            "tiles": len(tiles),
+            "latent_seam_score": tiling.seam_score(merged[0], rows, cols),
+            "untiled_latent_seam_score": tiling.seam_score(full[0], rows, cols),
+            "relative_error_vs_untiled": float((merged - full).abs().mean() / full.abs().mean()),
+        })
+    print(json.dumps({"blend_study": out, "size": args.size, "tile": tile, "overlap": overlap}), flush=True)
+
+
 def seam_score_of(image: Any, tiling_meta: dict[str, Any], size: int) -> float | None:
     """Seam score of an output on the boundary lines of the tiles it was made with (None if untiled)."""
     import numpy as np
@@ -194,6 +249,16 @@ def markdown(results: dict[str, Any]) -> str:
         for b in results["blends"]:
             seam = f"{b['seam_score']:.3f}" if b.get("seam_score") is not None else b.get("failed", "-")
             lines.append(f"| {b.get('blend')} | {b.get('tiling', {}).get('tiles', '-')} | {seam} |")
+    study = results.get("blend_study", {})
+    if study.get("blend_study"):
+        lines += ["", f"Blend study ({study['size']} px latent, {study['blend_study'][0]['tiles']} tiles of {study['tile']} px, "
+                  f"overlap {study['overlap']}; one set of UNet tile predictions merged three ways):", "",
+                  "| blend | latent seam score | untiled prediction's score on the same lines | mean abs error vs untiled (relative) |",
+                  "|---|---|---|---|"]
+        for b in study["blend_study"]:
+            lines.append(f"| {b['blend']} | {b['latent_seam_score']:.3f} | {b['untiled_latent_seam_score']:.3f} | {b['relative_error_vs_untiled']:.3f} |")
+    elif study:
+        lines += ["", f"Blend study failed: {study.get('failed')}"]
     p = results["planner_1024"]
     lines += [
         "",
@@ -211,8 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=128, help=argparse.SUPPRESS)
     p.add_argument("--out-png", default=None, help=argparse.SUPPRESS)
     p.add_argument("--blend", default="gaussian", help=argparse.SUPPRESS)
+    p.add_argument("--blend-study-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--blend-tile-size", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument("--blend-tile-overlap", type=int, default=16, help=argparse.SUPPRESS)
+    p.add_argument("--blend-study", type=int, default=0, metavar="SIZE",
+                   help="score the blends on ONE set of tile predictions of the UNet (latent space) at this size")
     p.add_argument("--model", default=None, help="model folder (default: the cached full-size random model)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="input sizes in px")
+    p.add_argument("--sizes", type=int, nargs="*", default=[128, 256], help="input sizes in px (none: skip the side-by-side runs)")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--max-memory", default="5GiB", help="sdx4's memory budget")
     p.add_argument("--tile-size", type=int, default=None, help="force sdx4's tile size")
@@ -225,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blend-tile", type=int, nargs=2, default=None, metavar=("SIZE", "OVERLAP"), help="tiles for --blends (default: half the size, a quarter overlap)")
     p.add_argument("--out", default="benchmarks/results/large_images", help="output path without suffix")
     args = p.parse_args(argv)
+    if args.child and args.blend_study_child:
+        blend_study(args)
+        return 0
     if args.child:
         child(args)
         return 0
@@ -270,6 +343,13 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"blend": blend, **run_child(cmd, mem_limit, args.timeout)}
                 print(json.dumps(row), flush=True)
                 results["blends"].append(row)
+        if args.blend_study:
+            tile, overlap = args.blend_tile or (args.blend_study // 2, args.blend_study // 8)
+            cmd = base + ["--blend-study-child", "--size", str(args.blend_study),
+                          "--blend-tile-size", str(tile), "--blend-tile-overlap", str(overlap)]
+            row = run_child(cmd, mem_limit, args.timeout)
+            print(json.dumps(row), flush=True)
+            results["blend_study"] = row
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
