@@ -86,7 +86,9 @@ def child(args: argparse.Namespace) -> None:
             if i == n:
                 peak_denoise["gib"] = _status("VmHWM") / GiB
 
-        overrides: dict[str, Any] = dict(steps=args.steps, guidance=9.0, noise_level=20, seed=0, tile_blend=args.blend)
+        overrides: dict[str, Any] = dict(steps=args.steps, guidance=9.0, noise_level=20, seed=0)
+        if args.blend:
+            overrides["tile_blend"] = args.blend
         if args.max_memory:
             overrides["max_memory"] = parse_size(args.max_memory)
         if args.tile_size:
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impl", choices=("ours", "diffusers"), default="ours", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=128, help=argparse.SUPPRESS)
     p.add_argument("--out-png", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--blend", default="gaussian", help=argparse.SUPPRESS)
+    p.add_argument("--blend", default=None, help=argparse.SUPPRESS)
     p.add_argument("--blend-study-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--blend-tile-size", type=int, default=64, help=argparse.SUPPRESS)
     p.add_argument("--blend-tile-overlap", type=int, default=16, help=argparse.SUPPRESS)

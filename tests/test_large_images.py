@@ -99,7 +99,7 @@ def test_odd_sizes_scales_and_metadata(tiny):
     res = tiny(_image(13, 7)[0] * 0.5 + 0.5, steps=2, seed=3, tile_size=8, tile_overlap=4, color_fix="adain")
     assert res.image.size == (28, 52)
     meta = res.metadata
-    assert meta["tiling"]["tiled"] and meta["tiling"]["tiles"] > 1 and meta["tiling"]["tile_blend"] == "gaussian"
+    assert meta["tiling"]["tiled"] and meta["tiling"]["tiles"] > 1 and meta["tiling"]["tile_blend"] == "feather"
     assert meta["vae_decode"]["attention"] in ("global", "tile-local") and meta["color_fix"] == "adain"
     assert meta["scale"] == 4 and meta["passes"] == 1 and meta["output_size"] == [28, 52]
     res3 = tiny(_image(13, 7)[0] * 0.5 + 0.5, steps=2, seed=3, scale=3)

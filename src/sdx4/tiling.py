@@ -87,7 +87,7 @@ def plan_tiles(h: int, w: int, tile_size: int, overlap: int, multiple: int = 1) 
     return [Tile(y, x, y + th, x + tw) for y in ys for x in xs]
 
 
-def blend_weights(h: int, w: int, blend: Blend = "gaussian", overlap: int = 0) -> torch.Tensor:
+def blend_weights(h: int, w: int, blend: Blend = "feather", overlap: int = 0) -> torch.Tensor:
     """Per-pixel weights of one h x w tile, float64, all > 0 (merging divides by their sum).
 
     uniform: all ones (MultiDiffusion's plain average).
@@ -134,7 +134,7 @@ def merge_tiled(
     tiles: Sequence[Tile],
     *,
     tile_batch: int = 1,
-    blend: Blend = "gaussian",
+    blend: Blend = "feather",
     overlap: int = 0,
 ) -> torch.Tensor:
     """Run `model_fn` over `tiles` of `inputs` (each B,C_i,H,W, cropped alike), `tile_batch` tiles per call,
