@@ -126,7 +126,8 @@ def test_color_fix_pulls_colours_towards_the_input(tiny):
         ("tile_batch", 0, r"tile_batch must be in 1\.\.64; got 0"),
         ("tile_blend", "cosine", "tile_blend must be one of uniform, gaussian, feather"),
         ("color_fix", "hist", "color_fix must be one of none, adain, wavelet"),
-        ("max_memory", 1000, "max_memory must be in"),
+        ("max_memory", 1000, r"max_memory must be in 1 GiB\.\.1 PiB .* got 1000 bytes"),
+        ("max_memory", 6.5, "max_memory must be a number of bytes"),
     ],
 )
 def test_tiling_options_are_checked(field, value, match):

@@ -54,6 +54,7 @@ class MemoryPlan:
     def describe(self) -> dict[str, object]:
         return {
             "tile_size": self.tile_size,
+            "tile_limit": self.tile_limit,
             "tile_overlap": self.tile_overlap,
             "tile_batch": self.tile_batch,
             "tiles": self.tiles,

@@ -129,7 +129,13 @@ class UpscaleOptions:
         if self.tile_blend not in TILE_BLENDS:
             raise OptionsError(f"tile_blend must be one of {', '.join(TILE_BLENDS)}; got {self.tile_blend!r}")
         if self.max_memory is not None:
-            _check_int("max_memory", self.max_memory, MIN_MAX_MEMORY, MAX_MAX_MEMORY)
+            if isinstance(self.max_memory, bool) or not isinstance(self.max_memory, int):
+                raise OptionsError(f"max_memory must be a number of bytes (at least 1 GiB); got {self.max_memory!r}")
+            if not MIN_MAX_MEMORY <= self.max_memory <= MAX_MAX_MEMORY:
+                raise OptionsError(
+                    f"max_memory must be in 1 GiB..1 PiB (in bytes: {MIN_MAX_MEMORY}..{MAX_MAX_MEMORY}); "
+                    f"got {self.max_memory} bytes ({self.max_memory / 2**30:.3g} GiB)"
+                )
 
     @property
     def do_guidance(self) -> bool:
