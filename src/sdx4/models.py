@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import socket
 import urllib.parse
@@ -204,8 +203,8 @@ def _hub_snapshot(repo_id: str) -> Path:
 
     cache = constants.HF_HUB_CACHE
     fix = (
-        f"Fix: connect this machine to the Hub once so the model is cached, or download it elsewhere and "
-        f"pass --model PATH to the local folder (diffusers layout)."
+        "Fix: connect this machine to the Hub once so the model is cached, or download it elsewhere and "
+        "pass --model PATH to the local folder (diffusers layout)."
     )
     # 1. The cache first: no network needed when the model is already there.
     try:
