@@ -658,6 +658,12 @@ def run_batch(
     """
     say = log or (lambda msg: None)
     t0 = time.perf_counter()
+    if engine == "ray":  # before anything is written: a missing Ray is reported up front
+        from .batch_ray import import_ray
+
+        import_ray()
+    elif engine != "local":
+        raise BatchError(f"engine must be local or ray; got {engine!r}")
     p = plan(job)
     summary = BatchSummary(already_done=p.done, base_seed=p.base_seed, skipped=list(p.not_images))
     job.output_dir.mkdir(parents=True, exist_ok=True)
@@ -691,7 +697,7 @@ def run_batch(
                 from .batch_ray import run_ray
 
                 run_ray(job, todo, on_record, ray_config, log=say)
-            elif engine == "local":
+            else:
                 if upscaler is None and job.options.method == "sd":
                     t1 = time.perf_counter()
                     upscaler = load_upscaler(job)
@@ -700,8 +706,6 @@ def run_batch(
                     if info["random_weights"]:
                         say("warning: this model has RANDOM WEIGHTS (made for tests/benchmarks); its output is noise")
                 run_pipeline(todo, upscaler, job.input_dir, job.output_dir, on_record)
-            else:
-                raise BatchError(f"engine must be local or ray; got {engine!r}")
     summary.seconds = round(time.perf_counter() - t0, 3)
     return summary
 
