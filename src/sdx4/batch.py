@@ -654,7 +654,8 @@ def run_batch(
     """Plan, then run the items not done yet; returns what happened (the manifest has the details).
 
     upscaler: an already loaded `Upscaler` to use (local engine only); loaded from `job` when None.
-    order: reorders the to-do items (tests use it to show results do not depend on the order).
+    order: reorders (or selects from) the to-do items; tests use it to show that results do not
+      depend on the order or the sharding.
     """
     say = log or (lambda msg: None)
     t0 = time.perf_counter()
