@@ -3,7 +3,7 @@
     sdx4 upscale photos -o photos_x4 --engine ray --workers 4 --gpus-per-worker 1 --ray-address auto
 
 Each row of the Ray dataset is one `BatchItem` as JSON (a relative path and its parameters, never
-pixels). An actor pool (`map_batches` with a callable class, `concurrency=workers`) runs the items:
+pixels). An actor pool (`map_batches` with a callable class on a fixed `ActorPoolStrategy(size=workers)`) runs the items:
 each actor loads the model once, reads the images from the shared input folder, writes the outputs
 atomically into the shared output folder, and returns the manifest records; the driver alone appends
 them to the manifest. So INPUT and OUTDIR must be paths that every Ray node can read and write (the
@@ -162,7 +162,7 @@ def run_ray(
             UpscaleActor,
             fn_constructor_kwargs={"job": job_to_dict(job)},
             batch_size=config.batch_size,
-            concurrency=config.workers,
+            compute=ray.data.ActorPoolStrategy(size=config.workers),  # a fixed pool: one model per actor
             num_gpus=gpus,
             num_cpus=config.cpus_per_worker,
         )
