@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from _batch_util import (
     PYTHON,
     STEPS,
@@ -26,6 +25,7 @@ from _batch_util import (
     tiny_model,
     write_image,
 )
+from PIL import Image
 
 import sdx4
 from sdx4 import UpscaleOptions
@@ -60,7 +60,9 @@ def job(src: Path, out: Path, model: Path, **opts: object) -> BatchJob:
     recursive = bool(opts.pop("recursive", True))
     prompts = opts.pop("prompts_file", None)
     options = UpscaleOptions(steps=STEPS, **opts)  # type: ignore[arg-type]
-    return BatchJob(src, out, options, model=str(model), device="cpu", dtype="fp32", recursive=recursive, prompts_file=prompts)
+    return BatchJob(
+        src, out, options, model=str(model), device="cpu", dtype="fp32", recursive=recursive, prompts_file=prompts
+    )
 
 
 def cli(src: Path, out: Path, model: Path, *extra: str) -> list[str]:
@@ -113,7 +115,9 @@ def test_prompt_mapping_csv_and_jsonl(tmp_path: Path) -> None:
     csv_file.write_text('path,prompt,negative_prompt\nsub/a.png,"a cat, sitting",blurry\nb.png,a dog,\n')
     assert read_prompt_mapping(csv_file) == {"sub/a.png": ("a cat, sitting", "blurry"), "b.png": ("a dog", None)}
     jsonl = tmp_path / "p.jsonl"
-    jsonl.write_text('{"path": "sub/a.png", "prompt": "a cat", "negative_prompt": "blurry"}\n\n{"path": "b.png", "prompt": "a dog"}\n')
+    jsonl.write_text(
+        '{"path": "sub/a.png", "prompt": "a cat", "negative_prompt": "blurry"}\n\n{"path": "b.png", "prompt": "a dog"}\n'
+    )
     assert read_prompt_mapping(jsonl) == {"sub/a.png": ("a cat", "blurry"), "b.png": ("a dog", None)}
 
 
@@ -140,7 +144,9 @@ def test_malformed_prompt_mapping_is_named(tmp_path: Path, name: str, content: s
     assert message in str(e.value)
 
 
-def test_bad_mapping_fails_before_any_work_starts(tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_mapping_fails_before_any_work_starts(
+    tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = make_folder(tmp_path / "in", ["a.png", "sub/b.png"])
     out = tmp_path / "out"
     # A model that does not exist: if the error came after loading, the message would be the model's.
@@ -166,7 +172,9 @@ def test_prompts_from_mapping_then_sidecar_then_option(tmp_path: Path, model: Pa
     j = job(src, out, model, prompt="the default", negative_prompt="neg", seed=3, prompts_file=mapping)
     summary = run_batch(j, upscaler=upscaler)
     assert sorted(summary.ok) == ["a.png", "b.png", "sub/c.png"] and summary.exit_code == 0
-    got = {r["input"]: (r["params"]["prompt"], r["params"]["negative_prompt"], r["prompt_source"]) for r in records(out)}
+    got = {
+        r["input"]: (r["params"]["prompt"], r["params"]["negative_prompt"], r["prompt_source"]) for r in records(out)
+    }
     assert got == {
         "a.png": ("a sidecar cat", "neg", "sidecar"),
         "b.png": ("a mapped dog", "ugly", "mapping"),
@@ -174,7 +182,9 @@ def test_prompts_from_mapping_then_sidecar_then_option(tmp_path: Path, model: Pa
     }
     # The prompt really reached the model: same seed, other prompt -> other pixels.
     seed = image_seed(3, "a.png")
-    direct = upscaler(src / "a.png", UpscaleOptions(steps=STEPS, prompt="a sidecar cat", negative_prompt="neg", seed=seed))
+    direct = upscaler(
+        src / "a.png", UpscaleOptions(steps=STEPS, prompt="a sidecar cat", negative_prompt="neg", seed=seed)
+    )
     assert np.array_equal(pixels(out / "a_x4.png"), np.asarray(direct.image.convert("RGBA")))
     other = upscaler(src / "a.png", UpscaleOptions(steps=STEPS, prompt="the default", negative_prompt="neg", seed=seed))
     assert not np.array_equal(pixels(out / "a_x4.png"), np.asarray(other.image.convert("RGBA")))
@@ -185,7 +195,9 @@ def test_prompts_from_mapping_then_sidecar_then_option(tmp_path: Path, model: Pa
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_folder_run_mirrors_reports_and_resumes(tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_folder_run_mirrors_reports_and_resumes(
+    tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     good = ["a.png", "b.jpg", "sub/c.png", "sub/deep/d.png"]
     src = make_folder(tmp_path / "in", good, corrupt=["sub/broken.png"], text=["readme.md"])
     out = tmp_path / "out"
@@ -299,7 +311,9 @@ def test_same_bytes_from_any_order_and_sharding(tmp_path: Path, model: Path, ups
     assert not np.array_equal(pixels(out_full / "a_x4.png"), pixels(out_full / "b_x4.png"))
 
 
-def test_without_seed_the_run_seed_is_drawn_once_and_reused_on_resume(tmp_path: Path, model: Path, upscaler: sdx4.Upscaler) -> None:
+def test_without_seed_the_run_seed_is_drawn_once_and_reused_on_resume(
+    tmp_path: Path, model: Path, upscaler: sdx4.Upscaler
+) -> None:
     src = make_folder(tmp_path / "in", ["a.png"])
     out = tmp_path / "out"
     first = run_batch(job(src, out, model), upscaler=upscaler)
@@ -353,7 +367,9 @@ def _start_and_stop(src: Path, out: Path, model: Path, sig: int) -> tuple[subpro
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_killed_run_resumes_without_redoing_anything(tmp_path: Path, model: Path, upscaler: sdx4.Upscaler, sig: int) -> None:
+def test_killed_run_resumes_without_redoing_anything(
+    tmp_path: Path, model: Path, upscaler: sdx4.Upscaler, sig: int
+) -> None:
     good = [f"{d}img{i}.png" for i in range(4) for d in ("", "sub/")]  # 8 images
     src = make_folder(tmp_path / "in", good, corrupt=["zz_bad.png"])
     out = tmp_path / "out"
@@ -399,7 +415,10 @@ def test_manifest_cuts_a_torn_tail_rejects_edits_and_locks(tmp_path: Path) -> No
         with pytest.raises(BatchError, match="another sdx4 run is writing to this folder"):
             Manifest(path)
         m.append({"input": "c.png", "status": "failed"})
-    assert path.read_text().splitlines() == ['{"input": "a.png", "status": "ok"}', '{"input": "c.png", "status": "failed"}']
+    assert path.read_text().splitlines() == [
+        '{"input": "a.png", "status": "ok"}',
+        '{"input": "c.png", "status": "failed"}',
+    ]
     path.write_text('{"input": "a.png", "status": "ok"}\nnot json\n{"input": "c.png", "status": "ok"}\n')
     with pytest.raises(BatchError, match=r"m\.jsonl line 2: not a valid manifest record"):
         read_manifest(path)
@@ -428,7 +447,9 @@ def test_pipeline_records_a_failing_image_and_keeps_going(tmp_path: Path) -> Non
     src = make_folder(tmp_path / "in", ["a.png", "b.png", "c.png"])
     items = _items(["a.png", "b.png", "c.png"], method="sd")
     got: list[dict[str, object]] = []
-    run_pipeline(items, _FailingUpscaler({"b.png": RuntimeError("CUDA out of memory")}), src, tmp_path / "out", got.append)
+    run_pipeline(
+        items, _FailingUpscaler({"b.png": RuntimeError("CUDA out of memory")}), src, tmp_path / "out", got.append
+    )
     assert [(r["input"], r["status"]) for r in got] == [("a.png", "ok"), ("b.png", "failed"), ("c.png", "ok")]
     assert got[1]["error"] == "b.png: RuntimeError: CUDA out of memory"
     assert (tmp_path / "out" / "c_x4.png").exists() and not (tmp_path / "out" / "b_x4.png").exists()
@@ -456,7 +477,9 @@ def test_pipeline_writer_failure_stops_the_run(tmp_path: Path) -> None:
         run_pipeline(_items(names), None, src, tmp_path / "out", broken_sink)
 
 
-def test_ray_engine_without_ray_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ray_engine_without_ray_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     src = make_folder(tmp_path / "in", ["a.png"])
     assert main(["upscale", str(src), "-o", str(tmp_path / "out"), "--engine", "ray", "--method", "bicubic"]) == 1

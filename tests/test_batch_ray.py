@@ -49,7 +49,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_item_round_trips_through_json() -> None:
     from sdx4.batch import BatchItem
 
-    item = BatchItem("sub/a.png", ("sub/a_x4.png",), UpscaleOptions(prompt="a \"cat\"", seed=9, steps=3), "mapping", 4, "m")
+    item = BatchItem(
+        "sub/a.png", ("sub/a_x4.png",), UpscaleOptions(prompt='a "cat"', seed=9, steps=3), "mapping", 4, "m"
+    )
     assert item_from_json(item_to_json(item)) == item
 
 
@@ -59,7 +61,19 @@ def test_local_and_ray_engines_give_identical_outputs_and_records(
     good = ["a.png", "b.jpg", "sub/c.png", "sub/deep/d.png", "e.png"]
     src = make_folder(tmp_path / "in", good, corrupt=["sub/broken.png"], text=["notes.md"])
     (src / "a.txt").write_text("a sidecar prompt")
-    common = ["--model", str(model), "--device", "cpu", "--dtype", "fp32", "--steps", str(STEPS), "--seed", "13", "--recursive"]
+    common = [
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--steps",
+        str(STEPS),
+        "--seed",
+        "13",
+        "--recursive",
+    ]
     out_local, out_ray = tmp_path / "local", tmp_path / "ray"
     assert main(["upscale", str(src), "-o", str(out_local), *common]) == 1  # broken.png fails
     capsys.readouterr()

@@ -180,9 +180,7 @@ def discover(input_dir: Path, recursive: bool, exclude: Path | None = None) -> t
         if not recursive:
             dirs[:] = []
         else:
-            dirs[:] = sorted(
-                d for d in dirs if not d.startswith(".") and (root_path / d).resolve() != exclude_resolved
-            )
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (root_path / d).resolve() != exclude_resolved)
         for name in names:
             if name.startswith("."):
                 continue
@@ -226,10 +224,14 @@ def read_prompt_mapping(path: Path) -> dict[str, tuple[str, str | None]]:
             )
         unknown = [c for c in fields if c not in ("path", "prompt", "negative_prompt")]
         if unknown:
-            raise BatchError(f"{path}: unknown CSV column(s) {', '.join(unknown)}; allowed: path, prompt, negative_prompt")
+            raise BatchError(
+                f"{path}: unknown CSV column(s) {', '.join(unknown)}; allowed: path, prompt, negative_prompt"
+            )
         for row in reader:
             if None in row or any(v is None for v in row.values()):
-                raise BatchError(f"{path} line {reader.line_num}: expected {len(fields)} fields, got a different number")
+                raise BatchError(
+                    f"{path} line {reader.line_num}: expected {len(fields)} fields, got a different number"
+                )
             rows.append((reader.line_num, row))
     elif suffix in (".jsonl", ".ndjson"):
         for line_no, line in enumerate(text.splitlines(), 1):
@@ -243,7 +245,9 @@ def read_prompt_mapping(path: Path) -> dict[str, tuple[str, str | None]]:
                 raise BatchError(f"{path} line {line_no}: expected a JSON object, got {type(obj).__name__}")
             unknown = [k for k in obj if k not in ("path", "prompt", "negative_prompt")]
             if unknown:
-                raise BatchError(f"{path} line {line_no}: unknown key(s) {', '.join(unknown)}; allowed: path, prompt, negative_prompt")
+                raise BatchError(
+                    f"{path} line {line_no}: unknown key(s) {', '.join(unknown)}; allowed: path, prompt, negative_prompt"
+                )
             if "path" not in obj or "prompt" not in obj:
                 raise BatchError(f'{path} line {line_no}: needs "path" and "prompt"; got keys {sorted(obj)}')
             rows.append((line_no, obj))
@@ -416,7 +420,11 @@ def upscale_item(loaded: Loaded, upscaler: Any) -> Done:
         # One image's failure (e.g. out of memory on a huge input) must not stop the batch: it is
         # recorded with its message and reported at the end. Interrupts and bugs still propagate.
         return Done(loaded.item, error=f"{loaded.item.input}: {type(e).__name__}: {e}", timings=loaded.timings)
-    timings = {**loaded.timings, "upscale": _secs(t0), **{f"stage_{k}": v for k, v in result.metadata.get("timings", {}).items()}}
+    timings = {
+        **loaded.timings,
+        "upscale": _secs(t0),
+        **{f"stage_{k}": v for k, v in result.metadata.get("timings", {}).items()},
+    }
     return Done(loaded.item, result=result, timings=timings)
 
 
@@ -578,7 +586,7 @@ def run_pipeline(
                         break
                     except queue.Full:
                         continue
-        except BaseException as e:  # surfaced in the main thread
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread below
             errors.append(e)
         finally:
             _put_end(read_q, stop)
@@ -590,7 +598,7 @@ def run_pipeline(
                 if done is _END:
                     return
                 on_record(write_item(done, output_dir))
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread below
             errors.append(e)
             stop.set()
             while write_q.get() is not _END:  # drain so the main thread never blocks on put
@@ -688,7 +696,9 @@ def run_batch(
             if record["status"] == "ok":
                 summary.ok.append(record["input"])
                 outs = ", ".join(record["outputs"])
-                say(f"[{i}/{n}] {record['input']} -> {outs} (seed {record['seed']}, {record['timings'].get('upscale', 0):.1f} s)")
+                say(
+                    f"[{i}/{n}] {record['input']} -> {outs} (seed {record['seed']}, {record['timings'].get('upscale', 0):.1f} s)"
+                )
             else:
                 summary.failed.append((record["input"], record["error"]))
                 say(f"[{i}/{n}] {record['input']} FAILED: {record['error']}")
@@ -703,7 +713,9 @@ def run_batch(
                     t1 = time.perf_counter()
                     upscaler = load_upscaler(job)
                     info = upscaler.info
-                    say(f"loaded {job.model} on {info['device']} ({info['unet_dtype']}) in {time.perf_counter() - t1:.1f} s")
+                    say(
+                        f"loaded {job.model} on {info['device']} ({info['unet_dtype']}) in {time.perf_counter() - t1:.1f} s"
+                    )
                     if info["random_weights"]:
                         say("warning: this model has RANDOM WEIGHTS (made for tests/benchmarks); its output is noise")
                 run_pipeline(todo, upscaler, job.input_dir, job.output_dir, on_record)
@@ -723,13 +735,13 @@ def summary_lines(summary: BatchSummary, job: BatchJob) -> Iterator[str]:
 
 
 __all__ = [
+    "IMAGE_SUFFIXES",
+    "MANIFEST_NAME",
     "BatchError",
     "BatchItem",
     "BatchJob",
     "BatchPlan",
     "BatchSummary",
-    "IMAGE_SUFFIXES",
-    "MANIFEST_NAME",
     "image_seed",
     "output_names",
     "plan",

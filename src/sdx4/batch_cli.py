@@ -23,11 +23,32 @@ BATCH_DEFAULTS = {
 def add_batch_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("folder INPUT (batch run, resumable; see docs/batch.md)")
     g.add_argument("--recursive", action="store_true", help="also upscale images in sub-folders (mirrored in OUTDIR)")
-    g.add_argument("--prompts", metavar="FILE", help="CSV (path,prompt[,negative_prompt]) or JSONL mapping of relative path -> prompt")
-    g.add_argument("--engine", choices=("local", "ray"), default="local", help="run here, or on a Ray cluster (pip install sdx4[ray])")
-    g.add_argument("--ray-address", metavar="ADDR", help="Ray cluster: 'auto' (running cluster) or ray://HOST:10001; default: start Ray locally")
-    g.add_argument("--workers", type=int, default=1, help="Ray actors, each with its own copy of the model")
-    g.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per Ray actor (default: 1 if the cluster has GPUs and --device is not cpu, else 0)")
+    g.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="CSV (path,prompt[,negative_prompt]) or JSONL mapping of relative path -> prompt",
+    )
+    g.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="run here, or on a Ray cluster (pip install sdx4[ray])",
+    )
+    g.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="Ray cluster: 'auto' (a running cluster) or ray://HOST:10001; None starts Ray on this machine",
+    )
+    g.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="Ray actors, each with its own copy of the model"
+    )
+    g.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        metavar="G",
+        help="GPUs per Ray actor; None = 1 if the cluster has GPUs and --device is not cpu, else 0",
+    )
 
 
 def is_batch(args: argparse.Namespace) -> bool:

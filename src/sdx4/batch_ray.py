@@ -58,7 +58,7 @@ class RayConfig:
 def import_ray() -> Any:
     try:
         import ray
-        import ray.data  # noqa: F401 - the Data library is an extra of ray itself
+        import ray.data
     except ImportError as e:
         raise RayMissingError(
             f"the Ray engine needs Ray Data, which is not installed ({e}): pip install sdx4[ray]  "
