@@ -105,6 +105,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
         summary = run_batch(job, engine=args.engine, ray_config=config, log=say)
     except BatchError as e:
         raise UsageError(str(e)) from None
+    except KeyboardInterrupt:
+        print(
+            f"sdx4: interrupted; run the same command again to resume (manifest: {job.manifest_path})", file=sys.stderr
+        )
+        return 130
     except (RayMissingError, RayRunError) as e:
         print(f"sdx4: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
