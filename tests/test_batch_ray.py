@@ -124,3 +124,13 @@ def test_ray_engine_shards_match_a_local_run_through_the_api(tmp_path: Path, mod
         name = rel.replace(".png", "_x4.png")
         assert np.array_equal(pixels(tmp_path / "all" / name), pixels(mixed / name)), rel
     assert {r["input"]: stable(r) for r in records(mixed)} == {r["input"]: stable(r) for r in records(tmp_path / "all")}
+
+
+def test_asking_for_gpus_the_cluster_lacks_is_an_error_not_a_hang(
+    tmp_path: Path, ray_session: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = make_folder(tmp_path / "in", ["a.png"])
+    args = ["upscale", str(src), "-o", str(tmp_path / "out"), "--method", "bicubic", "--engine", "ray"]
+    assert main([*args, "--gpus-per-worker", "1"]) == 1
+    assert "--gpus-per-worker 1: the Ray cluster has 0 GPU(s)" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "a_x4_bicubic.png").exists()

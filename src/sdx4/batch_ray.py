@@ -155,6 +155,12 @@ def run_ray(
         ctx.enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         gpus = gpus_per_worker(ray, config, job.device)
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus > cluster_gpus:  # Ray would wait forever for an actor it can never place
+            raise RayRunError(
+                f"--gpus-per-worker {gpus:g}: the Ray cluster has {cluster_gpus:g} GPU(s); "
+                "use --gpus-per-worker 0 (CPU) or bring up GPU nodes first"
+            )
         say(f"ray: {config.workers} worker(s), {gpus:g} GPU and {config.cpus_per_worker:g} CPU each")
         rows = [{"item": item_to_json(item)} for item in items]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * config.workers)))
