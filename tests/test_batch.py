@@ -160,6 +160,10 @@ def test_bad_mapping_fails_before_any_work_starts(
     err = capsys.readouterr().err
     assert f"{wrong}: 1 path(s) match no image under {src}" in err and "'b.png'" in err
     assert not out.exists()  # nothing was written, not even the manifest
+    # With a good mapping, the missing model is the next thing reported, still before any work.
+    assert main(cli(src, out, no_model, "--recursive")) == 2
+    assert f"model folder '{no_model}' does not exist" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_prompts_from_mapping_then_sidecar_then_option(tmp_path: Path, model: Path, upscaler: sdx4.Upscaler) -> None:
