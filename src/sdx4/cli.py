@@ -40,7 +40,7 @@ def add_sd_option_args(p: argparse.ArgumentParser | Any) -> None:
 
 def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     d = option_defaults()
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file(s) to upscale")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file(s) to upscale, or one folder (batch run)")
     p.add_argument(
         "-o",
         "--output",
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_upscale_args(up)
+    from .batch_cli import add_batch_args  # folder INPUTs: the batch runner (batch.py, batch_cli.py)
+
+    add_batch_args(up)
     up.set_defaults(func=cmd_upscale)
     import importlib
 
@@ -186,6 +189,10 @@ def _quiet_libraries() -> None:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
+    from .batch_cli import cmd_batch, is_batch
+
+    if is_batch(args):  # a folder INPUT: the batch runner takes over (manifest, resume, Ray)
+        return cmd_batch(args)
     options = options_from_args(args)
     inputs = [Path(p) for p in args.inputs]
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
