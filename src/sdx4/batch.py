@@ -76,7 +76,7 @@ class BatchJob:
     options: the parameters for every image; `prompt`/`negative_prompt` are the fallback when an image
       has no mapping entry and no sidecar, and `seed` is the BASE seed (None: drawn once per run and
       reused on resume) from which each image's own seed is derived.
-    model/device/dtype: as for `sdx4.load` (not used by the classical methods).
+    model/device/dtype/vae_dtype/low_memory/compile: as for `sdx4.load` (not used by the classical methods).
     recursive: also walk sub-folders (hidden files and folders, names starting with ".", are ignored).
     prompts_file: a CSV or JSONL mapping of relative path -> prompt [/ negative prompt].
     """
@@ -89,6 +89,9 @@ class BatchJob:
     dtype: str = "auto"
     recursive: bool = False
     prompts_file: Path | None = None
+    vae_dtype: str = "fp32"
+    low_memory: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_dir", Path(self.input_dir))
@@ -661,7 +664,14 @@ def load_upscaler(job: BatchJob) -> Any:
         return None
     from .api import load
 
-    return load(job.model, device=job.device, dtype=job.dtype)
+    return load(
+        job.model,
+        device=job.device,
+        dtype=job.dtype,
+        vae_dtype=job.vae_dtype,
+        low_memory=job.low_memory,
+        compile=job.compile,
+    )
 
 
 def run_batch(

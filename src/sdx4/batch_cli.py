@@ -94,6 +94,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        vae_dtype=args.vae_dtype,
+        low_memory=args.low_memory,
+        compile=args.compile,
         recursive=args.recursive,
         prompts_file=Path(args.prompts) if args.prompts else None,
     )

@@ -94,6 +94,9 @@ def job_to_dict(job: BatchJob) -> dict[str, Any]:
         "model": job.model,
         "device": job.device,
         "dtype": job.dtype,
+        "vae_dtype": job.vae_dtype,
+        "low_memory": job.low_memory,
+        "compile": job.compile,
     }
 
 
@@ -105,6 +108,9 @@ def job_from_dict(d: dict[str, Any]) -> BatchJob:
         model=d["model"],
         device=d["device"],
         dtype=d["dtype"],
+        vae_dtype=d["vae_dtype"],
+        low_memory=d["low_memory"],
+        compile=d["compile"],
     )
 
 
