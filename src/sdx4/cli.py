@@ -52,7 +52,7 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
 
 #: Modules that add a subcommand: each has `register(subparsers)` which adds a parser whose `func(args)`
 #: returns an exit code. They must not import torch at import time (`sdx4 --help` stays fast).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("sdx4.serve_cli",)
 
 
 def build_parser() -> argparse.ArgumentParser:
