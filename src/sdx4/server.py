@@ -153,7 +153,10 @@ def check_header(data: bytes, settings: ServerSettings, num_images: int, name: s
             415, f"{name}: not a supported image; send one of {', '.join(settings.formats)}", "image"
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ApiError(413, f"{name}: refused as a decompression bomb ({e})", "image") from None
+        # Pillow's own guard (89 MP warning, 179 MP error) fired while reading the header.
+        raise ApiError(
+            413, f"{name}: refused, far over the input limit of {settings.max_input_pixels} pixels ({e})", "image"
+        ) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ApiError(422, f"{name}: cannot read the image header ({e})", "image") from None
     w, h = im.size
