@@ -12,6 +12,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,18 +21,18 @@ from PIL import Image
 TIMEOUT = 60.0  # seconds any single wait in these tests may take before failing
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+def build_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight model in diffusers layout (for a module-scoped fixture)."""
     from sdx4.random_model import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("tiny") / "model", "tiny", seed=0)
 
 
-@pytest.fixture(scope="module")
-def upscaler(tiny_model_dir):
+def load_tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The tiny model loaded through the real loading code, on CPU in fp32."""
     import sdx4
 
-    return sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32")
+    return sdx4.load(str(build_tiny_model(tmp_path_factory)), device="cpu", dtype="fp32")
 
 
 class Gate:

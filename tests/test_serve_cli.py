@@ -8,16 +8,19 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from server_helpers import TIMEOUT, free_port, png_bytes, tiny_model_dir, wait_until  # noqa: F401 - fixture
+from server_helpers import TIMEOUT, build_tiny_model, free_port, png_bytes, wait_until
 
 from sdx4.cli import build_parser, main
 
 STARTUP_TIMEOUT = 180.0  # python + torch import + model load on a busy 2-core machine
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory)
 
 
 def _sse_events(base: str, job_id: str, sink: list) -> None:

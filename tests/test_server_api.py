@@ -10,15 +10,14 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from server_helpers import (  # noqa: F401 - fixtures
+from server_helpers import (
     TIMEOUT,
     Gate,
     bomb_png,
     image_bytes,
+    load_tiny,
     png_bytes,
     png_metadata,
-    tiny_model_dir,
-    upscaler,
     wait_until,
 )
 
@@ -26,6 +25,10 @@ from sdx4.jobs import QueueSettings
 from sdx4.server import ApiError, ServerSettings, create_app, parse_options, safe_name
 
 FAST = {"steps": "2", "seed": "7"}
+
+@pytest.fixture(scope="module")
+def upscaler(tmp_path_factory):
+    return load_tiny(tmp_path_factory)
 
 
 @contextmanager
@@ -351,6 +354,18 @@ def test_results_bounded_by_count(upscaler, tmp_path):
         assert c.get(f"/v1/jobs/{ids[0]}").status_code == 404  # the oldest was forgotten
         assert all(c.get(f"/v1/jobs/{i}/result").status_code == 200 for i in ids[1:])
         assert sorted(p.name for p in (tmp_path / "results").iterdir()) == sorted(f"{i}.png" for i in ids[1:])
+
+
+def test_results_expire_after_ttl(upscaler, tmp_path):
+    import time
+
+    with client_for(upscaler, tmp_path, result_ttl_s=0.5) as c:
+        r = post_job(c, {"method": "nearest"}, path="/v1/upscale")
+        job_id = r.headers["x-sdx4-job-id"]
+        assert (tmp_path / "results" / f"{job_id}.png").exists()
+        time.sleep(0.7)
+        assert c.get(f"/v1/jobs/{job_id}").status_code == 404
+        assert list((tmp_path / "results").iterdir()) == []
 
 
 # ---- pure helpers -----------------------------------------------------------------------------------

@@ -6,19 +6,24 @@ import threading
 import time
 
 import httpx
-from server_helpers import (  # noqa: F401 - fixtures
+import pytest
+from server_helpers import (
     TIMEOUT,
     live_server,
+    load_tiny,
     png_bytes,
     png_metadata,
-    tiny_model_dir,
-    upscaler,
 )
 
 from sdx4.jobs import QueueSettings
 from sdx4.server import ServerSettings, create_app
 
 CLIENTS = 20
+
+
+@pytest.fixture(scope="module")
+def upscaler(tmp_path_factory):
+    return load_tiny(tmp_path_factory)
 
 
 def test_twenty_clients_every_job_completes_exactly_once(upscaler, tmp_path):

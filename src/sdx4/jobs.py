@@ -25,6 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 from .imageio import LoadedImage, save_image
@@ -117,6 +118,9 @@ class JobManager:
         self._durations: collections.deque[float] = collections.deque(maxlen=20)
         self.counters = {"submitted": 0, "started": 0, "done": 0, "failed": 0, "cancelled": 0}
         self._thread = threading.Thread(target=self._work, name="sdx4-worker", daemon=True)
+        #: Called (under the lock, from any thread; must not block) whenever any job changes: the
+        #: server uses it to wake its waiting requests and event streams instead of polling fast.
+        self.on_change: Callable[[], None] | None = None
 
     # ---- called from request handlers --------------------------------------------------------
 
@@ -143,6 +147,7 @@ class JobManager:
             self._jobs[job.id] = job
             self._queue.append(job)
             self.counters["submitted"] += 1
+            self._bump(job)
             self._cond.notify_all()
             return job
 
@@ -153,6 +158,7 @@ class JobManager:
     def snapshot(self, job_id: str) -> dict[str, Any] | None:
         """The job's public state as plain data (a copy: safe to serialise outside the lock)."""
         with self._cond:
+            self._evict(time.time())
             job = self._jobs.get(job_id)
             if job is None:
                 return None
@@ -207,13 +213,14 @@ class JobManager:
             if job.state == "running":
                 job.cancel_reason = reason
                 job.cancel.set()
-                job.version += 1
+                self._bump(job)
                 return "cancelling"
             self._forget(job)
             return "deleted"
 
     def status(self) -> dict[str, Any]:
         with self._cond:
+            self._evict(time.time())
             return {
                 "queued": len(self._queue),
                 "max_queue": self.settings.max_queue,
@@ -264,7 +271,7 @@ class JobManager:
                 self._running = job
                 job.state, job.started = "running", time.time()
                 job.total = job.options.steps if job.options.method == "sd" else 1
-                job.version += 1
+                self._bump(job)
                 self.counters["started"] += 1
                 self._cond.notify_all()
             self._run(job)
@@ -277,7 +284,7 @@ class JobManager:
         def progress(i: int, n: int) -> None:
             with self._cond:
                 job.step, job.total = i, n
-                job.version += 1
+                self._bump(job)
             if job.cancel.is_set():
                 raise JobCancelled(job.cancel_reason)
 
@@ -333,9 +340,14 @@ class JobManager:
         job.state, job.error, job.error_kind = state, error, kind
         job.finished = time.time()
         job.image = None
-        job.version += 1
+        self._bump(job)
         self.counters[state] += 1
         self._cond.notify_all()
+
+    def _bump(self, job: Job) -> None:
+        job.version += 1
+        if self.on_change is not None:
+            self.on_change()
 
     def _retry_after(self) -> int:
         per_job = sum(self._durations) / len(self._durations) if self._durations else 5.0

@@ -53,7 +53,7 @@ OPTION_NAMES = STR_OPTIONS + INT_OPTIONS + FLOAT_OPTIONS
 IMAGE_PART_TYPES = ("image/", "application/octet-stream")
 #: Room for the option fields and multipart framing on top of the image bytes.
 FORM_OVERHEAD_BYTES = 64 * 1024
-SSE_POLL_S = 0.1
+SSE_POLL_S = 0.5  # waits wake on every job change; this bounds how late a client disconnect is noticed
 SSE_HEARTBEAT_S = 15.0
 
 
@@ -91,6 +91,28 @@ class ServerSettings:
             "max_results": q.max_results,
             "max_result_bytes": q.max_result_bytes,
         }
+
+
+class Changes:
+    """Wakes every waiting request when any job changes; the worker thread pokes it thread-safely."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.event = loop, asyncio.Event()
+
+    def poke(self) -> None:  # any thread
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        self.event.set()
+        self.event = asyncio.Event()
+
+    async def wait(self, since: asyncio.Event, timeout: float) -> None:
+        """Until a change after `since` (= `self.event` taken BEFORE looking at the jobs), or `timeout` s."""
+        try:
+            await asyncio.wait_for(since.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
 
 
 class ApiError(Exception):
@@ -219,6 +241,8 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.loop = asyncio.get_running_loop()
+        app.state.changes = Changes(app.state.loop)
+        manager.on_change = app.state.changes.poke
         manager.start()
         log.info("serving %s; results in %s", model_info.get("model", "model"), manager.results_dir)
         try:
@@ -380,6 +404,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
         async def stream() -> AsyncIterator[str]:
             last, beat = -1, time.monotonic()
             while True:
+                since = app.state.changes.event
                 version = manager.version(job_id)
                 if version is None:
                     yield _sse("failed", {"id": job_id, "state": "failed", "error": "the job was deleted or expired"})
@@ -397,7 +422,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
                 elif time.monotonic() - beat > SSE_HEARTBEAT_S:
                     yield ": keep-alive\n\n"
                     beat = time.monotonic()
-                await asyncio.sleep(SSE_POLL_S)
+                await app.state.changes.wait(since, SSE_POLL_S)
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -449,6 +474,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
         image, options, name = await read_submission(request)
         job_id = submit(image, options, name)
         while True:
+            since = app.state.changes.event
             snap = manager.snapshot(job_id)
             if snap is None:
                 raise ApiError(404, f"job {job_id} was deleted while running")
@@ -457,7 +483,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             if await request.is_disconnected():
                 manager.cancel(job_id, "the client disconnected")
                 return Response(status_code=499)
-            await asyncio.sleep(SSE_POLL_S)
+            await app.state.changes.wait(since, SSE_POLL_S)
         if snap["state"] == "failed":
             status = 422 if snap.get("error_kind") == "options" else 500
             raise ApiError(status, snap["error"] or "failed")
