@@ -58,8 +58,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.api_key is not None and not args.api_key:
         raise UsageError("--api-key must not be empty")
 
-    from .jobs import QueueSettings
-    from .server import ServerSettings, serve
+    try:
+        from .jobs import QueueSettings
+        from .server import ServerSettings, serve
+    except ImportError as e:
+        print(f"sdx4: error: sdx4 serve needs FastAPI and uvicorn ({e}); install them with: pip install 'sdx4[server]'", file=sys.stderr)
+        return EXIT_FAILURE
 
     try:
         settings = ServerSettings(
