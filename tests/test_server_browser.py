@@ -7,6 +7,7 @@ copy the screenshot to docs/web-page.png (the README's picture).
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from server_helpers import TIMEOUT, Gate, live_server, load_tiny, png_metadata
+from server_helpers import TIMEOUT, Gate, live_server, load_tiny, png_bytes, png_metadata, wait_until
 
 from sdx4.jobs import QueueSettings
 from sdx4.server import ServerSettings, create_app
@@ -68,14 +69,42 @@ def test_page_upload_progress_result_download(browser, upscaler, tmp_path):
         page.click("#run")
         sync_api.expect(page.locator("#error")).to_contain_text("notes.png: not a supported image")
 
+        # Drag and drop a file onto the drop zone.
+        page.evaluate(
+            """async (b64) => {
+                const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+                const dt = new DataTransfer();
+                dt.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+                document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+            }""",
+            base64.b64encode(png_bytes((10, 6))).decode(),
+        )
+        sync_api.expect(page.locator("#file-info")).to_contain_text("dropped.png · 10×6 → 40×24")
+        sync_api.expect(page.locator("#error")).to_be_hidden()
+
+        # Cancel a running job from the page: the job stops and the page says so.
+        page.fill("#steps", "4")
+        page.click("#run")
+        assert gate.paused.wait(TIMEOUT)
+        sync_api.expect(page.locator("#status")).to_have_text("step 1 of 4")
+        sync_api.expect(page.locator("#cancel")).to_be_visible()
+        page.click("#cancel")
+        sync_api.expect(page.locator("#status")).to_have_text("cancelling…")
+        gate.release.set()
+        sync_api.expect(page.locator("#error")).to_have_text("cancelled: cancelled by request")
+        sync_api.expect(page.locator("#cancel")).to_be_hidden()
+        wait_until(lambda: app.state.manager.status()["jobs"]["done"] == 1, what="the page's bicubic job")  # the 'before' image
+        assert app.state.manager.status()["jobs"]["cancelled"] == 1
+        gate.paused.clear()
+        gate.release.clear()
+
         # The real thing.
         page.set_input_files("#file", str(CAT))
         sync_api.expect(page.locator("#file-info")).to_contain_text("cat.png · 64×64 → 256×256")
-        sync_api.expect(page.locator("#error")).to_be_hidden()
         page.fill("#prompt", "a photo of a cat")
-        page.fill("#steps", "4")
         page.fill("#seed", "42")
         page.click("#run")
+        sync_api.expect(page.locator("#error")).to_be_hidden()
         assert gate.paused.wait(TIMEOUT)
         sync_api.expect(page.locator("#status")).to_have_text("step 1 of 4")
         assert page.eval_on_selector("#progress", "p => p.value") == 0.25
@@ -107,8 +136,8 @@ def test_page_upload_progress_result_download(browser, upscaler, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
         if os.environ.get("SDX4_UPDATE_SCREENSHOT") == "1":
-            with Image.open(shot) as im:  # 256 colours: a third of the bytes, same look
-                im.convert("RGB").quantize(256).save(ROOT / "docs" / "web-page.png", optimize=True)
+            with Image.open(shot) as im:
+                im.convert("RGB").save(ROOT / "docs" / "web-page.png", optimize=True)
         # the only console error: the refused upload above (browsers log every failed fetch)
         assert [e for e in console_errors if "status of 415" not in e] == []
         page.close()
