@@ -314,6 +314,8 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             for key, value in form.multi_items():
                 if key == "image":
                     continue
+                if key not in OPTION_NAMES:
+                    raise ApiError(422, f"unknown field {_short(key)!r}; allowed: image, {', '.join(OPTION_NAMES)}", key)
                 if not isinstance(value, str):
                     raise ApiError(422, f"{key}: expected a text field, got a file", key)
                 if key in fields:
