@@ -61,7 +61,7 @@ def test_twenty_clients_every_job_completes_exactly_once(upscaler, tmp_path):
                         if s["state"] in ("done", "failed", "cancelled"):
                             break
                         assert time.monotonic() < deadline, f"job {job_id} still {s['state']} at the deadline"
-                        time.sleep(0.05)
+                        time.sleep(0.2)
                     assert s["state"] == "done", s
                     png = http.get(f"/v1/jobs/{job_id}/result").content
                     results[i] = {"id": job_id, "meta": png_metadata(png), "size": size}
