@@ -29,7 +29,7 @@ def build_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cached_random_model("tiny", cache_dir=tmp_path_factory.getbasetemp() / "models", seed=0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(path: str) -> Any:
     import sdx4
 
