@@ -358,6 +358,16 @@ def test_results_bounded_by_count(upscaler, tmp_path):
         assert sorted(p.name for p in (tmp_path / "results").iterdir()) == sorted(f"{i}.png" for i in ids[1:])
 
 
+def test_results_bounded_by_bytes(upscaler, tmp_path):
+    with client_for(upscaler, tmp_path, max_result_bytes=1) as c:  # every result is over: only the newest stays
+        a = post_job(c, {"method": "nearest"}, path="/v1/upscale").headers["x-sdx4-job-id"]
+        assert c.get(f"/v1/jobs/{a}/result").status_code == 200  # the newest is always kept
+        b = post_job(c, {"method": "nearest"}, path="/v1/upscale").headers["x-sdx4-job-id"]
+        assert c.get(f"/v1/jobs/{a}").status_code == 404
+        assert [p.name for p in (tmp_path / "results").iterdir()] == [f"{b}.png"]
+        assert c.get("/v1/info").json()["queue"]["result_bytes"] == (tmp_path / "results" / f"{b}.png").stat().st_size
+
+
 def test_results_expire_after_ttl(upscaler, tmp_path):
     import time
 

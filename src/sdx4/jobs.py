@@ -277,7 +277,7 @@ class JobManager:
             self._run(job)
             with self._cond:
                 self._running = None
-                self._evict(time.time(), keep=job)
+                self._evict(time.time())
                 self._cond.notify_all()
 
     def _run(self, job: Job) -> None:
@@ -365,8 +365,9 @@ class JobManager:
         self._delete_files(job)
         self._jobs.pop(job.id, None)
 
-    def _evict(self, now: float, keep: Job | None = None) -> None:
-        """Forget finished jobs past the TTL, then the oldest beyond the count and byte bounds."""
+    def _evict(self, now: float) -> None:
+        """Forget finished jobs past the TTL, then the oldest beyond the count and byte bounds; the
+        newest finished job is kept whatever its size (its client is about to fetch it)."""
         s = self.settings
         finished = sorted((j for j in self._jobs.values() if j.state in FINISHED), key=lambda j: j.finished or 0.0)
         for job in finished:
@@ -374,12 +375,7 @@ class JobManager:
                 self._forget(job)
         finished = [j for j in finished if j.id in self._jobs]
         total = sum(j.nbytes for j in finished)
-        while finished and (len(finished) > s.max_results or total > s.max_result_bytes):
+        while len(finished) > 1 and (len(finished) > s.max_results or total > s.max_result_bytes):
             oldest = finished.pop(0)
-            if oldest is keep:  # never evict the result that was just written
-                finished.append(oldest)
-                if len(finished) == 1:
-                    break
-                continue
             total -= oldest.nbytes
             self._forget(oldest)

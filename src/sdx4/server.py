@@ -18,6 +18,7 @@ image header BEFORE decoding, options), decode in a thread pool, and queue. Erro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -239,6 +240,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
     max_noise_level = int(model_info.get("max_noise_level", 350))
     manager = JobManager(upscaler, settings.queue)
 
+    @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.loop = asyncio.get_running_loop()
         app.state.changes = Changes(app.state.loop)
