@@ -141,3 +141,25 @@ def test_page_upload_progress_result_download(browser, upscaler, tmp_path):
         # the only console error: the refused upload above (browsers log every failed fetch)
         assert [e for e in console_errors if "status of 415" not in e] == []
         page.close()
+
+
+def test_page_asks_for_the_api_key(browser, upscaler, tmp_path):
+    app = create_app(upscaler, ServerSettings(api_key="k3y", queue=QueueSettings(results_dir=str(tmp_path / "results"))))
+    with live_server(app) as base:
+        page = browser.new_page()
+        sync_api.expect.set_options(timeout=TIMEOUT * 1000)
+        page.goto(base + "/")
+        sync_api.expect(page.locator("#error")).to_have_text("This server needs an API key: enter it above.")
+        sync_api.expect(page.locator("#key-box")).to_be_visible()
+        assert page.is_disabled("#run")
+        page.fill("#api-key", "k3y")
+        page.click("#key-save")
+        sync_api.expect(page.locator("#model-info")).to_contain_text("on cpu (fp32)")
+        sync_api.expect(page.locator("#key-box")).to_be_hidden()
+        sync_api.expect(page.locator("#error")).to_be_hidden()
+        page.set_input_files("#file", str(CAT))
+        page.select_option("#method", "lanczos")
+        page.click("#run")
+        sync_api.expect(page.locator("#result-info")).to_contain_text("256×256")
+        sync_api.expect(page.locator("#after-tag")).to_have_text("lanczos")
+        page.close()
