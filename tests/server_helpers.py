@@ -3,7 +3,6 @@ and a real uvicorn server on a loopback port in a thread. Imported by tests/test
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import socket
@@ -13,33 +12,11 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-import pytest
 from PIL import Image
 
 TIMEOUT = 60.0  # seconds any single wait in these tests may take before failing
-
-
-def build_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny random-weight model in diffusers layout, built once per test session."""
-    from sdx4.random_model import cached_random_model
-
-    return cached_random_model("tiny", cache_dir=tmp_path_factory.getbasetemp() / "models", seed=0)
-
-
-@functools.cache
-def _load(path: str) -> Any:
-    import sdx4
-
-    return sdx4.load(path, device="cpu", dtype="fp32")
-
-
-def load_tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The tiny model loaded through the real loading code (CPU, fp32), once per session: the server
-    tests never run two apps' workers at the same time, so they can share it."""
-    return _load(str(build_tiny_model(tmp_path_factory)))
 
 
 class Gate:

@@ -12,15 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_helpers import TIMEOUT, build_tiny_model, free_port, png_bytes, wait_until
+from server_helpers import TIMEOUT, free_port, png_bytes, wait_until
 
 from sdx4.cli import build_parser, main
 
 STARTUP_TIMEOUT = 180.0  # python + torch import + model load on a busy 2-core machine
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory)
 
 
 def _sse_events(base: str, job_id: str, sink: list) -> None:

@@ -15,7 +15,6 @@ from server_helpers import (
     Gate,
     bomb_png,
     image_bytes,
-    load_tiny,
     png_bytes,
     png_metadata,
     wait_until,
@@ -27,8 +26,8 @@ from sdx4.server import ApiError, ServerSettings, create_app, parse_options, saf
 FAST = {"steps": "2", "seed": "7"}
 
 @pytest.fixture(scope="module")
-def upscaler(tmp_path_factory):
-    return load_tiny(tmp_path_factory)
+def upscaler(tiny_upscaler):  # conftest.py: the tiny random model, loaded once per session
+    return tiny_upscaler
 
 
 @contextmanager
@@ -64,7 +63,7 @@ def client(upscaler, tmp_path_factory):
 
 
 def test_sync_upscale_returns_png_4x_with_metadata(client):
-    r = post_job(client, {"steps": "2", "seed": "123", "prompt": "a cat", "guidance": "1.5"}, path="/v1/upscale")
+    r = post_job(client, {"steps": "2", "seed": "123", "prompt": "a cat", "guidance": "1.5", "scheduler": "unipc"}, path="/v1/upscale")
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/png"
     assert r.headers["content-disposition"] == 'attachment; filename="cat_x4.png"'
@@ -73,6 +72,7 @@ def test_sync_upscale_returns_png_4x_with_metadata(client):
         assert im.size == (96, 64) and im.mode == "RGB"
     meta = png_metadata(r.content)
     assert meta["seed"] == 123 and meta["steps"] == 2 and meta["prompt"] == "a cat" and meta["guidance"] == 1.5
+    assert meta["scheduler"] == "unipc"  # every UpscaleOptions field is a form field of the same name
     assert meta["input_size"] == [24, 16] and meta["output_size"] == [96, 64]
     assert meta["input"] == "cat.png" and meta["job_id"] == r.headers["x-sdx4-job-id"]
     assert meta["random_weights"] is True
@@ -148,6 +148,8 @@ def test_info_health_page_openapi(client):
             "/v1/info", "/health"} <= set(spec["paths"])
     form = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form["properties"]["steps"] == {"type": "integer", "default": 75}
+    assert set(form["properties"]) == {"image"} | set(info["defaults"])
+    assert form["properties"]["scheduler"]["enum"] == info["choices"]["scheduler"]
     assert form["required"] == ["image"]
 
 
@@ -167,6 +169,7 @@ def test_info_health_page_openapi(client):
         ({"eta": "2"}, 422, "eta", "eta must be in 0..1; got 2"),
         ({"num_images": "17"}, 422, "num_images", "num_images must be in 1..16"),
         ({"method": "magic"}, 422, "method", "method must be one of sd, nearest"),
+        ({"scheduler": "plms"}, 422, "scheduler", "scheduler must be one of ddim, dpmpp-2m"),
         ({"prompt": "x" * 2001}, 422, "prompt", "prompt is 2001 characters; the limit is 2000"),
         ({"stepz": "2"}, 422, "stepz", "unknown field 'stepz'"),
     ],

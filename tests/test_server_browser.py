@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from server_helpers import TIMEOUT, Gate, live_server, load_tiny, png_bytes, png_metadata, wait_until
+from server_helpers import TIMEOUT, Gate, live_server, png_bytes, png_metadata, wait_until
 
 from sdx4.jobs import QueueSettings
 from sdx4.server import ServerSettings, create_app
@@ -32,8 +32,8 @@ if not Path(CHROMIUM).exists():
     pytest.skip(f"no chromium at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)
 
 @pytest.fixture(scope="module")
-def upscaler(tmp_path_factory):
-    return load_tiny(tmp_path_factory)
+def upscaler(tiny_upscaler):  # conftest.py: the tiny random model, loaded once per session
+    return tiny_upscaler
 
 
 @pytest.fixture()

@@ -10,7 +10,6 @@ import pytest
 from server_helpers import (
     TIMEOUT,
     live_server,
-    load_tiny,
     png_bytes,
     png_metadata,
 )
@@ -22,8 +21,8 @@ CLIENTS = 20
 
 
 @pytest.fixture(scope="module")
-def upscaler(tmp_path_factory):
-    return load_tiny(tmp_path_factory)
+def upscaler(tiny_upscaler):  # conftest.py: the tiny random model, loaded once per session
+    return tiny_upscaler
 
 
 def test_twenty_clients_every_job_completes_exactly_once(upscaler, tmp_path):

@@ -81,8 +81,15 @@ def upscale(image: Any, options: UpscaleOptions | None = None, **overrides: Any)
 class Upscaler:
     """Holds the loaded model; call it with an image and options. One image per call."""
 
-    def __init__(self, components: Any) -> None:
+    def __init__(self, components: Any, low_memory: bool = False) -> None:
+        from .pipeline import PromptCache
+
         self.components = components
+        self.low_memory = low_memory
+        # Prompt embeddings are cached per prompt: a batch with one prompt encodes it once.
+        self.prompt_cache = PromptCache(components, low_memory=low_memory)
+        if low_memory:
+            components.text_encoder = None  # loaded when a prompt first needs it, dropped after
 
     @property
     def info(self) -> dict[str, Any]:
@@ -92,6 +99,7 @@ class Upscaler:
             "random_weights": c.random_weights,
             "max_noise_level": c.max_noise_level,
             **c.placement.describe(),
+            "low_memory": self.low_memory,
             "sdx4_version": __version__,
         }
 
@@ -126,7 +134,9 @@ class Upscaler:
         pixels = torch.from_numpy(np.array(loaded.rgb, dtype=np.uint8))  # H,W,3
         generator = torch.Generator("cpu").manual_seed(opts.seed)
         timings: dict[str, float] = {}
-        out = upscale_tensor(self.components, to_model_range(pixels), opts, generator, progress, timings)
+        out = upscale_tensor(
+            self.components, to_model_range(pixels), opts, generator, progress, timings, encode=self.prompt_cache
+        )
         rgb = [Image.fromarray(a.numpy(), "RGB") for a in to_uint8(out)]
         alpha = None
         if loaded.alpha is not None:
@@ -142,7 +152,7 @@ class Upscaler:
             noise_level=opts.noise_level,
             eta=opts.eta,
             num_images=opts.num_images,
-            scheduler=type(self.components.scheduler).__name__,
+            scheduler=opts.scheduler,
             **self.info,
         )
         if loaded.alpha is not None:
@@ -152,8 +162,22 @@ class Upscaler:
         return UpscaleResult(images=images, metadata=meta)
 
 
-def load(model: str | None = None, device: str = "auto", dtype: str = "auto") -> Upscaler:
-    """Load the x4 upscaler from a Hub id (default: the published model) or a local diffusers folder."""
+def load(
+    model: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    *,
+    vae_dtype: str = "fp32",
+    low_memory: bool = False,
+    compile: bool = False,
+) -> Upscaler:
+    """Load the x4 upscaler from a Hub id (default: the published model) or a local diffusers folder.
+
+    device: auto | cpu | cuda | cuda:N | mps.  dtype (UNet and text encoder): auto | fp32 | fp16 | bf16;
+    auto = fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.  vae_dtype: fp32 (default) | bf16.
+    low_memory: drop the text encoder between prompts.  compile: torch.compile the UNet (opt-in).
+    """
     from .models import DEFAULT_MODEL, load_components
 
-    return Upscaler(load_components(model or DEFAULT_MODEL, device=device, dtype=dtype))
+    components = load_components(model or DEFAULT_MODEL, device=device, dtype=dtype, vae_dtype=vae_dtype, compile=compile)
+    return Upscaler(components, low_memory=low_memory)

@@ -15,7 +15,7 @@ from typing import Any
 
 from ._version import __version__
 from .imageio import OUTPUT_SUFFIXES, ImageInputError, check_output_path, open_image, save_image
-from .options import METHODS, OptionsError, UpscaleOptions, option_defaults
+from .options import METHODS, SCHEDULERS, OptionsError, UpscaleOptions, option_defaults
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEFAULT_MODEL = "stabilityai/stable-diffusion-x4-upscaler"  # == models.DEFAULT_MODEL (no torch import here)
@@ -23,6 +23,19 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-x4-upscaler"  # == models.DEFAULT_
 
 class UsageError(Exception):
     """Bad usage or bad input: reported as `sdx4: error: ...` with exit code 2."""
+
+
+def add_sd_option_args(p: argparse.ArgumentParser | Any) -> None:
+    """The diffusion options (prompt ... scheduler), defaults read from UpscaleOptions."""
+    d = option_defaults()
+    p.add_argument("--prompt", default=d["prompt"], help="text describing the image")
+    p.add_argument("--negative-prompt", default=d["negative_prompt"], help="text describing what to avoid")
+    p.add_argument("--steps", type=int, default=d["steps"], help="denoising steps")
+    p.add_argument("--guidance", type=float, default=d["guidance"], help="guidance scale (<= 1: no guidance, 2x faster)")
+    p.add_argument("--noise-level", type=int, default=d["noise_level"], help="noise added to the input, 0..350")
+    p.add_argument("--seed", type=int, default=d["seed"], help="random seed; None = draw one and report it")
+    p.add_argument("--eta", type=float, default=d["eta"], help="DDIM eta, 0..1")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=d["scheduler"], help="sampler (fewer steps: dpmpp-2m 20, unipc 15)")
 
 
 def _add_upscale_args(p: argparse.ArgumentParser) -> None:
@@ -34,25 +47,60 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
         metavar="FILE_OR_DIR",
         help="output file (one input) or folder; default: next to each input as NAME_x4.png",
     )
-    p.add_argument("--prompt", default=d["prompt"], help="text describing the image")
-    p.add_argument("--negative-prompt", default=d["negative_prompt"], help="text describing what to avoid")
-    p.add_argument("--steps", type=int, default=d["steps"], help="denoising steps")
-    p.add_argument("--guidance", type=float, default=d["guidance"], help="guidance scale (<= 1: no guidance, 2x faster)")
-    p.add_argument("--noise-level", type=int, default=d["noise_level"], help="noise added to the input, 0..350")
-    p.add_argument("--seed", type=int, default=d["seed"], help="random seed; None = draw one and report it")
-    p.add_argument("--eta", type=float, default=d["eta"], help="DDIM eta, 0..1")
+    add_sd_option_args(p)
     p.add_argument("--num-images", type=int, default=d["num_images"], help="images per input")
     p.add_argument("--method", choices=METHODS, default=d["method"], help="sd = diffusion; others are classical filters")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local folder in diffusers layout")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="UNet/text-encoder precision (VAE stays fp32)")
+    add_model_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no messages, errors only")
 
 
+def add_model_args(p: argparse.ArgumentParser | Any) -> None:
+    """--model/--device/--dtype/--vae-dtype/--low-memory/--compile: how the model is loaded."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local folder in diffusers layout")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        default="auto",
+        help="UNet/text-encoder precision; auto = fp16 on CUDA, bf16 on CPUs with native bf16, else fp32",
+    )
+    p.add_argument("--vae-dtype", choices=("fp32", "bf16"), default="fp32", help="VAE precision (fp16 gives NaN)")
+    p.add_argument("--low-memory", action="store_true", help="drop the text encoder between prompts (-1.4 GB)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call; see README)")
+
+
+def load_from_args(args: argparse.Namespace, say: Any = None) -> Any:
+    """sdx4.load() with the arguments of `add_model_args`; a bad --model/--device is a UsageError."""
+    from . import api
+    from .models import ModelPathError
+
+    _quiet_libraries()
+    t0 = time.perf_counter()
+    try:
+        upscaler = api.load(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            vae_dtype=args.vae_dtype,
+            low_memory=args.low_memory,
+            compile=args.compile,
+        )
+    except ModelPathError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:  # bad --device / --dtype for this machine
+        raise UsageError(str(e)) from None
+    if say is not None:
+        info = upscaler.info
+        say(f"loaded {info['model']} on {info['device']} ({info['unet_dtype']}) in {time.perf_counter() - t0:.1f} s")
+        if info["random_weights"]:
+            say("warning: this model has RANDOM WEIGHTS (made for tests/benchmarks); its output is noise")
+    return upscaler
+
+
 #: Modules that add a subcommand: each has `register(subparsers)` which adds a parser whose `func(args)`
 #: returns an exit code. They must not import torch at import time (`sdx4 --help` stays fast).
-COMMAND_MODULES: tuple[str, ...] = ("sdx4.serve_cli",)
+COMMAND_MODULES: tuple[str, ...] = ("sdx4.compare_cli", "sdx4.evaluate_cli", "sdx4.serve_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,19 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def options_from_args(args: argparse.Namespace) -> UpscaleOptions:
+def options_from_args(args: argparse.Namespace, **fixed: Any) -> UpscaleOptions:
+    """UpscaleOptions from the arguments of `add_sd_option_args` (+ num_images/method when present)."""
+    values = dict(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        noise_level=args.noise_level,
+        eta=args.eta,
+        seed=args.seed,
+        scheduler=args.scheduler,
+    )
+    for name in ("num_images", "method"):
+        if hasattr(args, name):
+            values[name] = getattr(args, name)
     try:
-        return UpscaleOptions(
-            prompt=args.prompt,
-            negative_prompt=args.negative_prompt,
-            steps=args.steps,
-            guidance=args.guidance,
-            noise_level=args.noise_level,
-            eta=args.eta,
-            seed=args.seed,
-            num_images=args.num_images,
-            method=args.method,
-        )
+        return UpscaleOptions(**{**values, **fixed})
     except OptionsError as e:
         raise UsageError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
 
@@ -156,24 +208,13 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
     upscaler = None
     if options.method == "sd":
-        from .api import load
-        from .models import ModelNotFoundError, ModelPathError
+        from .models import ModelNotFoundError
 
-        _quiet_libraries()
-        t0 = time.perf_counter()
         try:
-            upscaler = load(args.model, device=args.device, dtype=args.dtype)
-        except ModelPathError as e:
-            raise UsageError(str(e)) from None
+            upscaler = load_from_args(args, say)
         except ModelNotFoundError as e:
             print(f"sdx4: error: {e}", file=sys.stderr)
             return EXIT_FAILURE
-        except ValueError as e:  # bad --device / --dtype for this machine
-            raise UsageError(str(e)) from None
-        info = upscaler.info
-        say(f"loaded {args.model} on {info['device']} ({info['unet_dtype']}) in {time.perf_counter() - t0:.1f} s")
-        if info["random_weights"]:
-            say("warning: this model has RANDOM WEIGHTS (made for tests/benchmarks); its output is noise")
 
     for src, paths in zip(inputs, outputs):
         opts = options.with_seed()

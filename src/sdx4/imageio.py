@@ -225,6 +225,7 @@ def save_image(
         kwargs["lossless"] = True
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _default_file_mode())  # mkstemp makes 0600 files; outputs get the usual mode
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=fmt, **kwargs)
             f.flush()
@@ -237,6 +238,24 @@ def save_image(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _default_file_mode() -> int:
+    """0666 minus the process umask, as a plain open() would give.
+
+    Linux shows the umask in /proc without changing it (setting it, even briefly, would race with
+    other threads creating files, e.g. in the server); elsewhere read it by setting and restoring.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:

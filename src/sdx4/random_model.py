@@ -118,6 +118,7 @@ LOW_RES_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear"
 )
 MAX_NOISE_LEVEL = 350
+RANDOM_MARKER = "RANDOM_WEIGHTS.txt"  # == models.RANDOM_WEIGHTS_MARKER (models imports torch; this module does not)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -192,7 +193,7 @@ def build_random_model(path: str | Path, size: Size = "tiny", seed: int = 0) -> 
         "low_res_scheduler": ["diffusers", "DDPMScheduler"],
     }
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
-    (path / "RANDOM_WEIGHTS.txt").write_text(
+    (path / RANDOM_MARKER).write_text(
         f"RANDOM WEIGHTS ({size}, seed {seed}) made by sdx4.random_model for tests and benchmarks.\n"
         "Outputs of this model are noise. The real model: stabilityai/stable-diffusion-x4-upscaler.\n"
     )
@@ -200,20 +201,26 @@ def build_random_model(path: str | Path, size: Size = "tiny", seed: int = 0) -> 
 
 
 def cached_random_model(size: Size = "full", cache_dir: str | Path | None = None, seed: int = 0) -> Path:
-    """A random model built once and reused (full-size ones take ~4 GB and a minute to write)."""
+    """A random model built once and reused (full-size ones take ~3.6 GB and a minute to write).
+
+    Safe when several processes ask at once: one builds under a file lock, the others wait for it.
+    """
+    import fcntl
     import os
+    import shutil
 
     root = Path(cache_dir or os.environ.get("SDX4_CACHE", Path.home() / ".cache" / "sdx4"))
+    root.mkdir(parents=True, exist_ok=True)
     path = root / f"random-{size}-seed{seed}"
-    if (path / "RANDOM_WEIGHTS.txt").exists():
-        return path
-    tmp = path.with_name(path.name + ".partial")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    build_random_model(tmp, size, seed)
-    tmp.rename(path)
+    with open(root / f".random-{size}-seed{seed}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / RANDOM_MARKER).exists():
+            return path
+        tmp = path.with_name(path.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        build_random_model(tmp, size, seed)
+        tmp.rename(path)
     return path
 
 

@@ -8,7 +8,6 @@ import os
 import sys
 from typing import Any
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-x4-upscaler"  # == models.DEFAULT_MODEL (no torch import here)
 API_KEY_ENV = "SDX4_API_KEY"  # == server.API_KEY_ENV (no FastAPI import here)
 MIB = 1024 * 1024
 
@@ -24,9 +23,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
     p.add_argument("--port", type=int, default=7860, help="TCP port")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local folder in diffusers layout")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="UNet/text-encoder precision (VAE stays fp32)")
+    from .cli import add_model_args  # cli is fully imported by the time it registers subcommands
+
+    add_model_args(p)
     p.add_argument("--api-key", default=None, help=f"require this key (header 'Authorization: Bearer KEY' or 'X-API-Key'); default: ${API_KEY_ENV} if set, else none")
     p.add_argument("--max-queue", type=int, default=16, help="jobs waiting at most; more get 429 with Retry-After")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MiB (413 above)")
@@ -50,7 +49,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .cli import EXIT_FAILURE, EXIT_OK, UsageError, _quiet_libraries
+    from .cli import EXIT_FAILURE, EXIT_OK, UsageError
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535; got {args.port}")
@@ -87,24 +86,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and api_key is None:
         say(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it (see --api-key)")
 
-    from .api import load
-    from .models import ModelNotFoundError, ModelPathError
+    from .cli import load_from_args
 
-    _quiet_libraries()
     say(f"loading {args.model} ...")
-    try:
-        upscaler = load(args.model, device=args.device, dtype=args.dtype)
-    except ModelPathError as e:
-        raise UsageError(str(e)) from None
-    except ModelNotFoundError as e:
-        say(f"sdx4: error: {e}")
-        return EXIT_FAILURE
-    except ValueError as e:  # bad --device / --dtype for this machine
-        raise UsageError(str(e)) from None
-    info = upscaler.info
-    say(f"loaded on {info['device']} ({info['unet_dtype']}); open http://{args.host}:{args.port}/ (API docs at /docs)")
-    if info.get("random_weights"):
-        say("warning: this model has RANDOM WEIGHTS (made for tests/benchmarks); its output is noise")
+    upscaler = load_from_args(args, say)  # a bad --model/--device is a usage error (exit 2)
+    say(f"open http://{args.host}:{args.port}/ (API docs at /docs)")
     try:
         serve(upscaler, settings, host=args.host, port=args.port, log_level=args.log_level)
     except OSError as e:  # e.g. the port is taken

@@ -25,6 +25,8 @@ import logging
 import re
 import secrets
 import time
+import types
+import typing
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -46,10 +48,32 @@ log = logging.getLogger("sdx4.server")
 
 STATIC_DIR = Path(__file__).parent / "static"
 API_KEY_ENV = "SDX4_API_KEY"
-INT_OPTIONS = ("steps", "noise_level", "num_images", "seed")
-FLOAT_OPTIONS = ("guidance", "eta")
-STR_OPTIONS = ("prompt", "negative_prompt", "method")
-OPTION_NAMES = STR_OPTIONS + INT_OPTIONS + FLOAT_OPTIONS
+
+
+def _option_kinds() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """UpscaleOptions field -> ("integer" | "number" | "boolean" | "string", allowed strings for Literals).
+
+    Read from the dataclass itself, so an option added there is accepted here with the same name."""
+    kinds: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for name, hint in typing.get_type_hints(UpscaleOptions).items():
+        args = tuple(a for a in typing.get_args(hint) if a is not type(None))
+        base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+        if base is bool:
+            kinds[name] = ("boolean", ())
+        elif base is int:
+            kinds[name] = ("integer", ())
+        elif base is float:
+            kinds[name] = ("number", ())
+        elif typing.get_origin(base) is typing.Literal:
+            kinds[name] = ("string", tuple(str(a) for a in typing.get_args(base)))
+        else:
+            kinds[name] = ("string", ())
+    return kinds
+
+
+OPTION_KINDS = _option_kinds()
+OPTION_NAMES = tuple(OPTION_KINDS)
+NULLABLE_OPTIONS = tuple(k for k, v in option_defaults().items() if v is None)  # empty field -> None (seed)
 #: What the image part may declare as its type; the bytes themselves are checked by Pillow.
 IMAGE_PART_TYPES = ("image/", "application/octet-stream")
 #: Room for the option fields and multipart framing on top of the image bytes.
@@ -134,23 +158,28 @@ def parse_options(fields: dict[str, str], max_prompt_chars: int = 2000) -> Upsca
         raise ApiError(422, f"unknown field {unknown[0]!r}; allowed: image, {', '.join(OPTION_NAMES)}", unknown[0])
     values: dict[str, Any] = {}
     for name, raw in fields.items():
+        kind, choices = OPTION_KINDS[name]
         text = raw.strip()
-        if name in STR_OPTIONS:
+        if kind == "string":
             if len(raw) > max_prompt_chars:
                 raise ApiError(422, f"{name} is {len(raw)} characters; the limit is {max_prompt_chars}", name)
-            values[name] = raw if name != "method" else text
-        elif name == "seed" and text == "":
-            values[name] = None  # empty seed field: draw one
-        elif name in INT_OPTIONS:
+            values[name] = text if choices else raw  # free text is kept as typed
+        elif name in NULLABLE_OPTIONS and text == "":
+            values[name] = None  # e.g. an empty seed field: draw one
+        elif kind == "integer":
             try:
                 values[name] = int(text)
             except ValueError:
                 raise ApiError(422, f"{name} must be an integer; got {_short(raw)!r}", name) from None
-        else:
+        elif kind == "number":
             try:
                 values[name] = float(text)
             except ValueError:
                 raise ApiError(422, f"{name} must be a number; got {_short(raw)!r}", name) from None
+        else:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ApiError(422, f"{name} must be true or false; got {_short(raw)!r}", name)
+            values[name] = text.lower() in ("true", "1")
     try:
         return UpscaleOptions(**values)
     except OptionsError as e:
@@ -372,7 +401,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
                         "properties": {
                             "image": {"type": "string", "format": "binary", "description": "the picture (PNG, JPEG, WebP, ...)"},
                             **{
-                                k: {"type": _kind(k), "default": v, **({"enum": list(METHODS)} if k == "method" else {})}
+                                k: {"type": OPTION_KINDS[k][0], "default": v, **({"enum": list(OPTION_KINDS[k][1])} if OPTION_KINDS[k][1] else {})}
                                 for k, v in option_defaults().items()
                             },
                         },
@@ -504,6 +533,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             "model": model_info,
             "limits": settings.limits(),
             "methods": list(METHODS),
+            "choices": {k: list(v[1]) for k, v in OPTION_KINDS.items() if v[1]},
             "defaults": option_defaults(),
             "api_key_required": settings.api_key is not None,
             "queue": manager.status(),
@@ -529,10 +559,6 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
-
-
-def _kind(option: str) -> str:
-    return "integer" if option in INT_OPTIONS else "number" if option in FLOAT_OPTIONS else "string"
 
 
 def _sse(event: str, data: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { file: null, info: null, jobId: null, abort: null, urls: [] };
-const OPTION_FIELDS = ["prompt", "negative_prompt", "method", "steps", "guidance", "noise_level", "seed", "eta"];
+const OPTION_FIELDS = ["prompt", "negative_prompt", "method", "steps", "guidance", "noise_level", "seed", "eta", "scheduler"];
 
 function apiKey() { return sessionStorage.getItem("sdx4-api-key") || ""; }
 function headers() { const k = apiKey(); return k ? { "Authorization": "Bearer " + k } : {}; }
@@ -48,6 +48,12 @@ async function loadInfo() {
     const d = info.defaults;
     for (const name of ["steps", "guidance", "noise_level", "eta"]) { if ($(name).value === "") $(name).value = d[name]; }
     $("noise_level").max = m.max_noise_level ?? 350;
+    const schedulers = (info.choices || {}).scheduler || [];
+    const select = $("scheduler");
+    if (!select.options.length) {
+      for (const name of schedulers) select.add(new Option(name, name, name === d.scheduler, name === d.scheduler));
+    }
+    select.parentElement.hidden = !schedulers.length;  // an older server without the option
     $("key-box").hidden = !info.api_key_required || !!apiKey();
     showError("");
     updateRunButton();
@@ -90,6 +96,7 @@ function formData(method) {
   for (const name of OPTION_FIELDS) {
     let value = name === "method" ? method : $(name).value;
     if (name === "seed" && value === "") continue;  // no seed: the server draws one and reports it
+    if (name === "scheduler" && !value) continue;
     fd.append(name, value);
   }
   return fd;
@@ -225,7 +232,7 @@ function init() {
   $("slider").addEventListener("input", (e) => setSlider(Number(e.target.value)));
   $("method").addEventListener("change", () => {
     const sd = $("method").value === "sd";
-    for (const name of ["prompt", "negative_prompt", "steps", "guidance", "noise_level", "seed", "eta"]) $(name).disabled = !sd;
+    for (const name of ["prompt", "negative_prompt", "steps", "guidance", "noise_level", "seed", "eta", "scheduler"]) $(name).disabled = !sd;
   });
   $("key-save").addEventListener("click", () => { sessionStorage.setItem("sdx4-api-key", $("api-key").value.trim()); loadInfo(); });
   loadInfo();

@@ -1,0 +1,100 @@
+"""`sdx4 evaluate HR_DIR -o REPORT_DIR`: PSNR-Y / SSIM-Y / time per method over a folder of HR images.
+
+Exit codes: 0 all images evaluated; 2 bad usage, or some files could not be evaluated (corrupt, too
+small: they are listed in the report and on stderr, every other image is still evaluated and the
+report is written); 1 other failures. torch is imported only when 'sd' is among the methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .method_args import add_method_args, load_upscaler, methods_from_args, sd_options_from_args
+
+DEFAULT_METHODS = "bicubic,lanczos,sd"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="PSNR-Y/SSIM-Y and time per method over a folder of high-resolution images",
+        description=(
+            "For each HR image in HR_DIR: crop to a multiple of --scale, make the LR input with antialiased "
+            "bicubic (Pillow), upscale it with each method, and compute PSNR and SSIM on the Y channel with a "
+            "--scale pixel border crop, plus seconds per image. Writes results.csv, report.md and "
+            "quality_vs_time.png to REPORT_DIR. Exit code 2 if any file could not be evaluated (it is listed)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("hr_dir", metavar="HR_DIR", help="folder of high-resolution images (png, jpg, webp, bmp, tif)")
+    p.add_argument("-o", "--output", required=True, metavar="REPORT_DIR", help="folder for the report (created if missing)")
+    p.add_argument("--scale", type=int, default=4, help="upscaling factor, 2..8 (sd: 4 only); also the border crop")
+    add_method_args(p, DEFAULT_METHODS)
+    p.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib needed)")
+    p.add_argument("--no-perceptual", action="store_true", help="do not look for LPIPS")
+    p.add_argument("--overwrite", action="store_true", help="replace existing report files")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages, errors only")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .cli import EXIT_OK, EXIT_USAGE, UsageError
+    from .evaluate import (
+        MATPLOTLIB_MISSING,
+        REPORT_FILES,
+        evaluate_folder,
+        list_images,
+        matplotlib_available,
+        write_report,
+    )
+    from .imageio import ImageInputError
+    from .methods import SD_SCALE, MethodRunner
+
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+
+    # Check everything before any heavy work.
+    methods = methods_from_args(args)
+    if not 2 <= args.scale <= 8:
+        raise UsageError(f"--scale must be in 2..8; got {args.scale}")
+    if "sd" in methods and args.scale != SD_SCALE:
+        raise UsageError(f"--scale {args.scale}: method sd upscales by exactly {SD_SCALE}")
+    sd_options = sd_options_from_args(args) if "sd" in methods else None
+    hr_dir, out_dir = Path(args.hr_dir), Path(args.output)
+    if not hr_dir.is_dir():
+        raise UsageError(f"{hr_dir}: not a folder")
+    if not list_images(hr_dir):
+        raise UsageError(f"{hr_dir}: no images in this folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: exists and is not a folder")
+    existing = [out_dir / n for n in REPORT_FILES if (out_dir / n).exists()]
+    if existing and not args.overwrite:
+        raise UsageError(f"{existing[0]}: already exists (pass --overwrite to replace the report)")
+    if not args.no_plot and not matplotlib_available():
+        raise UsageError(MATPLOTLIB_MISSING)
+
+    upscaler = load_upscaler(args, quiet=args.quiet) if sd_options is not None else None
+    runner = MethodRunner(sd_options=sd_options, upscaler=upscaler)
+
+    def on_failure(f: object) -> None:
+        print(f"sdx4: error: {f.problem} (skipped; listed in the report)", file=sys.stderr)  # type: ignore[attr-defined]
+
+    try:
+        report = evaluate_folder(
+            hr_dir, methods, runner, args.scale, use_lpips=not args.no_perceptual, on_event=say, on_failure=on_failure
+        )
+    except ImageInputError as e:
+        raise UsageError(str(e)) from None
+    if sd_options is not None:
+        report.settings["sd_options"] = sd_options.to_dict()
+        report.settings["model"] = upscaler.info["model"]
+        report.settings["random_weights"] = upscaler.info["random_weights"]
+    written = write_report(report, out_dir, plot=not args.no_plot)
+    for m, v in report.means().items():
+        say(f"mean {m}: PSNR-Y {v['psnr_y']:.2f} dB, SSIM-Y {v['ssim_y']:.4f}, {v['seconds']:.4g} s/image")
+    say("wrote " + ", ".join(str(p) for p in written))
+    if report.failures:
+        print(f"sdx4: {len(report.failures)} file(s) could not be evaluated; see {out_dir / 'report.md'}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
