@@ -100,7 +100,7 @@ def load_from_args(args: argparse.Namespace, say: Any = None) -> Any:
 
 #: Modules that add a subcommand: each has `register(subparsers)` which adds a parser whose `func(args)`
 #: returns an exit code. They must not import torch at import time (`sdx4 --help` stays fast).
-COMMAND_MODULES: tuple[str, ...] = ("sdx4.compare_cli", "sdx4.evaluate_cli")
+COMMAND_MODULES: tuple[str, ...] = ("sdx4.compare_cli", "sdx4.evaluate_cli", "sdx4.serve_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
