@@ -159,8 +159,8 @@ def test_info_health_page_openapi(client):
 @pytest.mark.parametrize(
     "data, status, field, message",
     [
-        ({"steps": "0"}, 422, "steps", "steps must be in 1..1000; got 0"),
-        ({"steps": "99999999999999999999999"}, 422, "steps", "steps must be in 1..1000"),
+        ({"steps": "0"}, 422, "steps", "steps must be in 1..500; got 0"),
+        ({"steps": "99999999999999999999999"}, 422, "steps", "steps must be in 1..500"),
         ({"steps": "two"}, 422, "steps", "steps must be an integer; got 'two'"),
         ({"guidance": "1e309"}, 422, "guidance", "guidance must be a number in 0..100; got inf"),
         ({"guidance": "nan"}, 422, "guidance", "guidance must be a number in 0..100"),
