@@ -68,7 +68,7 @@ def test_random_seed_is_reported_and_reproduces(tiny_model_dir, img, tmp_path):
     "args, message",
     [
         (["--noise-level", "351"], "--noise-level: noise_level must be in 0..350; got 351"),
-        (["--steps", "0"], "--steps: steps must be in 1..1000; got 0"),
+        (["--steps", "0"], "--steps: steps must be in 1..500; got 0"),
         (["--guidance", "-2"], "--guidance: guidance must be in 0..100; got -2"),
     ],
 )

@@ -116,7 +116,7 @@ def test_build_grid_rejects_wrong_output_size() -> None:
         (["--methods", "bicubic,bicubic"], "listed twice"),
         (["--methods", "bicubic", "--crop", "0,0,99,8"], "--crop: crop 0,0,99,8 is not inside the 64x64 input"),
         (["--methods", "bicubic", "-o", "OUT.jpg"], "use a .png name"),
-        (["--methods", "sd", "--steps", "0"], "--steps: steps must be in 1..1000"),
+        (["--methods", "sd", "--steps", "0"], "--steps: steps must be in 1..500"),
     ],
 )
 def test_compare_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import sdx4
+from sdx4 import models
 from sdx4.models import (
     DEFAULT_MODEL,
     ModelConfigError,
@@ -182,3 +183,43 @@ def test_cuda_fp32_matches_cpu_fp32_closely(tiny_model_dir, tiny_upscaler):
     a = np.asarray(gpu(img, steps=2, seed=0).image, dtype=np.int16)
     b = np.asarray(tiny_upscaler(img, steps=2, seed=0).image, dtype=np.int16)
     assert np.abs(a - b).max() <= 2  # same CPU generator stream; only kernel rounding differs
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_streamed_weights_equal_from_pretrained(tiny_model_dir, dtype):
+    """weights.py reads tensor by tensor into the target dtype: bit-identical to from_pretrained."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch_dtype = models.DTYPES[dtype]
+    c = load_components(str(tiny_model_dir), device="cpu", dtype=dtype)
+    refs = {
+        "unet": (c.unet, UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet", torch_dtype=torch_dtype)),
+        "vae": (c.vae, AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae", torch_dtype=torch.float32)),
+        "text": (c.text_encoder, CLIPTextModel.from_pretrained(tiny_model_dir / "text_encoder", dtype=torch_dtype)),
+    }
+    for name, (ours, ref) in refs.items():
+        a, b = ours.state_dict(), ref.state_dict()
+        assert a.keys() == b.keys(), name
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{name}.{k}"
+
+
+def test_weights_that_do_not_fit_fall_back_to_from_pretrained(tmp_path, tiny_model_dir):
+    """A renamed key (as in legacy checkpoints that diffusers converts on load) is not streamed."""
+    from safetensors.torch import load_file, save_file
+
+    from sdx4.weights import WeightsMismatch, load_diffusers_model
+
+    model = copy_model(tiny_model_dir, tmp_path / "m")
+    path = model / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    state["renamed.weight"] = state.pop("conv_in.weight")
+    save_file(state, path)
+    from diffusers import UNet2DConditionModel
+
+    with pytest.raises(WeightsMismatch, match="keys differ: missing \\['conv_in.weight'\\]"):
+        load_diffusers_model(UNet2DConditionModel, model / "unet", torch.float32)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(WeightsMismatch, match="no single safetensors file"):
+        load_diffusers_model(UNet2DConditionModel, model / "unet", torch.float32)

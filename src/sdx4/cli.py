@@ -36,15 +36,9 @@ class UsageError(Exception):
     """Bad usage or bad input: reported as `sdx4: error: ...` with exit code 2."""
 
 
-def _add_upscale_args(p: argparse.ArgumentParser) -> None:
+def add_sd_option_args(p: argparse.ArgumentParser | Any) -> None:
+    """The diffusion options (prompt ... scheduler), defaults read from UpscaleOptions."""
     d = option_defaults()
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file(s) to upscale")
-    p.add_argument(
-        "-o",
-        "--output",
-        metavar="FILE_OR_DIR",
-        help="output file (one input) or folder; default: next to each input as NAME_x4.png",
-    )
     p.add_argument("--prompt", default=d["prompt"], help="text describing the image")
     p.add_argument("--negative-prompt", default=d["negative_prompt"], help="text describing what to avoid")
     p.add_argument("--steps", type=int, default=d["steps"], help="denoising steps")
@@ -52,9 +46,21 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-level", type=int, default=d["noise_level"], help="noise added to the input, 0..350")
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed; None = draw one and report it")
     p.add_argument("--eta", type=float, default=d["eta"], help="DDIM eta, 0..1")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=d["scheduler"], help="sampler (fewer steps: dpmpp-2m 20, unipc 15)")
+
+
+def _add_upscale_args(p: argparse.ArgumentParser) -> None:
+    d = option_defaults()
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file(s) to upscale, or one folder (batch run)")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE_OR_DIR",
+        help="output file (one input) or folder; default: next to each input as NAME_x4.png",
+    )
+    add_sd_option_args(p)
     p.add_argument("--num-images", type=int, default=d["num_images"], help="images per input")
     p.add_argument("--method", choices=METHODS, default=d["method"], help="sd = diffusion; others are classical filters")
-    p.add_argument("--scheduler", choices=SCHEDULERS, default=d["scheduler"], help="sampler (fewer steps: dpmpp-2m 20, unipc 15)")
     add_model_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no messages, errors only")
@@ -67,12 +73,7 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-blend", choices=TILE_BLENDS, default=d["tile_blend"], help="weights that merge overlapping tiles")
 
 
-#: Modules that add a subcommand: each has `register(subparsers)` which adds a parser whose `func(args)`
-#: returns an exit code. They must not import torch at import time (`sdx4 --help` stays fast).
-COMMAND_MODULES: tuple[str, ...] = ("sdx4.compare_cli", "sdx4.evaluate_cli")
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser | Any) -> None:
     """--model/--device/--dtype/--vae-dtype/--low-memory/--compile: how the model is loaded."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local folder in diffusers layout")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -87,18 +88,37 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call; see README)")
 
 
-def load_from_args(args: argparse.Namespace) -> Any:
-    """sdx4.load() with the model arguments of `add_model_args`."""
+def load_from_args(args: argparse.Namespace, say: Any = None) -> Any:
+    """sdx4.load() with the arguments of `add_model_args`; a bad --model/--device is a UsageError."""
     from . import api
+    from .models import ModelPathError
 
-    return api.load(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        vae_dtype=args.vae_dtype,
-        low_memory=args.low_memory,
-        compile=args.compile,
-    )
+    _quiet_libraries()
+    t0 = time.perf_counter()
+    try:
+        upscaler = api.load(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            vae_dtype=args.vae_dtype,
+            low_memory=args.low_memory,
+            compile=args.compile,
+        )
+    except ModelPathError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:  # bad --device / --dtype for this machine
+        raise UsageError(str(e)) from None
+    if say is not None:
+        info = upscaler.info
+        say(f"loaded {info['model']} on {info['device']} ({info['unet_dtype']}) in {time.perf_counter() - t0:.1f} s")
+        if info["random_weights"]:
+            say("warning: this model has RANDOM WEIGHTS (made for tests/benchmarks); its output is noise")
+    return upscaler
+
+
+#: Modules that add a subcommand: each has `register(subparsers)` which adds a parser whose `func(args)`
+#: returns an exit code. They must not import torch at import time (`sdx4 --help` stays fast).
+COMMAND_MODULES: tuple[str, ...] = ("sdx4.compare_cli", "sdx4.evaluate_cli", "sdx4.serve_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_upscale_args(up)
+    from .batch_cli import add_batch_args  # folder INPUTs: the batch runner (batch.py, batch_cli.py)
+
+    add_batch_args(up)
     up.set_defaults(func=cmd_upscale)
     import importlib
 
@@ -124,27 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def options_from_args(args: argparse.Namespace) -> UpscaleOptions:
+def options_from_args(args: argparse.Namespace, **fixed: Any) -> UpscaleOptions:
+    """UpscaleOptions from the arguments of `add_sd_option_args` (+ num_images/method when present)."""
+    values = dict(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        noise_level=args.noise_level,
+        eta=args.eta,
+        seed=args.seed,
+        scheduler=args.scheduler,
+    )
+    for name in ("num_images", "method", "scale", "color_fix", "tile_size", "tile_overlap", "tile_batch", "tile_blend"):
+        if hasattr(args, name):
+            values[name] = getattr(args, name)
     try:
-        return UpscaleOptions(
-            prompt=args.prompt,
-            negative_prompt=args.negative_prompt,
-            steps=args.steps,
-            guidance=args.guidance,
-            noise_level=args.noise_level,
-            eta=args.eta,
-            seed=args.seed,
-            num_images=args.num_images,
-            method=args.method,
-            scheduler=args.scheduler,
-            scale=args.scale,
-            color_fix=args.color_fix,
-            tile_size=args.tile_size,
-            tile_overlap=args.tile_overlap,
-            tile_batch=args.tile_batch,
-            tile_blend=args.tile_blend,
-            max_memory=None if args.max_memory is None else parse_size(args.max_memory),
-        )
+        if getattr(args, "max_memory", None) is not None:
+            values["max_memory"] = parse_size(args.max_memory)
+        return UpscaleOptions(**{**values, **fixed})
     except OptionsError as e:
         raise UsageError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
 
@@ -188,6 +209,10 @@ def _quiet_libraries() -> None:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
+    from .batch_cli import cmd_batch, is_batch
+
+    if is_batch(args):  # a folder INPUT: the batch runner takes over (manifest, resume, Ray)
+        return cmd_batch(args)
     options = options_from_args(args)
     inputs = [Path(p) for p in args.inputs]
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
@@ -210,23 +235,13 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
     upscaler = None
     if options.method == "sd":
-        from .models import ModelNotFoundError, ModelPathError
+        from .models import ModelNotFoundError
 
-        _quiet_libraries()
-        t0 = time.perf_counter()
         try:
-            upscaler = load_from_args(args)
-        except ModelPathError as e:
-            raise UsageError(str(e)) from None
+            upscaler = load_from_args(args, say)
         except ModelNotFoundError as e:
             print(f"sdx4: error: {e}", file=sys.stderr)
             return EXIT_FAILURE
-        except ValueError as e:  # bad --device / --dtype for this machine
-            raise UsageError(str(e)) from None
-        info = upscaler.info
-        say(f"loaded {args.model} on {info['device']} ({info['unet_dtype']}) in {time.perf_counter() - t0:.1f} s")
-        if info["random_weights"]:
-            say("warning: this model has RANDOM WEIGHTS (made for tests/benchmarks); its output is noise")
 
     if upscaler is not None:  # the memory budget must hold every input, checked before any heavy work
         from .memory import MemoryBudgetError

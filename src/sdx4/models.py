@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import socket
 import urllib.parse
@@ -204,8 +203,8 @@ def _hub_snapshot(repo_id: str) -> Path:
 
     cache = constants.HF_HUB_CACHE
     fix = (
-        f"Fix: connect this machine to the Hub once so the model is cached, or download it elsewhere and "
-        f"pass --model PATH to the local folder (diffusers layout)."
+        "Fix: connect this machine to the Hub once so the model is cached, or download it elsewhere and "
+        "pass --model PATH to the local folder (diffusers layout)."
     )
     # 1. The cache first: no network needed when the model is already there.
     try:
@@ -269,11 +268,28 @@ class Components:
 
 
 def _load_text_encoder(folder: Path, placement: Placement) -> Any:
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    # transformers 5 loads in the dtype written in the config unless told: always pass ours.
-    enc = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=placement.text_dtype)
+    from .weights import WeightsMismatch, load_transformers_model
+
+    try:
+        enc = load_transformers_model(CLIPTextModel, CLIPTextConfig, folder / "text_encoder", placement.text_dtype)
+    except WeightsMismatch as e:
+        log.debug("text encoder via from_pretrained: %s", e)
+        # transformers 5 loads in the dtype written in the config unless told: always pass ours.
+        enc = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=placement.text_dtype)
     return enc.to(placement.device).eval().requires_grad_(False)
+
+
+def _load_diffusers(cls: Any, folder: Path, subfolder: str, dtype: torch.dtype) -> Any:
+    """Streamed tensor by tensor into `dtype` (weights.py); from_pretrained where that does not fit."""
+    from .weights import WeightsMismatch, load_diffusers_model
+
+    try:
+        return load_diffusers_model(cls, folder / subfolder, dtype)
+    except WeightsMismatch as e:
+        log.debug("%s via from_pretrained: %s", subfolder, e)
+        return cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype)
 
 
 def load_components(
@@ -285,8 +301,8 @@ def load_components(
 ) -> Components:
     """Find, load, check and place every component of the x4 upscaler.
 
-    Weights are read straight into the target dtype (diffusers and transformers load tensor by tensor
-    from safetensors, so no full fp32 copy of a bf16/fp16 model is ever held).
+    Weights are read straight into the target dtype, one tensor at a time (weights.py): no fp32 copy
+    of a bf16/fp16 model is ever resident, not even as memory-mapped file pages.
     `compile=True` wraps the UNet with torch.compile (opt-in: see README for when it pays off).
     """
     placement = resolve_placement(device, dtype, vae_dtype)
@@ -300,8 +316,8 @@ def load_components(
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         check_tokenizer(tokenizer, folder / "tokenizer")
         text_encoder = _load_text_encoder(folder, placement)
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=placement.unet_dtype)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=placement.vae_dtype)
+        unet = _load_diffusers(UNet2DConditionModel, folder, "unet", placement.unet_dtype)
+        vae = _load_diffusers(AutoencoderKL, folder, "vae", placement.vae_dtype)
     scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
     low_res_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="low_res_scheduler")
 

@@ -23,8 +23,9 @@ CLASSICAL_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "sd")
 
 #: The low-res scheduler of the published model was trained with noise levels up to 350.
 MAX_NOISE_LEVEL = 350
-#: Generous upper bounds that catch typos (`--steps 7500`) before hours of work start.
-MAX_STEPS = 1000
+#: Generous upper bounds that catch typos (`--steps 7500`) before hours of work start. Steps stop at
+#: 500: with the model's 1000 training steps and steps_offset=1, DDIM's 1000 steps would index t=1000.
+MAX_STEPS = 500
 MAX_IMAGES_PER_PROMPT = 16
 #: Seeds are drawn from and must fit in 0 .. 2**63-1 (what torch.Generator.manual_seed accepts).
 MAX_SEED = 2**63 - 1

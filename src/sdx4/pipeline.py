@@ -249,6 +249,9 @@ def upscale_tensor(
             "latent_size": list(image.shape[-2:]),
             "pad_multiple": components.pad_multiple,
         }
+        if options.max_memory is None:
+            # The default budget follows the free memory of the moment: not part of the reproducible record.
+            report["tiling"]["memory_budget_gib"] = "auto"
         report["vae_decode"] = dataclasses.asdict(decode_report)
         report["color_fix"] = options.color_fix
     return out

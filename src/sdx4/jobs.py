@@ -1,0 +1,381 @@
+"""The job queue of the HTTP service: one worker thread owns the model; request handlers only queue.
+
+    submit() -> queued -> (worker) running, step i of n -> done | failed | cancelled
+                  \\-> cancel() while queued -> cancelled
+
+Everything here is plain threading (no asyncio, no FastAPI) so it can be tested alone. The upscaler is
+any object called as `upscaler(image, options, progress=fn)` returning an `UpscaleResult`; `fn(i, n)`
+is called after each denoising step and raises `JobCancelled` to stop the job at that step. Classical
+methods (`method=bicubic` ...) go through the same queue and worker: one queue, one order, one place
+where CPU/GPU work happens.
+
+Results are written atomically (`imageio.save_image`) into `results_dir` under random ids; finished
+jobs are forgotten (and their files deleted) after `result_ttl_s`, beyond `max_results` finished jobs,
+or beyond `max_result_bytes` of files, oldest first.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .imageio import LoadedImage, save_image
+from .options import UpscaleOptions
+
+log = logging.getLogger("sdx4.server")
+
+State = Literal["queued", "running", "done", "failed", "cancelled"]
+FINISHED: tuple[str, ...] = ("done", "failed", "cancelled")
+
+
+class JobCancelled(Exception):
+    """Raised from the progress callback to stop a running job at the next denoising step."""
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` jobs already; `retry_after` is a guess in seconds."""
+
+    def __init__(self, max_queue: int, retry_after: int) -> None:
+        super().__init__(f"the queue is full ({max_queue} jobs waiting); retry in about {retry_after} s")
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    """The service is stopping and takes no new jobs."""
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """Bounds of the queue and of the results kept on disk."""
+
+    max_queue: int = 16  # jobs waiting (the running one not counted)
+    result_ttl_s: float = 3600.0  # finished jobs (and their files) are forgotten after this
+    max_results: int = 100  # finished jobs remembered at most
+    max_result_bytes: int = 2 * 1024**3  # bytes of result files kept at most (oldest evicted first)
+    results_dir: str | None = None  # None: a fresh temporary folder, removed at shutdown
+
+    def __post_init__(self) -> None:
+        for name in ("max_queue", "max_results", "max_result_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if not self.result_ttl_s > 0:
+            raise ValueError(f"result_ttl_s must be > 0; got {self.result_ttl_s!r}")
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's work. Mutable; every field is read and written under JobManager's lock."""
+
+    id: str
+    options: UpscaleOptions
+    image: LoadedImage | None  # dropped once the job has run (memory)
+    input_name: str
+    input_size: tuple[int, int]
+    state: State = "queued"
+    step: int = 0
+    total: int = 0
+    error: str | None = None
+    error_kind: str | None = None  # "options" (the request's fault), "cancelled", "shutdown", "internal"
+    files: list[Path] = field(default_factory=list)
+    nbytes: int = 0
+    metadata: dict[str, Any] | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    version: int = 0  # bumped on every change: server-sent events send a message when it moves
+    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = "cancelled"
+
+
+class JobManager:
+    """A bounded FIFO queue in front of one worker thread that owns the upscaler."""
+
+    def __init__(self, upscaler: Any, settings: QueueSettings | None = None) -> None:
+        self.upscaler = upscaler
+        self.settings = settings or QueueSettings()
+        if self.settings.results_dir is None:
+            self.results_dir = Path(tempfile.mkdtemp(prefix="sdx4-results-"))
+            self._own_dir = True
+        else:
+            self.results_dir = Path(self.settings.results_dir)
+            self.results_dir.mkdir(parents=True, exist_ok=True)
+            self._own_dir = False
+        self._cond = threading.Condition()
+        self._jobs: dict[str, Job] = {}
+        self._queue: collections.deque[Job] = collections.deque()
+        self._running: Job | None = None
+        self._stopping = False
+        self._durations: collections.deque[float] = collections.deque(maxlen=20)
+        self.counters = {"submitted": 0, "started": 0, "done": 0, "failed": 0, "cancelled": 0}
+        self._thread = threading.Thread(target=self._work, name="sdx4-worker", daemon=True)
+        #: Called (under the lock, from any thread; must not block) whenever any job changes: the
+        #: server uses it to wake its waiting requests and event streams instead of polling fast.
+        self.on_change: Callable[[], None] | None = None
+
+    # ---- called from request handlers --------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def submit(self, image: LoadedImage, options: UpscaleOptions, input_name: str = "image") -> Job:
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down and takes no new jobs")
+            if len(self._queue) >= self.settings.max_queue:
+                raise QueueFull(self.settings.max_queue, self._retry_after())
+            job = Job(
+                id=uuid.uuid4().hex,
+                options=options.with_seed() if options.method == "sd" else options,
+                image=image,
+                input_name=input_name,
+                input_size=image.size,
+            )
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self.counters["submitted"] += 1
+            self._bump(job)
+            self._cond.notify_all()
+            return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._cond:
+            return self._jobs.get(job_id)
+
+    def snapshot(self, job_id: str) -> dict[str, Any] | None:
+        """The job's public state as plain data (a copy: safe to serialise outside the lock)."""
+        with self._cond:
+            self._evict(time.time())
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            position = self._queue.index(job) if job.state == "queued" else None
+            return {
+                "id": job.id,
+                "state": job.state,
+                "step": job.step,
+                "total": job.total,
+                "progress": round(job.step / job.total, 4) if job.total else (1.0 if job.state == "done" else 0.0),
+                "queue_position": position,  # jobs ahead of this one (0 = next); None unless queued
+                "cancel_requested": job.cancel.is_set() and job.state == "running",
+                "error": job.error,
+                "error_kind": job.error_kind,
+                "input_name": job.input_name,
+                "input_size": list(job.input_size),
+                "output_size": [4 * job.input_size[0], 4 * job.input_size[1]],
+                "num_images": len(job.files) if job.state == "done" else job.options.num_images,
+                "options": job.options.to_dict(),
+                "created": job.created,
+                "started": job.started,
+                "finished": job.finished,
+                "metadata": job.metadata,
+                "version": job.version,
+            }
+
+    def version(self, job_id: str) -> int | None:
+        with self._cond:
+            job = self._jobs.get(job_id)
+            return None if job is None else job.version
+
+    def result_file(self, job_id: str, index: int) -> Path | None:
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.state != "done" or not 0 <= index < len(job.files):
+                return None
+            return job.files[index]
+
+    def cancel(self, job_id: str, reason: str = "cancelled by request") -> str | None:
+        """Cancel a queued job now, a running one at its next step; forget a finished one.
+
+        Returns what happened ("cancelled", "cancelling", "deleted") or None for an unknown id.
+        """
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            if job.state == "queued":
+                self._queue.remove(job)
+                self._finish(job, "cancelled", reason, "cancelled")
+                return "cancelled"
+            if job.state == "running":
+                job.cancel_reason = reason
+                job.cancel.set()
+                self._bump(job)
+                return "cancelling"
+            self._forget(job)
+            return "deleted"
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            self._evict(time.time())
+            return {
+                "queued": len(self._queue),
+                "max_queue": self.settings.max_queue,
+                "running": self._running.id if self._running else None,
+                "jobs": dict(self.counters),
+                "results_kept": sum(1 for j in self._jobs.values() if j.state in FINISHED),
+                "result_bytes": sum(j.nbytes for j in self._jobs.values()),
+                "stopping": self._stopping,
+            }
+
+    def begin_shutdown(self) -> None:
+        """Take no new jobs, cancel the queued ones, stop the running one at its next step."""
+        with self._cond:
+            if self._stopping:
+                return
+            self._stopping = True
+            log.info("shutting down: %d queued job(s) cancelled", len(self._queue))
+            while self._queue:
+                self._finish(self._queue.popleft(), "cancelled", "the server is shutting down", "shutdown")
+            if self._running is not None:
+                self._running.cancel_reason = "the server is shutting down"
+                self._running.cancel.set()
+            self._cond.notify_all()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the worker (waiting up to `timeout` s for the current step) and delete every result file."""
+        self.begin_shutdown()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        with self._cond:
+            for job in list(self._jobs.values()):
+                self._delete_files(job)
+            self._jobs.clear()
+        if self._own_dir:
+            shutil.rmtree(self.results_dir, ignore_errors=True)
+
+    # ---- the worker ----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait(timeout=10.0)
+                    self._evict(time.time())
+                if self._stopping:
+                    return
+                job = self._queue.popleft()
+                self._running = job
+                job.state, job.started = "running", time.time()
+                job.total = job.options.steps if job.options.method == "sd" else 1
+                self._bump(job)
+                self.counters["started"] += 1
+                self._cond.notify_all()
+            self._run(job)
+            with self._cond:
+                self._running = None
+                self._evict(time.time())
+                self._cond.notify_all()
+
+    def _run(self, job: Job) -> None:
+        def progress(i: int, n: int) -> None:
+            with self._cond:
+                job.step, job.total = i, n
+                self._bump(job)
+            if job.cancel.is_set():
+                raise JobCancelled(job.cancel_reason)
+
+        t0 = time.perf_counter()
+        try:
+            if job.cancel.is_set():
+                raise JobCancelled(job.cancel_reason)
+            assert job.image is not None
+            result = self.upscaler(job.image, job.options, progress=progress)
+            if job.cancel.is_set():  # cancelled during decoding: honour it, write nothing
+                raise JobCancelled(job.cancel_reason)
+            meta = {**result.metadata, "input": job.input_name, "job_id": job.id}
+            files: list[Path] = []
+            try:
+                for i, image in enumerate(result.images):
+                    name = f"{job.id}.png" if len(result.images) == 1 else f"{job.id}_{i + 1}.png"
+                    files.append(save_image(image, self.results_dir / name, meta))
+            except BaseException:
+                for f in files:
+                    f.unlink(missing_ok=True)
+                raise
+        except JobCancelled as e:
+            kind = "shutdown" if self._stopping else "cancelled"
+            with self._cond:
+                self._finish(job, "cancelled", str(e), kind)
+            log.info("job %s cancelled at step %d/%d: %s", job.id, job.step, job.total, e)
+            return
+        except (ValueError, MemoryError) as e:
+            # Bad options for this model (ValueError) or an input too large for this machine: the job
+            # fails with the reason; the worker and the server keep going.
+            with self._cond:
+                self._finish(job, "failed", f"{type(e).__name__}: {e}", "options" if isinstance(e, ValueError) else "internal")
+            log.warning("job %s failed: %s", job.id, e)
+            return
+        except Exception as e:  # noqa: BLE001 - one job's failure must not stop the worker; logged in full
+            log.exception("job %s failed", job.id)
+            with self._cond:
+                self._finish(job, "failed", f"internal error: {type(e).__name__}: {e}", "internal")
+            return
+        seconds = time.perf_counter() - t0
+        with self._cond:
+            self._durations.append(seconds)
+            job.files = files
+            job.nbytes = sum(f.stat().st_size for f in files)
+            job.metadata = meta
+            job.step = job.total
+            self._finish(job, "done", None, None)
+        log.info("job %s done in %.2f s", job.id, seconds)
+
+    # ---- helpers (caller holds the lock) ---------------------------------------------------------
+
+    def _finish(self, job: Job, state: State, error: str | None, kind: str | None) -> None:
+        job.state, job.error, job.error_kind = state, error, kind
+        job.finished = time.time()
+        job.image = None
+        self._bump(job)
+        self.counters[state] += 1
+        self._cond.notify_all()
+
+    def _bump(self, job: Job) -> None:
+        job.version += 1
+        if self.on_change is not None:
+            self.on_change()
+
+    def _retry_after(self) -> int:
+        per_job = sum(self._durations) / len(self._durations) if self._durations else 5.0
+        return max(1, min(3600, round(per_job * (len(self._queue) + 1) / 2)))
+
+    def _delete_files(self, job: Job) -> None:
+        for f in job.files:
+            try:
+                f.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("could not delete %s: %s", f, e)
+        job.files, job.nbytes = [], 0
+
+    def _forget(self, job: Job) -> None:
+        self._delete_files(job)
+        self._jobs.pop(job.id, None)
+
+    def _evict(self, now: float) -> None:
+        """Forget finished jobs past the TTL, then the oldest beyond the count and byte bounds; the
+        newest finished job is kept whatever its size (its client is about to fetch it)."""
+        s = self.settings
+        finished = sorted((j for j in self._jobs.values() if j.state in FINISHED), key=lambda j: j.finished or 0.0)
+        for job in finished:
+            if now - (job.finished or now) > s.result_ttl_s:
+                self._forget(job)
+        finished = [j for j in finished if j.id in self._jobs]
+        total = sum(j.nbytes for j in finished)
+        while len(finished) > 1 and (len(finished) > s.max_results or total > s.max_result_bytes):
+            oldest = finished.pop(0)
+            total -= oldest.nbytes
+            self._forget(oldest)

@@ -1,0 +1,600 @@
+"""The HTTP service: a FastAPI app in front of the job queue (`jobs.py`), and its uvicorn runner.
+
+    POST /v1/jobs            multipart: image file + options (same names and checks as the CLI) -> 202 {id}
+    GET  /v1/jobs/{id}       state, step i of n, queue position, metadata once done
+    GET  /v1/jobs/{id}/events   the same as server-sent events, pushed on every change
+    GET  /v1/jobs/{id}/result   the PNG (its "sdx4" text chunk holds the metadata); ?index=i for num_images > 1
+    DELETE /v1/jobs/{id}     cancel (a running job stops at its next step) or forget a finished one
+    POST /v1/upscale         synchronous: the same form, answers with the PNG
+    GET  /v1/info            model, device, dtype, limits, version
+    GET  /health             200 while serving, 503 while shutting down
+    GET  /                   the web page (static files, no build step, no CDN)
+
+Request handlers never run the model: they check the request (size, format, pixel counts from the
+image header BEFORE decoding, options), decode in a thread pool, and queue. Errors are JSON
+`{"detail": message, "field": name-or-null}` with 400/401/404/409/413/415/422/429/503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import re
+import secrets
+import time
+import types
+import typing
+import warnings
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, UnidentifiedImageError
+
+from ._version import __version__
+from .imageio import ImageInputError, LoadedImage, as_loaded
+from .jobs import FINISHED, JobManager, QueueFull, QueueSettings, ShuttingDown
+from .options import METHODS, OptionsError, UpscaleOptions, option_defaults
+
+log = logging.getLogger("sdx4.server")
+
+STATIC_DIR = Path(__file__).parent / "static"
+API_KEY_ENV = "SDX4_API_KEY"
+
+
+def _option_kinds() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """UpscaleOptions field -> ("integer" | "number" | "boolean" | "string", allowed strings for Literals).
+
+    Read from the dataclass itself, so an option added there is accepted here with the same name."""
+    kinds: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for name, hint in typing.get_type_hints(UpscaleOptions).items():
+        args = tuple(a for a in typing.get_args(hint) if a is not type(None))
+        base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+        if base is bool:
+            kinds[name] = ("boolean", ())
+        elif base is int:
+            kinds[name] = ("integer", ())
+        elif base is float:
+            kinds[name] = ("number", ())
+        elif typing.get_origin(base) is typing.Literal:
+            kinds[name] = ("string", tuple(str(a) for a in typing.get_args(base)))
+        else:
+            kinds[name] = ("string", ())
+    return kinds
+
+
+OPTION_KINDS = _option_kinds()
+OPTION_NAMES = tuple(OPTION_KINDS)
+NULLABLE_OPTIONS = tuple(k for k, v in option_defaults().items() if v is None)  # empty field -> None (seed)
+#: What the image part may declare as its type; the bytes themselves are checked by Pillow.
+IMAGE_PART_TYPES = ("image/", "application/octet-stream")
+#: Room for the option fields and multipart framing on top of the image bytes.
+FORM_OVERHEAD_BYTES = 64 * 1024
+SSE_POLL_S = 0.5  # waits wake on every job change; this bounds how late a client disconnect is noticed
+SSE_HEARTBEAT_S = 15.0
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Limits and switches of the service; every default is documented in docs/server.md."""
+
+    api_key: str | None = None  # None: no key needed
+    max_upload_bytes: int = 20 * 1024 * 1024  # 413 above this
+    max_input_pixels: int = 1024 * 1024  # 413 above this, read from the image header before decoding
+    max_output_pixels: int = 2048 * 2048  # 4W x 4H x num_images; 413 above this
+    formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")  # Pillow format names; 415 otherwise
+    max_prompt_chars: int = 2000  # 422 above this (CLIP reads 77 tokens anyway)
+    shutdown_timeout_s: float = 60.0  # how long shutdown waits for the running step before leaving
+    queue: QueueSettings = field(default_factory=QueueSettings)
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_bytes", "max_input_pixels", "max_output_pixels", "max_prompt_chars"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty (use None for no key)")
+
+    def limits(self) -> dict[str, Any]:
+        q = self.queue
+        return {
+            "max_upload_bytes": self.max_upload_bytes,
+            "max_input_pixels": self.max_input_pixels,
+            "max_output_pixels": self.max_output_pixels,
+            "formats": list(self.formats),
+            "max_prompt_chars": self.max_prompt_chars,
+            "max_queue": q.max_queue,
+            "result_ttl_s": q.result_ttl_s,
+            "max_results": q.max_results,
+            "max_result_bytes": q.max_result_bytes,
+        }
+
+
+class Changes:
+    """Wakes every waiting request when any job changes; the worker thread pokes it thread-safely."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.event = loop, asyncio.Event()
+
+    def poke(self) -> None:  # any thread
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        self.event.set()
+        self.event = asyncio.Event()
+
+    async def wait(self, since: asyncio.Event, timeout: float) -> None:
+        """Until a change after `since` (= `self.event` taken BEFORE looking at the jobs), or `timeout` s."""
+        try:
+            await asyncio.wait_for(since.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+
+class ApiError(Exception):
+    """An HTTP error with a message for people and the offending field (option or "image") for programs."""
+
+    def __init__(self, status: int, detail: str, field: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.field, self.headers = status, detail, field, headers
+
+
+# ---- pure request checks (tested alone) ------------------------------------------------------------
+
+
+def parse_options(fields: dict[str, str], max_prompt_chars: int = 2000) -> UpscaleOptions:
+    """Form fields (strings) -> UpscaleOptions; 422 naming the option on any bad or unknown value."""
+    unknown = sorted(set(fields) - set(OPTION_NAMES))
+    if unknown:
+        raise ApiError(422, f"unknown field {unknown[0]!r}; allowed: image, {', '.join(OPTION_NAMES)}", unknown[0])
+    values: dict[str, Any] = {}
+    for name, raw in fields.items():
+        kind, choices = OPTION_KINDS[name]
+        text = raw.strip()
+        if kind == "string":
+            if len(raw) > max_prompt_chars:
+                raise ApiError(422, f"{name} is {len(raw)} characters; the limit is {max_prompt_chars}", name)
+            values[name] = text if choices else raw  # free text is kept as typed
+        elif name in NULLABLE_OPTIONS and text == "":
+            values[name] = None  # e.g. an empty seed field: draw one
+        elif kind == "integer":
+            try:
+                values[name] = int(text)
+            except ValueError:
+                raise ApiError(422, f"{name} must be an integer; got {_short(raw)!r}", name) from None
+        elif kind == "number":
+            try:
+                values[name] = float(text)
+            except ValueError:
+                raise ApiError(422, f"{name} must be a number; got {_short(raw)!r}", name) from None
+        else:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ApiError(422, f"{name} must be true or false; got {_short(raw)!r}", name)
+            values[name] = text.lower() in ("true", "1")
+    try:
+        return UpscaleOptions(**values)
+    except OptionsError as e:
+        message = str(e)
+        name = message.split(" ", 1)[0]
+        raise ApiError(422, message, name if name in OPTION_NAMES else None) from None
+
+
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def check_header(data: bytes, settings: ServerSettings, num_images: int, name: str = "image") -> Image.Image:
+    """Open the image LAZILY (header only) and refuse it by format and pixel counts before any decoding."""
+    if not data:
+        raise ApiError(422, f"{name}: empty file (0 bytes)", "image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=list(settings.formats))
+    except UnidentifiedImageError:
+        raise ApiError(
+            415, f"{name}: not a supported image; send one of {', '.join(settings.formats)}", "image"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow's own guard (89 MP warning, 179 MP error) fired while reading the header.
+        raise ApiError(
+            413, f"{name}: refused, far over the input limit of {settings.max_input_pixels} pixels ({e})", "image"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ApiError(422, f"{name}: cannot read the image header ({e})", "image") from None
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise ApiError(422, f"{name}: empty image ({w}x{h})", "image")
+    if w * h > settings.max_input_pixels:
+        raise ApiError(
+            413,
+            f"{name}: {w}x{h} = {w * h} pixels is over the input limit of {settings.max_input_pixels} pixels",
+            "image",
+        )
+    out = 16 * w * h * num_images
+    if out > settings.max_output_pixels:
+        raise ApiError(
+            413,
+            f"{name}: the output would be {4 * w}x{4 * h}" + (f" x {num_images} images" if num_images > 1 else "")
+            + f" = {out} pixels, over the output limit of {settings.max_output_pixels} pixels",
+            "image",
+        )
+    return im
+
+
+def decode_upload(data: bytes, settings: ServerSettings, num_images: int, name: str = "image") -> LoadedImage:
+    """Checked header -> full decode -> RGB(+alpha) LoadedImage; truncated or corrupt data -> 422."""
+    im = check_header(data, settings, num_images, name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im.load()
+            return as_loaded(im, name)
+    except ImageInputError as e:
+        raise ApiError(422, str(e), "image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+        raise ApiError(422, f"{name}: cannot decode the image ({e})", "image") from None
+
+
+def safe_name(filename: str | None) -> str:
+    """A display name from the client's file name: last path part, harmless characters, bounded length."""
+    base = re.split(r"[\\/]", filename or "")[-1]
+    base = re.sub(r"[^A-Za-z0-9._ -]", "_", base).strip(" .")[:100]
+    return base or "image"
+
+
+def _download_name(input_name: str, index: int, count: int) -> str:
+    stem = safe_name(input_name).rsplit(".", 1)[0].replace(" ", "_") or "image"
+    return f"{stem}_x4.png" if count == 1 else f"{stem}_x4_{index + 1}.png"
+
+
+# ---- the app -------------------------------------------------------------------------------------
+
+
+def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI:
+    """The ASGI app. `upscaler` is an `sdx4.Upscaler` (or anything called the same way with an `info`
+    dict); only the app's worker thread calls it. The worker starts and stops with the app's lifespan.
+    """
+    settings = settings or ServerSettings()
+    model_info = dict(getattr(upscaler, "info", {}) or {})
+    max_noise_level = int(model_info.get("max_noise_level", 350))
+    manager = JobManager(upscaler, settings.queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.loop = asyncio.get_running_loop()
+        app.state.changes = Changes(app.state.loop)
+        manager.on_change = app.state.changes.poke
+        manager.start()
+        log.info("serving %s; results in %s", model_info.get("model", "model"), manager.results_dir)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(manager.close, settings.shutdown_timeout_s)
+
+    app = FastAPI(
+        title="sdx4",
+        version=__version__,
+        description="Upscale images 4x with the Stable Diffusion x4 Upscaler (or a classical filter).",
+        lifespan=lifespan,
+    )
+    app.state.manager = manager
+    app.state.settings = settings
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail, "field": exc.field}, status_code=exc.status, headers=exc.headers)
+
+    async def require_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if given is None and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if given is None or not secrets.compare_digest(given.encode(), settings.api_key.encode()):
+            raise ApiError(
+                401,
+                "missing or wrong API key: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def refuse_if_stopping() -> None:
+        if manager.stopping:
+            raise ApiError(503, "the server is shutting down", headers={"Retry-After": "30", "Connection": "close"})
+
+    async def read_submission(request: Request) -> tuple[LoadedImage, UpscaleOptions, str]:
+        """Read the multipart body within the byte limit, check options, check and decode the image."""
+        refuse_if_stopping()
+        ctype = request.headers.get("content-type", "")
+        if not ctype.lower().startswith("multipart/form-data"):
+            raise ApiError(
+                415,
+                f"send multipart/form-data with the picture in a file field named 'image'; got {ctype or 'no content type'!r}",
+            )
+        limit = settings.max_upload_bytes + FORM_OVERHEAD_BYTES
+        declared = request.headers.get("content-length")
+        too_big = f"upload is over the limit of {settings.max_upload_bytes} bytes"
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, too_big, "image", headers={"Connection": "close"})
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, too_big, "image", headers={"Connection": "close"})
+
+        async def replay() -> dict[str, Any]:
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=len(OPTION_NAMES) + 1)
+        except Exception as e:  # starlette raises HTTPException(400) on malformed multipart
+            raise ApiError(400, f"malformed multipart body: {getattr(e, 'detail', e)}") from None
+        try:
+            upload = form.get("image")
+            fields: dict[str, str] = {}
+            for key, value in form.multi_items():
+                if key == "image":
+                    continue
+                if key not in OPTION_NAMES:
+                    raise ApiError(422, f"unknown field {_short(key)!r}; allowed: image, {', '.join(OPTION_NAMES)}", key)
+                if not isinstance(value, str):
+                    raise ApiError(422, f"{key}: expected a text field, got a file", key)
+                if key in fields:
+                    raise ApiError(422, f"{key}: given more than once", key)
+                fields[key] = value
+            options = parse_options(fields, settings.max_prompt_chars)
+            if options.noise_level > max_noise_level:
+                raise ApiError(422, f"noise_level must be in 0..{max_noise_level}; got {options.noise_level}", "noise_level")
+            if upload is None or isinstance(upload, str):
+                raise ApiError(422, "image: missing; send the picture as a multipart file field named 'image'", "image")
+            part_type = (upload.content_type or "application/octet-stream").lower()
+            if not part_type.startswith(IMAGE_PART_TYPES):
+                raise ApiError(415, f"image: content type {part_type!r} is not an image", "image")
+            data = await upload.read()
+            if len(data) > settings.max_upload_bytes:
+                raise ApiError(413, too_big, "image")
+            name = safe_name(upload.filename)
+            image = await run_in_threadpool(decode_upload, data, settings, options.num_images, name)
+            return image, options, name
+        finally:
+            await form.close()
+
+    def submit(image: LoadedImage, options: UpscaleOptions, name: str) -> str:
+        try:
+            return manager.submit(image, options, name).id
+        except QueueFull as e:
+            raise ApiError(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
+        except ShuttingDown as e:
+            raise ApiError(503, str(e), headers={"Retry-After": "30"}) from None
+
+    def job_or_404(job_id: str) -> dict[str, Any]:
+        snap = manager.snapshot(job_id)
+        if snap is None:
+            raise ApiError(404, f"no job {_short(job_id)!r} (unknown, deleted or expired)")
+        return _public(snap)
+
+    def _public(snap: dict[str, Any]) -> dict[str, Any]:
+        snap = dict(snap)
+        if snap["state"] == "done":
+            n = snap["num_images"]
+            snap["result_urls"] = [f"/v1/jobs/{snap['id']}/result" + (f"?index={i}" if i else "") for i in range(n)]
+        return snap
+
+    form_schema = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {
+                            "image": {"type": "string", "format": "binary", "description": "the picture (PNG, JPEG, WebP, ...)"},
+                            **{
+                                k: {"type": OPTION_KINDS[k][0], "default": v, **({"enum": list(OPTION_KINDS[k][1])} if OPTION_KINDS[k][1] else {})}
+                                for k, v in option_defaults().items()
+                            },
+                        },
+                    }
+                }
+            },
+        }
+    }
+
+    v1 = [Depends(require_key)]
+
+    @app.post("/v1/jobs", status_code=202, dependencies=v1, openapi_extra=form_schema, tags=["jobs"])
+    async def create_job(request: Request) -> JSONResponse:
+        """Queue an upscale; answers 202 with the job id and where to poll."""
+        image, options, name = await read_submission(request)
+        job_id = submit(image, options, name)
+        return JSONResponse(
+            _public(manager.snapshot(job_id) or {"id": job_id, "state": "queued"}) | {"url": f"/v1/jobs/{job_id}"},
+            status_code=202,
+            headers={"Location": f"/v1/jobs/{job_id}"},
+        )
+
+    @app.get("/v1/jobs/{job_id}", dependencies=v1, tags=["jobs"])
+    async def get_job(job_id: str) -> dict[str, Any]:
+        """State, progress (step of total), queue position, error; metadata and result URLs once done."""
+        return job_or_404(job_id)
+
+    @app.get("/v1/jobs/{job_id}/events", dependencies=v1, tags=["jobs"], response_class=StreamingResponse)
+    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+        """Server-sent events: `progress` on every change, then one of `done`, `failed`, `cancelled`."""
+        job_or_404(job_id)
+
+        async def stream() -> AsyncIterator[str]:
+            last, beat = -1, time.monotonic()
+            while True:
+                since = app.state.changes.event
+                version = manager.version(job_id)
+                if version is None:
+                    yield _sse("failed", {"id": job_id, "state": "failed", "error": "the job was deleted or expired"})
+                    return
+                if version != last:
+                    snap = manager.snapshot(job_id)
+                    if snap is None:
+                        continue
+                    last = snap["version"]
+                    finished = snap["state"] in FINISHED
+                    yield _sse(snap["state"] if finished else "progress", _public(snap))
+                    if finished:
+                        return
+                    beat = time.monotonic()
+                elif time.monotonic() - beat > SSE_HEARTBEAT_S:
+                    yield ": keep-alive\n\n"
+                    beat = time.monotonic()
+                await app.state.changes.wait(since, SSE_POLL_S)
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+
+    async def result_response(job_id: str, index: int, disposition: str) -> Response:
+        snap = job_or_404(job_id)
+        if snap["state"] != "done":
+            why = f": {snap['error']}" if snap.get("error") else ""
+            raise ApiError(409, f"job {job_id} is {snap['state']}{why}; no result" + (" yet" if snap["state"] not in FINISHED else ""))
+        path = manager.result_file(job_id, index)
+        if path is None:
+            raise ApiError(404, f"index must be in 0..{snap['num_images'] - 1}; got {index}", "index")
+        try:
+            data = await run_in_threadpool(path.read_bytes)
+        except FileNotFoundError:
+            raise ApiError(404, f"the result of job {job_id} has expired") from None
+        filename = _download_name(snap["input_name"], index, snap["num_images"])
+        return Response(
+            data,
+            media_type="image/png",
+            headers={
+                "Content-Disposition": f'{disposition}; filename="{filename}"',
+                "X-Sdx4-Job-Id": job_id,
+                "X-Sdx4-Seed": str(snap["options"].get("seed")),
+                "Cache-Control": "no-store",
+            },
+        )
+
+    @app.get("/v1/jobs/{job_id}/result", dependencies=v1, tags=["jobs"], response_class=Response,
+             responses={200: {"content": {"image/png": {}}, "description": "the PNG; metadata in its 'sdx4' iTXt chunk"}})
+    async def job_result(job_id: str, index: int = 0) -> Response:
+        """The upscaled PNG (409 until done). Its `sdx4` text chunk holds every parameter as JSON."""
+        return await result_response(job_id, index, "inline")
+
+    @app.delete("/v1/jobs/{job_id}", dependencies=v1, tags=["jobs"])
+    async def delete_job(job_id: str) -> JSONResponse:
+        """Cancel a queued job (200), ask a running one to stop at its next step (202), forget a finished one (200)."""
+        what = manager.cancel(job_id)
+        if what is None:
+            raise ApiError(404, f"no job {_short(job_id)!r} (unknown, deleted or expired)")
+        return JSONResponse({"id": job_id, "result": what}, status_code=202 if what == "cancelling" else 200)
+
+    @app.post("/v1/upscale", dependencies=v1, openapi_extra=form_schema, tags=["jobs"], response_class=Response,
+              responses={200: {"content": {"image/png": {}}, "description": "the PNG (first image)"}})
+    async def upscale_sync(request: Request) -> Response:
+        """Queue, wait, and answer with the PNG (the first image; others at /v1/jobs/{id}/result?index=i).
+        If the client goes away while waiting, the job is cancelled."""
+        image, options, name = await read_submission(request)
+        job_id = submit(image, options, name)
+        while True:
+            since = app.state.changes.event
+            snap = manager.snapshot(job_id)
+            if snap is None:
+                raise ApiError(404, f"job {job_id} was deleted while running")
+            if snap["state"] in FINISHED:
+                break
+            if await request.is_disconnected():
+                manager.cancel(job_id, "the client disconnected")
+                return Response(status_code=499)
+            await app.state.changes.wait(since, SSE_POLL_S)
+        if snap["state"] == "failed":
+            status = 422 if snap.get("error_kind") == "options" else 500
+            raise ApiError(status, snap["error"] or "failed")
+        if snap["state"] == "cancelled":
+            stopping = manager.stopping
+            raise ApiError(503 if stopping else 409, f"job {job_id} was cancelled: {snap['error']}")
+        return await result_response(job_id, 0, "attachment")
+
+    @app.get("/v1/info", dependencies=v1, tags=["service"])
+    async def info() -> dict[str, Any]:
+        """Model, device, dtype, limits, version, option defaults."""
+        return {
+            "sdx4_version": __version__,
+            "model": model_info,
+            "limits": settings.limits(),
+            "methods": list(METHODS),
+            "choices": {k: list(v[1]) for k, v in OPTION_KINDS.items() if v[1]},
+            "defaults": option_defaults(),
+            "api_key_required": settings.api_key is not None,
+            "queue": manager.status(),
+        }
+
+    @app.get("/health", tags=["service"])
+    async def health() -> JSONResponse:
+        """200 {"status": "ok"} while serving; 503 while shutting down. Needs no API key."""
+        status = manager.status()
+        ok = not status["stopping"]
+        body = {"status": "ok" if ok else "shutting down", "queued": status["queued"], "running": status["running"], "jobs": status["jobs"]}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    page_headers = {
+        "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff",
+    }
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=page_headers)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+# ---- the runner ------------------------------------------------------------------------------------
+
+
+def serve(upscaler: Any, settings: ServerSettings, host: str = "127.0.0.1", port: int = 7860, log_level: str = "info") -> None:
+    """Run the app with uvicorn until SIGINT/SIGTERM.
+
+    On the signal the service stops taking jobs at once (503), cancels the queued ones, stops the
+    running one at its next denoising step, lets open requests finish, then deletes the results.
+    """
+    import signal
+
+    import uvicorn
+
+    app = create_app(upscaler, settings)
+    manager: JobManager = app.state.manager
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # Runs as a signal handler in the event loop's thread: hand the work to the loop rather
+            # than taking the manager's lock here (the interrupted code may hold it).
+            loop = getattr(app.state, "loop", None)
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(manager.begin_shutdown)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    # uvicorn re-raises the signal it caught after a graceful shutdown; a no-op SIGTERM handler makes
+    # that a clean exit (status 0) instead of death by signal.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        _Server(config).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
