@@ -1,0 +1,908 @@
+"""Speed benchmark: sdx4 against diffusers' StableDiffusionUpscalePipeline, side by side in one run.
+
+    flock /tmp/sdx4-heavy.lock python benchmarks/speed.py               # full-size random model, 64 -> 256 px
+    python benchmarks/speed.py --quick --steps 1 --reps 1               # smoke test on a tiny random model
+    flock /tmp/sdx4-heavy.lock python benchmarks/speed.py --schedulers  # sdx4 with each scheduler
+
+What it does (speed and memory do not depend on weight values, so random weights are fine):
+1. builds a FULL-SIZE random model once (cached in ~/.cache/sdx4, or $SDX4_CACHE) and a 64x64 input
+   (examples/cat.png, resized when --size differs);
+2. measures this machine's peak per dtype (a 4096^3 matmul, and a UNet-sized 3x3 convolution, in fp32
+   and bf16) before, between and after the reps; the best sample is the peak;
+3. starts ONE worker process per configuration (so peak resident memory is per configuration); each
+   loads its model once, then runs on command. The parent drives them alternately, rep by rep, in a
+   rotating order, so drift in machine speed hits every configuration alike;
+4. counts FLOPs once per configuration on a 1-step run (torch.utils.flop_counter, with a formula for the
+   CPU flash-attention kernel it would count as 0) and reports the denoising loop's achieved FLOP/s
+   against the measured peak of the UNet's dtype;
+5. writes speed.json and speed.md to --out (default bench-out/) and prints the table.
+
+Configurations: sdx4 (default dtype "auto"), sdx4-fp32, diffusers-fp32 (its default) and diffusers-bf16
+(`torch_dtype=torch.bfloat16`). Opt-in extras via --configs: sdx4-bf16, sdx4-vae-bf16, sdx4-low-memory,
+sdx4-channels-last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_INPUT = ROOT / "examples" / "cat.png"
+
+#: name -> how the worker builds it. kind: sdx4 (public API) or diffusers (StableDiffusionUpscalePipeline).
+CONFIGS: dict[str, dict[str, Any]] = {
+    "sdx4": {"kind": "sdx4", "dtype": "auto"},
+    "sdx4-fp32": {"kind": "sdx4", "dtype": "fp32"},
+    "diffusers-fp32": {"kind": "diffusers", "dtype": "fp32"},
+    "diffusers-bf16": {"kind": "diffusers", "dtype": "bf16"},
+    # Opt-in (item 3 of the issue: kept only where they help).
+    "sdx4-bf16": {"kind": "sdx4", "dtype": "bf16"},
+    "sdx4-vae-bf16": {"kind": "sdx4", "dtype": "auto", "load": {"vae_dtype": "bf16"}},
+    "sdx4-low-memory": {"kind": "sdx4", "dtype": "auto", "load": {"low_memory": True}},
+    "sdx4-channels-last": {"kind": "sdx4", "dtype": "auto", "channels_last": True},
+}
+DEFAULT_CONFIGS = ("sdx4", "sdx4-fp32", "diffusers-fp32", "diffusers-bf16")
+BASELINES = ("diffusers-fp32", "diffusers-bf16")
+
+#: Scheduler -> the step count it is usually run at (see docs/speed.md for why).
+SCHEDULER_STEPS: dict[str, int] = {"ddim": 50, "dpmpp-2m": 20, "euler": 30, "unipc": 15}
+
+GIB = 1024**3
+
+
+# ==================================================================================================
+# Machine facts
+# ==================================================================================================
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        name = fields.get("Model name", platform.processor() or "unknown")
+        fam = fields.get("CPU family")
+        return f"{name} (family {fam}, model {fields.get('Model', '?')})" if fam else name
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, and bf16 capability as the CPU and torch report it (detected, not guessed)."""
+    import torch
+
+    flags = cpu_flags()
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
+        "torch_threads": torch.get_num_threads(),
+        "cpuinfo_flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "avx512_fp16")},
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn_available": torch.backends.mkldnn.is_available(),
+        "mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    info["native_bf16"] = bool(flags & {"avx512_bf16", "amx_bf16"}) and info["mkldnn_bf16_supported"]
+    try:  # what sdx4's dtype="auto" decides from (present since the speed policy landed)
+        from sdx4.models import cpu_bf16_flags
+
+        info["sdx4_bf16_flags"] = sorted(cpu_bf16_flags())
+    except ImportError:
+        info["sdx4_bf16_flags"] = None
+    return info
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    import sdx4
+
+    return {"sdx4": sdx4.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+
+
+def conv_peak(dtype_name: str, channels: int, size: int, reps: int = 5) -> float:
+    """Achieved GFLOP/s of a 3x3 convolution, batch 2 (the UNet's CFG batch), best of `reps`.
+
+    torch's fp32 matmul and its convolutions may run in different libraries (BLAS vs oneDNN); the
+    UNet is mostly convolutions, so the practical ceiling is the better of the two kernels.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, channels, size, size, generator=g).to(dtype)  # 2,C,S,S
+    w = torch.randn(channels, channels, 3, 3, generator=g).to(dtype) * 0.01  # C,C,3,3
+    secs = []
+    with torch.no_grad():
+        F.conv2d(x, w, padding=1)  # warm-up
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            F.conv2d(x, w, padding=1)
+            secs.append(time.perf_counter() - t0)
+    flop = 2 * 2 * size * size * channels * channels * 9
+    return round(flop / min(secs) / 1e9, 1)
+
+
+def peak_sample(n: int, quick: bool) -> dict[str, dict[str, float]]:
+    """One measurement of both kernels in both dtypes (~10 s at n=4096 on 2 cores)."""
+    channels, size = (64, 32) if quick else (512, 64)
+    return {
+        d: {"matmul": matmul_peak(n, d)["gflops"], "conv3x3": conv_peak(d, channels, size)} for d in ("fp32", "bf16")
+    }
+
+
+def summarise_peaks(samples: list[dict[str, dict[str, float]]], n: int) -> dict[str, Any]:
+    """Peak per dtype = the best of every sample of either kernel (contention only ever lowers a sample)."""
+    out: dict[str, Any] = {}
+    for d in ("fp32", "bf16"):
+        mm = max(smp[d]["matmul"] for smp in samples)
+        conv = max(smp[d]["conv3x3"] for smp in samples)
+        out[d] = {"gflops": max(mm, conv), "matmul_gflops": mm, "conv3x3_gflops": conv, "matmul_n": n,
+                  "samples": [smp[d] for smp in samples]}
+    return out
+
+
+def matmul_peak(n: int, dtype_name: str, reps: int = 5) -> dict[str, Any]:
+    """Achieved GFLOP/s of an n^3 matmul (best of `reps`): the practical ceiling for that dtype."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    c = torch.empty(n, n, dtype=dtype)
+    torch.mm(a, b, out=c)  # warm-up: oneDNN/BLAS kernel selection, page faults
+    secs = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        secs.append(time.perf_counter() - t0)
+    flop = 2 * n**3
+    return {"n": n, "gflops": round(flop / min(secs) / 1e9, 1), "gflops_median": round(flop / statistics.median(secs) / 1e9, 1)}
+
+
+# ==================================================================================================
+# Worker: one per configuration, loads once, runs on command. Protocol: JSON lines on stdin/stdout.
+# ==================================================================================================
+
+
+def _rss_mib() -> dict[str, float]:
+    import resource
+
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with open("/proc/self/statm") as f:
+        now_pages = int(f.read().split()[1])
+    return {"peak_rss_mib": round(peak_kib / 1024, 1), "rss_mib": round(now_pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)}
+
+
+def flop_mapping() -> dict[Any, Any]:
+    """FlopCounterMode counts aten._scaled_dot_product_flash_attention_for_cpu as 0: give it sdpa's formula."""
+    import torch
+    from torch.utils import flop_counter
+
+    def cpu_flash_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_sdpa_flop}
+
+
+class _Timer:
+    """Timestamps of the stages of one call, from forward hooks on the models (both kinds alike)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.text_end: float | None = None
+        self.decode_start: float | None = None
+        self.decode_end: float | None = None
+        self.unet_s = 0.0
+        self.unet_calls = 0
+        self._unet_t0 = 0.0
+
+    def hook_text_encoder(self, module: Any) -> None:
+        def post(*_: Any) -> None:
+            self.text_end = time.perf_counter()
+
+        module.register_forward_hook(post)
+
+    def hook_unet(self, module: Any) -> None:
+        def pre(*_: Any) -> None:
+            self._unet_t0 = time.perf_counter()
+
+        def post(*_: Any) -> None:
+            self.unet_s += time.perf_counter() - self._unet_t0
+            self.unet_calls += 1
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    def wrap_decode(self, vae: Any) -> None:
+        """vae.decode is a method, not forward: wrap it on the instance."""
+        original = vae.decode
+
+        def decode(*a: Any, **k: Any) -> Any:
+            self.decode_start = time.perf_counter()
+            out = original(*a, **k)
+            self.decode_end = time.perf_counter()
+            return out
+
+        vae.decode = decode
+
+
+class Worker:
+    def __init__(self, name: str, model: str, image_path: str) -> None:
+        self.name, self.cfg = name, CONFIGS[name]
+        self.timer = _Timer()
+        t0 = time.perf_counter()
+        import torch
+
+        from PIL import Image
+
+        self.torch = torch
+        self.image = Image.open(image_path).convert("RGB")
+        self.image.load()
+        # Import everything the load needs first, so that load_s is loading the model, not importing libraries.
+        if self.cfg["kind"] == "sdx4":
+            import sdx4.models  # noqa: F401  (imports diffusers' and transformers' model classes)
+            import sdx4.pipeline  # noqa: F401
+            from sdx4.options import UpscaleOptions
+        else:
+            from diffusers import StableDiffusionUpscalePipeline  # noqa: F401
+        self.import_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if self.cfg["kind"] == "sdx4":
+            import sdx4
+
+            self.up = sdx4.load(model, device="cpu", dtype=self.cfg["dtype"], **self.cfg.get("load", {}))
+            self.unet, self.vae = self.up.components.unet, self.up.components.vae
+            text_encoder = self.up.components.text_encoder
+            self.option_fields = {f.name for f in dataclasses.fields(UpscaleOptions)}
+            info = self.up.info
+            self.dtypes = {"unet": info["unet_dtype"], "text_encoder": info["text_encoder_dtype"], "vae": info["vae_dtype"]}
+        else:
+            from diffusers import StableDiffusionUpscalePipeline
+
+            torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[self.cfg["dtype"]]
+            self.pipe = StableDiffusionUpscalePipeline.from_pretrained(model, torch_dtype=torch_dtype)
+            self.pipe.set_progress_bar_config(disable=True)
+            self.unet, self.vae, text_encoder = self.pipe.unet, self.pipe.vae, self.pipe.text_encoder
+            name_of = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+            self.dtypes = {"unet": name_of[self.unet.dtype], "text_encoder": name_of[text_encoder.dtype], "vae": name_of[self.vae.dtype]}
+        if self.cfg.get("channels_last"):
+            self.unet.to(memory_format=torch.channels_last)
+        self.load_s = time.perf_counter() - t0
+        self.timer.hook_unet(self.unet)
+        if self.cfg["kind"] == "diffusers":
+            # sdx4 reports its own stage times; for diffusers, hooks mark the stage boundaries.
+            self.timer.hook_text_encoder(text_encoder)
+            self.timer.wrap_decode(self.vae)
+        self.module_names = {"unet": type(self.unet).__name__, "text_encoder": type(text_encoder).__name__}
+
+    def ready(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "import_s": round(self.import_s, 3),
+            "load_s": round(self.load_s, 3),
+            "dtypes": self.dtypes,
+            "threads": self.torch.get_num_threads(),
+            "rss_after_load_mib": _rss_mib()["rss_mib"],
+            "peak_rss_load_mib": _rss_mib()["peak_rss_mib"],  # the high-water mark of loading alone
+        }
+
+    def _call(self, steps: int, guidance: float, seed: int, scheduler: str | None) -> dict[str, Any]:
+        """One upscale; returns wall time and stage times (seconds)."""
+        torch = self.torch
+        t = self.timer
+        cpu0 = os.times()
+        t.reset()
+        if self.cfg["kind"] == "sdx4":
+            kwargs: dict[str, Any] = {"steps": steps, "guidance": guidance, "seed": seed}
+            if scheduler is not None:
+                kwargs["scheduler"] = scheduler
+            result = self.up(self.image, **kwargs)
+            image = result.image
+            # sdx4's own stage clock: text_encoding (prompt-cache lookups after the first call), denoising
+            # (noising the input + the loop), decoding (vae.decode + crop).
+            timings = result.metadata.get("timings", {})
+            missing = {"text_encoding", "denoising", "decoding"} - set(timings)
+            if missing:
+                raise RuntimeError(f"{self.name}: sdx4 metadata timings lack {sorted(missing)}: {timings}")
+            stages = {f"{k}_s": float(timings[k]) for k in ("text_encoding", "denoising", "decoding")}
+            extra = {"scheduler_class": result.metadata.get("scheduler")}
+        else:
+            gen = torch.Generator("cpu").manual_seed(seed)
+            image = self.pipe(prompt="", image=self.image, num_inference_steps=steps, guidance_scale=guidance, generator=gen).images[0]
+            if t.text_end is None or t.decode_start is None or t.decode_end is None:
+                raise RuntimeError(f"{self.name}: a stage hook did not fire (text {t.text_end}, decode {t.decode_start})")
+            # The same stages from hook timestamps: call start -> last text-encoder output -> VAE decode
+            # start (noising the input + the loop) -> decode end.
+            stages = {
+                "text_encoding_s": t.text_end - t.start,
+                "denoising_s": t.decode_start - t.text_end,
+                "decoding_s": t.decode_end - t.decode_start,
+            }
+            extra = {"scheduler_class": type(self.pipe.scheduler).__name__}
+        end = time.perf_counter()
+        cpu1 = os.times()
+        cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+        return {
+            "wall_s": end - t.start,
+            **stages,
+            "unet_s": t.unet_s,
+            "unet_calls": t.unet_calls,
+            # CPU seconds this process got / (wall x threads): ~1.0 when it had the cores to itself;
+            # lower means other processes took CPU time during the run (then the times are inflated).
+            "cpu_s": cpu_s,
+            "cpu_share": cpu_s / ((end - t.start) * torch.get_num_threads()),
+            "output_size": list(image.size),
+            **extra,
+        }
+
+    def run(self, msg: dict[str, Any]) -> dict[str, Any]:
+        import gc
+
+        scheduler = msg.get("scheduler")
+        if scheduler is not None and "scheduler" not in self.option_fields:
+            return {"ok": False, "skipped": "UpscaleOptions has no `scheduler` field in this sdx4 version"}
+        if not msg.get("flops"):
+            out = self._call(msg["steps"], msg["guidance"], msg["seed"], scheduler)
+            gc.collect()
+            return {"ok": True, **out}
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False, custom_mapping=flop_mapping())
+        with counter:
+            out = self._call(msg["steps"], msg["guidance"], msg["seed"], scheduler)
+        counts = counter.get_flop_counts()
+        per_module = {k: sum(v.values()) for k, v in counts.items()}
+        attn = sum(n for op, n in counts.get("Global", {}).items() if "flash_attention_for_cpu" in str(op))
+        gc.collect()
+        return {
+            "ok": True,
+            "flops": {
+                "total": counter.get_total_flops(),
+                "unet": per_module.get(self.module_names["unet"], 0),
+                "text_encoder": per_module.get(self.module_names["text_encoder"], 0),
+                # vae.decode() is not AutoencoderKL.forward: its modules are tracked as top-level ones.
+                "vae_decoder": per_module.get("Decoder", 0) + per_module.get("Conv2d", 0),
+                "top_level_modules": {k: v for k, v in per_module.items() if "." not in k and k != "Global"},
+                "cpu_flash_attention": attn,
+                "unet_calls": out["unet_calls"],
+                "steps": msg["steps"],
+            },
+        }
+
+
+def worker_main(name: str, model: str, image_path: str) -> int:
+    # The protocol owns the real stdout; anything libraries print goes to stderr (the worker's log).
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    import logging
+
+    for lib in ("diffusers", "transformers"):
+        logging.getLogger(lib).setLevel(logging.ERROR)
+
+    def send(obj: dict[str, Any]) -> None:
+        proto.write(json.dumps(obj) + "\n")
+        proto.flush()
+
+    try:
+        worker = Worker(name, model, image_path)
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        send({"ok": False, "error": f"{type(e).__name__}: {e}"})
+        return 1
+    send(worker.ready())
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg["cmd"] == "quit":
+            send({"ok": True, **_rss_mib()})
+            return 0
+        try:
+            send(worker.run(msg))
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            send({"ok": False, "error": f"{type(e).__name__}: {e}"})
+    return 0
+
+
+class WorkerProcess:
+    """The parent's handle on one worker subprocess."""
+
+    def __init__(self, name: str, model: str, image_path: Path, log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"worker-{name}.log"
+        self.log = open(self.log_path, "w")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", name, "--model", model, "--image", str(image_path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+        )
+        self.info: dict[str, Any] = {}
+
+    def wait_ready(self) -> dict[str, Any]:
+        """Block until the worker has loaded its model; its reply has import/load times and dtypes."""
+        self.info = self._read()
+        self.info["start_s"] = round(time.perf_counter() - self.t0, 3)
+        return self.info
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=60)
+            raise RuntimeError(f"worker {self.name} died (exit {self.proc.returncode}); log {self.log_path}:\n{self._tail()}")
+        reply = json.loads(line)
+        if not reply.get("ok") and "skipped" not in reply:
+            raise RuntimeError(f"worker {self.name}: {reply.get('error')}; log {self.log_path}:\n{self._tail()}")
+        return reply
+
+    def _tail(self) -> str:
+        self.log.flush()
+        return "".join(self.log_path.read_text().splitlines(True)[-20:])
+
+    def ask(self, **msg: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def quit(self) -> dict[str, Any]:
+        reply = self.ask(cmd="quit")
+        self.proc.wait(timeout=60)
+        self.log.close()
+        return reply
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+# ==================================================================================================
+# Parent: drive the workers, summarise, report.
+# ==================================================================================================
+
+
+def startup_times(out_dir: Path, reps: int) -> dict[str, Any]:
+    """End-to-end wall time of `sdx4 --help` and `sdx4 upscale --method bicubic` on a 512 px image.
+
+    Also whether either imported torch (the issue wants neither to: fast start). Median of `reps` runs
+    after one untimed run (so the files are in the page cache, as on a user's second call).
+    """
+    from PIL import Image
+
+    src = out_dir / "startup-512.png"
+    Image.open(DEFAULT_INPUT).convert("RGB").resize((512, 512), Image.Resampling.BICUBIC).save(src)
+    dst = out_dir / "startup-512_x4.png"
+    exe = Path(sys.executable).with_name("sdx4")
+    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "sdx4"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    commands = {
+        "help": ["--help"],
+        "bicubic_512": ["upscale", str(src), "--method", "bicubic", "-o", str(dst), "--overwrite", "-q"],
+    }
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['sdx4', *sys.argv[1:]]\n"
+        "try:\n    runpy.run_module('sdx4', run_name='__main__')\n"
+        "except SystemExit as e:\n    code = e.code\n"
+        "sys.stderr.write(f'\\nEXIT={code} TORCH_IMPORTED={\"torch\" in sys.modules}\\n')\n"
+    )
+    out: dict[str, Any] = {"command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(base))}
+    for name, argv in commands.items():
+        secs = []
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            subprocess.run(base + argv, check=True, capture_output=True, env=env, timeout=120)
+            if i:
+                secs.append(time.perf_counter() - t0)
+        p = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, env=env, timeout=120)
+        tail = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
+        if "EXIT=0" not in tail:
+            raise RuntimeError(f"startup probe {name} failed: {p.stderr[-2000:]}")
+        out[name] = {**stats(secs), "imports_torch": tail.endswith("TORCH_IMPORTED=True")}
+    with Image.open(dst) as im:
+        out["bicubic_512"]["output_size"] = list(im.size)
+    return out
+
+
+def prepare_input(size: int, out_dir: Path) -> Path:
+    from PIL import Image
+
+    img = Image.open(DEFAULT_INPUT).convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    path = out_dir / f"input-{size}.png"
+    img.save(path)
+    return path
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+
+
+def rotated(names: list[str], rep: int) -> list[str]:
+    """Rep r starts at a different configuration, so none always runs first (or after the same one)."""
+    k = rep % len(names)
+    return names[k:] + names[:k]
+
+
+def summarise(
+    name: str, info: dict[str, Any], runs: list[dict[str, Any]], flops: dict[str, Any], peaks: dict[str, float], steps: int, quick: bool
+) -> dict[str, Any]:
+    med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "text_encoding_s", "denoising_s", "decoding_s", "unet_s")}
+    # FLOPs of the denoising loop: the UNet's FLOPs per call (counted on a 1-step run) times the calls made.
+    unet_per_call = flops["unet"] / max(flops["unet_calls"], 1)
+    loop_flops = unet_per_call * runs[0]["unet_calls"]
+    dtype = info["dtypes"]["unet"]
+    peak = peaks.get(dtype)  # GFLOP/s
+    achieved = loop_flops / med["denoising_s"] / 1e9
+    return {
+        **{k: info[k] for k in ("import_s", "load_s", "start_s", "dtypes", "threads", "rss_after_load_mib", "peak_rss_load_mib")},
+        "parallel_start": quick,
+        "config": CONFIGS[name],
+        "scheduler_class": runs[0].get("scheduler_class"),
+        "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in runs],
+        "wall_s": stats([r["wall_s"] for r in runs]),
+        "cpu_share": stats([r["cpu_share"] for r in runs]),
+        "stages_s": {
+            "load": round(info["load_s"], 3),
+            "text_encoding": round(med["text_encoding_s"], 3),
+            "denoising": round(med["denoising_s"], 3),
+            "decoding": round(med["decoding_s"], 3),
+            "unet_forward_total": round(med["unet_s"], 3),
+        },
+        "flops": flops,
+        "unet_tflop_per_step": round(unet_per_call * runs[0]["unet_calls"] / steps / 1e12, 4),
+        "denoising_gflops": round(achieved, 1),
+        "unet_forward_gflops": round(loop_flops / med["unet_s"] / 1e9, 1),
+        "peak_dtype": dtype,
+        "peak_gflops": peak,
+        "fraction_of_peak": round(achieved / peak, 3) if peak else None,
+        "peak_rss_mib": info["final"]["peak_rss_mib"],
+    }
+
+
+def add_ratios(configs: dict[str, dict[str, Any]]) -> None:
+    for c in configs.values():
+        for base in BASELINES:
+            b = configs.get(base)
+            key = base.replace("diffusers-", "")
+            c[f"time_vs_diffusers_{key}"] = round(c["wall_s"]["median"] / b["wall_s"]["median"], 3) if b else None
+            c[f"rss_vs_diffusers_{key}"] = round(c["peak_rss_mib"] / b["peak_rss_mib"], 3) if b else None
+
+
+def check_targets(configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, evaluated on this run's numbers (a report, never an assertion)."""
+    out: list[dict[str, Any]] = []
+
+    def target(what: str, value: float | None, limit: float, less: bool = True) -> None:
+        if value is None:
+            return
+        ok = value <= limit if less else value >= limit
+        out.append({"target": what, "value": value, "limit": limit, "met": ok})
+
+    s, f = configs.get("sdx4"), configs.get("sdx4-fp32")
+    if s:
+        target("sdx4 default time / diffusers fp32 <= 0.55", s.get("time_vs_diffusers_fp32"), 0.55)
+        target("sdx4 default time / diffusers bf16 <= 1.0", s.get("time_vs_diffusers_bf16"), 1.0)
+        target("sdx4 default peak RSS / diffusers fp32 <= 0.6", s.get("rss_vs_diffusers_fp32"), 0.6)
+        target("sdx4 default denoising loop >= 85% of the measured peak", s.get("fraction_of_peak"), 0.85, less=False)
+    if f:
+        target("sdx4 fp32 time / diffusers fp32 <= 1.03", f.get("time_vs_diffusers_fp32"), 1.03)
+    return out
+
+
+def startup_targets(startup: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"target": "sdx4 --help < 0.5 s", "value": startup["help"]["median"], "limit": 0.5, "met": startup["help"]["median"] < 0.5},
+        {"target": "sdx4 upscale --method bicubic, 512 px, < 1 s", "value": startup["bicubic_512"]["median"], "limit": 1.0,
+         "met": startup["bicubic_512"]["median"] < 1.0},
+    ]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, s, p = report["machine"], report["settings"], report["peak"]
+    lines = [
+        f"Run {report['date']} on {m['cpu']}, {m['usable_cpus']} cores ({m['torch_threads']} torch threads), "
+        f"{m['memory_gib']} GiB; torch {report['versions']['torch']}, diffusers {report['versions']['diffusers']}.",
+        f"CPU bf16: avx512_bf16={m['cpuinfo_flags']['avx512_bf16']}, amx_bf16={m['cpuinfo_flags']['amx_bf16']}, "
+        f"torch capability {m['torch_cpu_capability']}, mkldnn bf16 {m['mkldnn_bf16_supported']} -> native bf16: {m['native_bf16']}.",
+        f"Peak (best of {len(p['fp32']['samples'])} samples spread over the run): fp32 {p['fp32']['gflops']} GFLOP/s "
+        f"(matmul {p['fp32']['matmul_n']}^3 {p['fp32']['matmul_gflops']}, 3x3 conv {p['fp32']['conv3x3_gflops']}); "
+        f"bf16 {p['bf16']['gflops']} GFLOP/s (matmul {p['bf16']['matmul_gflops']}, 3x3 conv {p['bf16']['conv3x3_gflops']}).",
+        f"Model: {s['model_kind']} random weights; input {s['input_size']} -> {s['output_size']} px, {s['steps']} steps, "
+        f"guidance {s['guidance']}, {s['reps']} reps (alternating).",
+        "",
+        "| config | dtypes unet/text/vae | wall s median (min-max) | vs diffusers fp32 | vs diffusers bf16 "
+        "| peak RSS GiB | RSS vs diffusers fp32 | load s | text enc s | denoise s | VAE decode s "
+        "| UNet TFLOP/step | denoise GFLOP/s | % of peak | CPU share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in report["configs"].items():
+        d, w, st = c["dtypes"], c["wall_s"], c["stages_s"]
+        frac = c["fraction_of_peak"]
+        of_peak = "-" if frac is None else f"{100 * frac:.0f}% of {c['peak_dtype']}"
+        fmt = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+        lines.append(
+            f"| {name} | {d['unet']}/{d['text_encoder']}/{d['vae']} | {w['median']:.2f} ({w['min']:.2f}-{w['max']:.2f}) "
+            f"| {fmt(c['time_vs_diffusers_fp32'])} | {fmt(c['time_vs_diffusers_bf16'])} | {c['peak_rss_mib'] / 1024:.2f} "
+            f"| {fmt(c['rss_vs_diffusers_fp32'])} | {st['load']:.1f} | {st['text_encoding']:.2f} | {st['denoising']:.2f} "
+            f"| {st['decoding']:.2f} | {c['unet_tflop_per_step']:.3f} | {c['denoising_gflops']:.0f} "
+            f"| {of_peak} | {c['cpu_share']['median']:.2f} |"
+        )
+    st = report.get("startup")
+    if st:
+        lines += [
+            "",
+            f"Start-up (`{st['command']} ...`, median of runs, end to end): `--help` {st['help']['median']:.2f} s "
+            f"(imports torch: {st['help']['imports_torch']}); `upscale --method bicubic` 512 -> 2048 px "
+            f"{st['bicubic_512']['median']:.2f} s (imports torch: {st['bicubic_512']['imports_torch']}).",
+        ]
+    lines += [
+        "",
+        "CPU share = CPU seconds the run got / (wall seconds x torch threads): near 1.00 the configuration had the "
+        "cores to itself; lower values mean other processes ran at the same time and inflated its times.",
+    ]
+    if report.get("targets"):
+        lines += ["", "| target (issue 4) | value | met |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else 'NO'} |" for t in report["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_schedulers(report: dict[str, Any]) -> str:
+    lines = [
+        f"Run {report['date']} on {report['machine']['cpu']}; sdx4 default dtype; input {report['settings']['input_size']}, "
+        f"guidance {report['settings']['guidance']}, {report['settings']['reps']} reps.",
+        "",
+    ]
+    if report.get("skipped"):
+        return "\n".join(lines + [f"Skipped: {report['skipped']}"]) + "\n"
+    lines += ["| scheduler | reported | steps | wall s median (min-max) | denoise s | s/step | vs ddim wall |", "|---|---|---|---|---|---|---|"]
+    base = report["schedulers"].get("ddim", {}).get("wall_s", {}).get("median")
+    for name, r in report["schedulers"].items():
+        w = r["wall_s"]
+        rel = f"{w['median'] / base:.2f}x" if base else "-"
+        lines.append(
+            f"| {name} | {r['scheduler_class']} | {r['steps']} | {w['median']:.2f} ({w['min']:.2f}-{w['max']:.2f}) "
+            f"| {r['denoising_s']:.2f} | {r['s_per_step']:.3f} | {rel} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def model_for(args: argparse.Namespace) -> tuple[str, str]:
+    if args.model:
+        return args.model, "custom"
+    from sdx4.random_model import cached_random_model
+
+    kind = "tiny" if args.quick else "full"
+    t0 = time.perf_counter()
+    path = cached_random_model(kind)
+    print(f"model: {path} ({kind}, ready in {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return str(path), kind
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def run_speed(args: argparse.Namespace, out_dir: Path, model: str, model_kind: str, image: Path) -> dict[str, Any]:
+    names = args.configs
+    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    machine = machine_info()
+    n = args.matmul_n
+    say(f"peak (matmul {n}^3, 3x3 conv)...")
+    peak_samples = [peak_sample(n, args.quick)]
+    workers: dict[str, WorkerProcess] = {}
+    try:
+        # One at a time, so load times are measured without contention; --quick starts all at once.
+        for name in names:
+            say(f"starting worker {name}...")
+            workers[name] = WorkerProcess(name, model, image, out_dir)
+            if not args.quick:
+                workers[name].wait_ready()
+        for name, w in workers.items():
+            info = w.info or w.wait_ready()
+            say(f"  {name}: import {info['import_s']:.1f} s, load {info['load_s']:.1f} s, dtypes {info['dtypes']}")
+        common = {"guidance": args.guidance, "seed": 0}
+        flops: dict[str, Any] = {}
+        for name, w in workers.items():
+            # FLOPs first: the first call is the one that runs the text encoder (sdx4 caches embeddings).
+            flops[name] = w.ask(cmd="run", steps=1, flops=True, **common)["flops"]
+            w.ask(cmd="run", steps=1, **common)  # untimed warm-up (kernel selection, allocations)
+            say(f"  {name}: UNet {flops[name]['unet'] / max(flops[name]['unet_calls'], 1) / 1e12:.3f} TFLOP per call")
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for rep in range(args.reps):
+            if rep:
+                peak_samples.append(peak_sample(n, args.quick))  # workers are idle now
+            for name in rotated(list(names), rep):
+                time.sleep(args.pause)  # let the previous worker's OpenMP threads go idle
+                r = workers[name].ask(cmd="run", steps=args.steps, **common)
+                r["loadavg_1min"] = os.getloadavg()[0]
+                runs[name].append(r)
+                say(f"rep {rep + 1}/{args.reps} {name}: {r['wall_s']:.2f} s")
+        for name, w in workers.items():
+            w.info["final"] = w.quit()
+    finally:
+        for w in workers.values():
+            w.kill()
+    peak_samples.append(peak_sample(n, args.quick))
+    say("startup times (sdx4 --help, bicubic 512 px)...")
+    startup = startup_times(out_dir, reps=1 if args.quick else 5)
+    peak_tbl = summarise_peaks(peak_samples, n)
+    peaks = {d: v["gflops"] for d, v in peak_tbl.items()}
+    configs = {name: summarise(name, workers[name].info, runs[name], flops[name], peaks, args.steps, args.quick) for name in names}
+    add_ratios(configs)
+    report = {
+        "schema": 1,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine,
+        "versions": versions(),
+        "settings": {
+            "model": model, "model_kind": model_kind, "input_size": [args.size, args.size],
+            "output_size": [4 * args.size, 4 * args.size], "steps": args.steps, "guidance": args.guidance,
+            "reps": args.reps, "seed": 0, "quick": args.quick,
+        },
+        "peak": peak_tbl,
+        "configs": configs,
+        "startup": startup,
+        "targets": check_targets(configs) + startup_targets(startup),
+    }
+    return report
+
+
+def run_schedulers(args: argparse.Namespace, out_dir: Path, model: str, model_kind: str, image: Path) -> dict[str, Any]:
+    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    steps = dict(SCHEDULER_STEPS)
+    for item in args.scheduler_steps or []:
+        name, _, k = item.partition("=")
+        if name not in steps or not k.isdigit() or int(k) < 1:
+            raise SystemExit(f"--scheduler-steps: expected NAME=STEPS with NAME in {', '.join(steps)}; got {item!r}")
+        steps[name] = int(k)
+    if args.quick:
+        steps = {k: min(v, args.steps) for k, v in steps.items()}
+    report: dict[str, Any] = {
+        "schema": 1,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "versions": versions(),
+        "settings": {"model": model, "model_kind": model_kind, "input_size": [args.size, args.size],
+                     "guidance": args.guidance, "reps": args.reps, "steps": steps, "quick": args.quick},
+    }
+    from sdx4.options import UpscaleOptions
+
+    if "scheduler" not in {f.name for f in dataclasses.fields(UpscaleOptions)}:
+        report["skipped"] = "UpscaleOptions has no `scheduler` field in this sdx4 version"
+        say(f"schedulers: skipped ({report['skipped']})")
+        return report
+    w = WorkerProcess("sdx4", model, image, out_dir)
+    try:
+        w.wait_ready()
+        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in steps}
+        for name in steps:
+            w.ask(cmd="run", steps=1, guidance=args.guidance, seed=0, scheduler=name)  # warm-up
+        for rep in range(args.reps):
+            for name in rotated(list(steps), rep):
+                r = w.ask(cmd="run", steps=steps[name], guidance=args.guidance, seed=0, scheduler=name)
+                runs[name].append(r)
+                say(f"rep {rep + 1}/{args.reps} {name} ({steps[name]} steps): {r['wall_s']:.2f} s")
+        final = w.quit()
+    finally:
+        w.kill()
+    report["load_s"] = w.info["load_s"]
+    report["dtypes"] = w.info["dtypes"]
+    report["peak_rss_mib"] = final["peak_rss_mib"]
+    report["schedulers"] = {
+        name: {
+            "steps": steps[name],
+            "scheduler_class": rs[0]["scheduler_class"],
+            "unet_calls": rs[0]["unet_calls"],
+            "wall_s": stats([r["wall_s"] for r in rs]),
+            "denoising_s": round(statistics.median(r["denoising_s"] for r in rs), 3),
+            "s_per_step": round(statistics.median(r["denoising_s"] for r in rs) / steps[name], 4),
+            "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rs],
+        }
+        for name, rs in runs.items()
+    }
+    return report
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per configuration")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--size", type=int, default=64, help="input size in px (square); output is 4x")
+    p.add_argument("--guidance", type=float, default=9.0, help="guidance scale")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    p.add_argument("--out", default="bench-out", help="folder for speed.json / speed.md (schedulers.*)")
+    p.add_argument("--model", default=None, help="model folder (diffusers layout); default: the cached random full-size model")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny random model, small matmul")
+    p.add_argument("--schedulers", action="store_true", help="time sdx4 with each scheduler at its usual step count")
+    p.add_argument("--scheduler-steps", nargs="*", metavar="NAME=STEPS", help="override step counts for --schedulers")
+    p.add_argument("--matmul-n", type=int, default=None, help="matmul size for the peak (default 4096; 512 with --quick)")
+    p.add_argument("--pause", type=float, default=1.0, help="seconds of idle between runs")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--image", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        return a
+    a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    bad = [c for c in a.configs if c not in CONFIGS]
+    if bad or not a.configs:
+        p.error(f"--configs: unknown {bad}; choose from {', '.join(CONFIGS)}")
+    for name, v, lo in (("--reps", a.reps, 1), ("--steps", a.steps, 1), ("--size", a.size, 8)):
+        if v < lo:
+            p.error(f"{name} must be >= {lo}; got {v}")
+    if a.matmul_n is None:
+        a.matmul_n = 512 if a.quick else 4096
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker, args.model, args.image)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model, model_kind = model_for(args)
+    image = prepare_input(args.size, out_dir)
+    if args.schedulers:
+        report = run_schedulers(args, out_dir, model, model_kind, image)
+        stem, table = "schedulers", markdown_schedulers(report)
+    else:
+        report = run_speed(args, out_dir, model, model_kind, image)
+        stem, table = "speed", markdown(report)
+    write_atomic(out_dir / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out_dir / f"{stem}.md", table)
+    print(table)
+    print(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "src"))
+    raise SystemExit(main())
