@@ -95,3 +95,22 @@ def test_low_memory_drops_the_text_encoder_and_gives_the_same_image(tiny_model_d
     assert np.asarray(a.image).tobytes() == np.asarray(b.image).tobytes()
     low(img, prompt="another prompt", steps=1, seed=3)  # reloads the encoder for a new prompt
     assert low.prompt_cache.encoder_runs == 3 and low.components.text_encoder is None
+
+
+def test_channels_last_only_on_the_cpu_fast_path(tiny_model_dir, tiny_upscaler):
+    assert not resolve_placement("cpu", "fp32").channels_last  # the reference path keeps diffusers' layout
+    assert resolve_placement("cpu", "bf16").channels_last
+    assert tiny_upscaler.info["memory_format"] == "contiguous"
+    conv = tiny_upscaler.components.unet.conv_in.weight
+    assert conv.is_contiguous()
+    fast = sdx4.load(str(tiny_model_dir), device="cpu", dtype="bf16")
+    assert fast.info["memory_format"] == "channels_last"
+    for w in (fast.components.unet.conv_in.weight, fast.components.vae.decoder.conv_in.weight):
+        assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    r = fast(np.full((8, 8, 3), 90, np.uint8), steps=2, seed=0)
+    ref = sdx4.load(str(tiny_model_dir), device="cpu", dtype="bf16")
+    for m in (ref.components.unet, ref.components.vae):
+        m.to(memory_format=torch.contiguous_format)
+    r2 = ref(np.full((8, 8, 3), 90, np.uint8), steps=2, seed=0)
+    diff = np.abs(np.asarray(r.image, dtype=int) - np.asarray(r2.image, dtype=int))
+    assert diff.mean() < 1.0  # same model, another memory layout: rounding-level differences only
