@@ -124,10 +124,26 @@ def test_attention_switches_to_tile_local_above_the_token_limit(tiny):
     assert report.attention == "tile-local" and report.overlap == 2
     assert (out - ref).abs().max().item() > 10 * TOL  # each tile attends to its own 12x12 window only
 
+    # the same with the whole-image tensors spilled to temporary files
+    spilled, report = decode_latents(tiny, lat, tile_size=8, overlap=2, max_attention_tokens=20 * 18 - 1, max_bytes=1)
+    assert report.attention == "tile-local" and report.spilled_bytes > 0
+    assert (spilled - out).abs().max().item() <= 1e-5
+
     # tile-local windows that cover the whole latent attend to everything: the global result again
     out, report = decode_latents(tiny, lat, tile_size=8, overlap=20, max_attention_tokens=1)
     assert report.attention == "tile-local"
     assert (out - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("n,tile,overlap", [(20, 8, 2), (36, 6, 3), (64, 16, 8), (9, 4, 0), (1, 1, 3)])
+def test_tile_local_blend_weights_sum_to_one(n, tile, overlap):
+    """Cores >= 2*overlap: the ramps are a partition of unity (smaller cores: the code divides by the sum)."""
+    total = torch.zeros(n, dtype=torch.float64)
+    for start, end, _, _ in vd._windows(n, vd._bounds(n, tile), overlap):
+        w = vd._ramp(start, end, n, overlap)
+        assert (w > 0).all() and (w <= 1).all()
+        total[start:end] += w
+    assert torch.allclose(total, torch.ones(n, dtype=torch.float64))
 
 
 # -- memory budget --------------------------------------------------------------------------------------------

@@ -6,18 +6,18 @@ statistics of the WHOLE image. The decoder is written out as a flat list of ops 
 "GroupNorm (whole-image statistics) then a tile function" (a conv chain, an upsample+conv, or attention).
 
 Two ways to run an op (see docs/tiled-vae.md):
-  * plane mode (exact): the op's input is held as a whole-image tensor on the CPU; the op is computed tile by
-    tile (each tile sees its own conv halo, 0-1 px, so every output pixel is exact) into a whole-image output;
-    the per-tile mean/variance of the output cores are merged (Chan et al.) into exact pooled statistics for
-    the next GroupNorm. The mid-block attention is global (SDPA over all latent pixels, keys/values for the
-    whole image, queries in chunks) while the token count <= max_attention_tokens, tile-local beyond.
-  * tile mode (bounded memory): the remaining ops run on one tile window at a time (core + a halo >= the
-    remaining receptive radius, so cores are exact given the statistics). Statistics of the norms in this
-    part come from a first group of tiles run in lockstep (pooled over their cores); if that group is every
-    tile they are exact, otherwise they are an estimate from an evenly spread sample, and the report says so.
+  * plane mode (exact): the op's input is held as a whole-image tensor ("plane", CPU: in RAM, or spilled to
+    an unlinked temporary file under a memory budget); the op is computed tile by tile (each tile reads its
+    op's own halo, 0-1 px, so every output pixel is exact) into a whole-image output; the per-tile
+    mean/variance of the output cores are merged (Chan et al.) into exact pooled statistics for the next
+    GroupNorm. The mid-block attention is global (SDPA over all latent pixels, keys/values for the whole
+    image, queries in chunks) while the token count <= max_attention_tokens, tile-local beyond.
+  * tile mode (spill=False under a budget): the remaining ops run on one tile window at a time (core + a
+    halo >= the remaining receptive radius, so cores are exact given the statistics). Statistics of the norms
+    in this part come from a first group of tiles run in lockstep (pooled over their cores): exact if that
+    group is every tile, otherwise an estimate from an evenly spread sample, and the report says so.
 
-The plan (`plan_decode`) runs the first `split` ops in plane mode and the rest in tile mode, choosing the split
-and the sample so that the held bytes stay under `max_bytes`; with no budget everything is exact.
+`plan_decode` / `estimate_decode_bytes` give the plan and its memory without running anything.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ import torch.nn.functional as F
 DEFAULT_MAX_ATTENTION_TOKENS = 256 * 256
 #: Queries per SDPA call in global attention (keys/values cover the whole image).
 _QUERY_CHUNK = 4096
+#: Spilling whole-image tensors to temporary files needs shared file mappings and madvise (Linux, macOS).
+SPILL_SUPPORTED = os.name == "posix" and hasattr(mmap, "MADV_DONTNEED")
 
 
 @dataclass(frozen=True)
@@ -489,7 +491,7 @@ def plan_decode(
     _check_args(tile_size, overlap, max_attention_tokens, max_bytes)
     itemsize = next(vae.parameters()).element_size()
     return _plan(_shapes(_program(vae)), tuple(latent_hw), batch_size, tile_size, overlap,
-                 max_attention_tokens, max_bytes, itemsize, spill)
+                 max_attention_tokens, max_bytes, itemsize, spill and SPILL_SUPPORTED)
 
 
 def estimate_decode_bytes(
@@ -522,7 +524,9 @@ def estimate_decode_bytes(
     if tile_size is None or tile_size >= max(h, w):
         p = _plan(shapes, (h, w), batch_size, max(h, w), 0, max_attention_tokens, None, itemsize)
         return p.memory
-    return _plan(shapes, (h, w), batch_size, tile_size, overlap, max_attention_tokens, max_bytes, itemsize, spill).memory
+    return _plan(
+        shapes, (h, w), batch_size, tile_size, overlap, max_attention_tokens, max_bytes, itemsize, spill and SPILL_SUPPORTED
+    ).memory
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -567,6 +571,18 @@ class _Plane:
             self._mapping.madvise(mmap.MADV_DONTNEED)
 
 
+def _ramp(start: int, end: int, n: int, overlap: int) -> torch.Tensor:
+    """Blend weights along one axis of a window [start, end) of 0..n: linear over the 2*overlap pixels it
+    shares with a neighbour (sums to one with the neighbour's opposite ramp), 1 elsewhere and at image edges."""
+    p = torch.arange(start, end, dtype=torch.float64) + 0.5
+    w = torch.ones(end - start, dtype=torch.float64)
+    if overlap > 0 and start > 0:
+        w = torch.minimum(w, (p - start) / (2 * overlap))
+    if overlap > 0 and end < n:
+        w = torch.minimum(w, (end - p) / (2 * overlap))
+    return w
+
+
 def _windows(n: int, bounds: tuple[int, ...], halo: int) -> list[tuple[int, int, int, int]]:
     """(window start, window end, core start, core end) per part of 0..n; windows clipped to the image."""
     return [(max(0, a - halo), min(n, b + halo), a, b) for a, b in zip(bounds, bounds[1:])]
@@ -588,9 +604,11 @@ class _Runner:
         rows = tuple(r * sc for r in self.plan.rows)
         cols = tuple(c * sc for c in self.plan.cols)
         affine = _group_norm_affine(op.norm, cur.moments, self.device, self.dtype) if op.norm is not None else None
-        if op.kind == "attention" and self.plan.attention == "global":
-            return self._global_attention(op, cur, affine)
-        halo = self.plan.overlap * sc if op.kind == "attention" else op.halo
+        if op.kind == "attention":
+            if self.plan.attention == "global":
+                return self._global_attention(op, cur, affine)
+            return self._local_attention(op, cur, affine, rows, cols)
+        halo = op.halo
         b, _, hh, ww = cur.data.shape
         u = op.up
         last = i == len(self.ops) - 1  # the decoded image itself stays in RAM
@@ -599,10 +617,7 @@ class _Runner:
         for y0, y1, cy0, cy1 in _windows(hh, rows, halo):
             for x0, x1, cx0, cx1 in _windows(ww, cols, halo):
                 t = _apply_affine_(cur.crop(y0, y1, x0, x1, self.device), affine)  # B,C,wh,ww normalised
-                if op.kind == "attention":  # tile-local: attention over the window's tokens
-                    o = _untokens(_attend(op.attn, _tokens(t), _tokens(t)), y1 - y0, x1 - x0)
-                    o = (o + cur.crop(y0, y1, x0, x1, self.device)) / op.attn.rescale_output_factor
-                elif op.skip:
+                if op.skip:
                     o = op.fn(t, res.crop(y0, y1, x0, x1, self.device))
                 else:
                     o = op.fn(t)
@@ -615,6 +630,44 @@ class _Runner:
                         plane.release()
         out.moments = moments
         return out
+
+    def _local_attention(
+        self, op: _Op, cur: _Plane, affine: tuple, rows: tuple[int, ...], cols: tuple[int, ...]
+    ) -> _Plane:
+        """Attention within each tile's window (core + overlap), blended with feathered weights.
+
+        Neighbouring windows overlap by 2*overlap pixels; linear ramps across that band sum to one, so the
+        attention output changes smoothly from one tile's to the next (no seam at core boundaries). Windows
+        that cover the whole latent give exactly the global result.
+        """
+        attn, ov = op.attn, self.plan.overlap
+        b, c, hh, ww = cur.data.shape
+        acc = _Plane.empty((b, c, hh, ww), self.dtype, self.spill_dir)  # weighted sum of attention outputs
+        if acc._mapping is None:
+            acc.data.zero_()  # (a new file mapping reads as zeros)
+        wsum = torch.zeros(hh, ww, dtype=torch.float64)
+        for y0, y1, cy0, cy1 in _windows(hh, rows, ov):
+            for x0, x1, cx0, cx1 in _windows(ww, cols, ov):
+                t = _tokens(_apply_affine_(cur.crop(y0, y1, x0, x1, self.device), affine))
+                o = _untokens(_attend(attn, t, t), y1 - y0, x1 - x0)  # B,C,wh,ww
+                weight = _ramp(y0, y1, hh, ov)[:, None] * _ramp(x0, x1, ww, ov)[None, :]  # wh,ww
+                wsum[y0:y1, x0:x1] += weight
+                window = acc.data[:, :, y0:y1, x0:x1]
+                window += (o * weight.to(o.device, o.dtype)).to(acc.data.device)
+                del t, o, window
+                cur.release()
+                acc.release()
+        moments = _Moments()
+        for y0, y1, _, _ in _windows(hh, rows, 0):
+            for x0, x1, _, _ in _windows(ww, cols, 0):
+                o = acc.crop(y0, y1, x0, x1, self.device) / wsum[y0:y1, x0:x1].to(self.device, self.dtype)
+                o = (o + cur.crop(y0, y1, x0, x1, self.device)) / attn.rescale_output_factor  # residual
+                acc.data[:, :, y0:y1, x0:x1] = o.to(acc.data.device)
+                moments.add(o)
+                cur.release()
+                acc.release()
+        acc.moments = moments
+        return acc
 
     def _global_attention(self, op: _Op, cur: _Plane, affine: tuple) -> _Plane:
         """Single-head self-attention over ALL latent pixels; keys/values for the whole image, queries in chunks."""
@@ -752,7 +805,7 @@ def decode_latents(
 
     ops = _program(vae)
     plan = _plan(_shapes(ops), (h, w), b, tile_size, overlap, max_attention_tokens, max_bytes,
-                 param.element_size(), spill)
+                 param.element_size(), spill and SPILL_SUPPORTED)
     if plan.spill:
         spill_dir = os.fspath(spill_dir) if spill_dir is not None else tempfile.gettempdir()
         if not os.path.isdir(spill_dir):
