@@ -19,9 +19,10 @@ import sys
 
 
 def _vm(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
     raise KeyError(key)
 
 
@@ -77,7 +78,7 @@ def main() -> int:
         for mode in a.modes:
             cmd = [sys.executable, __file__, "--child", str(lat), mode, str(a.tile),
                    "none" if a.budget_gib is None else str(a.budget_gib), str(a.tokens), str(a.seed)]
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if r.returncode != 0:
                 print(json.dumps({"latent": lat, "mode": mode, "failed": r.returncode, "stderr": r.stderr[-2000:]}), flush=True)
             else:

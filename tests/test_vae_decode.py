@@ -12,7 +12,12 @@ from diffusers import AutoencoderKL
 
 import sdx4.vae_decode as vd
 from sdx4.random_model import VAE_CONFIGS
-from sdx4.vae_decode import DecodeReport, decode_latents, estimate_decode_bytes, plan_decode
+from sdx4.vae_decode import (
+    DecodeReport,
+    decode_latents,
+    estimate_decode_bytes,
+    plan_decode,
+)
 
 TOL = 1e-3  # issue 3: tiled vs untiled, in [-1, 1] units
 
@@ -224,13 +229,13 @@ def test_pooled_moments_give_torch_group_norm():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(tile_size=0), "tile_size must be None .* >= 1.* got 0"),
-        (dict(tile_size=-4), "tile_size .* got -4"),
-        (dict(tile_size=8.0), "tile_size .* got 8.0"),
-        (dict(tile_size=True), "tile_size .* got True"),
-        (dict(tile_size=8, overlap=-1), "overlap must be None .* >= 0; got -1"),
-        (dict(tile_size=8, max_attention_tokens=0), "max_attention_tokens must be an integer >= 1; got 0"),
-        (dict(tile_size=8, max_bytes=0), "max_bytes must be None .* got 0"),
+        ({"tile_size": 0}, "tile_size must be None .* >= 1.* got 0"),
+        ({"tile_size": -4}, "tile_size .* got -4"),
+        ({"tile_size": 8.0}, "tile_size .* got 8.0"),
+        ({"tile_size": True}, "tile_size .* got True"),
+        ({"tile_size": 8, "overlap": -1}, "overlap must be None .* >= 0; got -1"),
+        ({"tile_size": 8, "max_attention_tokens": 0}, "max_attention_tokens must be an integer >= 1; got 0"),
+        ({"tile_size": 8, "max_bytes": 0}, "max_bytes must be None .* got 0"),
     ],
 )
 def test_bad_arguments_are_rejected(tiny, tiny_case, kwargs, match):

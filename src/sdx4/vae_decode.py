@@ -22,12 +22,14 @@ Two ways to run an op (see docs/tiled-vae.md):
 
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -220,18 +222,6 @@ class _Moments:
         self.m2 = self.m2 + m2 + delta.square() * (self.n * nt / n)
         self.n = n
 
-    def merge(self, other: "_Moments") -> None:
-        if other.mean is None:
-            return
-        if self.mean is None:
-            self.n, self.mean, self.m2 = other.n, other.mean.clone(), other.m2.clone()
-            return
-        n = self.n + other.n
-        delta = other.mean - self.mean
-        self.mean = self.mean + delta * (other.n / n)
-        self.m2 = self.m2 + other.m2 + delta.square() * (self.n * other.n / n)
-        self.n = n
-
 
 def _group_norm_affine(norm: Any, m: _Moments, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """GroupNorm with pooled statistics as a per-channel affine map: y = x * scale + shift (each B,C,1,1)."""
@@ -383,7 +373,7 @@ def _plan(
         overlap = math.ceil(receptive_radius(shapes, after) / _scale_at(shapes, after))
     norms = sum(s.norm for s in shapes)
     b, e = batch_size, itemsize
-    core_max = max(max(b1 - b0 for b0, b1 in zip(rows, rows[1:])), max(c1 - c0 for c0, c1 in zip(cols, cols[1:])))
+    core_max = max(max(b1 - b0 for b0, b1 in itertools.pairwise(rows)), max(c1 - c0 for c0, c1 in itertools.pairwise(cols)))
 
     def px(i: int) -> int:  # pixels of ops[i]'s input, whole image
         return h * w * _scale_at(shapes, i) ** 2
@@ -547,7 +537,7 @@ class _Plane:
         self._mapping = mapping
 
     @classmethod
-    def empty(cls, shape: tuple[int, int, int, int], dtype: torch.dtype, spill_dir: str | None) -> "_Plane":
+    def empty(cls, shape: tuple[int, int, int, int], dtype: torch.dtype, spill_dir: str | None) -> _Plane:
         if spill_dir is None:
             return cls(torch.empty(shape, dtype=dtype))
         b, c, h, w = shape
@@ -585,7 +575,7 @@ def _ramp(start: int, end: int, n: int, overlap: int) -> torch.Tensor:
 
 def _windows(n: int, bounds: tuple[int, ...], halo: int) -> list[tuple[int, int, int, int]]:
     """(window start, window end, core start, core end) per part of 0..n; windows clipped to the image."""
-    return [(max(0, a - halo), min(n, b + halo), a, b) for a, b in zip(bounds, bounds[1:])]
+    return [(max(0, a - halo), min(n, b + halo), a, b) for a, b in itertools.pairwise(bounds)]
 
 
 class _Runner:
