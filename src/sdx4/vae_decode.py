@@ -1,0 +1,833 @@
+"""Tiled VAE decoding that matches the untiled decode, in bounded memory.
+
+`decode_latents(vae, latents, tile_size=..)` runs diffusers' own AutoencoderKL decoder modules (post_quant_conv,
+conv_in, mid_block, up_blocks, conv_norm_out, conv_act, conv_out) on tiles, with every GroupNorm normalised by
+statistics of the WHOLE image. The decoder is written out as a flat list of ops (`_program`); each op is
+"GroupNorm (whole-image statistics) then a tile function" (a conv chain, an upsample+conv, or attention).
+
+Two ways to run an op (see docs/tiled-vae.md):
+  * plane mode (exact): the op's input is held as a whole-image tensor ("plane", CPU: in RAM, or spilled to
+    an unlinked temporary file under a memory budget); the op is computed tile by tile (each tile reads its
+    op's own halo, 0-1 px, so every output pixel is exact) into a whole-image output; the per-tile
+    mean/variance of the output cores are merged (Chan et al.) into exact pooled statistics for the next
+    GroupNorm. The mid-block attention is global (SDPA over all latent pixels, keys/values for the whole
+    image, queries in chunks) while the token count <= max_attention_tokens, tile-local beyond.
+  * tile mode (spill=False under a budget): the remaining ops run on one tile window at a time (core + a
+    halo >= the remaining receptive radius, so cores are exact given the statistics). Statistics of the norms
+    in this part come from a first group of tiles run in lockstep (pooled over their cores): exact if that
+    group is every tile, otherwise an estimate from an evenly spread sample, and the report says so.
+
+`plan_decode` / `estimate_decode_bytes` give the plan and its memory without running anything.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import mmap
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+#: Global mid-block attention up to this many latent pixels per image (256x256 latent = 1024x1024 output):
+#: its cost grows with the square of the pixel count (8.8 TFLOP at 256x256, 141 TFLOP at 512x512).
+DEFAULT_MAX_ATTENTION_TOKENS = 256 * 256
+#: Queries per SDPA call in global attention (keys/values cover the whole image).
+_QUERY_CHUNK = 4096
+#: Spilling whole-image tensors to temporary files needs shared file mappings and madvise (Linux, macOS).
+SPILL_SUPPORTED = os.name == "posix" and hasattr(mmap, "MADV_DONTNEED")
+
+
+@dataclass(frozen=True)
+class DecodeReport:
+    """What `decode_latents` did (goes into the output metadata)."""
+
+    tiled: bool
+    tile_size: int | None  # latent pixels per tile core (None: untiled)
+    overlap: int  # latent pixels of context around each tile core (tile-local attention, tile-mode windows)
+    attention: Literal["global", "tile-local"]
+    tiles: int
+    #: GroupNorm statistics: "exact" (whole image) or "estimated" (pooled over `sample_tiles` tiles only).
+    norm_stats: Literal["exact", "estimated"] = "exact"
+    exact_norms: int = 0  # how many of the decoder's GroupNorms used exact whole-image statistics
+    norms: int = 0  # how many GroupNorms the decoder has
+    sample_tiles: int = 0  # tiles whose pooled statistics set the estimated norms (0 when all exact)
+    planned_bytes: int = 0  # the plan's RAM estimate for activations (see `estimate_decode_bytes`)
+    spilled_bytes: int = 0  # planned bytes of whole-image tensors kept in temporary files instead of RAM
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The decoder as a list of ops
+
+
+@dataclass(frozen=True, eq=False)
+class _Op:
+    """GroupNorm `norm` (whole-image statistics) on the input, then `fn` on a tile.
+
+    halo: input pixels of context `fn` needs on each side for an exact output; up: output/input resolution.
+    save: keep this op's (un-normalised) input as the residual; skip: `fn(x, residual)` consumes it.
+    """
+
+    kind: Literal["map", "attention"]
+    in_channels: int
+    out_channels: int
+    halo: int = 0
+    up: int = 1
+    norm: Any = None  # torch.nn.GroupNorm | None
+    fn: Callable[..., torch.Tensor] | None = None
+    save: bool = False
+    skip: bool = False
+    attn: Any = None  # diffusers Attention for kind == "attention"
+
+
+def _conv_halo(conv: torch.nn.Module, what: str) -> int:
+    if not isinstance(conv, torch.nn.Conv2d):
+        raise NotImplementedError(f"tiled VAE decode: {what} is {type(conv).__name__}, expected Conv2d")
+    k = conv.kernel_size
+    if (
+        k[0] != k[1]
+        or k[0] % 2 != 1
+        or conv.stride != (1, 1)
+        or conv.dilation != (1, 1)
+        or conv.padding != (k[0] // 2, k[1] // 2)
+        or conv.padding_mode != "zeros"
+    ):
+        raise NotImplementedError(f"tiled VAE decode: {what} must be an odd 'same' stride-1 conv; got {conv}")
+    return k[0] // 2
+
+
+def _act(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation module, in place when it is SiLU (our tiles are private copies)."""
+    if isinstance(module, torch.nn.SiLU):
+        return lambda t: F.silu(t, inplace=True)
+    return module
+
+
+def _resnet_ops(r: Any) -> list[_Op]:
+    """ResnetBlock2D (diffusers resnet.py): out = (shortcut(x) + conv2(act(norm2(conv1(act(norm1(x))))))) / osf."""
+    if r.upsample is not None or r.downsample is not None or r.time_emb_proj is not None:
+        raise NotImplementedError("tiled VAE decode: resnet blocks with up/down-sampling or time embedding")
+    if getattr(r, "time_embedding_norm", "default") not in ("default", "group"):
+        raise NotImplementedError(f"tiled VAE decode: time_embedding_norm {r.time_embedding_norm!r}")
+    act = _act(r.nonlinearity)
+    if r.conv_shortcut is not None and _conv_halo(r.conv_shortcut, "resnet conv_shortcut") != 0:
+        raise NotImplementedError("tiled VAE decode: resnet conv_shortcut must be 1x1")
+    osf = r.output_scale_factor
+
+    def first(t: torch.Tensor) -> torch.Tensor:
+        return r.conv1(act(t))
+
+    def second(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        h = r.conv2(r.dropout(act(t)))
+        if r.conv_shortcut is not None:
+            x = r.conv_shortcut(x)
+        out = x + h
+        return out / osf if osf != 1 else out
+
+    return [
+        _Op("map", r.conv1.in_channels, r.conv1.out_channels, _conv_halo(r.conv1, "resnet conv1"), 1, r.norm1, first, save=True),
+        _Op("map", r.conv2.in_channels, r.conv2.out_channels, _conv_halo(r.conv2, "resnet conv2"), 1, r.norm2, second, skip=True),
+    ]
+
+
+def _upsample_op(u: Any) -> _Op:
+    """Upsample2D: nearest x2 then conv (diffusers upsampling.py)."""
+    if u.norm is not None or u.use_conv_transpose or not u.interpolate or not u.use_conv:
+        raise NotImplementedError("tiled VAE decode: only nearest-x2 + conv Upsample2D is supported")
+    conv = u.conv if u.name == "conv" else u.Conv2d_0
+    halo = math.ceil(_conv_halo(conv, "upsampler conv") / 2)  # in input pixels
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return conv(F.interpolate(t, scale_factor=2.0, mode="nearest"))
+
+    return _Op("map", conv.in_channels, conv.out_channels, halo, 2, None, fn)
+
+
+def _attention_op(attn: Any) -> _Op:
+    if attn.spatial_norm is not None or attn.group_norm is None or attn.norm_q is not None or attn.norm_k is not None:
+        raise NotImplementedError("tiled VAE decode: mid-block attention must use a plain GroupNorm")
+    if attn.is_cross_attention or not attn.residual_connection:
+        raise NotImplementedError("tiled VAE decode: mid-block attention must be self-attention with a residual")
+    c = attn.group_norm.num_channels
+    return _Op("attention", c, c, 0, 1, attn.group_norm, None, attn=attn)
+
+
+def _program(vae: Any) -> list[_Op]:
+    """AutoencoderKL.decode as ops, in the order of diffusers' `Decoder.forward` (models/autoencoders/vae.py)."""
+    dec = vae.decoder
+    if not isinstance(dec.conv_norm_out, torch.nn.GroupNorm):
+        raise NotImplementedError("tiled VAE decode: decoder norm_type must be 'group' (not 'spatial')")
+    pq = getattr(vae, "post_quant_conv", None)
+    if pq is not None and _conv_halo(pq, "post_quant_conv") != 0:
+        raise NotImplementedError("tiled VAE decode: post_quant_conv must be 1x1")
+    conv_in = dec.conv_in
+
+    def first(t: torch.Tensor) -> torch.Tensor:
+        return conv_in(pq(t) if pq is not None else t)
+
+    ops = [_Op("map", conv_in.in_channels, conv_in.out_channels, _conv_halo(conv_in, "conv_in"), 1, None, first)]
+    mid = dec.mid_block
+    ops += _resnet_ops(mid.resnets[0])
+    for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+        if attn is not None:
+            ops.append(_attention_op(attn))
+        ops += _resnet_ops(resnet)
+    for block in dec.up_blocks:
+        for r in block.resnets:
+            ops += _resnet_ops(r)
+        for u in block.upsamplers or []:
+            ops.append(_upsample_op(u))
+    conv_out, act = dec.conv_out, _act(dec.conv_act)
+    ops.append(
+        _Op("map", conv_out.in_channels, conv_out.out_channels, _conv_halo(conv_out, "conv_out"), 1, dec.conv_norm_out,
+            lambda t: conv_out(act(t)))
+    )
+    return ops
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exact pooled statistics
+
+
+class _Moments:
+    """Per (batch, channel) count, mean and sum of squared deviations, merged exactly over tiles (float64).
+
+    Chan, Golub & LeVeque's pairwise update: pooling (n_i, mean_i, M2_i) gives the exact whole-image mean and
+    variance (not an average of per-tile variances) without the cancellation of sum(x^2) - n*mean^2.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: torch.Tensor | None = None  # B,C float64 (cpu)
+        self.m2: torch.Tensor | None = None  # B,C float64 (cpu)
+
+    def add(self, t: torch.Tensor) -> None:
+        """t: B,C,h,w (a tile core)."""
+        nt = t.shape[2] * t.shape[3]
+        if nt == 0:
+            return
+        var, mean = torch.var_mean(t.float(), dim=(2, 3), correction=0)
+        mean, m2 = mean.double().cpu(), var.double().cpu() * nt
+        if self.mean is None:
+            self.n, self.mean, self.m2 = nt, mean, m2
+            return
+        n = self.n + nt
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (nt / n)
+        self.m2 = self.m2 + m2 + delta.square() * (self.n * nt / n)
+        self.n = n
+
+
+def _group_norm_affine(norm: Any, m: _Moments, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm with pooled statistics as a per-channel affine map: y = x * scale + shift (each B,C,1,1)."""
+    if m.mean is None:
+        raise RuntimeError("tiled VAE decode: no statistics for a GroupNorm (empty tiles)")
+    b, c = m.mean.shape
+    g = norm.num_groups
+    mean = m.mean.view(b, g, c // g)  # B,G,Cg
+    gmean = mean.mean(-1, keepdim=True)
+    gm2 = (m.m2.view(b, g, c // g) + m.n * (mean - gmean).square()).sum(-1, keepdim=True)
+    var = gm2 / (m.n * (c // g))  # biased, as torch's GroupNorm
+    rstd = (var + norm.eps).rsqrt()
+    scale = rstd.expand(b, g, c // g).reshape(b, c)
+    shift = -gmean.expand(b, g, c // g).reshape(b, c) * scale
+    if norm.affine:
+        w, bias = norm.weight.detach().double().cpu(), norm.bias.detach().double().cpu()
+        scale, shift = scale * w, shift * w + bias
+    return (scale.to(device, dtype)[:, :, None, None], shift.to(device, dtype)[:, :, None, None])
+
+
+def _apply_affine_(t: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    if affine is None:
+        return t
+    return t.mul_(affine[0]).add_(affine[1])
+
+
+def _attend(attn: Any, q_in: torch.Tensor, kv_in: torch.Tensor | None = None, kv: tuple | None = None) -> torch.Tensor:
+    """diffusers' AttnProcessor2_0 on normalised tokens: q_in B,Nq,C; keys/values from kv_in or given kv."""
+    b = q_in.shape[0]
+    heads = attn.heads
+    q = attn.to_q(q_in)
+    if kv is None:
+        kv = (attn.to_k(kv_in), attn.to_v(kv_in))
+    k, v = kv
+    hd = k.shape[-1] // heads
+    q = q.view(b, -1, heads, hd).transpose(1, 2)
+    k = k.view(b, -1, heads, hd).transpose(1, 2)
+    v = v.view(b, -1, heads, hd).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(b, -1, heads * hd).to(q.dtype)
+    return attn.to_out[1](attn.to_out[0](out))  # B,Nq,C
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(2).transpose(1, 2)  # B,C,h,w -> B,h*w,C
+
+
+def _untokens(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return t.transpose(1, 2).reshape(t.shape[0], -1, h, w)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Planning (pure; shared by decode_latents and estimate_decode_bytes)
+
+
+@dataclass(frozen=True)
+class _OpShape:
+    kind: str
+    in_channels: int
+    out_channels: int
+    halo: int
+    up: int
+    norm: bool
+    save: bool
+    skip: bool
+
+
+@dataclass(frozen=True)
+class DecodeMemory:
+    """Estimated peak bytes of a tiled decode, by part (activations only; weights not included).
+
+    planes: whole-image tensors held in plane mode (op input, output, residual, global-attention keys/values);
+    handoff: the whole-image tensors kept while tile mode runs; sample: the lockstep sample group's held tile
+    windows; work: temporaries of one tile op (input copy, output, residual; 2x margin for conv workspaces);
+    output: the decoded image. total = max(planes, handoff + sample + output) + work (RAM).
+    spilled: bytes of whole-image tensors held in temporary files instead (disk / page cache, not RAM).
+    """
+
+    total: int
+    planes: int
+    handoff: int
+    sample: int
+    work: int
+    output: int
+    spilled: int = 0
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    latent_hw: tuple[int, int]
+    batch_size: int
+    tile_size: int
+    overlap: int
+    attention: Literal["global", "tile-local"]
+    rows: tuple[int, ...]  # core boundaries in latent pixels (len = tiles down + 1)
+    cols: tuple[int, ...]
+    split: int  # ops[:split] in plane mode (exact); ops[split:] per tile
+    sample: tuple[int, ...]  # tile indices run first in lockstep (their pooled statistics serve every tile)
+    halo: int  # tile-mode window halo, in pixels at the resolution of ops[split]'s input
+    exact_norms: int
+    norms: int
+    memory: DecodeMemory
+    spill: bool = False  # whole-image tensors in temporary files instead of RAM
+
+    @property
+    def tiles(self) -> int:
+        return (len(self.rows) - 1) * (len(self.cols) - 1)
+
+
+def _bounds(n: int, tile: int) -> tuple[int, ...]:
+    """Split 0..n into ceil(n/tile) nearly equal parts."""
+    k = math.ceil(n / tile)
+    return tuple(round(i * n / k) for i in range(k + 1))
+
+
+def receptive_radius(shapes: list[_OpShape], start: int = 0) -> int:
+    """Context (pixels at ops[start]'s input resolution) that makes the output of ops[start:] exact in a core.
+
+    Attention ops count as 0 (tile mode uses tile-local attention, which is not exact anyway).
+    """
+    r = 0
+    for s in reversed(shapes[start:]):
+        r = math.ceil(r / s.up) + s.halo
+    return r
+
+
+def _scale_at(shapes: list[_OpShape], i: int) -> int:
+    return math.prod(s.up for s in shapes[:i])
+
+
+def _plan(
+    shapes: list[_OpShape],
+    latent_hw: tuple[int, int],
+    batch_size: int,
+    tile_size: int,
+    overlap: int | None,
+    max_attention_tokens: int,
+    max_bytes: int | None,
+    itemsize: int,
+    spill: bool = False,
+) -> DecodePlan:
+    h, w = latent_hw
+    rows, cols = _bounds(h, tile_size), _bounds(w, tile_size)
+    n_tiles = (len(rows) - 1) * (len(cols) - 1)
+    attn_idx = [i for i, s in enumerate(shapes) if s.kind == "attention"]
+    attention: Literal["global", "tile-local"] = "global" if h * w <= max_attention_tokens else "tile-local"
+    if overlap is None:  # default: the receptive radius (in latent pixels) of everything after the attention
+        after = attn_idx[-1] + 1 if attn_idx else 0
+        overlap = math.ceil(receptive_radius(shapes, after) / _scale_at(shapes, after))
+    norms = sum(s.norm for s in shapes)
+    b, e = batch_size, itemsize
+    core_max = max(max(b1 - b0 for b0, b1 in itertools.pairwise(rows)), max(c1 - c0 for c0, c1 in itertools.pairwise(cols)))
+
+    def px(i: int) -> int:  # pixels of ops[i]'s input, whole image
+        return h * w * _scale_at(shapes, i) ** 2
+
+    # Plane mode: bytes held while op i runs (input, output, live residual, global-attention keys/values).
+    plane_held, work_plane, kv_ram, res_ch = [], [], [], 0
+    for i, s in enumerate(shapes):
+        held = px(i) * s.in_channels + px(i) * s.up**2 * s.out_channels + px(i) * res_ch
+        side = (core_max + 2 * overlap) if s.kind == "attention" and attention == "tile-local" else core_max
+        win = (side * _scale_at(shapes, i) + 2 * s.halo) ** 2
+        work = win * (2 * s.in_channels + 2 * s.up**2 * s.out_channels + res_ch)
+        kv = 0
+        if s.kind == "attention" and attention == "global":
+            kv = 2 * px(i) * s.in_channels  # keys, values (always in RAM)
+            work = _QUERY_CHUNK * 4 * s.in_channels
+        kv_ram.append(kv * b * e)
+        plane_held.append(held * b * e)
+        work_plane.append(work * b * e)
+        res_ch = s.in_channels if s.save else (0 if s.skip else res_ch)
+    output = b * shapes[-1].out_channels * px(len(shapes)) * e
+
+    def residual_channels_at(k: int) -> int:
+        rc = 0
+        for s in shapes[:k]:
+            rc = s.in_channels if s.save else (0 if s.skip else rc)
+        return rc
+
+    def tile_costs(k: int) -> tuple[int, int, int]:
+        """(halo, held bytes of one tile window at its peak, one tile op's temporaries) for a split at k."""
+        sc = _scale_at(shapes, k)
+        halo = max(receptive_radius(shapes, k), overlap * sc)
+        side = core_max * sc + 2 * halo  # window side at ops[k]'s input
+        rc, held_peak, work_peak = residual_channels_at(k), 0, 0
+        for s in shapes[k:]:
+            held = side**2 * (s.in_channels + rc)
+            work = side**2 * (2 * s.in_channels + 2 * s.up**2 * s.out_channels + rc)
+            held_peak, work_peak = max(held_peak, held), max(work_peak, work)
+            rc = s.in_channels if s.save else (0 if s.skip else rc)
+            side *= s.up
+        return halo, held_peak * b * e, work_peak * b * e
+
+    n = len(shapes)
+    k_min = attn_idx[0] + 1 if (attn_idx and attention == "global") else 0
+    full_planes = max(p + kv for p, kv in zip(plane_held, kv_ram)) + max(work_plane)
+    spilled = False
+    if max_bytes is None or full_planes + output <= max_bytes or k_min == n:
+        split, sample, halo = n, (), 0
+        memory = DecodeMemory(full_planes + output, max(plane_held), 0, 0, max(work_plane), output)
+    elif spill:  # whole-image tensors in temporary files: RAM holds one tile op and the output
+        split, sample, halo, spilled = n, (), 0, True
+        ram = max(w + kv for w, kv in zip(work_plane, kv_ram))
+        memory = DecodeMemory(ram + output, 0, 0, 0, ram, output, max(plane_held))
+    else:
+        # Tile mode from op k: the whole-image tensors at k stay (handoff), the sample group is held in lockstep.
+        options = []
+        for k in range(k_min, n):
+            halo, tile_held, tile_work = tile_costs(k)
+            planes = max((p + kv for p, kv in zip(plane_held[:k], kv_ram[:k])), default=0) + max(work_plane[:k], default=0)
+            handoff = b * e * px(k) * (shapes[k].in_channels + residual_channels_at(k))
+            fixed = handoff + output + tile_work
+            m = min(n_tiles, (max_bytes - fixed) // tile_held) if planes <= max_bytes and fixed < max_bytes else 0
+            total = max(planes, fixed + max(m, 1) * tile_held)
+            # most sample tiles first (better estimates), then the latest split (more exact norms),
+            # and when nothing fits the budget, the smallest total
+            options.append(((m, k) if m > 0 else (0, -total), k, halo, max(m, 1), handoff, tile_held, tile_work, planes, total))
+        _, split, halo, m, handoff, tile_held, tile_work, planes, total = max(options, key=lambda o: o[0])
+        sample = tuple(sorted({min(n_tiles - 1, int((j + 0.5) * n_tiles / m)) for j in range(m)}))
+        memory = DecodeMemory(total, planes, handoff, len(sample) * tile_held, tile_work, output)
+    exact = norms if (split == n or len(sample) == n_tiles) else sum(s.norm for s in shapes[: split + 1])
+    return DecodePlan(
+        (h, w), b, tile_size, overlap, attention, rows, cols, split, sample, halo, exact, norms, memory, spilled
+    )
+
+
+def _shapes(ops: list[_Op]) -> list[_OpShape]:
+    return [_OpShape(o.kind, o.in_channels, o.out_channels, o.halo, o.up, o.norm is not None, o.save, o.skip) for o in ops]
+
+
+def _check_args(tile_size: Any, overlap: Any, max_attention_tokens: Any, max_bytes: Any) -> None:
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if tile_size is not None and (not is_int(tile_size) or tile_size < 1):
+        raise ValueError(f"tile_size must be None (untiled) or an integer >= 1 latent pixel; got {tile_size!r}")
+    if overlap is not None and (not is_int(overlap) or overlap < 0):
+        raise ValueError(f"overlap must be None (the decoder's receptive radius) or an integer >= 0; got {overlap!r}")
+    if not is_int(max_attention_tokens) or max_attention_tokens < 1:
+        raise ValueError(f"max_attention_tokens must be an integer >= 1; got {max_attention_tokens!r}")
+    if max_bytes is not None and (not is_int(max_bytes) or max_bytes < 1):
+        raise ValueError(f"max_bytes must be None (no limit: every norm exact) or an integer >= 1 byte; got {max_bytes!r}")
+
+
+def plan_decode(
+    vae: Any,
+    latent_hw: tuple[int, int],
+    tile_size: int,
+    overlap: int | None = None,
+    *,
+    batch_size: int = 1,
+    max_attention_tokens: int = DEFAULT_MAX_ATTENTION_TOKENS,
+    max_bytes: int | None = None,
+    spill: bool = True,
+) -> DecodePlan:
+    """The plan `decode_latents` follows for these arguments (no computation)."""
+    _check_args(tile_size, overlap, max_attention_tokens, max_bytes)
+    itemsize = next(vae.parameters()).element_size()
+    return _plan(_shapes(_program(vae)), tuple(latent_hw), batch_size, tile_size, overlap,
+                 max_attention_tokens, max_bytes, itemsize, spill and SPILL_SUPPORTED)
+
+
+def estimate_decode_bytes(
+    latent_hw: tuple[int, int],
+    tile_size: int | None,
+    overlap: int | None = None,
+    *,
+    batch_size: int = 1,
+    vae_config: dict[str, Any] | None = None,
+    max_attention_tokens: int = DEFAULT_MAX_ATTENTION_TOKENS,
+    max_bytes: int | None = None,
+    spill: bool = True,
+    itemsize: int = 4,
+) -> DecodeMemory:
+    """Estimated peak activation bytes of `decode_latents` (weights NOT included; see `DecodeMemory`).
+
+    vae_config: AutoencoderKL config (default: the published x4 upscaler's, `random_model.VAE_CONFIGS["full"]`);
+    the model is built on the meta device (no memory). tile_size None: a rough count for the untiled decode
+    (the whole image as one tile: 2 inputs + 2 outputs of the widest op, plus global attention keys/values).
+    """
+    from diffusers import AutoencoderKL
+
+    from .random_model import VAE_CONFIGS
+
+    h, w = latent_hw
+    _check_args(tile_size, overlap, max_attention_tokens, max_bytes)
+    with torch.device("meta"):
+        vae = AutoencoderKL(**(vae_config or VAE_CONFIGS["full"]))
+    shapes = _shapes(_program(vae))
+    if tile_size is None or tile_size >= max(h, w):
+        p = _plan(shapes, (h, w), batch_size, max(h, w), 0, max_attention_tokens, None, itemsize)
+        return p.memory
+    return _plan(
+        shapes, (h, w), batch_size, tile_size, overlap, max_attention_tokens, max_bytes, itemsize, spill and SPILL_SUPPORTED
+    ).memory
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Execution
+
+
+class _Plane:
+    """A whole-image tensor B,C,H,W on the CPU (in RAM, or in an unlinked temporary file) and its moments.
+
+    A spilled plane is a shared file mapping laid out B,H,W,C (so a tile window is a few contiguous runs);
+    `release()` drops its pages from this process's resident set after each tile (MADV_DONTNEED keeps the
+    data: it is in the file / page cache, which the kernel writes back and evicts under memory pressure).
+    """
+
+    def __init__(self, data: torch.Tensor, moments: _Moments | None = None, mapping: mmap.mmap | None = None) -> None:
+        self.data = data
+        self.moments = moments
+        self._mapping = mapping
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int, int, int], dtype: torch.dtype, spill_dir: str | None) -> _Plane:
+        if spill_dir is None:
+            return cls(torch.empty(shape, dtype=dtype))
+        b, c, h, w = shape
+        nbytes = b * c * h * w * torch.empty((), dtype=dtype).element_size()
+        fd, path = tempfile.mkstemp(prefix="sdx4-vae-", suffix=".plane", dir=spill_dir)
+        try:
+            os.unlink(path)  # the mapping keeps the file alive; it disappears when the plane is freed
+            os.ftruncate(fd, nbytes)
+            mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        data = torch.frombuffer(mapping, dtype=dtype).view(b, h, w, c).permute(0, 3, 1, 2)  # B,C,H,W view
+        return cls(data, None, mapping)
+
+    def crop(self, y0: int, y1: int, x0: int, x1: int, device: torch.device) -> torch.Tensor:
+        """A private contiguous copy of data[:, :, y0:y1, x0:x1] on `device`."""
+        return self.data[:, :, y0:y1, x0:x1].to(device, memory_format=torch.contiguous_format, copy=True)
+
+    def release(self) -> None:
+        if self._mapping is not None:
+            self._mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def _ramp(start: int, end: int, n: int, overlap: int) -> torch.Tensor:
+    """Blend weights along one axis of a window [start, end) of 0..n: linear over the 2*overlap pixels it
+    shares with a neighbour (sums to one with the neighbour's opposite ramp), 1 elsewhere and at image edges."""
+    p = torch.arange(start, end, dtype=torch.float64) + 0.5
+    w = torch.ones(end - start, dtype=torch.float64)
+    if overlap > 0 and start > 0:
+        w = torch.minimum(w, (p - start) / (2 * overlap))
+    if overlap > 0 and end < n:
+        w = torch.minimum(w, (end - p) / (2 * overlap))
+    return w
+
+
+def _windows(n: int, bounds: tuple[int, ...], halo: int) -> list[tuple[int, int, int, int]]:
+    """(window start, window end, core start, core end) per part of 0..n; windows clipped to the image."""
+    return [(max(0, a - halo), min(n, b + halo), a, b) for a, b in itertools.pairwise(bounds)]
+
+
+class _Runner:
+    def __init__(
+        self, ops: list[_Op], plan: DecodePlan, device: torch.device, dtype: torch.dtype, spill_dir: str | None
+    ) -> None:
+        self.ops, self.plan, self.device, self.dtype = ops, plan, device, dtype
+        self.spill_dir = spill_dir  # None: whole-image tensors in RAM
+        self.store = torch.device("cpu")
+        self.shapes = _shapes(ops)
+
+    # -- plane mode ---------------------------------------------------------------------------------------
+    def plane_op(self, i: int, cur: _Plane, res: _Plane | None) -> _Plane:
+        """ops[i] over whole-image tensors, tile by tile (each tile with the op's own halo): exact."""
+        op, sc = self.ops[i], _scale_at(self.shapes, i)
+        rows = tuple(r * sc for r in self.plan.rows)
+        cols = tuple(c * sc for c in self.plan.cols)
+        affine = _group_norm_affine(op.norm, cur.moments, self.device, self.dtype) if op.norm is not None else None
+        if op.kind == "attention":
+            if self.plan.attention == "global":
+                return self._global_attention(op, cur, affine)
+            return self._local_attention(op, cur, affine, rows, cols)
+        halo = op.halo
+        b, _, hh, ww = cur.data.shape
+        u = op.up
+        last = i == len(self.ops) - 1  # the decoded image itself stays in RAM
+        out = _Plane.empty((b, op.out_channels, hh * u, ww * u), self.dtype, None if last else self.spill_dir)
+        moments = _Moments()
+        for y0, y1, cy0, cy1 in _windows(hh, rows, halo):
+            for x0, x1, cx0, cx1 in _windows(ww, cols, halo):
+                t = _apply_affine_(cur.crop(y0, y1, x0, x1, self.device), affine)  # B,C,wh,ww normalised
+                if op.skip:
+                    o = op.fn(t, res.crop(y0, y1, x0, x1, self.device))
+                else:
+                    o = op.fn(t)
+                core = o[:, :, (cy0 - y0) * u : (cy1 - y0) * u, (cx0 - x0) * u : (cx1 - x0) * u]
+                out.data[:, :, cy0 * u : cy1 * u, cx0 * u : cx1 * u] = core
+                moments.add(core)
+                del t, o, core
+                for plane in (cur, res, out):
+                    if plane is not None:
+                        plane.release()
+        out.moments = moments
+        return out
+
+    def _local_attention(
+        self, op: _Op, cur: _Plane, affine: tuple, rows: tuple[int, ...], cols: tuple[int, ...]
+    ) -> _Plane:
+        """Attention within each tile's window (core + overlap), blended with feathered weights.
+
+        Neighbouring windows overlap by 2*overlap pixels; linear ramps across that band sum to one, so the
+        attention output changes smoothly from one tile's to the next (no seam at core boundaries). Windows
+        that cover the whole latent give exactly the global result.
+        """
+        attn, ov = op.attn, self.plan.overlap
+        b, c, hh, ww = cur.data.shape
+        acc = _Plane.empty((b, c, hh, ww), self.dtype, self.spill_dir)  # weighted sum of attention outputs
+        if acc._mapping is None:
+            acc.data.zero_()  # (a new file mapping reads as zeros)
+        wsum = torch.zeros(hh, ww, dtype=torch.float64)
+        for y0, y1, cy0, cy1 in _windows(hh, rows, ov):
+            for x0, x1, cx0, cx1 in _windows(ww, cols, ov):
+                t = _tokens(_apply_affine_(cur.crop(y0, y1, x0, x1, self.device), affine))
+                o = _untokens(_attend(attn, t, t), y1 - y0, x1 - x0)  # B,C,wh,ww
+                weight = _ramp(y0, y1, hh, ov)[:, None] * _ramp(x0, x1, ww, ov)[None, :]  # wh,ww
+                wsum[y0:y1, x0:x1] += weight
+                window = acc.data[:, :, y0:y1, x0:x1]
+                window += (o * weight.to(o.device, o.dtype)).to(acc.data.device)
+                del t, o, window
+                cur.release()
+                acc.release()
+        moments = _Moments()
+        for y0, y1, _, _ in _windows(hh, rows, 0):
+            for x0, x1, _, _ in _windows(ww, cols, 0):
+                o = acc.crop(y0, y1, x0, x1, self.device) / wsum[y0:y1, x0:x1].to(self.device, self.dtype)
+                o = (o + cur.crop(y0, y1, x0, x1, self.device)) / attn.rescale_output_factor  # residual
+                acc.data[:, :, y0:y1, x0:x1] = o.to(acc.data.device)
+                moments.add(o)
+                cur.release()
+                acc.release()
+        acc.moments = moments
+        return acc
+
+    def _global_attention(self, op: _Op, cur: _Plane, affine: tuple) -> _Plane:
+        """Single-head self-attention over ALL latent pixels; keys/values for the whole image, queries in chunks."""
+        attn = op.attn
+        b, c, hh, ww = cur.data.shape
+        rows_per_chunk = max(1, _QUERY_CHUNK // ww)
+        bands = [(y, min(hh, y + rows_per_chunk)) for y in range(0, hh, rows_per_chunk)]
+        keys, values = [], []
+        for y0, y1 in bands:
+            t = _tokens(_apply_affine_(cur.crop(y0, y1, 0, ww, self.device), affine))  # B,n,C
+            keys.append(attn.to_k(t))
+            values.append(attn.to_v(t))
+            cur.release()
+        kv = (torch.cat(keys, 1), torch.cat(values, 1))  # B,N,C each, N = every latent pixel
+        del keys, values
+        out = _Plane.empty((b, c, hh, ww), self.dtype, self.spill_dir)
+        moments = _Moments()
+        for y0, y1 in bands:
+            t = _tokens(_apply_affine_(cur.crop(y0, y1, 0, ww, self.device), affine))
+            o = _untokens(_attend(attn, t, kv=kv), y1 - y0, ww)
+            o = (o + cur.crop(y0, y1, 0, ww, self.device)) / attn.rescale_output_factor
+            out.data[:, :, y0:y1] = o
+            moments.add(o)
+            cur.release()
+            out.release()
+        out.moments = moments
+        return out
+
+    # -- tile mode ----------------------------------------------------------------------------------------
+    def tile_group(
+        self,
+        tiles: list[int],
+        cur: _Plane,
+        res: _Plane | None,
+        table: dict[int, tuple],
+        out: torch.Tensor,
+    ) -> None:
+        """Run ops[split:] on the given tiles in lockstep; norms missing from `table` get the group's pooled stats."""
+        plan, ops, k = self.plan, self.ops, self.plan.split
+        sc, total = _scale_at(self.shapes, k), _scale_at(self.shapes, len(ops))
+        nx = len(plan.cols) - 1
+        hh, ww = cur.data.shape[2:]
+        state = []  # per tile: [current B,C,h,w, residual or None, core box (y0, y1, x0, x1) in the window]
+        for t in tiles:
+            r, c = divmod(t, nx)
+            cy0, cy1 = plan.rows[r] * sc, plan.rows[r + 1] * sc
+            cx0, cx1 = plan.cols[c] * sc, plan.cols[c + 1] * sc
+            y0, y1 = max(0, cy0 - plan.halo), min(hh, cy1 + plan.halo)
+            x0, x1 = max(0, cx0 - plan.halo), min(ww, cx1 + plan.halo)
+            rt = res.crop(y0, y1, x0, x1, self.device) if res is not None else None
+            state.append([cur.crop(y0, y1, x0, x1, self.device), rt,
+                          (cy0 - y0, cy1 - y0, cx0 - x0, cx1 - x0), (plan.rows[r] * total, plan.cols[c] * total)])
+            for plane in (cur, res):
+                if plane is not None:
+                    plane.release()
+        moments: _Moments | None = None
+        for i in range(k, len(ops)):
+            op = ops[i]
+            if op.norm is not None and i not in table:
+                table[i] = _group_norm_affine(op.norm, moments, self.device, self.dtype)
+            affine = table.get(i) if op.norm is not None else None
+            # the next op's norm reads this op's output: pool its cores if that norm has no statistics yet
+            nxt = i + 1
+            moments = _Moments() if nxt < len(ops) and ops[nxt].norm is not None and nxt not in table else None
+            for s in state:
+                x, r, (a0, a1, b0, b1) = s[0], s[1], s[2]
+                if op.save:
+                    s[1] = r = x
+                # normalise in place unless the un-normalised input is still needed (residual, attention)
+                t = x.clone() if (op.save or op.kind == "attention") else x
+                _apply_affine_(t, affine)
+                if op.kind == "attention":  # tile-local: attention over the window's tokens
+                    o = _untokens(_attend(op.attn, _tokens(t), _tokens(t)), t.shape[2], t.shape[3])
+                    o = (o + x) / op.attn.rescale_output_factor
+                elif op.skip:
+                    o = op.fn(t, r)
+                    s[1] = None
+                else:
+                    o = op.fn(t)
+                u = op.up
+                s[0], s[2] = o, (a0 * u, a1 * u, b0 * u, b1 * u)
+                if moments is not None:
+                    moments.add(o[:, :, a0 * u : a1 * u, b0 * u : b1 * u])
+                del t, o, x
+        for s in state:
+            a0, a1, b0, b1 = s[2]
+            oy, ox = s[3]
+            out[:, :, oy : oy + a1 - a0, ox : ox + b1 - b0] = s[0][:, :, a0:a1, b0:b1].to(self.store)
+
+
+def decode_latents(
+    vae: Any,
+    latents: torch.Tensor,
+    *,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    max_attention_tokens: int = DEFAULT_MAX_ATTENTION_TOKENS,
+    max_bytes: int | None = None,
+    spill: bool = True,
+    spill_dir: str | os.PathLike[str] | None = None,
+) -> tuple[torch.Tensor, DecodeReport]:
+    """Decode latents with diffusers' AutoencoderKL decoder, optionally on tiles with whole-image GroupNorms.
+
+    latents: B,4,h,w ALREADY divided by vae.config.scaling_factor, in the VAE's dtype.
+    Returns B,3,4h,4w in [-1,1] (same as vae.decode(latents).sample) and what was done.
+
+    tile_size: latent pixels per tile core; None or >= both latent sides: plain `vae.decode` (bit-identical).
+    overlap: latent pixels of context around each core for tile-local attention and tile-mode windows
+        (default: the decoder's receptive radius after the attention; tile-mode windows never get less than
+        the exact radius, so cores are exact whatever this is).
+    max_attention_tokens: global mid-block attention while h*w <= this, tile-local beyond.
+    max_bytes: RAM budget for activations (weights not included; see `estimate_decode_bytes`). None, or
+        when the whole-image tensors fit: they are held in RAM. Otherwise, with `spill` (default), they are
+        held in unlinked temporary files under `spill_dir` (default: the system temp dir) and only one tile's
+        work is resident: still exact, at the cost of disk/page-cache traffic. With spill=False the later,
+        larger layers run one tile at a time instead, with GroupNorm statistics pooled over an evenly spread
+        sample of tiles held in lockstep: an ESTIMATE (report.norm_stats == "estimated"), see
+        docs/tiled-vae.md.
+    """
+    _check_args(tile_size, overlap, max_attention_tokens, max_bytes)
+    if latents.ndim != 4 or latents.shape[1] != vae.config.latent_channels:
+        raise ValueError(
+            f"latents must be B,{vae.config.latent_channels},h,w; got shape {tuple(latents.shape)}"
+        )
+    param = next(vae.parameters())
+    if latents.dtype != param.dtype:
+        raise ValueError(f"latents dtype {latents.dtype} differs from the VAE's {param.dtype}; cast them first")
+    b, _, h, w = latents.shape
+    attention: Literal["global", "tile-local"] = "global"
+    if tile_size is None or tile_size >= max(h, w):
+        with torch.no_grad():
+            out = vae.decode(latents, return_dict=False)[0]
+        norms = sum(isinstance(m, torch.nn.GroupNorm) for m in vae.decoder.modules())
+        return out, DecodeReport(False, None, 0, attention, 1, "exact", norms, norms, 0, 0)
+
+    ops = _program(vae)
+    plan = _plan(_shapes(ops), (h, w), b, tile_size, overlap, max_attention_tokens, max_bytes,
+                 param.element_size(), spill and SPILL_SUPPORTED)
+    if plan.spill:
+        spill_dir = os.fspath(spill_dir) if spill_dir is not None else tempfile.gettempdir()
+        if not os.path.isdir(spill_dir):
+            raise ValueError(f"spill_dir {spill_dir!r} is not a directory")
+    runner = _Runner(ops, plan, param.device, param.dtype, spill_dir if plan.spill else None)
+    with torch.no_grad():
+        cur, res = _Plane(latents.to(runner.store)), None
+        for i in range(plan.split):
+            nxt = runner.plane_op(i, cur, res)
+            op = ops[i]
+            if op.save:
+                res = cur
+            elif op.skip:
+                res = None
+            cur = nxt
+        if plan.split == len(ops):
+            out = cur.data
+        else:
+            total = _scale_at(runner.shapes, len(ops))  # 4 for the x4 upscaler's VAE
+            out = torch.empty(b, ops[-1].out_channels, total * h, total * w, dtype=param.dtype, device=runner.store)
+            table: dict[int, tuple] = {}
+            if ops[plan.split].norm is not None:  # its input is a whole-image plane: exact statistics
+                table[plan.split] = _group_norm_affine(ops[plan.split].norm, cur.moments, runner.device, runner.dtype)
+            runner.tile_group(list(plan.sample), cur, res, table, out)
+            for t in range(plan.tiles):
+                if t not in plan.sample:
+                    runner.tile_group([t], cur, res, table, out)
+            del cur, res
+    report = DecodeReport(
+        True, tile_size, plan.overlap, plan.attention, plan.tiles,
+        "exact" if plan.exact_norms == plan.norms else "estimated",
+        plan.exact_norms, plan.norms, 0 if plan.exact_norms == plan.norms else len(plan.sample),
+        plan.memory.total, plan.memory.spilled,
+    )
+    return out.to(latents.device), report

@@ -1,0 +1,253 @@
+"""Tiled VAE decoding (sdx4.vae_decode) against diffusers' untiled AutoencoderKL.decode."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+import sdx4.vae_decode as vd
+from sdx4.random_model import VAE_CONFIGS
+from sdx4.vae_decode import (
+    DecodeReport,
+    decode_latents,
+    estimate_decode_bytes,
+    plan_decode,
+)
+
+TOL = 1e-3  # issue 3: tiled vs untiled, in [-1, 1] units
+
+
+def _vae(size: str, seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(**VAE_CONFIGS[size]).eval()
+
+
+def _latents(vae: AutoencoderKL, b: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 4, h, w, generator=g) / vae.config.scaling_factor * 0.25  # B,4,h,w (already unscaled)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> AutoencoderKL:
+    return _vae("tiny")
+
+
+@pytest.fixture(scope="module")
+def full() -> AutoencoderKL:
+    return _vae("full")
+
+
+@pytest.fixture(scope="module")
+def tiny_case(tiny):
+    lat = _latents(tiny, 2, 37, 23)
+    with torch.no_grad():
+        ref = tiny.decode(lat).sample  # 2,3,148,92
+    return lat, ref
+
+
+def _n_norms(vae: AutoencoderKL) -> int:
+    return sum(isinstance(m, torch.nn.GroupNorm) for m in vae.decoder.modules())
+
+
+# -- untiled passthrough --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tile_size", [None, 37, 100])
+def test_untiled_passthrough_is_bit_identical(tiny, tiny_case, tile_size):
+    lat, ref = tiny_case
+    out, report = decode_latents(tiny, lat, tile_size=tile_size)
+    assert torch.equal(out, ref)
+    assert report == DecodeReport(False, None, 0, "global", 1, "exact", _n_norms(tiny), _n_norms(tiny), 0, 0)
+
+
+# -- exactness ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tile_size", [5, 8, 16, 30])
+def test_tiny_tiled_matches_untiled(tiny, tiny_case, tile_size):
+    lat, ref = tiny_case
+    out, report = decode_latents(tiny, lat, tile_size=tile_size)
+    assert out.shape == ref.shape == (2, 3, 148, 92)
+    diff = (out - ref).abs().max().item()
+    assert diff <= TOL, f"tile {tile_size}: max abs diff {diff}"
+    assert report.tiled and report.tile_size == tile_size
+    assert report.tiles == math.ceil(37 / tile_size) * math.ceil(23 / tile_size)
+    assert report.attention == "global" and report.norm_stats == "exact"
+    assert report.exact_norms == report.norms == _n_norms(tiny) == 18
+    assert report.sample_tiles == 0 and report.planned_bytes > 0
+
+
+@pytest.mark.parametrize("hw,tile_size", [((32, 32), 16), ((19, 13), 7)])
+def test_full_size_vae_tiled_matches_untiled(full, hw, tile_size):
+    lat = _latents(full, 2, *hw, seed=3)
+    with torch.no_grad():
+        ref = full.decode(lat).sample
+    out, report = decode_latents(full, lat, tile_size=tile_size)
+    diff = (out - ref).abs().max().item()
+    assert diff <= TOL, f"{hw} tile {tile_size}: max abs diff {diff} (output range {ref.abs().max().item():.2f})"
+    assert report.attention == "global" and report.norm_stats == "exact"
+    assert report.exact_norms == report.norms == _n_norms(full) == 24
+
+
+def test_tile_mode_is_exact_when_the_sample_is_every_tile(tiny, tiny_case, monkeypatch):
+    """The bounded-memory path (ops run one tile window at a time) pooled over all tiles = exact statistics."""
+    lat, ref = tiny_case
+    real_plan = vd._plan
+
+    def every_tile_from(split: int):
+        def plan(shapes, *args, **kwargs):
+            p = real_plan(shapes, *args, **kwargs)
+            halo = max(vd.receptive_radius(shapes, split), p.overlap * vd._scale_at(shapes, split))
+            return dataclasses.replace(p, split=split, sample=tuple(range(p.tiles)), halo=halo)
+
+        return plan
+
+    for split in (4, 9, 15):  # after the attention, inside the up blocks, at the 4x resolution
+        monkeypatch.setattr(vd, "_plan", every_tile_from(split))
+        out, _ = decode_latents(tiny, lat, tile_size=8)
+        diff = (out - ref).abs().max().item()
+        assert diff <= TOL, f"split {split}: {diff}"
+
+
+# -- attention mode -------------------------------------------------------------------------------------------
+
+
+def test_attention_switches_to_tile_local_above_the_token_limit(tiny):
+    lat = _latents(tiny, 1, 20, 18)
+    with torch.no_grad():
+        ref = tiny.decode(lat).sample
+    out, report = decode_latents(tiny, lat, tile_size=8, max_attention_tokens=20 * 18)
+    assert report.attention == "global"
+    assert (out - ref).abs().max().item() <= TOL
+
+    out, report = decode_latents(tiny, lat, tile_size=8, overlap=2, max_attention_tokens=20 * 18 - 1)
+    assert report.attention == "tile-local" and report.overlap == 2
+    assert (out - ref).abs().max().item() > 10 * TOL  # each tile attends to its own 12x12 window only
+
+    # the same with the whole-image tensors spilled to temporary files
+    spilled, report = decode_latents(tiny, lat, tile_size=8, overlap=2, max_attention_tokens=20 * 18 - 1, max_bytes=1)
+    assert report.attention == "tile-local" and report.spilled_bytes > 0
+    assert (spilled - out).abs().max().item() <= 1e-5
+
+    # tile-local windows that cover the whole latent attend to everything: the global result again
+    out, report = decode_latents(tiny, lat, tile_size=8, overlap=20, max_attention_tokens=1)
+    assert report.attention == "tile-local"
+    assert (out - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("n,tile,overlap", [(20, 8, 2), (36, 6, 3), (64, 16, 8), (9, 4, 0), (1, 1, 3)])
+def test_tile_local_blend_weights_sum_to_one(n, tile, overlap):
+    """Cores >= 2*overlap: the ramps are a partition of unity (smaller cores: the code divides by the sum)."""
+    total = torch.zeros(n, dtype=torch.float64)
+    for start, end, _, _ in vd._windows(n, vd._bounds(n, tile), overlap):
+        w = vd._ramp(start, end, n, overlap)
+        assert (w > 0).all() and (w <= 1).all()
+        total[start:end] += w
+    assert torch.allclose(total, torch.ones(n, dtype=torch.float64))
+
+
+# -- memory budget --------------------------------------------------------------------------------------------
+
+
+def test_budget_spills_whole_image_tensors_to_disk_and_stays_exact(tiny, tiny_case, tmp_path):
+    lat, ref = tiny_case
+    in_ram = plan_decode(tiny, (37, 23), 8, batch_size=2)
+    assert not in_ram.spill and in_ram.memory.spilled == 0
+    budget = int(in_ram.memory.total * 0.9)
+    plan = plan_decode(tiny, (37, 23), 8, batch_size=2, max_bytes=budget)
+    assert plan.spill and plan.memory.total <= budget and plan.memory.spilled == in_ram.memory.planes
+
+    out, report = decode_latents(tiny, lat, tile_size=8, max_bytes=budget, spill_dir=tmp_path)
+    assert (out - ref).abs().max().item() <= TOL
+    assert report.norm_stats == "exact" and report.exact_norms == report.norms == 18
+    assert report.spilled_bytes == plan.memory.spilled and report.planned_bytes == plan.memory.total
+    assert out.is_contiguous() and list(tmp_path.iterdir()) == []  # temporary files are gone
+
+    with pytest.raises(ValueError, match="spill_dir .*nowhere' is not a directory"):
+        decode_latents(tiny, lat, tile_size=8, max_bytes=budget, spill_dir=tmp_path / "nowhere")
+
+
+def test_budget_without_spill_estimates_statistics_and_says_so(tiny):
+    lat = _latents(tiny, 1, 64, 48)
+    with torch.no_grad():
+        ref = tiny.decode(lat).sample
+    in_ram = plan_decode(tiny, (64, 48), 8)
+    budget = int(in_ram.memory.total * 0.8)
+    plan = plan_decode(tiny, (64, 48), 8, max_bytes=budget, spill=False)
+    assert plan.memory.total <= budget and plan.split < 21 and 1 <= len(plan.sample) < plan.tiles
+    assert not plan.spill and plan.exact_norms < plan.norms
+
+    out, report = decode_latents(tiny, lat, tile_size=8, max_bytes=budget, spill=False)
+    assert report.norm_stats == "estimated" and report.spilled_bytes == 0
+    assert report.sample_tiles == len(plan.sample) and report.exact_norms == plan.exact_norms < report.norms
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    # an estimate: near the exact decode on average, but not within the exactness tolerance
+    err = (out - ref).abs()
+    assert TOL < err.max().item() and err.mean().item() < 0.5 * ref.abs().mean().item()
+
+
+def test_estimate_decode_bytes_for_the_published_vae():
+    gib = 2**30
+    in_ram = [estimate_decode_bytes((n, n), 64) for n in (128, 256, 512)]
+    assert in_ram[0].total < in_ram[1].total < in_ram[2].total
+    assert [m.spilled for m in in_ram] == [0, 0, 0]
+    assert estimate_decode_bytes((256, 256), None).total > in_ram[1].total  # untiled (rough)
+    spilled = estimate_decode_bytes((512, 512), 64, max_bytes=int(1.5 * gib))
+    assert spilled.total <= 1.5 * gib < in_ram[2].total and spilled.spilled == in_ram[2].planes
+    assert spilled.output == 3 * 2048 * 2048 * 4
+    sampled = estimate_decode_bytes((512, 512), 64, max_bytes=int(1.5 * gib), spill=False)
+    assert sampled.total <= 1.5 * gib and sampled.sample > 0 and sampled.spilled == 0
+
+
+# -- pooled statistics ----------------------------------------------------------------------------------------
+
+
+def test_pooled_moments_give_torch_group_norm():
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 30, 17) * torch.linspace(0.1, 5, 12)[None, :, None, None] + 3.0
+    norm = torch.nn.GroupNorm(4, 12, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    m = vd._Moments()
+    for y0, y1 in ((0, 7), (7, 20), (20, 30)):  # unequal tiles: an average of per-tile variances would be wrong
+        for x0, x1 in ((0, 5), (5, 17)):
+            m.add(x[:, :, y0:y1, x0:x1])
+    scale, shift = vd._group_norm_affine(norm, m, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        expected = F.group_norm(x, 4, norm.weight, norm.bias, 1e-6)
+    assert (x * scale + shift - expected).abs().max().item() < 1e-5
+
+
+# -- bad arguments --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"tile_size": 0}, "tile_size must be None .* >= 1.* got 0"),
+        ({"tile_size": -4}, "tile_size .* got -4"),
+        ({"tile_size": 8.0}, "tile_size .* got 8.0"),
+        ({"tile_size": True}, "tile_size .* got True"),
+        ({"tile_size": 8, "overlap": -1}, "overlap must be None .* >= 0; got -1"),
+        ({"tile_size": 8, "max_attention_tokens": 0}, "max_attention_tokens must be an integer >= 1; got 0"),
+        ({"tile_size": 8, "max_bytes": 0}, "max_bytes must be None .* got 0"),
+    ],
+)
+def test_bad_arguments_are_rejected(tiny, tiny_case, kwargs, match):
+    lat, _ = tiny_case
+    with pytest.raises(ValueError, match=match):
+        decode_latents(tiny, lat, **kwargs)
+
+
+def test_bad_latents_are_rejected(tiny):
+    with pytest.raises(ValueError, match=r"latents must be B,4,h,w; got shape \(1, 3, 8, 8\)"):
+        decode_latents(tiny, torch.zeros(1, 3, 8, 8), tile_size=4)
+    with pytest.raises(ValueError, match=r"latents must be B,4,h,w; got shape \(4, 8, 8\)"):
+        decode_latents(tiny, torch.zeros(4, 8, 8), tile_size=4)
+    with pytest.raises(ValueError, match="latents dtype torch.float64 differs from the VAE's torch.float32"):
+        decode_latents(tiny, torch.zeros(1, 4, 8, 8, dtype=torch.float64), tile_size=4)
