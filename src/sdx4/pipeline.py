@@ -35,10 +35,7 @@ from .models import Components
 from .options import OptionsError, UpscaleOptions
 from .schedulers import make_scheduler
 
-try:  # tiled VAE decoding (issue 3 item 2); until it is merged, a stand-in that decodes untiled
-    from .vae_decode import decode_latents
-except ImportError:  # pragma: no cover - depends on the branch
-    from .vae_decode_fallback import decode_latents
+from .vae_decode import decode_latents
 
 log = logging.getLogger("sdx4")
 
@@ -228,7 +225,12 @@ def upscale_tensor(
 
     # 6. Decode in the VAE's precision (fp32: fp16 overflows to NaN), crop the padding away.
     latents = latents.to(components.placement.vae_dtype) / vae.config.scaling_factor
-    decoded, decode_report = decode_latents(vae, latents, tile_size=plan.vae_tile_size)  # n,3,4h',4w'
+    # Tiled when the plan says so: exact whole-image GroupNorm statistics, global attention up to its
+    # token limit; within the budget's activation share (whole-image tensors spill to temp files beyond).
+    vae_bytes = None
+    if plan.vae_tile_size is not None:
+        vae_bytes = max(64 << 20, plan.budget_bytes - plan.weights_bytes - memory.global_bytes(*latents.shape[-2:], n))
+    decoded, decode_report = decode_latents(vae, latents, tile_size=plan.vae_tile_size, max_bytes=vae_bytes)  # n,3,4h',4w'
     out = decoded[:, :, : 4 * h, : 4 * w].float().cpu()
     clock.lap("decoding")
 
