@@ -212,7 +212,7 @@ FULL_MODEL_PARAMS = {"unet": 473_000_000, "text_encoder": 340_000_000, "vae": 84
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sdx4.memory --size 1024 --max-memory 5GiB`: the plan and its estimate, no model loaded."""
+    """`python -m sdx4.memory --size 1024 1024 --max-memory 5GiB`: the plan and its estimate, no model loaded."""
     import argparse
     import json
 
