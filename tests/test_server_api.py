@@ -237,6 +237,12 @@ def test_pixel_and_byte_limits(upscaler, tmp_path):
         assert r.json()["detail"] == "cat.png: the output would be 112x112 = 12544 pixels, over the output limit of 12000 pixels"
         r = post_job(c, {"steps": "2", "num_images": "2"}, image=png_bytes((20, 20)))
         assert r.status_code == 413 and "x 2 images = 12800 pixels" in r.json()["detail"]
+        r = post_job(c, {"method": "bicubic", "scale": "8"}, image=png_bytes((14, 14)))  # the limit follows --scale
+        assert r.status_code == 413
+        assert r.json()["detail"] == "cat.png: the output would be 112x112 = 12544 pixels, over the output limit of 12000 pixels"
+        r = post_job(c, {"method": "bicubic", "scale": "2"}, image=png_bytes((28, 28)), path="/v1/upscale")
+        assert r.status_code == 200 and png_metadata(r.content)["output_size"] == [56, 56]
+        assert 'filename="cat_x2.png"' in r.headers.get("content-disposition", "")
         noisy = Image.frombytes("RGB", (27, 27), (bytes(range(256)) * 9)[: 27 * 27 * 3])
         buf = io.BytesIO()
         noisy.save(buf, "BMP")

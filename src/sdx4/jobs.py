@@ -175,7 +175,7 @@ class JobManager:
                 "error_kind": job.error_kind,
                 "input_name": job.input_name,
                 "input_size": list(job.input_size),
-                "output_size": [4 * job.input_size[0], 4 * job.input_size[1]],
+                "output_size": [job.options.scale * job.input_size[0], job.options.scale * job.input_size[1]],
                 "num_images": len(job.files) if job.state == "done" else job.options.num_images,
                 "options": job.options.to_dict(),
                 "created": job.created,

@@ -89,7 +89,7 @@ class ServerSettings:
     api_key: str | None = None  # None: no key needed
     max_upload_bytes: int = 20 * 1024 * 1024  # 413 above this
     max_input_pixels: int = 1024 * 1024  # 413 above this, read from the image header before decoding
-    max_output_pixels: int = 2048 * 2048  # 4W x 4H x num_images; 413 above this
+    max_output_pixels: int = 2048 * 2048  # (scale W) x (scale H) x num_images; 413 above this
     formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")  # Pillow format names; 415 otherwise
     max_prompt_chars: int = 2000  # 422 above this (CLIP reads 77 tokens anyway)
     shutdown_timeout_s: float = 60.0  # how long shutdown waits for the running step before leaving
@@ -192,7 +192,9 @@ def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
-def check_header(data: bytes, settings: ServerSettings, num_images: int, name: str = "image") -> Image.Image:
+def check_header(
+    data: bytes, settings: ServerSettings, num_images: int, name: str = "image", scale: int = 4
+) -> Image.Image:
     """Open the image LAZILY (header only) and refuse it by format and pixel counts before any decoding."""
     if not data:
         raise ApiError(422, f"{name}: empty file (0 bytes)", "image")
@@ -220,20 +222,22 @@ def check_header(data: bytes, settings: ServerSettings, num_images: int, name: s
             f"{name}: {w}x{h} = {w * h} pixels is over the input limit of {settings.max_input_pixels} pixels",
             "image",
         )
-    out = 16 * w * h * num_images
+    out = scale * scale * w * h * num_images
     if out > settings.max_output_pixels:
         raise ApiError(
             413,
-            f"{name}: the output would be {4 * w}x{4 * h}" + (f" x {num_images} images" if num_images > 1 else "")
+            f"{name}: the output would be {scale * w}x{scale * h}" + (f" x {num_images} images" if num_images > 1 else "")
             + f" = {out} pixels, over the output limit of {settings.max_output_pixels} pixels",
             "image",
         )
     return im
 
 
-def decode_upload(data: bytes, settings: ServerSettings, num_images: int, name: str = "image") -> LoadedImage:
+def decode_upload(
+    data: bytes, settings: ServerSettings, num_images: int, name: str = "image", scale: int = 4
+) -> LoadedImage:
     """Checked header -> full decode -> RGB(+alpha) LoadedImage; truncated or corrupt data -> 422."""
-    im = check_header(data, settings, num_images, name)
+    im = check_header(data, settings, num_images, name, scale)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -252,9 +256,9 @@ def safe_name(filename: str | None) -> str:
     return base or "image"
 
 
-def _download_name(input_name: str, index: int, count: int) -> str:
+def _download_name(input_name: str, index: int, count: int, scale: int = 4) -> str:
     stem = safe_name(input_name).rsplit(".", 1)[0].replace(" ", "_") or "image"
-    return f"{stem}_x4.png" if count == 1 else f"{stem}_x4_{index + 1}.png"
+    return f"{stem}_x{scale}.png" if count == 1 else f"{stem}_x{scale}_{index + 1}.png"
 
 
 # ---- the app -------------------------------------------------------------------------------------
@@ -364,7 +368,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             if len(data) > settings.max_upload_bytes:
                 raise ApiError(413, too_big, "image")
             name = safe_name(upload.filename)
-            image = await run_in_threadpool(decode_upload, data, settings, options.num_images, name)
+            image = await run_in_threadpool(decode_upload, data, settings, options.num_images, name, options.scale)
             return image, options, name
         finally:
             await form.close()
@@ -473,7 +477,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             data = await run_in_threadpool(path.read_bytes)
         except FileNotFoundError:
             raise ApiError(404, f"the result of job {job_id} has expired") from None
-        filename = _download_name(snap["input_name"], index, snap["num_images"])
+        filename = _download_name(snap["input_name"], index, snap["num_images"], snap["options"]["scale"])
         return Response(
             data,
             media_type="image/png",
