@@ -289,12 +289,12 @@ def _load_text_encoder(folder: Path, placement: Placement) -> Any:
     return enc.to(placement.device).eval().requires_grad_(False)
 
 
-def _load_diffusers(cls: Any, folder: Path, subfolder: str, dtype: torch.dtype) -> Any:
+def _load_diffusers(cls: Any, folder: Path, subfolder: str, dtype: torch.dtype, channels_last: bool) -> Any:
     """Streamed tensor by tensor into `dtype` (weights.py); from_pretrained where that does not fit."""
     from .weights import WeightsMismatch, load_diffusers_model
 
     try:
-        return load_diffusers_model(cls, folder / subfolder, dtype)
+        return load_diffusers_model(cls, folder / subfolder, dtype, channels_last)
     except WeightsMismatch as e:
         log.debug("%s via from_pretrained: %s", subfolder, e)
         return cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype)
@@ -324,8 +324,8 @@ def load_components(
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         check_tokenizer(tokenizer, folder / "tokenizer")
         text_encoder = _load_text_encoder(folder, placement)
-        unet = _load_diffusers(UNet2DConditionModel, folder, "unet", placement.unet_dtype)
-        vae = _load_diffusers(AutoencoderKL, folder, "vae", placement.vae_dtype)
+        unet = _load_diffusers(UNet2DConditionModel, folder, "unet", placement.unet_dtype, placement.channels_last)
+        vae = _load_diffusers(AutoencoderKL, folder, "vae", placement.vae_dtype, placement.channels_last)
     scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
     low_res_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="low_res_scheduler")
 
@@ -336,7 +336,7 @@ def load_components(
     for m in (unet, vae):
         m.to(placement.device)
         if placement.channels_last:
-            m.to(memory_format=torch.channels_last)
+            m.to(memory_format=torch.channels_last)  # a no-op for streamed weights (already laid out so)
         m.eval()
         m.requires_grad_(False)
     if compile:

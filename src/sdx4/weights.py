@@ -50,8 +50,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
-def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """name -> tensor; floating-point tensors converted to `dtype` as they are read.
+def read_state_dict(path: Path, dtype: torch.dtype, channels_last: bool = False) -> dict[str, torch.Tensor]:
+    """name -> tensor; floating-point tensors converted to `dtype` as they are read (and 4-D ones, the
+    convolution kernels, laid out channels-last when asked: converting afterwards would need a copy).
 
     Every tensor is read into ONE reusable buffer (as large as the largest tensor) and converted or
     copied out of it: peak memory is the result plus that buffer, with no allocator churn.
@@ -76,7 +77,8 @@ def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
                 raise WeightsMismatch(f"{path}: file is truncated in tensor {name}")
             t = raw.view(src).reshape(shape)  # a view of the scratch buffer
             target = dtype if t.is_floating_point() else src
-            out[name] = t.to(target, copy=True)  # always a copy: the scratch buffer is reused
+            fmt = torch.channels_last if channels_last and t.ndim == 4 else torch.contiguous_format
+            out[name] = t.to(target, memory_format=fmt, copy=True)  # always a copy: the scratch buffer is reused
     return out
 
 
@@ -94,7 +96,7 @@ def assign_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> t
     return module
 
 
-def load_diffusers_model(cls: Any, folder: Path, dtype: torch.dtype) -> Any:
+def load_diffusers_model(cls: Any, folder: Path, dtype: torch.dtype, channels_last: bool = False) -> Any:
     """A diffusers model (UNet2DConditionModel, AutoencoderKL) from `folder` in `dtype`."""
     from accelerate import init_empty_weights
 
@@ -103,7 +105,7 @@ def load_diffusers_model(cls: Any, folder: Path, dtype: torch.dtype) -> Any:
         raise WeightsMismatch(f"{weights}: no single safetensors file")
     with init_empty_weights():
         model = cls.from_config(cls.load_config(folder))
-    return assign_weights(model, read_state_dict(weights, dtype)).eval()
+    return assign_weights(model, read_state_dict(weights, dtype, channels_last)).eval()
 
 
 def load_transformers_model(cls: Any, config_cls: Any, folder: Path, dtype: torch.dtype) -> Any:
