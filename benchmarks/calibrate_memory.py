@@ -8,24 +8,20 @@ Each measurement runs in its own subprocess (peak RSS does not mix). The coeffic
 
 from __future__ import annotations
 
+from _proc import proc_status  # benchmarks/_proc.py (the script's folder is on sys.path)
+
 import json
 import subprocess
 import sys
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def _reset_peak() -> int:
     """Reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0) and return the current RSS."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    return _status("VmRSS")
+    return proc_status("VmRSS")
 
 
 def child(model: str, part: str, size: int, batch: int) -> None:
@@ -47,7 +43,7 @@ def child(model: str, part: str, size: int, batch: int) -> None:
         m.decode(x[..., :8, :8])  # page the (mmapped) weights in
         base = _reset_peak()
         m.decode(x)
-    peak = _status("VmHWM")
+    peak = proc_status("VmHWM")
     print(json.dumps({"part": part, "size": size, "batch": batch, "work_bytes": peak - base, "base": base}))
 
 

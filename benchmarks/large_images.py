@@ -13,6 +13,8 @@ memory estimate for a 1024 px input (4096 px out) and, with --blends, the seam s
 
 from __future__ import annotations
 
+from _proc import proc_status  # benchmarks/_proc.py (the script's folder is on sys.path)
+
 import argparse
 import json
 import os
@@ -31,12 +33,6 @@ GiB = 2**30
 # ------------------------------------------------------------------------------------------------
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def test_image(size: int, seed: int = 0) -> Any:
@@ -63,7 +59,7 @@ def child(args: argparse.Namespace) -> None:
 
         pipe = StableDiffusionUpscalePipeline.from_pretrained(args.model, torch_dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
-        row["rss_after_load_gib"] = _status("VmRSS") / GiB
+        row["rss_after_load_gib"] = proc_status("VmRSS") / GiB
         t0 = time.perf_counter()
         out = pipe(
             prompt="",
@@ -79,12 +75,12 @@ def child(args: argparse.Namespace) -> None:
         from sdx4.options import parse_size
 
         up = sdx4.load(args.model, device="cpu", dtype="fp32")
-        row["rss_after_load_gib"] = _status("VmRSS") / GiB
+        row["rss_after_load_gib"] = proc_status("VmRSS") / GiB
         peak_denoise = {}
 
         def progress(i: int, n: int) -> None:
             if i == n:
-                peak_denoise["gib"] = _status("VmHWM") / GiB
+                peak_denoise["gib"] = proc_status("VmHWM") / GiB
 
         overrides: dict[str, Any] = dict(steps=args.steps, guidance=9.0, noise_level=20, seed=0)
         if args.blend:
@@ -104,7 +100,7 @@ def child(args: argparse.Namespace) -> None:
         row["vae_decode"] = result.metadata["vae_decode"]
         row["timings"] = result.metadata["timings"]
         row["seam_score"] = seam_score_of(out, result.metadata["tiling"], args.size)
-    row["peak_rss_gib"] = _status("VmHWM") / GiB
+    row["peak_rss_gib"] = proc_status("VmHWM") / GiB
     row["output_size"] = list(out.size)
     row["seconds_per_output_mp"] = row["seconds"] / (out.size[0] * out.size[1] / 1e6)
     if out_path is not None:

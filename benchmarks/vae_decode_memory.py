@@ -12,18 +12,14 @@ Heavy: run under `flock /tmp/sdx4-heavy.lock`.
 
 from __future__ import annotations
 
+from _proc import proc_status  # benchmarks/_proc.py (the script's folder is on sys.path)
+
 import argparse
 import json
 import subprocess
 import sys
 
 
-def _vm(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def child(latent: int, mode: str, tile: int, budget: float | None, tokens: int, seed: int) -> dict:
@@ -39,7 +35,7 @@ def child(latent: int, mode: str, tile: int, budget: float | None, tokens: int, 
     vae = AutoencoderKL(**VAE_CONFIGS["full"]).eval()
     g = torch.Generator().manual_seed(seed + 1)
     latents = torch.randn(1, 4, latent, latent, generator=g) / vae.config.scaling_factor
-    base = _vm("VmRSS")
+    base = proc_status("VmRSS")
     t0 = time.perf_counter()
     report = None
     with torch.no_grad():
@@ -54,8 +50,8 @@ def child(latent: int, mode: str, tile: int, budget: float | None, tokens: int, 
     wall = time.perf_counter() - t0
     return {
         "latent": latent, "mode": mode, "tile": tile, "budget_gib": budget, "wall_s": round(wall, 1),
-        "baseline_gib": round(base / 2**30, 3), "peak_gib": round(_vm("VmHWM") / 2**30, 3),
-        "decode_gib": round((_vm("VmHWM") - base) / 2**30, 3), "out_shape": list(out.shape),
+        "baseline_gib": round(base / 2**30, 3), "peak_gib": round(proc_status("VmHWM") / 2**30, 3),
+        "decode_gib": round((proc_status("VmHWM") - base) / 2**30, 3), "out_shape": list(out.shape),
         "report": None if report is None else report.__dict__,
     }
 
