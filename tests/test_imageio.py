@@ -64,7 +64,7 @@ def test_palette_with_transparency_keeps_alpha():
     im.putpixel((0, 0), 1)
     im.info["transparency"] = 0
     loaded = normalise(im)
-    assert loaded.alpha is not None
+    assert loaded.alpha.mode == "L" and loaded.alpha.size == (4, 4)
     assert loaded.alpha.getpixel((0, 0)) == 255 and loaded.alpha.getpixel((1, 1)) == 0
     assert loaded.rgb.getpixel((0, 0)) == (0, 255, 0)
 

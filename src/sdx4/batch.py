@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 from ._version import __version__
 from .imageio import ImageInputError, open_image, save_image
-from .options import OptionsError, UpscaleOptions
+from .options import DEFAULT_MODEL, OptionsError, UpscaleOptions
 
 MANIFEST_NAME = "sdx4-manifest.jsonl"
 #: Files read as images (by suffix, case-insensitive); other files are skipped and reported.
@@ -84,7 +84,7 @@ class BatchJob:
     input_dir: Path
     output_dir: Path
     options: UpscaleOptions = field(default_factory=UpscaleOptions)
-    model: str = "stabilityai/stable-diffusion-x4-upscaler"
+    model: str = DEFAULT_MODEL
     device: str = "auto"
     dtype: str = "auto"
     recursive: bool = False

@@ -16,6 +16,7 @@ from typing import Any
 from ._version import __version__
 from .imageio import OUTPUT_SUFFIXES, ImageInputError, check_output_path, open_image, save_image
 from .options import (
+    DEFAULT_MODEL,
     COLOR_FIXES,
     MAX_SCALE,
     METHODS,
@@ -29,7 +30,6 @@ from .options import (
 )
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-DEFAULT_MODEL = "stabilityai/stable-diffusion-x4-upscaler"  # == models.DEFAULT_MODEL (no torch import here)
 
 
 class UsageError(Exception):
@@ -170,12 +170,17 @@ def options_from_args(args: argparse.Namespace, **fixed: Any) -> UpscaleOptions:
         raise UsageError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
 
 
+def _is_output_file(out: Path) -> bool:
+    """-o names a file when it has an image suffix and is not an existing folder; else a folder."""
+    return out.suffix.lower() in OUTPUT_SUFFIXES and not out.is_dir()
+
+
 def output_paths(inputs: list[Path], output: str | None, options: UpscaleOptions) -> list[list[Path]]:
     """For each input, the output path(s): one per generated image."""
     n = options.num_images
     tag = f"_x{options.scale}" if options.method == "sd" else f"_x{options.scale}_{options.method}"
     out = Path(output) if output else None
-    as_file = out is not None and out.suffix.lower() in OUTPUT_SUFFIXES and not out.is_dir()
+    as_file = out is not None and _is_output_file(out)
     if as_file and len(inputs) > 1:
         raise UsageError(f"-o {out}: several inputs need an output folder, not a file")
     result = []
@@ -224,7 +229,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         except ImageInputError as e:
             raise UsageError(str(e)) from None
     outputs = output_paths(inputs, args.output, options)
-    if args.output and not Path(args.output).suffix.lower() in OUTPUT_SUFFIXES:
+    if args.output and not _is_output_file(Path(args.output)):
         Path(args.output).mkdir(parents=True, exist_ok=True)
     for paths in outputs:
         for p in paths:

@@ -27,7 +27,6 @@ import importlib.util
 import io
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from ._version import __version__
-from .imageio import ImageInputError, open_image
+from .imageio import ImageInputError, open_image, write_atomic
 from .methods import MethodRunner
 from .metrics import min_size_for_metrics, psnr_y, ssim_y
 
@@ -364,21 +363,6 @@ def plot_png(report: Report) -> bytes:
     return buf.getvalue()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: never a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: Report, out_dir: Path, plot: bool = True) -> list[Path]:
     """Write results.csv, report.md and (optionally) quality_vs_time.png into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -388,6 +372,6 @@ def write_report(report: Report, out_dir: Path, plot: bool = True) -> list[Path]
         files["quality_vs_time.png"] = plot_png(report)
     written = []
     for name, data in files.items():
-        write_atomic(out_dir / name, data)
+        write_atomic(out_dir / name, lambda f, data=data: f.write(data))
         written.append(out_dir / name)
     return written

@@ -10,7 +10,8 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
@@ -223,11 +224,23 @@ def save_image(
     else:
         fmt = "WEBP"
         kwargs["lossless"] = True
+    def write(f: BinaryIO) -> None:
+        image.save(f, format=fmt, **kwargs)
+
+    return write_atomic(path, write, overwrite=overwrite)
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, overwrite: bool = True) -> Path:
+    """Write a file atomically: `write(f)` into a temp file in the same folder, fsync, rename.
+
+    A failed or interrupted write leaves nothing behind; the file gets the usual mode (0666 & ~umask).
+    With overwrite=False an output that appeared meanwhile is not replaced.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _default_file_mode())  # mkstemp makes 0600 files; outputs get the usual mode
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt, **kwargs)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if not overwrite and path.exists():

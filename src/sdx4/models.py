@@ -18,9 +18,11 @@ from typing import Any, Literal
 
 import torch
 
+from .options import DEFAULT_MODEL
+from .random_model import RANDOM_MARKER
+
 log = logging.getLogger("sdx4")
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-x4-upscaler"
 #: The VAE scaling factor of the published upscaler; old configs lack it (diffusers forces it too).
 VAE_SCALING_FACTOR = 0.08333
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "low_res_scheduler")
@@ -35,7 +37,6 @@ HUB_ALLOW_PATTERNS = [
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
 ]
-RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "fp32", "fp16", "bf16"]
@@ -351,7 +352,7 @@ def load_components(
         placement=placement,
         model=model,
         max_noise_level=max_noise_level,
-        random_weights=(folder / RANDOM_WEIGHTS_MARKER).exists() or bool(index.get("_sdx4_random_weights")),
+        random_weights=(folder / RANDOM_MARKER).exists() or bool(index.get("_sdx4_random_weights")),
         folder=folder,
     )
 

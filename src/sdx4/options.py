@@ -21,6 +21,8 @@ Scheduler = Literal["ddim", "dpmpp-2m", "euler", "unipc"]
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 CLASSICAL_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "sd")
 
+#: The published model on the Hugging Face Hub (the default of every entry point).
+DEFAULT_MODEL = "stabilityai/stable-diffusion-x4-upscaler"
 #: The low-res scheduler of the published model was trained with noise levels up to 350.
 MAX_NOISE_LEVEL = 350
 #: Generous upper bounds that catch typos (`--steps 7500`) before hours of work start. Steps stop at

@@ -118,7 +118,7 @@ LOW_RES_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear"
 )
 MAX_NOISE_LEVEL = 350
-RANDOM_MARKER = "RANDOM_WEIGHTS.txt"  # == models.RANDOM_WEIGHTS_MARKER (models imports torch; this module does not)
+RANDOM_MARKER = "RANDOM_WEIGHTS.txt"  # models.py looks for this file to report random_weights
 
 
 def _bytes_to_unicode() -> dict[int, str]:
