@@ -214,10 +214,11 @@ def run_child(cmd: list[str], mem_limit: int, timeout: float) -> dict[str, Any]:
 
 
 def planner_estimate(size: int, budget: int | None) -> dict[str, Any]:
-    """The planner's plan for a size x size input with the full model's fp32 weights."""
+    """The planner's plan for a size x size input with the full model's fp32 weights resident during a
+    CPU run (UNet + VAE: the text encoder is dropped once the prompts are encoded)."""
     from sdx4 import memory
 
-    weights = int(3_576_000_000)  # UNet 473M + text encoder 340M + VAE 84M params, fp32 (~3.33 GiB)
+    weights = memory.full_model_weights_bytes("fp32")
     budget = budget if budget is not None else memory.default_budget(weights, "cpu")
     plan = memory.plan_memory(size, size, budget_bytes=budget, weights_bytes=weights, samples_per_tile=2)
     return {"input_px": size, "output_px": 4 * size, **plan.describe()}

@@ -27,7 +27,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_upscaler(tiny_model_dir):
     import sdx4
 
-    return sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32")
+    # Tests reach into its components (text encoder included): keep the text encoder loaded.
+    return sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", low_memory=False)
 
 
 @pytest.fixture

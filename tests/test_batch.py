@@ -194,6 +194,19 @@ def test_prompts_from_mapping_then_sidecar_then_option(tmp_path: Path, model: Pa
     assert not np.array_equal(pixels(out / "a_x4.png"), np.asarray(other.image.convert("RGBA")))
 
 
+def test_all_prompts_are_encoded_before_the_first_image(tmp_path: Path, model: Path) -> None:
+    src = make_folder(tmp_path / "in", ["a.png", "b.png", "c.png"])
+    (src / "a.txt").write_text("a cat")
+    mapping = tmp_path / "p.jsonl"
+    mapping.write_text('{"path": "b.png", "prompt": "a dog", "negative_prompt": "ugly"}\n')
+    low = sdx4.load(str(model), device="cpu", dtype="fp32", low_memory=True)
+    summary = run_batch(job(src, tmp_path / "out", model, prompt="", negative_prompt="neg", seed=1, prompts_file=mapping), upscaler=low)
+    assert sorted(summary.ok) == ["a.png", "b.png", "c.png"]
+    # "neg", "a cat", "ugly", "a dog", "": encoded in one go by the encoder loaded with the model, never reloaded.
+    assert (low.prompt_cache.encoder_runs, low.prompt_cache.encoder_loads) == (5, 0)
+    assert low.components.text_encoder is None
+
+
 # ---------------------------------------------------------------------------------------------------
 # A whole folder through the CLI: mirrored outputs, complete manifest, bad files, resume
 # ---------------------------------------------------------------------------------------------------
@@ -439,6 +452,9 @@ class _FailingUpscaler:
 
     def __init__(self, fail: dict[str, BaseException]) -> None:
         self.fail = fail
+
+    def encode_prompts(self, prompts: list[str]) -> None:
+        self.encoded = list(prompts)
 
     def __call__(self, image: object, options: UpscaleOptions) -> sdx4.UpscaleResult:
         key = options.prompt

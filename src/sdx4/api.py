@@ -82,15 +82,19 @@ def upscale(image: Any, options: UpscaleOptions | None = None, **overrides: Any)
 class Upscaler:
     """Holds the loaded model; call it with an image and options. One image per call."""
 
-    def __init__(self, components: Any, low_memory: bool = False) -> None:
+    def __init__(self, components: Any, low_memory: bool | None = None) -> None:
         from .pipeline import PromptCache
 
         self.components = components
-        self.low_memory = low_memory
-        # Prompt embeddings are cached per prompt: a batch with one prompt encodes it once.
-        self.prompt_cache = PromptCache(components, low_memory=low_memory)
-        if low_memory:
-            components.text_encoder = None  # loaded when a prompt first needs it, dropped after
+        self.low_memory = default_low_memory(components.placement.device.type) if low_memory is None else low_memory
+        # Prompt embeddings are cached per prompt: a batch with one prompt encodes it once. With the
+        # low-memory policy the text encoder loaded now encodes the first prompts, then is dropped.
+        self.prompt_cache = PromptCache(components, low_memory=self.low_memory)
+
+    def encode_prompts(self, prompts: list[str]) -> None:
+        """Encode these prompts now, in one go (the cache keeps the last 32): with the low-memory policy
+        the text encoder is then loaded at most once for all of them."""
+        self.prompt_cache(list(prompts))
 
     @property
     def info(self) -> dict[str, Any]:
@@ -197,20 +201,27 @@ class Upscaler:
         return UpscaleResult(images=images, metadata=meta)
 
 
+def default_low_memory(device_type: str) -> bool:
+    """The text-encoder policy when none is given: drop it after encoding on the CPU (RAM is what limits
+    image size there, and the UNet's run dwarfs a reload), keep it on GPUs (a reload costs more than a run)."""
+    return device_type == "cpu"
+
+
 def load(
     model: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
     *,
     vae_dtype: str = "fp32",
-    low_memory: bool = False,
+    low_memory: bool | None = None,
     compile: bool = False,
 ) -> Upscaler:
     """Load the x4 upscaler from a Hub id (default: the published model) or a local diffusers folder.
 
     device: auto | cpu | cuda | cuda:N | mps.  dtype (UNet and text encoder): auto | fp32 | fp16 | bf16;
     auto = fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.  vae_dtype: fp32 (default) | bf16.
-    low_memory: drop the text encoder between prompts.  compile: torch.compile the UNet (opt-in).
+    low_memory: drop the text encoder once prompts are encoded, reload it for a new prompt;
+    None (default) = on for the CPU, off for GPUs.  compile: torch.compile the UNet (opt-in).
     """
     from .models import DEFAULT_MODEL, load_components
 

@@ -90,7 +90,7 @@ class BatchJob:
     recursive: bool = False
     prompts_file: Path | None = None
     vae_dtype: str = "fp32"
-    low_memory: bool = False
+    low_memory: bool | None = None  # None: sdx4.load's default (on for the CPU)
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -571,6 +571,17 @@ def remove_stale_temp_files(output_dir: Path) -> list[Path]:
 _END = object()
 
 
+def distinct_prompts(items: list[BatchItem], limit: int = 32) -> list[str]:
+    """The prompts (and negative prompts where guidance needs them) the diffusion items use, first
+    seen first, at most `limit` (the prompt cache's size): later ones are encoded when they come."""
+    prompts: dict[str, None] = {}
+    for item in items:
+        o = item.options
+        if o.method == "sd":
+            prompts.update(dict.fromkeys([o.negative_prompt, o.prompt] if o.do_guidance else [o.prompt]))
+    return list(prompts)[:limit]
+
+
 def run_pipeline(
     items: Iterable[BatchItem],
     upscaler: Any,
@@ -586,6 +597,10 @@ def run_pipeline(
     interrupt (Ctrl-C) the reader stops, the writer finishes the images already upscaled, and the
     interrupt propagates.
     """
+    items = list(items)
+    if upscaler is not None:
+        # All prompts up front: with the low-memory policy the text encoder is then loaded once.
+        upscaler.encode_prompts(distinct_prompts(items))
     read_q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
     write_q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
     stop = threading.Event()

@@ -69,7 +69,7 @@ def is_batch(args: argparse.Namespace) -> bool:
 def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import BatchError, BatchJob, run_batch, summary_lines
     from .batch_ray import RayConfig, RayMissingError, RayRunError
-    from .cli import EXIT_FAILURE, UsageError, _quiet_libraries, options_from_args
+    from .cli import EXIT_FAILURE, UsageError, _quiet_libraries, low_memory_arg, options_from_args
 
     options = options_from_args(args)
     src = Path(args.inputs[0])
@@ -95,7 +95,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         vae_dtype=args.vae_dtype,
-        low_memory=args.low_memory,
+        low_memory=low_memory_arg(args),
         compile=args.compile,
         recursive=args.recursive,
         prompts_file=Path(args.prompts) if args.prompts else None,

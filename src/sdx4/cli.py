@@ -84,8 +84,19 @@ def add_model_args(p: argparse.ArgumentParser | Any) -> None:
         help="UNet/text-encoder precision; auto = fp16 on CUDA, bf16 on CPUs with native bf16, else fp32",
     )
     p.add_argument("--vae-dtype", choices=("fp32", "bf16"), default="fp32", help="VAE precision (fp16 gives NaN)")
-    p.add_argument("--low-memory", action="store_true", help="drop the text encoder between prompts (-1.4 GB)")
+    p.add_argument(
+        "--low-memory",
+        action=argparse.BooleanOptionalAction,
+        default="auto",
+        help="drop the text encoder once prompts are encoded, reload it for a new prompt (-0.7 GB in bf16); "
+        "auto = on for the CPU, off for GPUs",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call; see README)")
+
+
+def low_memory_arg(args: argparse.Namespace) -> bool | None:
+    """--low-memory / --no-low-memory / neither (auto: None, sdx4.load decides by device)."""
+    return None if args.low_memory == "auto" else bool(args.low_memory)
 
 
 def load_from_args(args: argparse.Namespace, say: Any = None) -> Any:
@@ -101,7 +112,7 @@ def load_from_args(args: argparse.Namespace, say: Any = None) -> Any:
             device=args.device,
             dtype=args.dtype,
             vae_dtype=args.vae_dtype,
-            low_memory=args.low_memory,
+            low_memory=low_memory_arg(args),
             compile=args.compile,
         )
     except ModelPathError as e:
