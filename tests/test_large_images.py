@@ -191,3 +191,25 @@ def test_pipeline_decodes_on_tiles_when_the_plan_says_so(tiny_upscaler, monkeypa
     assert report["tiled"] is True and report["tiles"] > 1 and report["attention"] == "global"
     diff = np.abs(np.asarray(tiled.image, dtype=int) - np.asarray(untiled.image, dtype=int))
     assert diff.max() <= 1  # exact whole-image GroupNorm statistics: rounding-level differences only
+
+
+def test_tiled_vae_decode_budget_leaves_the_measured_overhead_out(tiny_upscaler, rng_image, monkeypatch):
+    from sdx4 import memory, pipeline
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_decode(vae, latents, tile_size=None, max_bytes=None):
+        seen.update(tile_size=tile_size, max_bytes=max_bytes, hw=tuple(latents.shape[-2:]))
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "decode_latents", fake_decode)
+    budget = 2**30 + 2**29  # small enough that the VAE decode of a 160 px input is tiled
+    with pytest.raises(Stop):
+        tiny_upscaler(rng_image(160, 160), steps=1, seed=0, max_memory=budget, tile_size=160)
+    plan = pipeline.plan_for(tiny_upscaler.components, UpscaleOptions(max_memory=budget, tile_size=160), 160, 160)
+    assert seen["tile_size"] == plan.vae_tile_size is not None
+    free = budget - plan.weights_bytes - memory.global_bytes(*seen["hw"], 1)
+    assert seen["max_bytes"] == max(64 << 20, free - memory.TILED_DECODE_OVERHEAD) < free

@@ -90,3 +90,15 @@ def test_memory_cli_prints_the_plan_for_1024px(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["output"] == [4096, 4096] and out["memory_budget_gib"] == 6.0
     assert out["tiles"] > 1 and out["memory_estimate_gib"] <= 6.0 and out["vae_tile_size"] < 1024
+
+
+def test_memory_cli_counts_the_text_encoder_only_when_kept(capsys):
+    import json
+
+    assert memory.main(["--size", "1024", "1024", "--max-memory", "5GiB"]) == 0
+    dropped = json.loads(capsys.readouterr().out)
+    assert memory.main(["--size", "1024", "1024", "--max-memory", "5GiB", "--keep-text-encoder"]) == 0
+    kept = json.loads(capsys.readouterr().out)
+    text_gib = memory.FULL_MODEL_PARAMS["text_encoder"] * 4 / 2**30
+    assert abs(kept["weights_gib"] - dropped["weights_gib"] - text_gib) < 0.01
+    assert dropped["tile_size"] > kept["tile_size"] and dropped["tiles"] < kept["tiles"]  # the room goes to tiles
