@@ -193,8 +193,9 @@ def test_pipeline_decodes_on_tiles_when_the_plan_says_so(tiny_upscaler, monkeypa
     assert diff.max() <= 1  # exact whole-image GroupNorm statistics: rounding-level differences only
 
 
-def test_tiled_vae_decode_budget_leaves_the_measured_overhead_out(tiny_upscaler, rng_image, monkeypatch):
+def test_tiled_vae_decode_fits_its_measured_cost_into_what_is_left(tiny_upscaler, rng_image, monkeypatch):
     from sdx4 import memory, pipeline
+    from sdx4.vae_decode import plan_decode
 
     seen = {}
 
@@ -210,6 +211,21 @@ def test_tiled_vae_decode_budget_leaves_the_measured_overhead_out(tiny_upscaler,
     with pytest.raises(Stop):
         tiny_upscaler(rng_image(160, 160), steps=1, seed=0, max_memory=budget, tile_size=160)
     plan = pipeline.plan_for(tiny_upscaler.components, UpscaleOptions(max_memory=budget, tile_size=160), 160, 160)
-    assert seen["tile_size"] == plan.vae_tile_size is not None
     free = budget - plan.weights_bytes - memory.global_bytes(*seen["hw"], 1)
-    assert seen["max_bytes"] == max(64 << 20, free - memory.TILED_DECODE_OVERHEAD) < free
+    assert seen["max_bytes"] == (free - memory.TILED_DECODE_FIXED) // memory.TILED_DECODE_FACTOR
+    assert plan.vae_tile_size is not None and seen["tile_size"] <= plan.vae_tile_size
+    vae = tiny_upscaler.components.vae
+    planned = plan_decode(vae, seen["hw"], seen["tile_size"], max_bytes=seen["max_bytes"]).memory.total
+    assert memory.tiled_decode_bytes(planned) <= free
+
+
+def test_fit_vae_tile_shrinks_the_tile_until_the_measured_cost_fits():
+    from sdx4 import memory
+
+    gib = 2**30
+    cost = lambda t, max_bytes: t * t * 10_000  # planned bytes grow with the tile's area  # noqa: E731
+    t, max_bytes = memory.fit_vae_tile(cost, 256, 2 * gib)
+    assert max_bytes == (2 * gib - memory.TILED_DECODE_FIXED) // memory.TILED_DECODE_FACTOR
+    assert t % 8 == 0 and memory.tiled_decode_bytes(cost(t, 0)) <= 2 * gib < memory.tiled_decode_bytes(cost(t + 8, 0))
+    assert memory.fit_vae_tile(cost, 64, 100 * gib)[0] == 64  # fits: the planner's tile stays
+    assert memory.fit_vae_tile(cost, 64, gib // 2)[0] == 8  # never below the grid step

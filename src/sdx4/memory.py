@@ -8,6 +8,7 @@ size of the UNet's dtype. Sizes are latent pixels (== input pixels for this mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 #: Working memory of one UNet call per latent pixel per batch sample, fp32 (measured, rounded up).
@@ -19,10 +20,12 @@ VAE_BYTES_PER_PIXEL = 100_000  # measured 114.5k (32 px), 84.8k (64 px), 79.5k (
 GLOBAL_BYTES_PER_PIXEL = 1200
 #: Allocator slack and small tensors, independent of the image.
 FIXED_OVERHEAD = 256 * 2**20
-#: What a tiled VAE decode of the full-size model holds beyond its own plan (`vae_decode.plan_decode`):
-#: measured 0.85 GiB (512 px input) and 1.02 GiB (256 px) above the planned bytes (allocator and oneDNN
-#: workspaces, mapped plane pages between releases). Kept out of the decoder's byte budget.
-TILED_DECODE_OVERHEAD = 2**30
+#: What a tiled VAE decode really holds, from its own plan (`vae_decode.plan_decode(...).memory.total`):
+#: measured on whole full-size fp32 runs, resident ~= 0.5 GiB + 3 x planned (planned 0.24 / 0.35 / 0.80
+#: GiB -> measured 1.09 / ~1.2 / ~2.7 GiB: oneDNN's blocked-layout copies of each conv's input and output,
+#: allocator caching, mapped plane pages between releases).
+TILED_DECODE_FIXED = 2**29
+TILED_DECODE_FACTOR = 3
 #: Auto tiles never get smaller than this (the model was trained on 128x128 latents; small tiles see
 #: too little context); an explicit --tile-size may go down to the UNet's multiple.
 MIN_AUTO_TILE = 32
@@ -168,6 +171,25 @@ def plan_memory(
         budget_bytes=budget_bytes,
         weights_bytes=weights_bytes,
     )
+
+
+def tiled_decode_bytes(planned_bytes: int) -> int:
+    """Resident bytes of a tiled VAE decode whose own plan says `planned_bytes` (measured model)."""
+    return TILED_DECODE_FIXED + TILED_DECODE_FACTOR * planned_bytes
+
+
+def fit_vae_tile(plan_bytes: Callable[[int, int], int], tile_size: int, free_bytes: int, multiple: int = 8) -> tuple[int, int]:
+    """The largest VAE tile <= tile_size whose decode fits `free_bytes`, and the decoder's byte budget.
+
+    plan_bytes(tile, max_bytes) -> the decoder's own planned RAM (`plan_decode(...).memory.total`). The
+    decoder gets max_bytes = (free - fixed) / factor, so what it holds in RAM, times the measured factor,
+    fits. Stops at `multiple` (the decode then may exceed the budget: it is the smallest tile there is).
+    """
+    max_bytes = max(1, (free_bytes - TILED_DECODE_FIXED) // TILED_DECODE_FACTOR)
+    t = tile_size
+    while t > multiple and tiled_decode_bytes(plan_bytes(t, max_bytes)) > free_bytes:
+        t -= multiple
+    return t, max_bytes
 
 
 def _shrink_to_count(length: int, tile: int, overlap: int, multiple: int) -> int:

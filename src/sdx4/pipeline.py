@@ -35,7 +35,7 @@ from .models import Components
 from .options import OptionsError, UpscaleOptions
 from .schedulers import make_scheduler
 
-from .vae_decode import decode_latents
+from .vae_decode import decode_latents, plan_decode
 
 log = logging.getLogger("sdx4")
 
@@ -238,11 +238,14 @@ def upscale_tensor(
     latents = latents.to(components.placement.vae_dtype) / vae.config.scaling_factor
     # Tiled when the plan says so: exact whole-image GroupNorm statistics, global attention up to its
     # token limit; within the budget's activation share (whole-image tensors spill to temp files beyond).
-    vae_bytes = None
-    if plan.vae_tile_size is not None:
+    vae_tile, vae_bytes = plan.vae_tile_size, None
+    if vae_tile is not None:  # the largest tile (<= the plan's) whose measured decode cost fits what is left
         free = plan.budget_bytes - plan.weights_bytes - memory.global_bytes(*latents.shape[-2:], n)
-        vae_bytes = max(64 << 20, free - memory.TILED_DECODE_OVERHEAD)
-    decoded, decode_report = decode_latents(vae, latents, tile_size=plan.vae_tile_size, max_bytes=vae_bytes)  # n,3,4h',4w'
+        hw = tuple(latents.shape[-2:])
+        vae_tile, vae_bytes = memory.fit_vae_tile(
+            lambda t, b: plan_decode(vae, hw, t, batch_size=n, max_bytes=b).memory.total, vae_tile, free
+        )
+    decoded, decode_report = decode_latents(vae, latents, tile_size=vae_tile, max_bytes=vae_bytes)  # n,3,4h',4w'
     out = decoded[:, :, : 4 * h, : 4 * w].float().cpu()
     clock.lap("decoding")
 
