@@ -233,7 +233,7 @@ def upscale_tensor(
     clock.lap("denoising")
 
     # 6. Decode in the VAE's precision (fp32: fp16 overflows to NaN), crop the padding away. The loop's
-    #    freed activations go back to the OS first (the decode is the run's memory peak).
+    #    freed activations go back to the OS first (the decode is often the run's memory peak).
     memory.release_memory()
     latents = latents.to(components.placement.vae_dtype) / vae.config.scaling_factor
     # Tiled when the plan says so: exact whole-image GroupNorm statistics, global attention up to its
