@@ -108,10 +108,11 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
     }
     info["native_bf16"] = bool(flags & {"avx512_bf16", "amx_bf16"}) and info["mkldnn_bf16_supported"]
-    try:  # what sdx4's dtype="auto" decides from (present since the speed policy landed)
-        from sdx4.models import cpu_bf16_flags
+    try:  # what sdx4's dtype="auto" decides from: the flags, then a measurement kept per machine
+        from sdx4.models import cpu_bf16_flags, resolve_placement
 
         info["sdx4_bf16_flags"] = sorted(cpu_bf16_flags())
+        info["sdx4_auto_dtype"] = resolve_placement("cpu", "auto").describe()
     except ImportError:
         info["sdx4_bf16_flags"] = None
     return info
@@ -568,7 +569,14 @@ def rotated(names: list[str], rep: int) -> list[str]:
 
 
 def summarise(
-    name: str, info: dict[str, Any], runs: list[dict[str, Any]], flops: dict[str, Any], peaks: dict[str, float], steps: int, quick: bool
+    name: str,
+    info: dict[str, Any],
+    runs: list[dict[str, Any]],
+    flops: dict[str, Any],
+    peaks: dict[str, float],
+    matmul_peaks: dict[str, float],
+    steps: int,
+    quick: bool,
 ) -> dict[str, Any]:
     med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "text_encoding_s", "denoising_s", "decoding_s", "unet_s")}
     # FLOPs of the denoising loop: the UNet's FLOPs per call (counted on a 1-step run) times the calls made.
@@ -599,6 +607,8 @@ def summarise(
         "peak_dtype": dtype,
         "peak_gflops": peak,
         "fraction_of_peak": round(achieved / peak, 3) if peak else None,
+        # The issue's measure: the loop against the measured matmul peak of its dtype.
+        "fraction_of_matmul_peak": round(achieved / matmul_peaks[dtype], 3) if matmul_peaks.get(dtype) else None,
         "peak_rss_mib": info["final"]["peak_rss_mib"],
     }
 
@@ -627,7 +637,9 @@ def check_targets(configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         target("sdx4 default time / diffusers fp32 <= 0.55", s.get("time_vs_diffusers_fp32"), 0.55)
         target("sdx4 default time / diffusers bf16 <= 1.0", s.get("time_vs_diffusers_bf16"), 1.0)
         target("sdx4 default peak RSS / diffusers fp32 <= 0.6", s.get("rss_vs_diffusers_fp32"), 0.6)
-        target("sdx4 default denoising loop >= 85% of the measured peak", s.get("fraction_of_peak"), 0.85, less=False)
+        target("sdx4 default denoising loop >= 85% of the measured matmul peak", s.get("fraction_of_matmul_peak"), 0.85, less=False)
+        target("(stricter) sdx4 default denoising loop >= 85% of the best measured peak (matmul or 3x3 conv)",
+               s.get("fraction_of_peak"), 0.85, less=False)
     if f:
         target("sdx4 fp32 time / diffusers fp32 <= 1.03", f.get("time_vs_diffusers_fp32"), 1.03)
     return out
@@ -647,7 +659,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Run {report['date']} on {m['cpu']}, {m['usable_cpus']} cores ({m['torch_threads']} torch threads), "
         f"{m['memory_gib']} GiB; torch {report['versions']['torch']}, diffusers {report['versions']['diffusers']}.",
         f"CPU bf16: avx512_bf16={m['cpuinfo_flags']['avx512_bf16']}, amx_bf16={m['cpuinfo_flags']['amx_bf16']}, "
-        f"torch capability {m['torch_cpu_capability']}, mkldnn bf16 {m['mkldnn_bf16_supported']} -> native bf16: {m['native_bf16']}.",
+        f"torch capability {m['torch_cpu_capability']}, mkldnn bf16 {m['mkldnn_bf16_supported']} -> native bf16: {m['native_bf16']}."
+        + (f" sdx4 --dtype auto: {m['sdx4_auto_dtype']['dtype_reason']}." if m.get("sdx4_auto_dtype") else ""),
         f"Peak (best of {len(p['fp32']['samples'])} samples spread over the run): fp32 {p['fp32']['gflops']} GFLOP/s "
         f"(matmul {p['fp32']['matmul_n']}^3 {p['fp32']['matmul_gflops']}, 3x3 conv {p['fp32']['conv3x3_gflops']}); "
         f"bf16 {p['bf16']['gflops']} GFLOP/s (matmul {p['bf16']['matmul_gflops']}, 3x3 conv {p['bf16']['conv3x3_gflops']}).",
@@ -656,20 +669,22 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| config | dtypes unet/text/vae | wall s median (min-max) | vs diffusers fp32 | vs diffusers bf16 "
         "| peak RSS GiB | RSS vs diffusers fp32 | load s | text enc s | denoise s | VAE decode s "
-        "| UNet TFLOP/step | denoise GFLOP/s | % of peak | CPU share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| UNet TFLOP/step | denoise GFLOP/s | % of peak | % of matmul peak | CPU share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in report["configs"].items():
         d, w, st = c["dtypes"], c["wall_s"], c["stages_s"]
         frac = c["fraction_of_peak"]
         of_peak = "-" if frac is None else f"{100 * frac:.0f}% of {c['peak_dtype']}"
+        mm = c.get("fraction_of_matmul_peak")
+        of_mm = "-" if mm is None else f"{100 * mm:.0f}%"
         fmt = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
         lines.append(
             f"| {name} | {d['unet']}/{d['text_encoder']}/{d['vae']} | {w['median']:.2f} ({w['min']:.2f}-{w['max']:.2f}) "
             f"| {fmt(c['time_vs_diffusers_fp32'])} | {fmt(c['time_vs_diffusers_bf16'])} | {c['peak_rss_mib'] / 1024:.2f} "
             f"| {fmt(c['rss_vs_diffusers_fp32'])} | {st['load']:.1f} | {st['text_encoding']:.2f} | {st['denoising']:.2f} "
             f"| {st['decoding']:.2f} | {c['unet_tflop_per_step']:.3f} | {c['denoising_gflops']:.0f} "
-            f"| {of_peak} | {c['cpu_share']['median']:.2f} |"
+            f"| {of_peak} | {of_mm} | {c['cpu_share']['median']:.2f} |"
         )
     st = report.get("startup")
     if st:
@@ -773,7 +788,11 @@ def run_speed(args: argparse.Namespace, out_dir: Path, model: str, model_kind: s
     startup = startup_times(out_dir, reps=1 if args.quick else 5)
     peak_tbl = summarise_peaks(peak_samples, n)
     peaks = {d: v["gflops"] for d, v in peak_tbl.items()}
-    configs = {name: summarise(name, workers[name].info, runs[name], flops[name], peaks, args.steps, args.quick) for name in names}
+    matmul_peaks = {d: v["matmul_gflops"] for d, v in peak_tbl.items()}
+    configs = {
+        name: summarise(name, workers[name].info, runs[name], flops[name], peaks, matmul_peaks, args.steps, args.quick)
+        for name in names
+    }
     add_ratios(configs)
     report = {
         "schema": 1,

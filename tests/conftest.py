@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ import pytest
 
 # Never touch the network: without this every Hub lookup retries for ~30 s on an offline machine.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# What sdx4 measures once per machine (cpu-precision.json) goes to a folder of this test run, not ~/.cache.
+os.environ["SDX4_CACHE"] = tempfile.mkdtemp(prefix="sdx4-test-cache-")
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

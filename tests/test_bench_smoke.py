@@ -97,6 +97,8 @@ def check_speed_report(out: Path, stdout: str) -> None:
         assert c["peak_gflops"] == report["peak"][c["peak_dtype"]]["gflops"]
         # fraction_of_peak = achieved / peak (both rounded in the report: GFLOP/s to 0.1, the fraction to 0.001).
         assert abs(c["fraction_of_peak"] * c["peak_gflops"] - c["denoising_gflops"]) <= 0.051 + 0.0005 * c["peak_gflops"]
+        mm_peak = report["peak"][c["peak_dtype"]]["matmul_gflops"]  # the measure: against the matmul peak
+        assert abs(c["fraction_of_matmul_peak"] * mm_peak - c["denoising_gflops"]) <= 0.051 + 0.0005 * mm_peak
         for base in ("fp32", "bf16"):
             ref = report["configs"][f"diffusers-{base}"]
             assert c[f"time_vs_diffusers_{base}"] == round(w["median"] / ref["wall_s"]["median"], 3), (name, base)
@@ -110,10 +112,14 @@ def check_speed_report(out: Path, stdout: str) -> None:
     assert report["configs"]["diffusers-bf16"]["dtypes"]["unet"] == "bf16"
     assert report["configs"]["sdx4-fp32"]["dtypes"] == {"unet": "fp32", "text_encoder": "fp32", "vae": "fp32"}
     auto = report["configs"]["sdx4"]["dtypes"]
-    assert auto["vae"] == "fp32" and auto["unet"] == ("bf16" if report["machine"]["sdx4_bf16_flags"] else "fp32"), auto
+    decided = report["machine"]["sdx4_auto_dtype"]  # flags, then bf16 measured against fp32 (kept per machine)
+    assert auto["vae"] == "fp32" and auto["unet"] == decided["unet_dtype"], (auto, decided)
+    assert decided["dtype_reason"].startswith(decided["unet_dtype"] + ":"), decided
+    if not report["machine"]["sdx4_bf16_flags"]:
+        assert auto["unet"] == "fp32"
     assert report["configs"]["diffusers-fp32"]["time_vs_diffusers_fp32"] == 1.0
     targets = {t["target"]: t for t in report["targets"]}
-    assert len(targets) == 7 and all(isinstance(t["met"], bool) for t in targets.values())
+    assert len(targets) == 8 and all(isinstance(t["met"], bool) for t in targets.values())
     st = report["startup"]
     for cmd in ("help", "bicubic_512"):
         assert _positive(st[cmd]["median"]) and isinstance(st[cmd]["imports_torch"], bool), (cmd, st)

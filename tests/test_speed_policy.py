@@ -25,12 +25,61 @@ def test_bf16_detection_reads_cpu_flags(cpuinfo, flags):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU policy is what auto picks without CUDA")
-@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
-def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch, native, expected):
+@pytest.mark.parametrize(
+    "native, speedup, expected, reason",
+    [
+        (True, 2.3, torch.bfloat16, "bf16: measured 2.30x the fp32 rate on this CPU (avx512_bf16)"),
+        (True, 1.25, torch.bfloat16, "bf16: measured 1.25x"),
+        (True, 1.2, torch.float32, "fp32: bf16 measured 1.20x the fp32 rate on this CPU (avx512_bf16), below the 1.25x"),
+        (True, 0.65, torch.float32, "fp32: bf16 measured 0.65x"),
+        (False, 2.3, torch.float32, "fp32: no native bf16 instructions in /proc/cpuinfo"),
+    ],
+)
+def test_auto_dtype_on_cpu_needs_native_and_measured_faster_bf16(monkeypatch, native, speedup, expected, reason):
+    measured = []
     monkeypatch.setattr(models, "cpu_bf16_flags", lambda: {"avx512_bf16"} if native else set())
+    monkeypatch.setattr(models, "cpu_bf16_speedup", lambda: measured.append(1) or {"speedup": speedup})
     p = resolve_placement("cpu", "auto")
     assert (p.unet_dtype, p.text_dtype, p.vae_dtype) == (expected, expected, torch.float32)
-    assert resolve_placement("cpu", "fp32").unet_dtype == torch.float32  # the exact-parity path stays
+    assert p.dtype_reason.startswith(reason) and p.describe()["dtype_reason"] == p.dtype_reason
+    assert len(measured) == (1 if native else 0)  # no flags: nothing to measure
+    explicit = resolve_placement("cpu", "fp32")
+    assert explicit.unet_dtype == torch.float32 and "dtype_reason" not in explicit.describe()  # the exact-parity path stays
+    assert len(measured) == (1 if native else 0)  # an explicit dtype measures nothing
+
+
+def test_bf16_speedup_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("SDX4_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "cpu_bf16_flags", lambda: {"avx512_bf16"})
+    runs = []
+    monkeypatch.setattr(models, "measure_bf16_speedup", lambda: runs.append(1) or {"speedup": 0.6491, "fp32_gflops": 236.0, "bf16_gflops": 153.2})
+    first = models.cpu_bf16_speedup()
+    assert (first["speedup"], first["cached"], len(runs)) == (0.649, False, 1)
+    assert "avx512_bf16" in first["key"] and torch.__version__ in first["key"]
+    second = models.cpu_bf16_speedup()
+    assert (second["speedup"], second["cached"], len(runs)) == (0.649, True, 1)  # read back, not measured again
+    import json
+
+    kept = json.loads((tmp_path / "cache" / "cpu-precision.json").read_text())
+    assert kept == {first["key"]: {"speedup": 0.649, "fp32_gflops": 236.0, "bf16_gflops": 153.2}}
+    # A damaged file is reported and measured over, not trusted.
+    (tmp_path / "cache" / "cpu-precision.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="sdx4"):
+        third = models.cpu_bf16_speedup()
+    assert (third["cached"], len(runs)) == (False, 2) and "ignoring unreadable" in caplog.text
+    # Nowhere to keep it: still answers, and says why it could not keep it.
+    monkeypatch.setenv("SDX4_CACHE", str(tmp_path / "file-not-dir" / "x"))
+    (tmp_path / "file-not-dir").write_text("")
+    with caplog.at_level("WARNING", logger="sdx4"):
+        fourth = models.cpu_bf16_speedup()
+    assert fourth["speedup"] == 0.649 and "could not keep the bf16 measurement" in caplog.text
+
+
+def test_bf16_speedup_measurement_runs_both_precisions():
+    m = models.measure_bf16_speedup(reps=1)
+    assert set(m) == {"speedup", "fp32_gflops", "bf16_gflops"}
+    assert m["fp32_gflops"] > 0 and m["bf16_gflops"] > 0
+    assert m["speedup"] == pytest.approx(m["bf16_gflops"] / m["fp32_gflops"])
 
 
 def test_vae_dtype_option():
@@ -149,34 +198,38 @@ def test_release_memory_gives_heap_back_on_glibc():
     assert release_memory() is expected
 
 
-def test_channels_last_only_on_the_cpu_fast_path(tiny_model_dir, tiny_upscaler):
-    assert not resolve_placement("cpu", "fp32").channels_last  # the reference path keeps diffusers' layout
-    assert resolve_placement("cpu", "bf16").channels_last
-    assert tiny_upscaler.info["memory_format"] == "contiguous"
-    conv = tiny_upscaler.components.unet.conv_in.weight
-    assert conv.is_contiguous()
-    fast = sdx4.load(str(tiny_model_dir), device="cpu", dtype="bf16")
-    assert fast.info["memory_format"] == "channels_last"
-    for w in (fast.components.unet.conv_in.weight, fast.components.vae.decoder.conv_in.weight):
+def test_channels_last_on_the_cpu_in_every_precision(tiny_model_dir, tiny_upscaler):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from sdx4.models import Placement
+
+    assert resolve_placement("cpu", "fp32").channels_last and resolve_placement("cpu", "bf16").channels_last
+    assert not Placement(torch.device("cuda"), torch.float16, torch.float16).channels_last  # GPUs keep diffusers' layout
+    assert tiny_upscaler.info["memory_format"] == "channels_last"
+    c = tiny_upscaler.components
+    for w in (c.unet.conv_in.weight, c.vae.decoder.conv_in.weight):
         assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-    r = fast(np.full((8, 8, 3), 90, np.uint8), steps=2, seed=0)
-    ref = sdx4.load(str(tiny_model_dir), device="cpu", dtype="bf16")
-    for m in (ref.components.unet, ref.components.vae):
-        m.to(memory_format=torch.contiguous_format)
-    r2 = ref(np.full((8, 8, 3), 90, np.uint8), steps=2, seed=0)
+    image = np.random.RandomState(3).randint(0, 256, (12, 12, 3), dtype=np.uint8)
+    r = tiny_upscaler(image, steps=2, seed=0)
+    # The same weights in diffusers' own layout (contiguous, transformer blocks untouched): rounding only.
+    ref = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", low_memory=False)
+    ref.components.unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").eval()
+    ref.components.vae = AutoencoderKL.from_pretrained(tiny_model_dir / "vae").eval()
+    assert ref.components.unet.conv_in.weight.is_contiguous()
+    r2 = ref(image, steps=2, seed=0)
     diff = np.abs(np.asarray(r.image, dtype=int) - np.asarray(r2.image, dtype=int))
-    assert diff.mean() < 1.0  # same model, another memory layout: rounding-level differences only
+    assert diff.max() <= 1 and diff.mean() < 0.05
 
 
-def test_transformer_outputs_stay_channels_last_on_the_fast_path(tiny_model_dir):
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+def test_transformer_outputs_stay_channels_last_on_the_cpu(tiny_model_dir):
+    from diffusers import UNet2DConditionModel
 
     from sdx4.models import keep_transformer_outputs_channels_last
 
-    ref = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32").components.unet
-    blocks = [m for m in ref.modules() if isinstance(m, Transformer2DModel)]
-    assert blocks and not any("_get_output_for_continuous_inputs" in vars(m) for m in blocks)  # fp32 path: untouched
-    fast = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32").components.unet
+    ref = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").eval()  # diffusers' own, untouched
+    blocks = blocks_of(ref)
+    assert blocks and not any("_get_output_for_continuous_inputs" in vars(m) for m in blocks)
+    fast = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").eval()
     fast.to(memory_format=torch.channels_last)
     assert keep_transformer_outputs_channels_last(fast) == len(blocks)
     outputs = []
@@ -191,8 +244,9 @@ def test_transformer_outputs_stay_channels_last_on_the_fast_path(tiny_model_dir)
     hook.remove()
     assert outputs[0].is_contiguous(memory_format=torch.channels_last) and not outputs[0].is_contiguous()
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # same values, another layout
-    bf16 = sdx4.load(str(tiny_model_dir), device="cpu", dtype="bf16").components.unet
-    assert all("_get_output_for_continuous_inputs" in vars(m) for m in blocks_of(bf16))  # applied at load
+    for dtype in ("fp32", "bf16"):  # applied at load on the CPU
+        unet = sdx4.load(str(tiny_model_dir), device="cpu", dtype=dtype).components.unet
+        assert all("_get_output_for_continuous_inputs" in vars(m) for m in blocks_of(unet))
 
 
 def blocks_of(unet):

@@ -206,10 +206,11 @@ def cached_random_model(size: Size = "full", cache_dir: str | Path | None = None
     Safe when several processes ask at once: one builds under a file lock, the others wait for it.
     """
     import fcntl
-    import os
     import shutil
 
-    root = Path(cache_dir or os.environ.get("SDX4_CACHE", Path.home() / ".cache" / "sdx4"))
+    from .cache import cache_root
+
+    root = Path(cache_dir) if cache_dir else cache_root()
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"random-{size}-seed{seed}"
     with open(root / f".random-{size}-seed{seed}.lock", "w") as lock:
