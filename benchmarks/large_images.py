@@ -100,6 +100,9 @@ def child(args: argparse.Namespace) -> None:
         row["vae_decode"] = result.metadata["vae_decode"]
         row["timings"] = result.metadata["timings"]
         row["seam_score"] = seam_score_of(out, result.metadata["tiling"], args.size)
+        row["attention_seam_score"] = attention_seam_score_of(
+            out, result.metadata["vae_decode"], result.metadata["tiling"], result.metadata["tiling_options"]["vae_attention_window"]
+        )
     row["peak_rss_gib"] = proc_status("VmHWM") / GiB
     row["output_size"] = list(out.size)
     row["seconds_per_output_mp"] = row["seconds"] / (out.size[0] * out.size[1] / 1e6)
@@ -180,6 +183,41 @@ def seam_score_of(image: Any, tiling_meta: dict[str, Any], size: int) -> float |
     return tiling.seam_score(x, [4 * r for r in rows], [4 * c for c in cols], period=4)
 
 
+def attention_seam_score_of(image: Any, vae_meta: dict[str, Any], tiling_meta: dict[str, Any], window: int) -> float | None:
+    """Seam score on the core boundaries of the VAE's attention windows (None when attention was global)."""
+    import numpy as np
+    import torch
+
+    from sdx4 import tiling
+    from sdx4.vae_decode import attention_bounds
+
+    if vae_meta["attention"] == "global":
+        return None
+    lh, lw = tiling_meta["latent_size"]
+    rows, cols = attention_bounds(lh, lw, window * window, vae_meta["overlap"])
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)  # 3,H,W
+    inner = lambda b: [4 * v for v in b[1:-1]]  # noqa: E731  (the image edges are not seams)
+    return tiling.seam_score(x, inner(rows), inner(cols), period=4)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
+def per_mp_spread(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Issue 3's linearity target: sdx4's seconds per output MP, max / min over the sizes run."""
+    ours = [r for r in runs if r.get("impl") == "ours" and "failed" not in r]
+    if len(ours) < 2:
+        return None
+    per_mp = {r["size"]: r["seconds_per_output_mp"] for r in ours}
+    spread = max(per_mp.values()) / min(per_mp.values())
+    return {"seconds_per_output_mp": per_mp, "max_over_min": round(spread, 3), "target": 1.15, "met": spread <= 1.15}
+
+
 # ------------------------------------------------------------------------------------------------
 # parent side
 # ------------------------------------------------------------------------------------------------
@@ -226,23 +264,37 @@ def planner_estimate(size: int, budget: int | None) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        "| input -> output | impl | wall s | s / output MP | peak RSS GiB | peak RSS in denoising GiB | tiles (size/overlap) | VAE decode | seam score |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| input -> output | impl | wall s | s / output MP | denoise s | decode s | peak RSS GiB | peak RSS in denoising GiB "
+        "| tiles (size/overlap, UNet batch) | VAE decode | seam score (UNet tiles / VAE attention windows) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
         io = f"{r['size']} -> {4 * r['size']}"
         if "failed" in r:
-            lines.append(f"| {io} | {r['impl']} | failed: {r['failed']} | | | | | | |")
+            lines.append(f"| {io} | {r['impl']} | failed: {r['failed']} | | | | | | | | |")
             continue
         t = r.get("tiling")
-        tiles = f"{t['tiles']} ({t['tile_size']}/{t['tile_overlap']}, {t['tile_blend']})" if t else "-"
+        tiles = f"{t['tiles']} ({t['tile_size']}/{t['tile_overlap']}, {t.get('unet_batch') or 'all'})" if t else "-"
         vae = r.get("vae_decode")
-        vae_s = (("tiled" if vae["tiled"] else "untiled") + f", {vae['attention']} attention") if vae else "untiled"
-        seam = f"{r['seam_score']:.3f}" if r.get("seam_score") is not None else "-"
+        vae_s = "untiled"
+        if vae:
+            vae_s = (f"{vae['tiles']} tiles of {vae['tile_size']}" if vae["tiled"] else "untiled") + (
+                ", global attention" if vae["attention"] == "global" else f", attention in {vae.get('attention_windows')} windows")
+            if vae.get("spilled_bytes"):
+                vae_s += f", {vae['spilled_bytes'] / GiB:.1f} GiB spilled"
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        seam = f"{fmt(r.get('seam_score'))} / {fmt(r.get('attention_seam_score'))}"
         den = f"{r['peak_rss_denoise_gib']:.2f}" if r.get("peak_rss_denoise_gib") else "-"
+        tm = r.get("timings", {})
+        stage = lambda k: f"{tm[k]:.1f}" if k in tm else "-"  # noqa: E731
         lines.append(
-            f"| {io} | {r['impl']} | {r['seconds']:.1f} | {r['seconds_per_output_mp']:.1f} | {r['peak_rss_gib']:.2f} | {den} | {tiles} | {vae_s} | {seam} |"
+            f"| {io} | {r['impl']} | {r['seconds']:.1f} | {r['seconds_per_output_mp']:.1f} | {stage('denoising')} | {stage('decoding')} "
+            f"| {r['peak_rss_gib']:.2f} | {den} | {tiles} | {vae_s} | {seam} |"
         )
+    spread = per_mp_spread(results["runs"])
+    if spread:
+        lines += ["", f"sdx4 seconds per output MP, max / min over {sorted(spread['seconds_per_output_mp'])} px: "
+                      f"{spread['max_over_min']:.3f} (target <= 1.15: {'met' if spread['met'] else 'missed'})."]
     if results.get("blends"):
         lines += ["", "| blend | tiles | seam score |", "|---|---|---|"]
         for b in results["blends"]:
@@ -309,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     planner = planner_estimate(1024, parse_size(args.max_memory) if args.max_memory else None)
     print("planner, 1024 px input -> 4096 px:", json.dumps(planner), flush=True)
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "settings": {"steps": args.steps, "guidance": 9.0, "dtype": "fp32", "device": "cpu", "max_memory": args.max_memory},
         "planner_1024": planner,
         "runs": [],
@@ -349,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             row = run_child(cmd, mem_limit, args.timeout)
             print(json.dumps(row), flush=True)
             results["blend_study"] = row
+    results["per_mp_spread"] = per_mp_spread(results["runs"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))

@@ -128,6 +128,9 @@ def test_color_fix_pulls_colours_towards_the_input(tiny):
         ("color_fix", "hist", "color_fix must be one of none, adain, wavelet"),
         ("max_memory", 1000, r"max_memory must be in 1 GiB\.\.1 PiB .* got 1000 bytes"),
         ("max_memory", 6.5, "max_memory must be a number of bytes"),
+        ("vae_attention_window", 8, r"vae_attention_window must be in 16\.\.1024; got 8"),
+        ("vae_attention_window", 2048, r"vae_attention_window must be in 16\.\.1024; got 2048"),
+        ("vae_attention_window", 64.0, r"vae_attention_window must be an integer in 16\.\.1024; got 64\.0"),
     ],
 )
 def test_tiling_options_are_checked(field, value, match):
@@ -193,6 +196,61 @@ def test_pipeline_decodes_on_tiles_when_the_plan_says_so(tiny_upscaler, monkeypa
     assert diff.max() <= 1  # exact whole-image GroupNorm statistics: rounding-level differences only
 
 
+@pytest.mark.parametrize("tile_size", [None, 16])
+def test_split_guidance_batch_gives_the_same_image(tiny_upscaler, monkeypatch, tile_size):
+    """unet_batch=1 (the plan's memory saver) runs the CFG pair as two UNet calls: same image."""
+    import dataclasses
+
+    import numpy as np
+
+    image = np.random.RandomState(6).randint(0, 256, (24, 32, 3), dtype=np.uint8)
+    opts = {"tile_size": tile_size, "tile_overlap": 8} if tile_size else {}
+    whole = tiny_upscaler(image, steps=2, seed=5, **opts)
+    real_plan, batches = pipeline.plan_for, []
+
+    def split(*args, **kwargs):
+        return dataclasses.replace(real_plan(*args, **kwargs), unet_batch=1, tile_batch=1)
+
+    monkeypatch.setattr(pipeline, "plan_for", split)
+    unet = tiny_upscaler.components.unet
+    hook = unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        halves = tiny_upscaler(image, steps=2, seed=5, **opts)
+    finally:
+        hook.remove()
+    assert set(batches) == {1} and len(batches) == 2 * 2 * halves.metadata["tiling"]["tiles"]  # 2 steps x CFG pair
+    assert halves.metadata["tiling"]["unet_batch"] == 1
+    diff = np.abs(np.asarray(halves.image, dtype=int) - np.asarray(whole.image, dtype=int))
+    assert diff.max() <= 1
+
+
+def test_vae_attention_is_global_up_to_the_window_and_windowed_beyond(tiny_upscaler, tmp_path, capsys, tiny_model_dir):
+    import numpy as np
+    from PIL import Image
+
+    from sdx4.imageio import read_metadata
+
+    image = np.random.RandomState(4).randint(0, 256, (40, 24, 3), dtype=np.uint8)  # 960 latent pixels
+    default = tiny_upscaler(image, steps=2, seed=5)
+    assert default.metadata["vae_decode"]["attention"] == "global"
+    assert default.metadata["tiling_options"]["vae_attention_window"] == 128
+    windowed = tiny_upscaler(image, steps=2, seed=5, vae_attention_window=16)  # 16x16 windows, overlap 1: cores of 14
+    report = windowed.metadata["vae_decode"]
+    assert (report["attention"], report["attention_windows"], report["tiled"]) == ("tile-local", 6, False)
+    assert not np.array_equal(np.asarray(windowed.image), np.asarray(default.image))
+    # the CLI flag reaches the decoder and the PNG's metadata
+    src = tmp_path / "in.png"
+    Image.fromarray(image).save(src)
+    out = tmp_path / "out.png"
+    code = main(["upscale", str(src), "--model", str(tiny_model_dir), "--steps", "2", "--seed", "5", "-q",
+                 "--vae-attention-window", "16", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    meta = read_metadata(out)
+    assert meta["vae_decode"]["attention"] == "tile-local" and meta["tiling_options"]["vae_attention_window"] == 16
+    assert main(["upscale", str(src), "--vae-attention-window", "4"]) == 2
+    assert "--vae-attention-window: vae_attention_window must be in 16..1024; got 4" in capsys.readouterr().err
+
+
 def test_tiled_vae_decode_fits_its_measured_cost_into_what_is_left(tiny_upscaler, rng_image, monkeypatch):
     from sdx4 import memory, pipeline
     from sdx4.vae_decode import plan_decode
@@ -202,8 +260,8 @@ def test_tiled_vae_decode_fits_its_measured_cost_into_what_is_left(tiny_upscaler
     class Stop(Exception):
         pass
 
-    def fake_decode(vae, latents, tile_size=None, max_bytes=None):
-        seen.update(tile_size=tile_size, max_bytes=max_bytes, hw=tuple(latents.shape[-2:]))
+    def fake_decode(vae, latents, tile_size=None, max_attention_tokens=None, max_bytes=None):
+        seen.update(tile_size=tile_size, max_bytes=max_bytes, hw=tuple(latents.shape[-2:]), tokens=max_attention_tokens)
         raise Stop
 
     monkeypatch.setattr(pipeline, "decode_latents", fake_decode)
@@ -214,6 +272,7 @@ def test_tiled_vae_decode_fits_its_measured_cost_into_what_is_left(tiny_upscaler
     free = budget - plan.weights_bytes - memory.global_bytes(*seen["hw"], 1)
     assert seen["max_bytes"] == (free - memory.TILED_DECODE_FIXED) // memory.TILED_DECODE_FACTOR
     assert plan.vae_tile_size is not None and seen["tile_size"] <= plan.vae_tile_size
+    assert seen["tokens"] == 128 * 128  # the default vae_attention_window, squared
     vae = tiny_upscaler.components.vae
     planned = plan_decode(vae, seen["hw"], seen["tile_size"], max_bytes=seen["max_bytes"]).memory.total
     assert memory.tiled_decode_bytes(planned) <= free

@@ -27,10 +27,13 @@ def test_budget_picks_smaller_tiles_for_larger_images():
     assert not plans[0].tiled and plans[0].tile_size == 64
     tiled = [p for p in plans if p.tiled]
     assert len(tiled) >= 3, "a 6 GiB budget must tile 512, 768 and 1024 px images"
-    # The budget's tile limit shrinks as whole-image tensors grow; the tile used is at most the limit
-    # (it may be smaller: the smallest tile that needs as few windows, to waste less on overlaps).
-    assert all(a.tile_limit >= b.tile_limit for a, b in zip(tiled, tiled[1:]))
-    assert tiled[-1].tile_limit < tiled[0].tile_limit, "whole-image tensors grow, so tiles must shrink"
+    # The budget's tile limit shrinks as whole-image tensors grow (for the same samples per UNet call); the
+    # tile used is at most the limit (it may be smaller: the smallest tile that needs as few windows).
+    for per_call in {p.unet_batch for p in tiled}:
+        same = [p for p in tiled if p.unet_batch == per_call]
+        assert all(a.tile_limit >= b.tile_limit for a, b in zip(same, same[1:]))
+    split = [p for p in tiled if p.unet_batch == 1]
+    assert split[-1].tile_limit < split[0].tile_limit, "whole-image tensors grow, so tiles must shrink"
     assert all(a.tiles <= b.tiles for a, b in zip(plans, plans[1:]))
     for p in plans:
         assert p.estimate_bytes <= p.budget_bytes
@@ -43,9 +46,24 @@ def test_smaller_budget_gives_smaller_tiles():
 
 
 def test_tiles_just_big_enough_for_their_count():
+    p = _plan(256, budget=4.8)
+    # The budget allows 152 px tiles; two per side need only ceil((256 + 32) / 2) = 144 on the grid.
+    assert (p.tile_limit, p.tile_size, p.tile_overlap, p.tiles, p.unet_batch) == (152, 144, 32, 4, None)
+
+
+def test_guidance_pair_runs_one_sample_per_call_when_that_saves_tiles():
+    # 256 px at 5.5 GiB: both CFG samples in one call need 4 tiles; one per call fits the whole latent.
+    both = plan_memory(256, 256, budget_bytes=int(5.5 * GiB), weights_bytes=WEIGHTS, samples_per_tile=1, multiple=8)
+    assert both.tiles == 1  # (what one sample needs)
     p = _plan(256, budget=5.5)
-    # The budget allows 168 px tiles; two per side need only ceil((256 + 40) / 2) = 148 -> 152 on the grid.
-    assert (p.tile_limit, p.tile_size, p.tile_overlap, p.tiles) == (168, 152, 40, 4)
+    assert (p.tiles, p.unet_batch, p.tile_batch) == (1, 1, 1) and p.estimate_bytes <= p.budget_bytes
+    assert p.estimate_bytes - memory.unet_work_bytes(256, 256, 1) + memory.unet_work_bytes(256, 256, 2) > p.budget_bytes
+    # No split when it would not save a tile (384 px at 6 GiB: 2 x 2 tiles either way), nor when untiled
+    # at the full batch fits, nor when the tiles are given.
+    assert _plan(384, budget=6.0).unet_batch is None and _plan(384, budget=6.0).tiles == 4
+    assert _plan(128, budget=6.0).unet_batch is None
+    assert _plan(512, budget=6.0, tile_size=128).unet_batch is None
+    assert memory.main(["--size", "512", "512", "--max-memory", "5GiB"]) == 0
 
 
 def test_tile_batch_grows_with_budget():
@@ -59,9 +77,11 @@ def test_explicit_options_win():
     assert _plan(64, tile_size=128).tiles == 1
 
 
-def test_default_overlap_is_a_quarter_of_the_tile_limit_on_the_grid():
+def test_default_overlap_is_a_quarter_of_the_tile_limit_on_the_grid_at_most_32():
     p = _plan(2048, budget=12.0)
-    assert p.tiled and p.tile_overlap == max(8, p.tile_limit // 4 // 8 * 8)
+    assert p.tiled and p.tile_limit // 4 > memory.MAX_AUTO_OVERLAP and p.tile_overlap == memory.MAX_AUTO_OVERLAP == 32
+    p = _plan(512, budget=4.5)
+    assert p.tiled and p.tile_limit // 4 < 32 and p.tile_overlap == max(8, p.tile_limit // 4 // 8 * 8)
 
 
 def test_large_image_tiles_the_vae_too():

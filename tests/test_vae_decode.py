@@ -140,6 +140,49 @@ def test_attention_switches_to_tile_local_above_the_token_limit(tiny):
     assert (out - ref).abs().max().item() <= TOL
 
 
+def test_beyond_the_limit_the_untiled_decode_attends_in_the_same_windows_as_the_tiled_one(tiny, tmp_path):
+    lat = _latents(tiny, 2, 20, 18)
+    with torch.no_grad():
+        ref = tiny.decode(lat).sample  # global attention
+    attn = tiny.decoder.mid_block.attentions[0]
+    processor = attn.processor
+    # 12x12-pixel windows: cores of 8 (12 - 2 x overlap 2) -> 3 x 3 windows
+    untiled, report = decode_latents(tiny, lat, max_attention_tokens=12 * 12, overlap=2)
+    assert (report.tiled, report.attention, report.attention_windows, report.overlap) == (False, "tile-local", 9, 2)
+    assert attn.processor is processor  # diffusers' processor is back after the decode
+    assert (untiled - ref).abs().max().item() > 10 * TOL  # windows are not the global attention...
+    for kwargs in ({}, {"max_bytes": 1, "spill_dir": tmp_path}):  # ...but the tiled decode's (RAM or spilled planes)
+        tiled, report = decode_latents(tiny, lat, tile_size=6, max_attention_tokens=12 * 12, overlap=2, **kwargs)
+        assert (report.tiled, report.attention, report.attention_windows) == (True, "tile-local", 9)
+        assert (tiled - untiled).abs().max().item() <= TOL
+    # within the limit: diffusers' own decode, bit for bit
+    same, report = decode_latents(tiny, lat, max_attention_tokens=20 * 18)
+    assert torch.equal(same, ref) and (report.attention, report.attention_windows) == ("global", 1)
+
+
+def test_the_attention_processor_is_restored_when_the_decode_fails(tiny, monkeypatch):
+    attn = tiny.decoder.mid_block.attentions[0]
+    processor = attn.processor
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(vd, "_attend", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        decode_latents(tiny, _latents(tiny, 1, 20, 18), max_attention_tokens=100)
+    assert attn.processor is processor
+
+
+@pytest.mark.parametrize("h,w,tokens,overlap", [(20, 18, 144, 2), (512, 384, 128 * 128, 8), (130, 7, 128 * 128, 8), (5, 5, 1, 0)])
+def test_attention_windows_hold_at_most_the_token_limit(h, w, tokens, overlap):
+    rows, cols = vd.attention_bounds(h, w, tokens, overlap)
+    side = max(1, math.isqrt(tokens))
+    for n, bounds in ((h, rows), (w, cols)):
+        assert bounds[0] == 0 and bounds[-1] == n and all(b > a for a, b in zip(bounds, bounds[1:]))
+        for start, end, _, _ in vd._windows(n, bounds, overlap):
+            assert end - start <= max(side, 1 + 2 * overlap)  # core + overlap on both sides
+
+
 @pytest.mark.parametrize("n,tile,overlap", [(20, 8, 2), (36, 6, 3), (64, 16, 8), (9, 4, 0), (1, 1, 3)])
 def test_tile_local_blend_weights_sum_to_one(n, tile, overlap):
     """Cores >= 2*overlap: the ramps are a partition of unity (smaller cores: the code divides by the sum)."""

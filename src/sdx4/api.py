@@ -192,6 +192,7 @@ class Upscaler:
                 "tile_batch": opts.tile_batch,
                 "tile_blend": opts.tile_blend,
                 "max_memory": opts.max_memory,
+                "vae_attention_window": opts.vae_attention_window,
             },
         )
         if loaded.alpha is not None:

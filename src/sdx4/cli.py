@@ -71,6 +71,13 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-overlap", type=int, default=d["tile_overlap"], help="tile overlap in input pixels (default: a quarter of the tile)")
     p.add_argument("--tile-batch", type=int, default=d["tile_batch"], help="tiles per UNet call (default: from --max-memory)")
     p.add_argument("--tile-blend", choices=TILE_BLENDS, default=d["tile_blend"], help="weights that merge overlapping tiles")
+    p.add_argument(
+        "--vae-attention-window",
+        type=int,
+        default=d["vae_attention_window"],
+        metavar="PX",
+        help="VAE attention is global up to PX x PX input pixels, windowed beyond (linear time); 16..1024",
+    )
 
 
 def add_model_args(p: argparse.ArgumentParser | Any) -> None:
@@ -170,7 +177,8 @@ def options_from_args(args: argparse.Namespace, **fixed: Any) -> UpscaleOptions:
         seed=args.seed,
         scheduler=args.scheduler,
     )
-    for name in ("num_images", "method", "scale", "color_fix", "tile_size", "tile_overlap", "tile_batch", "tile_blend"):
+    for name in ("num_images", "method", "scale", "color_fix", "tile_size", "tile_overlap", "tile_batch", "tile_blend",
+                 "vae_attention_window"):
         if hasattr(args, name):
             values[name] = getattr(args, name)
     try:

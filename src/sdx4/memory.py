@@ -11,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-#: Working memory of one UNet call per latent pixel per batch sample, fp32 (measured, rounded up).
-UNET_BYTES_PER_PIXEL = 28_000  # measured 22.5k (32 px), 26.2k (64 px), 16.7k (96 px) at batch 2
+#: Working memory of one UNet call: UNET_FIXED_BYTES + UNET_BYTES_PER_PIXEL per latent pixel per batch
+#: sample, fp32, channels-last as the CPU runs it (benchmarks/calibrate_memory.py, Intel Xeon, batch 2:
+#: 0.185 GB at 64 px, 0.68 GB at 128 px, 1.31 GB at 192 px; the model gives 0.33 / 0.73 / 1.38 GB).
+UNET_BYTES_PER_PIXEL = 16_000
+UNET_FIXED_BYTES = 192 * 2**20
 #: Working memory of one VAE decode per latent pixel (the VAE always runs in fp32).
-VAE_BYTES_PER_PIXEL = 100_000  # measured 114.5k (32 px), 84.8k (64 px), 79.5k (96 px): it works at 4x resolution
+VAE_BYTES_PER_PIXEL = 100_000  # measured contiguous 103k (32 px), 74k (64), 79k (96); channels-last 75k, 55k, 50k
 #: Whole-image tensors kept during the run, per latent pixel per generated image (latents, the
 #: conditioning image, the float64 merge accumulators, the decoded and cropped output, uint8 copies).
 GLOBAL_BYTES_PER_PIXEL = 1200
@@ -30,6 +33,9 @@ TILED_DECODE_FACTOR = 3
 #: too little context); an explicit --tile-size may go down to the UNet's multiple.
 MIN_AUTO_TILE = 32
 MAX_AUTO_TILE_BATCH = 8
+#: Auto overlaps are a quarter of the tile but at most this (latent pixels = 128 output pixels): large
+#: tiles need no wider blend band, and every overlap pixel is UNet work done twice.
+MAX_AUTO_OVERLAP = 32
 #: Margin added to each side of a VAE tile for the decoder's overlap when estimating its memory.
 VAE_TILE_MARGIN = 16
 #: Shares of the free memory used when no budget is given.
@@ -53,6 +59,9 @@ class MemoryPlan:
     estimate_bytes: int  # predicted peak, weights included
     budget_bytes: int
     weights_bytes: int
+    #: Batch samples per UNet call (None: a tile's whole batch, both halves of classifier-free guidance, in
+    #: one call). 1 when that lets the image run in fewer tiles: half the working memory, the same FLOPs.
+    unet_batch: int | None = None
 
     @property
     def tiled(self) -> bool:
@@ -65,6 +74,7 @@ class MemoryPlan:
             "tile_overlap": self.tile_overlap,
             "tile_batch": self.tile_batch,
             "tiles": self.tiles,
+            "unet_batch": self.unet_batch,
             "vae_tile_size": self.vae_tile_size,
             "memory_estimate_gib": round(self.estimate_bytes / 2**30, 3),
             "memory_budget_gib": round(self.budget_bytes / 2**30, 3),
@@ -73,7 +83,7 @@ class MemoryPlan:
 
 def unet_work_bytes(tile_h: int, tile_w: int, samples: int, dtype_bytes: int = 4) -> int:
     """Working memory of one UNet call on `samples` tiles of tile_h x tile_w latent pixels."""
-    return int(UNET_BYTES_PER_PIXEL * tile_h * tile_w * samples * dtype_bytes / 4)
+    return int((UNET_FIXED_BYTES + UNET_BYTES_PER_PIXEL * tile_h * tile_w * samples) * dtype_bytes / 4)
 
 
 def vae_work_bytes(tile_h: int, tile_w: int, images: int) -> int:
@@ -86,8 +96,8 @@ def global_bytes(h: int, w: int, images: int) -> int:
 
 
 def default_overlap(tile_size: int, multiple: int) -> int:
-    """A quarter of the tile, on the UNet's grid (at least one grid step)."""
-    return max(multiple, tile_size // 4 // multiple * multiple)
+    """A quarter of the tile, at most MAX_AUTO_OVERLAP, on the UNet's grid (at least one grid step)."""
+    return max(multiple, min(tile_size // 4, MAX_AUTO_OVERLAP) // multiple * multiple)
 
 
 def plan_memory(
@@ -108,8 +118,10 @@ def plan_memory(
 
     samples_per_tile: UNet batch per tile (2 x images with guidance, else images).
     Explicit tile_size / tile_overlap / tile_batch win over the budget. The largest tile that fits is
-    chosen (the whole latent when it fits: then nothing is tiled); then as many tiles per call as fit.
-    Larger images leave less room (whole-image tensors grow), so they never get larger tiles.
+    chosen (the whole latent when it fits: then nothing is tiled); when running the tile's samples one
+    per UNet call (`unet_batch=1`) lets larger tiles fit and that needs fewer tiles, that is chosen
+    instead; then as many tiles per call as fit. Larger images leave less room (whole-image tensors
+    grow), so they never get larger tiles.
     """
     from .tiling import plan_tiles
 
@@ -118,33 +130,49 @@ def plan_memory(
     fixed = weights_bytes + global_bytes(h, w, images)
     work = budget_bytes - fixed
 
-    def unet(t: int, k: int) -> int:
-        return unet_work_bytes(min(t, h), min(t, w), k * samples_per_tile, dtype_bytes)
+    def unet(t: int, k: int, per_call: int = samples_per_tile) -> int:
+        return unet_work_bytes(min(t, h), min(t, w), k * per_call, dtype_bytes)
 
     full = max(h, w)
-    if tile_size is None:
-        lo = min(full, max(multiple, MIN_AUTO_TILE // multiple * multiple))
+    lo = min(full, max(multiple, MIN_AUTO_TILE // multiple * multiple))
+
+    def largest_tile(per_call: int) -> int:
         t = full
-        while t > lo and unet(t, 1) > work:
+        while t > lo and unet(t, 1, per_call) > work:
             t -= multiple
-        if unet(t, 1) > work:
+        return t
+
+    def layout(t: int) -> tuple[int, int, int]:
+        """(tile, overlap, tile count) for a tile limit t."""
+        if t >= full:
+            return full, 0, 1
+        ov = min(default_overlap(t, multiple), t - multiple) if tile_overlap is None else tile_overlap
+        if tile_size is None:
+            t = _shrink_to_count(full, t, ov, multiple)
+        return t, ov, len(plan_tiles(h, w, t, ov, multiple))
+
+    per_call = samples_per_tile
+    if tile_size is None:
+        t = largest_tile(per_call)
+        if unet(t, 1) > work and samples_per_tile > 1 and unet(largest_tile(1), 1, 1) <= work:
+            per_call = 1  # only one sample per call fits at all
+        elif samples_per_tile > 1 and t < full and layout(largest_tile(1))[2] < layout(t)[2]:
+            per_call = 1  # one sample per call: larger tiles, fewer of them, less UNet work on overlaps
+        t = largest_tile(per_call)
+        if unet(t, 1, per_call) > work:
             raise MemoryBudgetError(
                 f"max_memory {budget_bytes / 2**30:.2f} GiB is too small: the weights ({weights_bytes / 2**30:.2f} GiB), "
                 f"the whole-image tensors ({(fixed - weights_bytes) / 2**30:.2f} GiB) and one {t}x{t} tile "
-                f"({unet(t, 1) / 2**30:.2f} GiB) need {(fixed + unet(t, 1)) / 2**30:.2f} GiB"
+                f"({unet(t, 1, per_call) / 2**30:.2f} GiB) need {(fixed + unet(t, 1, per_call)) / 2**30:.2f} GiB"
             )
     else:
         t = max(multiple, tile_size // multiple * multiple)
     t = min(t, full)
     limit = t
-    tiled = t < full
-    overlap = 0
-    if tiled:
-        overlap = min(default_overlap(t, multiple), t - multiple) if tile_overlap is None else tile_overlap
-        if tile_size is None:
-            t = _shrink_to_count(full, t, overlap, multiple)
-    tiles = len(plan_tiles(h, w, t, overlap, multiple))
-    if tile_batch is None:
+    t, overlap, tiles = layout(t)
+    if per_call < samples_per_tile:
+        k = 1  # tiles already split into single-sample calls
+    elif tile_batch is None:
         k = 1
         while k < min(tiles, MAX_AUTO_TILE_BATCH) and unet(t, k + 1) <= work:
             k += 1
@@ -159,7 +187,7 @@ def plan_memory(
             vt -= multiple
         vae_tile = vt
         vae = vae_work_bytes(min(vt, h) + 2 * VAE_TILE_MARGIN, min(vt, w) + 2 * VAE_TILE_MARGIN, images)
-    estimate = fixed + max(unet(t, k), vae)
+    estimate = fixed + max(unet(t, k, per_call), vae)
     return MemoryPlan(
         tile_size=t,
         tile_limit=limit,
@@ -170,6 +198,7 @@ def plan_memory(
         estimate_bytes=estimate,
         budget_bytes=budget_bytes,
         weights_bytes=weights_bytes,
+        unet_batch=per_call if per_call < samples_per_tile else None,
     )
 
 

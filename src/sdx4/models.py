@@ -72,10 +72,11 @@ class Placement:
     @property
     def channels_last(self) -> bool:
         """NHWC convolutions for the UNet and VAE on the CPU, in every precision: oneDNN's native layout,
-        so no reorder copies around each convolution. Measured (docs/speed.md): UNet bf16 step -5%, VAE fp32
-        decode -15 to -19%, and 37% less working memory for an fp32 UNet call (128 px latent, batch 2: 1.52
-        instead of 2.42 GiB; Intel Xeon). Values move by float rounding only (fp32: ~3e-6 UNet, ~2e-5 VAE
-        output; the diffusers parity tests still hold)."""
+        so no reorder copies around each convolution. Measured (docs/speed.md, benchmarks/calibrate_memory.py):
+        UNet bf16 step -5%, VAE fp32 decode -15 to -19% in time; fp32 working memory of a VAE decode -26 to
+        -37% (96 px latent: 0.46 instead of 0.73 GB) and of a UNet call -10% (128 px latent, batch 2: 0.68
+        instead of 0.76 GB). Values move by float rounding only (fp32: ~3e-6 UNet, ~2e-5 VAE output; the
+        diffusers parity tests still hold)."""
         return self.device.type == "cpu"
 
     def describe(self) -> dict[str, str]:

@@ -41,6 +41,8 @@ MIN_SCALE, MAX_SCALE = 2, 16
 #: Tile sizes are in input (= latent) pixels; the UNet needs at least 8 (its pad multiple for the real model).
 MIN_TILE_SIZE, MAX_TILE_SIZE = 8, 4096
 MAX_TILE_BATCH = 64
+#: Global VAE attention over at most 1024x1024 latent pixels (its keys and values alone: 4 GiB in fp32).
+MIN_ATTENTION_WINDOW, MAX_ATTENTION_WINDOW = 16, 1024
 #: --max-memory is the whole process' budget (weights included); below 1 GiB nothing useful fits.
 MIN_MAX_MEMORY, MAX_MAX_MEMORY = 2**30, 2**50
 
@@ -85,6 +87,10 @@ class UpscaleOptions:
     tile_blend: how overlapping tile predictions are weighted; "feather" was measured best (seam score).
     max_memory: memory budget in bytes for the whole process, weights included (None: a safe share
       of the free RAM, or of the free GPU memory on CUDA). Tile size and batch are chosen from it.
+    vae_attention_window: the VAE decoder's mid-block attention is global (exact) while the image has at
+      most this x this input pixels, and runs within overlapping windows of that size beyond, so decoding
+      time stays linear in pixels (global attention's cost grows with the square). 16..1024; the default
+      128 keeps attention under ~20% of the decode (docs/tiled-vae.md).
     """
 
     prompt: str = ""
@@ -104,6 +110,7 @@ class UpscaleOptions:
     tile_batch: int | None = None
     tile_blend: TileBlend = "feather"  # measured: fewest seams, closest to untiled (docs/large-images.md)
     max_memory: int | None = None
+    vae_attention_window: int = 128
 
     def __post_init__(self) -> None:
         _check_str("prompt", self.prompt)
@@ -131,6 +138,7 @@ class UpscaleOptions:
             _check_int("tile_batch", self.tile_batch, 1, MAX_TILE_BATCH)
         if self.tile_blend not in TILE_BLENDS:
             raise OptionsError(f"tile_blend must be one of {', '.join(TILE_BLENDS)}; got {self.tile_blend!r}")
+        _check_int("vae_attention_window", self.vae_attention_window, MIN_ATTENTION_WINDOW, MAX_ATTENTION_WINDOW)
         if self.max_memory is not None:
             if isinstance(self.max_memory, bool) or not isinstance(self.max_memory, int):
                 raise OptionsError(f"max_memory must be a number of bytes (at least 1 GiB); got {self.max_memory!r}")

@@ -204,14 +204,12 @@ def upscale_tensor(
 
         def unet_fn(x: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
             k = x.shape[0] // batch  # x: k*(2)n,7,th,tw, tile-major
-            return unet(
-                x, t, encoder_hidden_states=embeds.repeat(k, 1, 1), class_labels=noise_level.repeat(k), return_dict=False
-            )[0]
+            return _unet_in_calls(unet, x, t, embeds.repeat(k, 1, 1), noise_level.repeat(k), plan.unet_batch)
 
         def predict(size: int, model_in: torch.Tensor = model_in) -> torch.Tensor:
             tiles = tiling.plan_tiles(*model_in.shape[-2:], size, _overlap(plan, size, components.pad_multiple), components.pad_multiple)
-            if len(tiles) == 1:  # the untiled path, unchanged
-                return unet(model_in, t, encoder_hidden_states=embeds, class_labels=noise_level, return_dict=False)[0]
+            if len(tiles) == 1:  # the untiled path (one call unless the budget splits the CFG batch)
+                return _unet_in_calls(unet, model_in, t, embeds, noise_level, plan.unet_batch)
             return tiling.merge_tiled(
                 unet_fn,
                 [model_in],
@@ -236,16 +234,21 @@ def upscale_tensor(
     #    freed activations go back to the OS first (the decode is often the run's memory peak).
     memory.release_memory()
     latents = latents.to(components.placement.vae_dtype) / vae.config.scaling_factor
-    # Tiled when the plan says so: exact whole-image GroupNorm statistics, global attention up to its
-    # token limit; within the budget's activation share (whole-image tensors spill to temp files beyond).
-    vae_tile, vae_bytes = plan.vae_tile_size, None
+    # Tiled when the plan says so: exact whole-image GroupNorm statistics, within the budget's activation
+    # share (whole-image tensors spill to temp files beyond).
+    # Attention global up to vae_attention_window^2 latent pixels, windowed beyond (linear cost).
+    vae_tile, vae_bytes, tokens = plan.vae_tile_size, None, options.vae_attention_window**2
     if vae_tile is not None:  # the largest tile (<= the plan's) whose measured decode cost fits what is left
         free = plan.budget_bytes - plan.weights_bytes - memory.global_bytes(*latents.shape[-2:], n)
         hw = tuple(latents.shape[-2:])
         vae_tile, vae_bytes = memory.fit_vae_tile(
-            lambda t, b: plan_decode(vae, hw, t, batch_size=n, max_bytes=b).memory.total, vae_tile, free
+            lambda t, b: plan_decode(vae, hw, t, batch_size=n, max_attention_tokens=tokens, max_bytes=b).memory.total,
+            vae_tile,
+            free,
         )
-    decoded, decode_report = decode_latents(vae, latents, tile_size=vae_tile, max_bytes=vae_bytes)  # n,3,4h',4w'
+    decoded, decode_report = decode_latents(
+        vae, latents, tile_size=vae_tile, max_attention_tokens=tokens, max_bytes=vae_bytes
+    )  # n,3,4h',4w'
     out = decoded[:, :, : 4 * h, : 4 * w].float().cpu()
     clock.lap("decoding")
 
@@ -272,6 +275,21 @@ def upscale_tensor(
         report["vae_decode"] = dataclasses.asdict(decode_report)
         report["color_fix"] = options.color_fix
     return out
+
+
+def _unet_in_calls(
+    unet: Any, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, labels: torch.Tensor, per_call: int | None
+) -> torch.Tensor:
+    """The UNet on batch x (B,7,h,w), `per_call` samples per call (None: all at once). Splitting the
+    CFG pair halves the working memory for the same FLOPs (the memory plan asks for it when it saves tiles)."""
+    if per_call is None or per_call >= x.shape[0]:
+        return unet(x, t, encoder_hidden_states=embeds, class_labels=labels, return_dict=False)[0]
+    parts = [
+        unet(x[i : i + per_call], t, encoder_hidden_states=embeds[i : i + per_call], class_labels=labels[i : i + per_call],
+             return_dict=False)[0]
+        for i in range(0, x.shape[0], per_call)
+    ]
+    return torch.cat(parts)  # B,4,h,w
 
 
 def plan_for(components: Components, options: UpscaleOptions, h: int, w: int) -> memory.MemoryPlan:

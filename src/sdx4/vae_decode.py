@@ -22,6 +22,7 @@ Two ways to run an op (see docs/tiled-vae.md):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import mmap
@@ -34,9 +35,16 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-#: Global mid-block attention up to this many latent pixels per image (256x256 latent = 1024x1024 output):
-#: its cost grows with the square of the pixel count (8.8 TFLOP at 256x256, 141 TFLOP at 512x512).
-DEFAULT_MAX_ATTENTION_TOKENS = 256 * 256
+#: Global mid-block attention up to this many latent pixels per image (128x128 latent = 512x512 output);
+#: beyond it, attention runs over overlapping windows of at most this many pixels, blended. Global attention
+#: costs 4*N^2*512 FLOP: 0.55 TFLOP at 128x128 (18% of that decode), 8.8 at 256x256 (86% on top of the
+#: convolutions), 141 at 512x512; with windows the decoder's cost stays linear in the pixel count (the
+#: time budget of issue 3). Windows of 128x128 latent pixels are larger than diffusers' own tiled decode
+#: (`enable_tiling`: independent 64x64-latent tiles, attention per tile).
+DEFAULT_MAX_ATTENTION_TOKENS = 128 * 128
+#: Attention windows reach this share of their side past their core (8 latent pixels for 128x128 windows;
+#: the blend band is twice that), see `default_attention_overlap`.
+ATTENTION_OVERLAP_SHARE = 1 / 16
 #: Queries per SDPA call in global attention (keys/values cover the whole image).
 _QUERY_CHUNK = 4096
 #: Spilling whole-image tensors to temporary files needs shared file mappings and madvise (Linux, macOS).
@@ -59,6 +67,7 @@ class DecodeReport:
     sample_tiles: int = 0  # tiles whose pooled statistics set the estimated norms (0 when all exact)
     planned_bytes: int = 0  # the plan's RAM estimate for activations (see `estimate_decode_bytes`)
     spilled_bytes: int = 0  # planned bytes of whole-image tensors kept in temporary files instead of RAM
+    attention_windows: int = 1  # windows the mid-block attention ran over (1: global)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -325,6 +334,8 @@ class DecodePlan:
     norms: int
     memory: DecodeMemory
     spill: bool = False  # whole-image tensors in temporary files instead of RAM
+    attn_rows: tuple[int, ...] = ()  # tile-local attention: window core boundaries (latent pixels)
+    attn_cols: tuple[int, ...] = ()
 
     @property
     def tiles(self) -> int:
@@ -335,6 +346,19 @@ def _bounds(n: int, tile: int) -> tuple[int, ...]:
     """Split 0..n into ceil(n/tile) nearly equal parts."""
     k = math.ceil(n / tile)
     return tuple(round(i * n / k) for i in range(k + 1))
+
+
+def default_attention_overlap(max_tokens: int) -> int:
+    """Latent pixels an attention window reaches past its core by default: 1/16 of the window side."""
+    return max(1, int(math.isqrt(max_tokens) * ATTENTION_OVERLAP_SHARE))
+
+
+def attention_bounds(h: int, w: int, max_tokens: int, overlap: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Core boundaries of the tile-local attention windows: each window (core + `overlap` on each side)
+    holds at most max_tokens latent pixels (side isqrt(max_tokens)), so no window costs more than the
+    largest global attention allowed."""
+    core = max(1, math.isqrt(max_tokens) - 2 * overlap)
+    return _bounds(h, core), _bounds(w, core)
 
 
 def receptive_radius(shapes: list[_OpShape], start: int = 0) -> int:
@@ -368,9 +392,11 @@ def _plan(
     n_tiles = (len(rows) - 1) * (len(cols) - 1)
     attn_idx = [i for i, s in enumerate(shapes) if s.kind == "attention"]
     attention: Literal["global", "tile-local"] = "global" if h * w <= max_attention_tokens else "tile-local"
-    if overlap is None:  # default: the receptive radius (in latent pixels) of everything after the attention
-        after = attn_idx[-1] + 1 if attn_idx else 0
-        overlap = math.ceil(receptive_radius(shapes, after) / _scale_at(shapes, after))
+    if overlap is None:  # tile-mode windows get at least the receptive radius whatever this is
+        overlap = default_attention_overlap(max_attention_tokens)
+    attn_rows, attn_cols = attention_bounds(h, w, max_attention_tokens, overlap) if attention == "tile-local" else ((), ())
+    attn_side = max((min(n, b1 - b0 + 2 * overlap) for n, bounds in ((h, attn_rows), (w, attn_cols))
+                     for b0, b1 in itertools.pairwise(bounds)), default=0)
     norms = sum(s.norm for s in shapes)
     b, e = batch_size, itemsize
     core_max = max(max(b1 - b0 for b0, b1 in itertools.pairwise(rows)), max(c1 - c0 for c0, c1 in itertools.pairwise(cols)))
@@ -382,7 +408,7 @@ def _plan(
     plane_held, work_plane, kv_ram, res_ch = [], [], [], 0
     for i, s in enumerate(shapes):
         held = px(i) * s.in_channels + px(i) * s.up**2 * s.out_channels + px(i) * res_ch
-        side = (core_max + 2 * overlap) if s.kind == "attention" and attention == "tile-local" else core_max
+        side = attn_side if s.kind == "attention" and attention == "tile-local" else core_max
         win = (side * _scale_at(shapes, i) + 2 * s.halo) ** 2
         work = win * (2 * s.in_channels + 2 * s.up**2 * s.out_channels + res_ch)
         kv = 0
@@ -444,7 +470,8 @@ def _plan(
         memory = DecodeMemory(total, planes, handoff, len(sample) * tile_held, tile_work, output)
     exact = norms if (split == n or len(sample) == n_tiles) else sum(s.norm for s in shapes[: split + 1])
     return DecodePlan(
-        (h, w), b, tile_size, overlap, attention, rows, cols, split, sample, halo, exact, norms, memory, spilled
+        (h, w), b, tile_size, overlap, attention, rows, cols, split, sample, halo, exact, norms, memory, spilled,
+        attn_rows, attn_cols,
     )
 
 
@@ -597,7 +624,7 @@ class _Runner:
         if op.kind == "attention":
             if self.plan.attention == "global":
                 return self._global_attention(op, cur, affine)
-            return self._local_attention(op, cur, affine, rows, cols)
+            return self._local_attention(op, cur, affine, self.plan.attn_rows, self.plan.attn_cols)
         halo = op.halo
         b, _, hh, ww = cur.data.shape
         u = op.up
@@ -624,7 +651,7 @@ class _Runner:
     def _local_attention(
         self, op: _Op, cur: _Plane, affine: tuple, rows: tuple[int, ...], cols: tuple[int, ...]
     ) -> _Plane:
-        """Attention within each tile's window (core + overlap), blended with feathered weights.
+        """Attention within each window (core + overlap; `attention_bounds`), blended with feathered weights.
 
         Neighbouring windows overlap by 2*overlap pixels; linear ramps across that band sum to one, so the
         attention output changes smoothly from one tile's to the next (no seam at core boundaries). Windows
@@ -748,6 +775,54 @@ class _Runner:
             out[:, :, oy : oy + a1 - a0, ox : ox + b1 - b0] = s[0][:, :, a0:a1, b0:b1].to(self.store)
 
 
+class WindowedAttention:
+    """A diffusers attention processor for the VAE's mid-block: self-attention within overlapping windows of
+    at most `max_tokens` latent pixels (`attention_bounds`), blended with linear ramps over 2 x `overlap`
+    pixels, the GroupNorm over the whole image. The same windows as the tiled decode's tile-local attention,
+    so the untiled and tiled decodes agree beyond the global-attention limit too."""
+
+    def __init__(self, max_tokens: int, overlap: int) -> None:
+        self.max_tokens, self.overlap = max_tokens, overlap
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
+                 attention_mask: Any = None, temb: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if hidden_states.ndim != 4 or encoder_hidden_states is not None or attention_mask is not None:
+            raise NotImplementedError("windowed attention: B,C,H,W self-attention without a mask only")
+        x = attn.group_norm(hidden_states)  # B,C,h,w, whole-image statistics
+        b, c, h, w = x.shape
+        rows, cols = attention_bounds(h, w, self.max_tokens, self.overlap)
+        acc = torch.zeros_like(x)
+        wsum = torch.zeros(h, w, dtype=torch.float64)
+        for y0, y1, _, _ in _windows(h, rows, self.overlap):
+            for x0, x1, _, _ in _windows(w, cols, self.overlap):
+                t = _tokens(x[:, :, y0:y1, x0:x1])  # B,n,C
+                o = _untokens(_attend(attn, t, t), y1 - y0, x1 - x0)  # B,C,wh,ww
+                weight = _ramp(y0, y1, h, self.overlap)[:, None] * _ramp(x0, x1, w, self.overlap)[None, :]
+                wsum[y0:y1, x0:x1] += weight
+                acc[:, :, y0:y1, x0:x1] += o * weight.to(o.device, o.dtype)
+        out = acc / wsum.to(acc.device, acc.dtype)
+        return (out + hidden_states) / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def _mid_attention_processor(vae: Any, processor: Any) -> Any:
+    """Run the decoder's mid-block attention with `processor` (None: leave it alone), restored afterwards."""
+    attentions = [a for a in getattr(vae.decoder.mid_block, "attentions", []) if a is not None]
+    if processor is None or not attentions:
+        yield
+        return
+    for a in attentions:
+        _attention_op(a)  # a plain GroupNorm self-attention with a residual, or NotImplementedError
+    saved = [a.processor for a in attentions]
+    for a in attentions:
+        a.set_processor(processor)
+    try:
+        yield
+    finally:
+        for a, p in zip(attentions, saved):
+            a.set_processor(p)
+
+
 def decode_latents(
     vae: Any,
     latents: torch.Tensor,
@@ -764,11 +839,13 @@ def decode_latents(
     latents: B,4,h,w ALREADY divided by vae.config.scaling_factor, in the VAE's dtype.
     Returns B,3,4h,4w in [-1,1] (same as vae.decode(latents).sample) and what was done.
 
-    tile_size: latent pixels per tile core; None or >= both latent sides: plain `vae.decode` (bit-identical).
-    overlap: latent pixels of context around each core for tile-local attention and tile-mode windows
-        (default: the decoder's receptive radius after the attention; tile-mode windows never get less than
-        the exact radius, so cores are exact whatever this is).
-    max_attention_tokens: global mid-block attention while h*w <= this, tile-local beyond.
+    tile_size: latent pixels per tile core; None or >= both latent sides: plain `vae.decode` (bit-identical
+        while the attention is global; beyond max_attention_tokens its mid-block attention runs windowed).
+    overlap: latent pixels each tile-local attention window reaches past its core (default: 1/16 of the
+        window side, 8 for 128x128 windows; the blend band is twice this), and the least context of tile-mode windows (which never get less than the exact
+        receptive radius, so cores are exact whatever this is).
+    max_attention_tokens: global mid-block attention while h*w <= this; beyond, attention within windows of
+        at most this many latent pixels (`attention_bounds`), blended: the cost stays linear in pixels.
     max_bytes: RAM budget for activations (weights not included; see `estimate_decode_bytes`). None, or
         when the whole-image tensors fit: they are held in RAM. Otherwise, with `spill` (default), they are
         held in unlinked temporary files under `spill_dir` (default: the system temp dir) and only one tile's
@@ -786,12 +863,17 @@ def decode_latents(
     if latents.dtype != param.dtype:
         raise ValueError(f"latents dtype {latents.dtype} differs from the VAE's {param.dtype}; cast them first")
     b, _, h, w = latents.shape
-    attention: Literal["global", "tile-local"] = "global"
     if tile_size is None or tile_size >= max(h, w):
-        with torch.no_grad():
+        windowed = h * w > max_attention_tokens
+        ov = default_attention_overlap(max_attention_tokens) if overlap is None else overlap
+        processor = WindowedAttention(max_attention_tokens, ov) if windowed else None
+        with torch.no_grad(), _mid_attention_processor(vae, processor):
             out = vae.decode(latents, return_dict=False)[0]
         norms = sum(isinstance(m, torch.nn.GroupNorm) for m in vae.decoder.modules())
-        return out, DecodeReport(False, None, 0, attention, 1, "exact", norms, norms, 0, 0)
+        rows, cols = attention_bounds(h, w, max_attention_tokens, ov)
+        windows = (len(rows) - 1) * (len(cols) - 1) if windowed else 1
+        return out, DecodeReport(False, None, ov if windowed else 0, "tile-local" if windowed else "global", 1,
+                                 "exact", norms, norms, 0, 0, 0, windows)
 
     ops = _program(vae)
     plan = _plan(_shapes(ops), (h, w), b, tile_size, overlap, max_attention_tokens, max_bytes,
@@ -824,10 +906,13 @@ def decode_latents(
                 if t not in plan.sample:
                     runner.tile_group([t], cur, res, table, out)
             del cur, res
+    windows = (len(plan.attn_rows) - 1) * (len(plan.attn_cols) - 1) if plan.attn_rows else 1
+    if plan.attention == "tile-local" and plan.split < len(ops) and any(o.kind == "attention" for o in ops[plan.split:]):
+        windows = plan.tiles  # tile mode: each tile attends within its own window
     report = DecodeReport(
         True, tile_size, plan.overlap, plan.attention, plan.tiles,
         "exact" if plan.exact_norms == plan.norms else "estimated",
         plan.exact_norms, plan.norms, 0 if plan.exact_norms == plan.norms else len(plan.sample),
-        plan.memory.total, plan.memory.spilled,
+        plan.memory.total, plan.memory.spilled, windows,
     )
     return out.to(latents.device), report
