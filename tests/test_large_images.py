@@ -265,7 +265,7 @@ def test_tiled_vae_decode_fits_its_measured_cost_into_what_is_left(tiny_upscaler
         raise Stop
 
     monkeypatch.setattr(pipeline, "decode_latents", fake_decode)
-    budget = 2**30 + 2**29  # small enough that the VAE decode of a 160 px input is tiled
+    budget = 2**31 + 2**29  # small enough that the VAE decode of a 160 px input is tiled
     with pytest.raises(Stop):
         tiny_upscaler(rng_image(160, 160), steps=1, seed=0, max_memory=budget, tile_size=160)
     plan = pipeline.plan_for(tiny_upscaler.components, UpscaleOptions(max_memory=budget, tile_size=160), 160, 160)

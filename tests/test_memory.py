@@ -46,21 +46,21 @@ def test_smaller_budget_gives_smaller_tiles():
 
 
 def test_tiles_just_big_enough_for_their_count():
-    p = _plan(256, budget=4.8)
-    # The budget allows 152 px tiles; two per side need only ceil((256 + 32) / 2) = 144 on the grid.
-    assert (p.tile_limit, p.tile_size, p.tile_overlap, p.tiles, p.unet_batch) == (152, 144, 32, 4, None)
+    p = _plan(256, budget=5.5)
+    # The budget allows 176 px tiles; two per side need only ceil((256 + 32) / 2) = 144 on the grid.
+    assert (p.tile_limit, p.tile_size, p.tile_overlap, p.tiles, p.unet_batch) == (176, 144, 32, 4, None)
 
 
 def test_guidance_pair_runs_one_sample_per_call_when_that_saves_tiles():
-    # 256 px at 5.5 GiB: both CFG samples in one call need 4 tiles; one per call fits the whole latent.
-    both = plan_memory(256, 256, budget_bytes=int(5.5 * GiB), weights_bytes=WEIGHTS, samples_per_tile=1, multiple=8)
-    assert both.tiles == 1  # (what one sample needs)
-    p = _plan(256, budget=5.5)
+    # 256 px at 6 GiB: both CFG samples in one call need 4 tiles; one per call fits the whole latent.
+    one = plan_memory(256, 256, budget_bytes=6 * GiB, weights_bytes=WEIGHTS, samples_per_tile=1, multiple=8)
+    assert one.tiles == 1  # (what one sample needs)
+    p = _plan(256, budget=6.0)
     assert (p.tiles, p.unet_batch, p.tile_batch) == (1, 1, 1) and p.estimate_bytes <= p.budget_bytes
     assert p.estimate_bytes - memory.unet_work_bytes(256, 256, 1) + memory.unet_work_bytes(256, 256, 2) > p.budget_bytes
-    # No split when it would not save a tile (384 px at 6 GiB: 2 x 2 tiles either way), nor when untiled
+    # No split when it would not save a tile (384 px at 7 GiB: 2 x 2 tiles either way), nor when untiled
     # at the full batch fits, nor when the tiles are given.
-    assert _plan(384, budget=6.0).unet_batch is None and _plan(384, budget=6.0).tiles == 4
+    assert _plan(384, budget=7.0).unet_batch is None and _plan(384, budget=7.0).tiles == 4
     assert _plan(128, budget=6.0).unet_batch is None
     assert _plan(512, budget=6.0, tile_size=128).unet_batch is None
     assert memory.main(["--size", "512", "512", "--max-memory", "5GiB"]) == 0

@@ -160,6 +160,31 @@ def test_beyond_the_limit_the_untiled_decode_attends_in_the_same_windows_as_the_
     assert torch.equal(same, ref) and (report.attention, report.attention_windows) == ("global", 1)
 
 
+@pytest.mark.parametrize("max_bytes", [None, 1])
+def test_channels_last_vae_decodes_on_channels_last_planes(max_bytes, tmp_path):
+    """sdx4 lays the VAE out channels-last on the CPU: planes and crops follow, the result does not change."""
+    vae = _vae("tiny").to(memory_format=torch.channels_last)
+    lat = _latents(vae, 2, 37, 23)
+    with torch.no_grad():
+        ref = vae.decode(lat).sample
+    crops = []
+    real_crop = vd._Plane.crop
+
+    def crop(self, *args):
+        t = real_crop(self, *args)
+        crops.append(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous())
+        return t
+
+    vd._Plane.crop = crop
+    try:
+        out, report = decode_latents(vae, lat, tile_size=8, max_bytes=max_bytes, spill_dir=tmp_path)
+    finally:
+        vd._Plane.crop = real_crop
+    assert report.tiled and (report.spilled_bytes > 0) == (max_bytes is not None)
+    assert crops and all(crops)  # every tile crop is channels-last, as the convolutions want it
+    assert (out - ref).abs().max().item() <= TOL and out.is_contiguous()
+
+
 def test_the_attention_processor_is_restored_when_the_decode_fails(tiny, monkeypatch):
     attn = tiny.decoder.mid_block.attentions[0]
     processor = attn.processor
@@ -250,9 +275,10 @@ def test_estimate_decode_bytes_for_the_published_vae():
 # -- pooled statistics ----------------------------------------------------------------------------------------
 
 
-def test_pooled_moments_give_torch_group_norm():
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_pooled_moments_give_torch_group_norm(fmt):
     torch.manual_seed(0)
-    x = torch.randn(2, 12, 30, 17) * torch.linspace(0.1, 5, 12)[None, :, None, None] + 3.0
+    x = (torch.randn(2, 12, 30, 17) * torch.linspace(0.1, 5, 12)[None, :, None, None] + 3.0).contiguous(memory_format=fmt)
     norm = torch.nn.GroupNorm(4, 12, eps=1e-6)
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)

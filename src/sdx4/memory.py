@@ -12,9 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 #: Working memory of one UNet call: UNET_FIXED_BYTES + UNET_BYTES_PER_PIXEL per latent pixel per batch
-#: sample, fp32, channels-last as the CPU runs it (benchmarks/calibrate_memory.py, Intel Xeon, batch 2:
-#: 0.185 GB at 64 px, 0.68 GB at 128 px, 1.31 GB at 192 px; the model gives 0.33 / 0.73 / 1.38 GB).
-UNET_BYTES_PER_PIXEL = 16_000
+#: sample, fp32, channels-last as the CPU runs it. benchmarks/calibrate_memory.py (Intel Xeon, batch 2,
+#: one call in a fresh process): 0.185 GB at 64 px, 0.68 GB at 128 px, 1.31 GB at 192 px; inside whole
+#: 256 px runs (benchmarks/large_images.py, peak 5.13 GiB with 1.97 GiB of weights) the call held ~3 GB,
+#: ~23 kB per pixel per sample. The model gives 0.40 / 1.97 / 3.35 GB at 64 / 192 / 256 px.
+UNET_BYTES_PER_PIXEL = 24_000
 UNET_FIXED_BYTES = 192 * 2**20
 #: Working memory of one VAE decode per latent pixel (the VAE always runs in fp32).
 VAE_BYTES_PER_PIXEL = 100_000  # measured contiguous 103k (32 px), 74k (64), 79k (96); channels-last 75k, 55k, 50k
@@ -26,8 +28,10 @@ FIXED_OVERHEAD = 256 * 2**20
 #: What a tiled VAE decode really holds, from its own plan (`vae_decode.plan_decode(...).memory.total`):
 #: measured on whole full-size fp32 runs, resident ~= 0.5 GiB + 3 x planned (planned 0.24 / 0.35 / 0.80
 #: GiB -> measured 1.09 / ~1.2 / ~2.7 GiB: oneDNN's blocked-layout copies of each conv's input and output,
-#: allocator caching, mapped plane pages between releases).
-TILED_DECODE_FIXED = 2**29
+#: allocator caching, mapped plane pages between releases). Raised from 0.5 to 1.25 GiB after 512 px runs
+#: peaked at 5.07 and 5.35 GiB in a 5 GiB budget during their decode (2026-12-01, Intel Xeon: the process'
+#: own baseline, ~0.4 GiB of libraries, is not in the plan).
+TILED_DECODE_FIXED = 5 * 2**28
 TILED_DECODE_FACTOR = 3
 #: Auto tiles never get smaller than this (the model was trained on 128x128 latents; small tiles see
 #: too little context); an explicit --tile-size may go down to the UNet's multiple.

@@ -82,7 +82,7 @@ class UpscaleOptions:
     color_fix: match the output's colours / low frequencies to the bicubic-upscaled input
       ("adain": per-channel mean and std; "wavelet": the low-frequency bands), or "none".
     tile_size: latent tile side in input pixels (None: chosen from max_memory). 8..4096.
-    tile_overlap: overlap of neighbouring tiles in input pixels, 0..tile_size/2 (None: a quarter of the tile).
+    tile_overlap: overlap of neighbouring tiles in input pixels, 0..tile_size/2 (None: a quarter of the tile, at most 32).
     tile_batch: tiles per UNet call (None: chosen from max_memory). 1..64.
     tile_blend: how overlapping tile predictions are weighted; "feather" was measured best (seam score).
     max_memory: memory budget in bytes for the whole process, weights included (None: a safe share

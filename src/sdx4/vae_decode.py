@@ -220,7 +220,13 @@ class _Moments:
         nt = t.shape[2] * t.shape[3]
         if nt == 0:
             return
-        var, mean = torch.var_mean(t.float(), dim=(2, 3), correction=0)
+        t = t.float()
+        if t.is_contiguous():
+            var, mean = torch.var_mean(t, dim=(2, 3), correction=0)
+        else:  # channels-last: reduce over the pixel axis of B,n,C (3x faster here than var_mean over dims 2,3)
+            tok = t.permute(0, 2, 3, 1).reshape(t.shape[0], nt, t.shape[1])  # B,n,C
+            mean = tok.mean(dim=1)
+            var = (tok - mean[:, None]).square_().mean(dim=1)  # two passes: no cancellation
         mean, m2 = mean.double().cpu(), var.double().cpu() * nt
         if self.mean is None:
             self.n, self.mean, self.m2 = nt, mean, m2
@@ -558,15 +564,28 @@ class _Plane:
     data: it is in the file / page cache, which the kernel writes back and evicts under memory pressure).
     """
 
-    def __init__(self, data: torch.Tensor, moments: _Moments | None = None, mapping: mmap.mmap | None = None) -> None:
+    def __init__(
+        self,
+        data: torch.Tensor,
+        moments: _Moments | None = None,
+        mapping: mmap.mmap | None = None,
+        fmt: torch.memory_format = torch.contiguous_format,
+    ) -> None:
         self.data = data
         self.moments = moments
         self._mapping = mapping
+        self.fmt = fmt  # the layout of crops (the decoder's convolutions' layout: no conversion per tile)
 
     @classmethod
-    def empty(cls, shape: tuple[int, int, int, int], dtype: torch.dtype, spill_dir: str | None) -> _Plane:
+    def empty(
+        cls,
+        shape: tuple[int, int, int, int],
+        dtype: torch.dtype,
+        spill_dir: str | None,
+        fmt: torch.memory_format = torch.contiguous_format,
+    ) -> _Plane:
         if spill_dir is None:
-            return cls(torch.empty(shape, dtype=dtype))
+            return cls(torch.empty(shape, dtype=dtype, memory_format=fmt), fmt=fmt)
         b, c, h, w = shape
         nbytes = b * c * h * w * torch.empty((), dtype=dtype).element_size()
         fd, path = tempfile.mkstemp(prefix="sdx4-vae-", suffix=".plane", dir=spill_dir)
@@ -577,11 +596,11 @@ class _Plane:
         finally:
             os.close(fd)
         data = torch.frombuffer(mapping, dtype=dtype).view(b, h, w, c).permute(0, 3, 1, 2)  # B,C,H,W view
-        return cls(data, None, mapping)
+        return cls(data, None, mapping, fmt)
 
     def crop(self, y0: int, y1: int, x0: int, x1: int, device: torch.device) -> torch.Tensor:
-        """A private contiguous copy of data[:, :, y0:y1, x0:x1] on `device`."""
-        return self.data[:, :, y0:y1, x0:x1].to(device, memory_format=torch.contiguous_format, copy=True)
+        """A private copy of data[:, :, y0:y1, x0:x1] on `device`, laid out as `fmt`."""
+        return self.data[:, :, y0:y1, x0:x1].to(device, memory_format=self.fmt, copy=True)
 
     def release(self) -> None:
         if self._mapping is not None:
@@ -607,12 +626,21 @@ def _windows(n: int, bounds: tuple[int, ...], halo: int) -> list[tuple[int, int,
 
 class _Runner:
     def __init__(
-        self, ops: list[_Op], plan: DecodePlan, device: torch.device, dtype: torch.dtype, spill_dir: str | None
+        self,
+        ops: list[_Op],
+        plan: DecodePlan,
+        device: torch.device,
+        dtype: torch.dtype,
+        spill_dir: str | None,
+        fmt: torch.memory_format = torch.contiguous_format,
     ) -> None:
         self.ops, self.plan, self.device, self.dtype = ops, plan, device, dtype
         self.spill_dir = spill_dir  # None: whole-image tensors in RAM
         self.store = torch.device("cpu")
         self.shapes = _shapes(ops)
+        #: Planes and crops in the layout of the decoder's convolution weights (channels-last on the CPU):
+        #: contiguous crops would be converted by every convolution and converted back when stored.
+        self.fmt = fmt
 
     # -- plane mode ---------------------------------------------------------------------------------------
     def plane_op(self, i: int, cur: _Plane, res: _Plane | None) -> _Plane:
@@ -629,7 +657,7 @@ class _Runner:
         b, _, hh, ww = cur.data.shape
         u = op.up
         last = i == len(self.ops) - 1  # the decoded image itself stays in RAM
-        out = _Plane.empty((b, op.out_channels, hh * u, ww * u), self.dtype, None if last else self.spill_dir)
+        out = _Plane.empty((b, op.out_channels, hh * u, ww * u), self.dtype, None if last else self.spill_dir, self.fmt)
         moments = _Moments()
         for y0, y1, cy0, cy1 in _windows(hh, rows, halo):
             for x0, x1, cx0, cx1 in _windows(ww, cols, halo):
@@ -659,7 +687,7 @@ class _Runner:
         """
         attn, ov = op.attn, self.plan.overlap
         b, c, hh, ww = cur.data.shape
-        acc = _Plane.empty((b, c, hh, ww), self.dtype, self.spill_dir)  # weighted sum of attention outputs
+        acc = _Plane.empty((b, c, hh, ww), self.dtype, self.spill_dir, self.fmt)  # weighted sum of attention outputs
         if acc._mapping is None:
             acc.data.zero_()  # (a new file mapping reads as zeros)
         wsum = torch.zeros(hh, ww, dtype=torch.float64)
@@ -700,7 +728,7 @@ class _Runner:
             cur.release()
         kv = (torch.cat(keys, 1), torch.cat(values, 1))  # B,N,C each, N = every latent pixel
         del keys, values
-        out = _Plane.empty((b, c, hh, ww), self.dtype, self.spill_dir)
+        out = _Plane.empty((b, c, hh, ww), self.dtype, self.spill_dir, self.fmt)
         moments = _Moments()
         for y0, y1 in bands:
             t = _tokens(_apply_affine_(cur.crop(y0, y1, 0, ww, self.device), affine))
@@ -882,9 +910,12 @@ def decode_latents(
         spill_dir = os.fspath(spill_dir) if spill_dir is not None else tempfile.gettempdir()
         if not os.path.isdir(spill_dir):
             raise ValueError(f"spill_dir {spill_dir!r} is not a directory")
-    runner = _Runner(ops, plan, param.device, param.dtype, spill_dir if plan.spill else None)
+    cw = vae.decoder.conv_in.weight
+    cl = cw.is_contiguous(memory_format=torch.channels_last) and not cw.is_contiguous()
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    runner = _Runner(ops, plan, param.device, param.dtype, spill_dir if plan.spill else None, fmt)
     with torch.no_grad():
-        cur, res = _Plane(latents.to(runner.store)), None
+        cur, res = _Plane(latents.to(runner.store), fmt=fmt), None
         for i in range(plan.split):
             nxt = runner.plane_op(i, cur, res)
             op = ops[i]
@@ -894,7 +925,7 @@ def decode_latents(
                 res = None
             cur = nxt
         if plan.split == len(ops):
-            out = cur.data
+            out = cur.data.contiguous()  # B,3,4h,4w (a channels-last plane on the CPU)
         else:
             total = _scale_at(runner.shapes, len(ops))  # 4 for the x4 upscaler's VAE
             out = torch.empty(b, ops[-1].out_channels, total * h, total * w, dtype=param.dtype, device=runner.store)
