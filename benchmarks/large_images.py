@@ -70,8 +70,7 @@ def child(args: argparse.Namespace) -> None:
             generator=torch.Generator("cpu").manual_seed(0),
         ).images[0]
         row["seconds"] = time.perf_counter() - t0
-        cpu1 = os.times()
-        row["cpu_share"] = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (row["seconds"] * torch.get_num_threads())
+        row["cpu_share"] = cpu_share(cpu0, row["seconds"], torch.get_num_threads())
     else:
         import sdx4
         from sdx4.options import parse_size
@@ -96,9 +95,7 @@ def child(args: argparse.Namespace) -> None:
         t0, cpu0 = time.perf_counter(), os.times()
         result = up(image, progress=progress, **overrides)
         row["seconds"] = time.perf_counter() - t0
-        cpu1 = os.times()
-        # CPU seconds / (wall x threads): near 1.0 the run had the cores to itself
-        row["cpu_share"] = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (row["seconds"] * torch.get_num_threads())
+        row["cpu_share"] = cpu_share(cpu0, row["seconds"], torch.get_num_threads())
         out = result.image
         row["peak_rss_denoise_gib"] = peak_denoise.get("gib")
         row["tiling"] = result.metadata["tiling"]
@@ -205,12 +202,10 @@ def attention_seam_score_of(image: Any, vae_meta: dict[str, Any], tiling_meta: d
     return tiling.seam_score(x, inner(rows), inner(cols), period=4)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    except OSError:
-        return "unknown"
+def cpu_share(cpu0: os.times_result, seconds: float, threads: int) -> float:
+    """CPU seconds since `cpu0` / (wall x threads): near 1.0 the run had the cores to itself."""
+    cpu1 = os.times()
+    return (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (seconds * threads)
 
 
 def per_mp_spread(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -363,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         child(args)
         return 0
 
+    from sdx4.models import cpu_model_name
     from sdx4.options import parse_size
     from sdx4.random_model import cached_random_model
 
@@ -371,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     planner = planner_estimate(1024, parse_size(args.max_memory) if args.max_memory else None)
     print("planner, 1024 px input -> 4096 px:", json.dumps(planner), flush=True)
     results: dict[str, Any] = {
-        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": {"cpu": cpu_model_name(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "settings": {"steps": args.steps, "guidance": 9.0, "dtype": "fp32", "device": "cpu", "max_memory": args.max_memory},
         "planner_1024": planner,
         "runs": [],

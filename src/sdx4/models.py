@@ -116,7 +116,8 @@ BF16_MIN_SPEEDUP = 1.25
 _PRECISION_CACHE = "cpu-precision.json"
 
 
-def _cpu_model_name() -> str:
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Arm: its part number), else what `platform` says."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -171,7 +172,7 @@ def cpu_bf16_speedup() -> dict[str, Any]:
     picks the same precision (and so the same image for a seed) on every run of a machine."""
     from .cache import cache_root
 
-    key = f"{_cpu_model_name()} | {' '.join(sorted(cpu_bf16_flags()))} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    key = f"{cpu_model_name()} | {' '.join(sorted(cpu_bf16_flags()))} | torch {torch.__version__} | {torch.get_num_threads()} threads"
     path = cache_root() / _PRECISION_CACHE
     try:
         known = json.loads(path.read_text()) if path.is_file() else {}
