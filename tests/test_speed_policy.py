@@ -89,7 +89,7 @@ def test_vae_dtype_option():
 
 
 def test_each_component_gets_its_dtype(tiny_model_dir):
-    up = sdx4.load(str(tiny_model_dir), device="cpu", dtype="bf16", vae_dtype="bf16")
+    up = sdx4.load(str(tiny_model_dir), device="cpu", dtype="bf16", vae_dtype="bf16", low_memory=False)
     c = up.components
     assert (c.unet.dtype, c.text_encoder.dtype, c.vae.dtype) == (torch.bfloat16,) * 3
     r = up(np.zeros((8, 8, 3), np.uint8) + 100, steps=1, seed=0)
@@ -123,7 +123,7 @@ def test_schedulers_differ_from_ddim(tiny_upscaler, rng_image):
 
 
 def test_prompt_embeddings_are_cached(tiny_model_dir, rng_image):
-    up = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32")
+    up = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", prompts=[])  # none encoded at load
     img = rng_image(8, 8)
     first = up(img, prompt="a cat", negative_prompt="blur", steps=1, seed=1)
     assert up.prompt_cache.encoder_runs == 2  # prompt and negative prompt
@@ -136,13 +136,14 @@ def test_prompt_embeddings_are_cached(tiny_model_dir, rng_image):
 
 def test_low_memory_drops_the_text_encoder_and_gives_the_same_image(tiny_model_dir, rng_image):
     keep = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", low_memory=False)
-    low = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", low_memory=True)
+    low = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", low_memory=True, prompts=["a cat", "blur"])
     assert low.info["low_memory"] is True and keep.info["low_memory"] is False
-    assert low.components.text_encoder is not None  # the encoder loaded with the model serves the first prompts
+    assert low.components.text_encoder is None  # the given prompts were encoded at load, then it was dropped
+    assert keep.components.text_encoder is not None and keep.prompt_cache.encoder_runs == 0  # encodes when called
+    assert (low.prompt_cache.encoder_runs, low.prompt_cache.encoder_loads) == (2, 0)
     img = rng_image(8, 8)
     a = low(img, prompt="a cat", negative_prompt="blur", steps=2, seed=3)
-    assert low.components.text_encoder is None  # dropped once both prompts were encoded
-    assert (low.prompt_cache.encoder_runs, low.prompt_cache.encoder_loads) == (2, 0)  # no reload in between
+    assert (low.prompt_cache.encoder_runs, low.prompt_cache.encoder_loads) == (2, 0)  # both came from the cache
     b = keep(img, prompt="a cat", negative_prompt="blur", steps=2, seed=3)
     assert keep.components.text_encoder is not None
     assert np.asarray(a.image).tobytes() == np.asarray(b.image).tobytes()
@@ -172,10 +173,45 @@ def test_low_memory_flag(flag, expected):
 
 
 def test_encode_prompts_loads_the_text_encoder_once(tiny_model_dir):
-    low = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", low_memory=True)
-    low.encode_prompts(["a", "b"])
+    low = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", low_memory=True, prompts=["a", "b"])
     low.encode_prompts(["c", "d", "a"])  # one reload for both new prompts, "a" is cached
     assert (low.prompt_cache.encoder_runs, low.prompt_cache.encoder_loads) == (4, 1)
+    low.encode_prompts(["a", "d"])  # all cached: no reload
+    assert (low.prompt_cache.encoder_runs, low.prompt_cache.encoder_loads) == (4, 1)
+
+
+def test_low_memory_load_drops_the_text_encoder_before_the_unet_is_loaded(tiny_model_dir, rng_image, monkeypatch):
+    """The peak of a low-memory load is max(text encoder, UNet + VAE), not their sum: the text encoder
+    encodes the default prompts and is gone (no reference left) before the UNet's weights are read."""
+    import gc
+    import weakref
+
+    from sdx4 import models
+
+    encoders: list[weakref.ref] = []
+    alive_at_unet_load: list[bool] = []
+    load_text, load_diffusers = models._load_text_encoder, models._load_diffusers
+
+    def text(*a, **k):
+        enc = load_text(*a, **k)
+        encoders.append(weakref.ref(enc))
+        return enc
+
+    def diffusers(cls, folder, subfolder, *a, **k):
+        if subfolder == "unet":
+            gc.collect()
+            alive_at_unet_load.append(any(r() is not None for r in encoders))
+        return load_diffusers(cls, folder, subfolder, *a, **k)
+
+    monkeypatch.setattr(models, "_load_text_encoder", text)
+    monkeypatch.setattr(models, "_load_diffusers", diffusers)
+    low = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32")  # the CPU default: low memory
+    assert (len(encoders), alive_at_unet_load) == (1, [False])
+    assert list(low.prompt_cache._entries) == [""]  # the default prompt (and negative prompt)
+    low(rng_image(8, 8), steps=1, seed=0)  # default prompts: from the cache, no reload
+    assert (low.prompt_cache.encoder_runs, low.prompt_cache.encoder_loads, len(encoders)) == (1, 0, 1)
+    keep = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", low_memory=False)
+    assert alive_at_unet_load == [False, True] and keep.components.text_encoder is not None
 
 
 def test_freed_memory_is_released_before_the_vae_decode(tiny_upscaler, rng_image, monkeypatch):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
@@ -88,7 +89,7 @@ class Upscaler:
         self.components = components
         self.low_memory = default_low_memory(components.placement.device.type) if low_memory is None else low_memory
         # Prompt embeddings are cached per prompt: a batch with one prompt encodes it once. With the
-        # low-memory policy the text encoder loaded now encodes the first prompts, then is dropped.
+        # low-memory policy the text encoder is dropped once a call's prompts are encoded.
         self.prompt_cache = PromptCache(components, low_memory=self.low_memory)
 
     def encode_prompts(self, prompts: list[str]) -> None:
@@ -216,6 +217,7 @@ def load(
     vae_dtype: str = "fp32",
     low_memory: bool | None = None,
     compile: bool = False,
+    prompts: Sequence[str] | None = None,
 ) -> Upscaler:
     """Load the x4 upscaler from a Hub id (default: the published model) or a local diffusers folder.
 
@@ -223,8 +225,22 @@ def load(
     auto = fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.  vae_dtype: fp32 (default) | bf16.
     low_memory: drop the text encoder once prompts are encoded, reload it for a new prompt;
     None (default) = on for the CPU, off for GPUs.  compile: torch.compile the UNet (opt-in).
+    prompts: with the low-memory policy, the texts to encode before the UNet is loaded (default: the
+    default prompt and negative prompt, ""); the text encoder is then dropped, so that it and the UNet are
+    never in memory together (fp32: -1.3 GiB at the peak). Other prompts load it again when they come.
     """
     from .models import DEFAULT_MODEL, load_components
 
-    components = load_components(model or DEFAULT_MODEL, device=device, dtype=dtype, vae_dtype=vae_dtype, compile=compile)
-    return Upscaler(components, low_memory=low_memory)
+    made: list[Upscaler] = []
+
+    def encode_first(components: Any) -> None:
+        up = Upscaler(components, low_memory=low_memory)
+        if up.low_memory:
+            up.encode_prompts(list(UpscaleOptions().text_prompts if prompts is None else prompts))
+            up.prompt_cache.drop_encoder()  # also when every prompt was already cached (or none given)
+        made.append(up)
+
+    load_components(
+        model or DEFAULT_MODEL, device=device, dtype=dtype, vae_dtype=vae_dtype, compile=compile, before_denoiser=encode_first
+    )
+    return made[0]

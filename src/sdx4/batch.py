@@ -578,7 +578,7 @@ def distinct_prompts(items: list[BatchItem], limit: int = 32) -> list[str]:
     for item in items:
         o = item.options
         if o.method == "sd":
-            prompts.update(dict.fromkeys([o.negative_prompt, o.prompt] if o.do_guidance else [o.prompt]))
+            prompts.update(dict.fromkeys(o.text_prompts))
     return list(prompts)[:limit]
 
 
@@ -673,8 +673,9 @@ def _put_end(q: queue.Queue[Any], stop: threading.Event) -> None:
                     pass
 
 
-def load_upscaler(job: BatchJob) -> Any:
-    """The model, once per engine worker (None for the classical methods: no model, no torch)."""
+def load_upscaler(job: BatchJob, prompts: list[str] | None = None) -> Any:
+    """The model, once per engine worker (None for the classical methods: no model, no torch).
+    `prompts` are encoded before the UNet is loaded (see sdx4.load); default: the job's own."""
     if job.options.method != "sd":
         return None
     from .api import load
@@ -686,6 +687,7 @@ def load_upscaler(job: BatchJob) -> Any:
         vae_dtype=job.vae_dtype,
         low_memory=job.low_memory,
         compile=job.compile,
+        prompts=job.options.text_prompts if prompts is None else prompts,
     )
 
 
@@ -750,7 +752,7 @@ def run_batch(
             else:
                 if upscaler is None and job.options.method == "sd":
                     t1 = time.perf_counter()
-                    upscaler = load_upscaler(job)
+                    upscaler = load_upscaler(job, distinct_prompts(todo))
                     info = upscaler.info
                     say(
                         f"loaded {job.model} on {info['device']} ({info['unet_dtype']}) in {time.perf_counter() - t1:.1f} s"

@@ -106,8 +106,9 @@ def low_memory_arg(args: argparse.Namespace) -> bool | None:
     return None if args.low_memory == "auto" else bool(args.low_memory)
 
 
-def load_from_args(args: argparse.Namespace, say: Any = None) -> Any:
-    """sdx4.load() with the arguments of `add_model_args`; a bad --model/--device is a UsageError."""
+def load_from_args(args: argparse.Namespace, say: Any = None, prompts: list[str] | None = None) -> Any:
+    """sdx4.load() with the arguments of `add_model_args`; a bad --model/--device is a UsageError.
+    `prompts`: encoded before the UNet is loaded (sdx4.load's `prompts`; default: the default ones)."""
     from . import api
     from .models import ModelPathError
 
@@ -121,6 +122,7 @@ def load_from_args(args: argparse.Namespace, say: Any = None) -> Any:
             vae_dtype=args.vae_dtype,
             low_memory=low_memory_arg(args),
             compile=args.compile,
+            prompts=prompts,
         )
     except ModelPathError as e:
         raise UsageError(str(e)) from None
@@ -262,7 +264,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         from .models import ModelNotFoundError
 
         try:
-            upscaler = load_from_args(args, say)
+            upscaler = load_from_args(args, say, options.text_prompts)
         except ModelNotFoundError as e:
             print(f"sdx4: error: {e}", file=sys.stderr)
             return EXIT_FAILURE

@@ -68,7 +68,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if crop is None:
         crop = auto_crop(rgb)
 
-    upscaler = load_upscaler(args, quiet=args.quiet) if sd_options is not None else None
+    upscaler = load_upscaler(args, sd_options, quiet=args.quiet) if sd_options is not None else None
     runner = MethodRunner(sd_options=sd_options, upscaler=upscaler)
     panels = []
     per_method: dict[str, object] = {}

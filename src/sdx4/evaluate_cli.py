@@ -74,7 +74,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not args.no_plot and not matplotlib_available():
         raise UsageError(MATPLOTLIB_MISSING)
 
-    upscaler = load_upscaler(args, quiet=args.quiet) if sd_options is not None else None
+    upscaler = load_upscaler(args, sd_options, quiet=args.quiet) if sd_options is not None else None
     runner = MethodRunner(sd_options=sd_options, upscaler=upscaler)
 
     def on_failure(f: object) -> None:

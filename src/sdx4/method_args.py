@@ -39,6 +39,7 @@ def sd_options_from_args(args: argparse.Namespace) -> UpscaleOptions:
     return options_from_args(args, method="sd", num_images=1).with_seed()
 
 
-def load_upscaler(args: argparse.Namespace, quiet: bool = False) -> Any:
-    """Load the model once, with the same error handling and messages as `sdx4 upscale`."""
-    return load_from_args(args, None if quiet else (lambda m: print(m, file=sys.stderr)))
+def load_upscaler(args: argparse.Namespace, options: UpscaleOptions, quiet: bool = False) -> Any:
+    """Load the model once, with the same error handling and messages as `sdx4 upscale`; the prompts of
+    `options` are encoded first (see sdx4.load)."""
+    return load_from_args(args, None if quiet else (lambda m: print(m, file=sys.stderr)), options.text_prompts)

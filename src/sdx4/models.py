@@ -17,7 +17,7 @@ import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -417,12 +417,16 @@ def load_components(
     dtype: str = "auto",
     vae_dtype: str = "fp32",
     compile: bool = False,
+    before_denoiser: Callable[[Components], None] | None = None,
 ) -> Components:
     """Find, load, check and place every component of the x4 upscaler.
 
     Weights are read straight into the target dtype, one tensor at a time (weights.py): no fp32 copy
     of a bf16/fp16 model is ever resident, not even as memory-mapped file pages.
     `compile=True` wraps the UNet with torch.compile (opt-in: see README for when it pays off).
+    The tokenizer and text encoder are loaded first; `before_denoiser(components)` then runs with
+    `unet` and `vae` still None, before those are loaded: the low-memory policy encodes the prompts
+    it knows there and drops the text encoder, so that it and the UNet are never in memory together.
     """
     placement = resolve_placement(device, dtype, vae_dtype)
     folder = resolve_model_dir(model)
@@ -435,14 +439,30 @@ def load_components(
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         check_tokenizer(tokenizer, folder / "tokenizer")
         text_encoder = _load_text_encoder(folder, placement)
+    text_hidden_size = text_encoder.config.hidden_size
+    index = _read_json(folder / "model_index.json")
+    components = Components(
+        unet=None,
+        vae=None,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
+        low_res_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="low_res_scheduler"),
+        placement=placement,
+        model=model,
+        max_noise_level=int(index.get("max_noise_level", 350)),
+        random_weights=(folder / RANDOM_MARKER).exists() or bool(index.get("_sdx4_random_weights")),
+        folder=folder,
+    )
+    del text_encoder  # the caller's hook may drop it: no second reference here
+    if before_denoiser is not None:
+        before_denoiser(components)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*scaling_factor.*")
         unet = _load_diffusers(UNet2DConditionModel, folder, "unet", placement.unet_dtype, placement.channels_last)
         vae = _load_diffusers(AutoencoderKL, folder, "vae", placement.vae_dtype, placement.channels_last)
-    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-    low_res_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="low_res_scheduler")
-
-    index = _read_json(folder / "model_index.json")
-    max_noise_level = int(index.get("max_noise_level", 350))
-    check_components(unet, vae, text_encoder, max_noise_level)
+    check_components(unet, vae, text_hidden_size, components.max_noise_level)
 
     for m in (unet, vae):
         m.to(placement.device)
@@ -454,19 +474,8 @@ def load_components(
         keep_transformer_outputs_channels_last(unet)
     if compile:
         unet.compile()  # in place: the module keeps its type and config
-    return Components(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        low_res_scheduler=low_res_scheduler,
-        placement=placement,
-        model=model,
-        max_noise_level=max_noise_level,
-        random_weights=(folder / RANDOM_MARKER).exists() or bool(index.get("_sdx4_random_weights")),
-        folder=folder,
-    )
+    components.unet, components.vae = unet, vae
+    return components
 
 
 def keep_transformer_outputs_channels_last(unet: Any) -> int:
@@ -520,7 +529,7 @@ def check_tokenizer(tokenizer: Any, where: Path | str) -> None:
         )
 
 
-def check_components(unet: Any, vae: Any, text_encoder: Any, max_noise_level: int) -> None:
+def check_components(unet: Any, vae: Any, text_hidden_size: int, max_noise_level: int) -> None:
     """The components must fit together; the VAE scaling factor is forced to 0.08333 like diffusers."""
     latent = vae.config.latent_channels
     if unet.config.in_channels != latent + 3:
@@ -530,7 +539,7 @@ def check_components(unet: Any, vae: Any, text_encoder: Any, max_noise_level: in
         )
     if unet.config.out_channels != latent:
         raise ModelConfigError(f"unet out_channels is {unet.config.out_channels}, expected vae latent channels {latent}")
-    hidden = text_encoder.config.hidden_size
+    hidden = text_hidden_size
     if unet.config.cross_attention_dim != hidden:
         raise ModelConfigError(
             f"unet cross_attention_dim is {unet.config.cross_attention_dim} but the text encoder's hidden size is "

@@ -153,6 +153,11 @@ class UpscaleOptions:
         """Classifier-free guidance needs a second (unconditional) UNet pass only when guidance > 1."""
         return self.guidance > 1.0
 
+    @property
+    def text_prompts(self) -> list[str]:
+        """The texts the text encoder must encode for these options: the negative prompt only with guidance."""
+        return [self.negative_prompt, self.prompt] if self.do_guidance else [self.prompt]
+
     def with_seed(self) -> UpscaleOptions:
         """These options with a concrete seed: the given one, or a freshly drawn random one."""
         if self.seed is not None:

@@ -106,8 +106,7 @@ class PromptCache:
                     self._entries[prompt] = encode_prompt(c, prompt).to(c.placement.unet_dtype)  # 1,77,D
                     self.encoder_runs += 1
                 if self.low_memory:
-                    c.text_encoder = None
-                    memory.release_memory()
+                    self._drop_encoder()
             out = []
             for prompt in prompts:
                 self._entries.move_to_end(prompt)
@@ -115,6 +114,16 @@ class PromptCache:
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
             return out
+
+    def drop_encoder(self) -> None:
+        """Drop the text encoder now (if loaded) and give its memory back; a new prompt loads it again."""
+        with self._lock:
+            self._drop_encoder()
+
+    def _drop_encoder(self) -> None:
+        if self.components.text_encoder is not None:
+            self.components.text_encoder = None
+            memory.release_memory()
 
 
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
