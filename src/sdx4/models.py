@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from . import guidance_prefix
 from .options import DEFAULT_MODEL
 from .random_model import RANDOM_MARKER
 
@@ -472,6 +473,8 @@ def load_components(
         m.requires_grad_(False)
     if placement.channels_last:
         keep_transformer_outputs_channels_last(unet)
+    if not compile:  # (kept out of compiled graphs: the switch is a thread-local read)
+        guidance_prefix.install(unet)  # inert until a guided call enters guidance_prefix.shared
     if compile:
         unet.compile()  # in place: the module keeps its type and config
     components.unet, components.vae = unet, vae

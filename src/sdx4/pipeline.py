@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import memory, tiling
+from . import guidance_prefix, memory, tiling
 from .colorfix import color_fix, reference_for
 from .models import Components
 from .options import OptionsError, UpscaleOptions
@@ -205,6 +205,7 @@ def upscale_tensor(
     #    weights (the scheduler step stays global); on CUDA out-of-memory the tile is halved and retried.
     step_kwargs = _step_kwargs(scheduler, generator, options.eta)
     timesteps = scheduler.timesteps
+    pair_half = n if options.do_guidance else None  # guidance pairs: [negative x n, positive x n] per tile
     tile_size, retries = plan.tile_size, 0
     for i, t in enumerate(timesteps):
         model_in = torch.cat([latents] * 2) if options.do_guidance else latents  # (2)n,4,h',w'
@@ -213,12 +214,12 @@ def upscale_tensor(
 
         def unet_fn(x: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
             k = x.shape[0] // batch  # x: k*(2)n,7,th,tw, tile-major
-            return _unet_in_calls(unet, x, t, embeds.repeat(k, 1, 1), noise_level.repeat(k), plan.unet_batch)
+            return _unet_in_calls(unet, x, t, embeds.repeat(k, 1, 1), noise_level.repeat(k), plan.unet_batch, pair_half)
 
         def predict(size: int, model_in: torch.Tensor = model_in) -> torch.Tensor:
             tiles = tiling.plan_tiles(*model_in.shape[-2:], size, _overlap(plan, size, components.pad_multiple), components.pad_multiple)
             if len(tiles) == 1:  # the untiled path (one call unless the budget splits the CFG batch)
-                return _unet_in_calls(unet, model_in, t, embeds, noise_level, plan.unet_batch)
+                return _unet_in_calls(unet, model_in, t, embeds, noise_level, plan.unet_batch, pair_half)
             return tiling.merge_tiled(
                 unet_fn,
                 [model_in],
@@ -287,11 +288,22 @@ def upscale_tensor(
 
 
 def _unet_in_calls(
-    unet: Any, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, labels: torch.Tensor, per_call: int | None
+    unet: Any,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    embeds: torch.Tensor,
+    labels: torch.Tensor,
+    per_call: int | None,
+    pair_half: int | None = None,
 ) -> torch.Tensor:
     """The UNet on batch x (B,7,h,w), `per_call` samples per call (None: all at once). Splitting the
-    CFG pair halves the working memory for the same FLOPs (the memory plan asks for it when it saves tiles)."""
+    CFG pair halves the working memory for the same FLOPs (the memory plan asks for it when it saves tiles).
+    pair_half: with guidance, samples per half of each pair; in one call, the UNet's text-free prefix
+    then runs once per pair when the halves are equal (guidance_prefix)."""
     if per_call is None or per_call >= x.shape[0]:
+        if pair_half is not None and guidance_prefix.pairs_equal(x, labels, pair_half):
+            with guidance_prefix.shared(x.shape[0] // (2 * pair_half), pair_half):
+                return unet(x, t, encoder_hidden_states=embeds, class_labels=labels, return_dict=False)[0]
         return unet(x, t, encoder_hidden_states=embeds, class_labels=labels, return_dict=False)[0]
     parts = [
         unet(x[i : i + per_call], t, encoder_hidden_states=embeds[i : i + per_call], class_labels=labels[i : i + per_call],
