@@ -128,3 +128,55 @@ def test_the_pipeline_shares_the_prefix_only_with_guidance(tiny_upscaler, rng_im
         assert n_shared == seen == per_step * 2
     a, b = np.asarray(shared.image, dtype=int), np.asarray(plain.image, dtype=int)
     assert np.abs(a - b).max() <= 1
+
+
+def test_recorded_prefix_replayed_in_the_second_call_gives_the_same_prediction(unet):
+    """Split guidance pairs (one UNet call per half): the positive call reuses the negative call's prefix."""
+    x, labels, emb = _pairs(1, 1, seed=3)
+    t = torch.tensor(250)
+
+    def call(i, ctx):
+        with torch.no_grad(), ctx:
+            return unet(x[i : i + 1], t, encoder_hidden_states=emb[i : i + 1], class_labels=labels[i : i + 1], return_dict=False)[0]
+
+    import contextlib
+
+    plain = call(1, contextlib.nullcontext())
+    prefix: list = []
+    seen, handle = _batch_sizes(unet.down_blocks[0].resnets[0])
+    try:
+        neg = call(0, guidance_prefix.recording(prefix))
+        pos = call(1, guidance_prefix.replaying(prefix))
+    finally:
+        handle.remove()
+    assert seen == [1]  # the prefix ran in the first call only
+    assert len(prefix) == 2 and isinstance(prefix[0], tuple)  # the down block's (output, skips), the resnet's output
+    assert torch.equal(pos, plain)  # same batch size, same inputs: bit for bit
+    assert (neg - pos).abs().max() > 1e-3  # and the text still made a difference
+    with pytest.raises(RuntimeError, match="replaying more prefix calls than were recorded"):
+        call(1, guidance_prefix.replaying(prefix[:1]))
+    with pytest.raises(RuntimeError, match="used fewer prefix outputs than were recorded"):
+        call(1, guidance_prefix.replaying(prefix + [prefix[1]]))
+
+
+@pytest.mark.parametrize("tile_size", [None, 8])
+def test_split_pairs_run_the_prefix_once_per_pair(tiny_upscaler, rng_image, monkeypatch, tile_size):
+    import dataclasses
+
+    from sdx4 import pipeline
+
+    real_plan = pipeline.plan_for
+    monkeypatch.setattr(pipeline, "plan_for", lambda *a, **k: dataclasses.replace(real_plan(*a, **k), unet_batch=1, tile_batch=1))
+    unet = tiny_upscaler.components.unet
+    seen, handle = _batch_sizes(unet.down_blocks[0].resnets[0])
+    calls: list[int] = []
+    hook = unet.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    try:
+        r = tiny_upscaler(rng_image(16, 16), steps=2, seed=1, tile_size=tile_size, tile_overlap=4 if tile_size else None)
+    finally:
+        handle.remove()
+        hook.remove()
+    tiles = r.metadata["tiling"]["tiles"]
+    assert tiles == (9 if tile_size else 1) and r.metadata["tiling"]["unet_batch"] == 1
+    assert calls == [1] * (2 * 2 * tiles)  # 2 steps x tiles x (negative, positive)
+    assert seen == [1] * (2 * tiles)  # the prefix once per pair

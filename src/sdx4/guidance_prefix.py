@@ -7,9 +7,12 @@ and the first resnet of the next block) sees identical inputs in both halves of 
 runs those modules on one half and copies the result: 28 of the 287 GFLOP per sample of the full-size
 x4 UNet (~5% of a guided step), the same values up to the last bits of batch-size-dependent kernels.
 
-The wrappers are installed once per UNet (`install`) and do nothing unless a call is inside `shared`,
-which the pipeline enters only after checking that the halves really are equal (thread-local, so
-concurrent calls of other threads are unaffected).
+When the memory plan runs each half of a pair as its own UNet call (`unet_batch`), the first call
+records the prefix's outputs (`recording`) and the second replays them (`replaying`) instead.
+
+The wrappers are installed once per UNet (`install`) and do nothing unless a call is inside one of
+these contexts, which the pipeline enters only after checking that the halves really are equal
+(thread-local, so concurrent calls of other threads are unaffected).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 import torch
 
-_active = threading.local()  # .layout = (pairs, half) while a call is inside `shared`
+_active = threading.local()  # .mode: ("pairs", pairs, half) | ("record", list) | ("replay", iterator) | None
 
 
 def prefix_modules(unet: Any) -> list[Any]:
@@ -50,10 +53,19 @@ def install(unet: Any) -> int:
 
 def _wrap(forward: Any) -> Any:
     def run(hidden_states: torch.Tensor, temb: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
-        layout = getattr(_active, "layout", None)
-        if layout is None:
+        mode = getattr(_active, "mode", None)
+        if mode is None:
             return forward(hidden_states, temb, *args, **kwargs)
-        pairs, half = layout
+        if mode[0] == "replay":
+            out = next(mode[1], None)
+            if out is None:
+                raise RuntimeError("guidance_prefix: replaying more prefix calls than were recorded")
+            return out
+        if mode[0] == "record":
+            out = forward(hidden_states, temb, *args, **kwargs)
+            mode[1].append(out)
+            return out
+        _, pairs, half = mode
         out = forward(_pick(hidden_states, pairs, half), None if temb is None else _pick(temb, pairs, half), *args, **kwargs)
         return _expand(out, pairs, half)
 
@@ -85,11 +97,31 @@ def pairs_equal(x: torch.Tensor, labels: torch.Tensor, half: int) -> bool:
 
 
 @contextlib.contextmanager
-def shared(pairs: int, half: int) -> Iterator[None]:
-    """UNet calls in this thread compute the prefix once per pair (the caller checked `pairs_equal`)."""
-    previous = getattr(_active, "layout", None)
-    _active.layout = (pairs, half)
+def _mode(mode: tuple[Any, ...]) -> Iterator[None]:
+    previous = getattr(_active, "mode", None)
+    _active.mode = mode
     try:
         yield
     finally:
-        _active.layout = previous
+        _active.mode = previous
+
+
+def shared(pairs: int, half: int) -> contextlib.AbstractContextManager[None]:
+    """UNet calls in this thread compute the prefix once per pair (the caller checked `pairs_equal`)."""
+    return _mode(("pairs", pairs, half))
+
+
+def recording(outputs: list[Any]) -> contextlib.AbstractContextManager[None]:
+    """The UNet call in this thread appends its prefix modules' outputs to `outputs` (first half of a pair)."""
+    return _mode(("record", outputs))
+
+
+@contextlib.contextmanager
+def replaying(outputs: list[Any]) -> Iterator[None]:
+    """The UNet call in this thread takes its prefix outputs from `outputs` instead of computing them (the
+    second half of a pair, with the same latents, timestep and noise level); all must be used."""
+    it = iter(outputs)
+    with _mode(("replay", it)):
+        yield
+    if next(it, None) is not None:
+        raise RuntimeError("guidance_prefix: the replayed call used fewer prefix outputs than were recorded")

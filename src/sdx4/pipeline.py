@@ -300,16 +300,27 @@ def _unet_in_calls(
     CFG pair halves the working memory for the same FLOPs (the memory plan asks for it when it saves tiles).
     pair_half: with guidance, samples per half of each pair; in one call, the UNet's text-free prefix
     then runs once per pair when the halves are equal (guidance_prefix)."""
-    if per_call is None or per_call >= x.shape[0]:
-        if pair_half is not None and guidance_prefix.pairs_equal(x, labels, pair_half):
-            with guidance_prefix.shared(x.shape[0] // (2 * pair_half), pair_half):
-                return unet(x, t, encoder_hidden_states=embeds, class_labels=labels, return_dict=False)[0]
-        return unet(x, t, encoder_hidden_states=embeds, class_labels=labels, return_dict=False)[0]
-    parts = [
-        unet(x[i : i + per_call], t, encoder_hidden_states=embeds[i : i + per_call], class_labels=labels[i : i + per_call],
-             return_dict=False)[0]
-        for i in range(0, x.shape[0], per_call)
-    ]
+    def call(i: int, j: int) -> torch.Tensor:
+        return unet(x[i:j], t, encoder_hidden_states=embeds[i:j], class_labels=labels[i:j], return_dict=False)[0]
+
+    b = x.shape[0]
+    pairs = pair_half is not None and guidance_prefix.pairs_equal(x, labels, pair_half)
+    if per_call is None or per_call >= b:
+        if pairs:
+            with guidance_prefix.shared(b // (2 * pair_half), pair_half):
+                return call(0, b)
+        return call(0, b)
+    parts = []
+    if pairs and per_call == pair_half:  # each call is one half of a pair: the second replays the first's prefix
+        for i in range(0, b, 2 * per_call):
+            prefix: list[Any] = []
+            with guidance_prefix.recording(prefix):
+                parts.append(call(i, i + per_call))
+            with guidance_prefix.replaying(prefix):
+                parts.append(call(i + per_call, i + 2 * per_call))
+            del prefix
+    else:
+        parts = [call(i, i + per_call) for i in range(0, b, per_call)]
     return torch.cat(parts)  # B,4,h,w
 
 
