@@ -309,7 +309,8 @@ class Worker:
             # sdx4 reports its own stage times; for diffusers, hooks mark the stage boundaries.
             self.timer.hook_text_encoder(text_encoder)
             self.timer.wrap_decode(self.vae)
-        self.module_names = {"unet": type(self.unet).__name__, "text_encoder": type(text_encoder).__name__}
+        # (sdx4's low-memory load has dropped its text encoder already: the class it would be)
+        self.module_names = {"unet": type(self.unet).__name__, "text_encoder": "CLIPTextModel" if text_encoder is None else type(text_encoder).__name__}
 
     def ready(self) -> dict[str, Any]:
         return {
@@ -764,7 +765,8 @@ def run_speed(args: argparse.Namespace, out_dir: Path, model: str, model_kind: s
         common = {"guidance": args.guidance, "seed": 0}
         flops: dict[str, Any] = {}
         for name, w in workers.items():
-            # FLOPs first: the first call is the one that runs the text encoder (sdx4 caches embeddings).
+            # FLOPs first: the first call is the one that runs the text encoder (sdx4 caches embeddings; with
+            # its low-memory load, the default prompts were encoded at load, before the UNet was loaded).
             flops[name] = w.ask(cmd="run", steps=1, flops=True, **common)["flops"]
             w.ask(cmd="run", steps=1, **common)  # untimed warm-up (kernel selection, allocations)
             say(f"  {name}: UNet {flops[name]['unet'] / max(flops[name]['unet_calls'], 1) / 1e12:.3f} TFLOP per call")

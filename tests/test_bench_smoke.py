@@ -88,7 +88,9 @@ def check_speed_report(out: Path, stdout: str) -> None:
         assert _positive(c["import_s"]) and _positive(c["load_s"])
         assert c["peak_rss_mib"] >= c["peak_rss_load_mib"] >= c["rss_after_load_mib"] > 50, name
         f = c["flops"]
-        assert f["unet"] > 0 and f["text_encoder"] > 0 and f["vae_decoder"] > 0, (name, f)
+        assert f["unet"] > 0 and f["vae_decoder"] > 0, (name, f)
+        # sdx4's low-memory load encodes the default prompts before the UNet is loaded: no text encoder in the call.
+        assert (f["text_encoder"] > 0) is name.startswith("diffusers"), (name, f)
         # Every FLOP is attributed to one of the three models, and attention is no longer counted as 0.
         assert f["unet"] + f["text_encoder"] + f["vae_decoder"] == f["total"], (name, f)
         assert 0 < f["cpu_flash_attention"] < f["total"], (name, f)
@@ -105,8 +107,11 @@ def check_speed_report(out: Path, stdout: str) -> None:
             assert c[f"rss_vs_diffusers_{base}"] == round(c["peak_rss_mib"] / ref["peak_rss_mib"], 3), (name, base)
         assert f"| {name} |" in table
 
-    # Same architecture, same work in the UNet and the VAE (the text encoder's share depends on caching).
-    assert len({c["flops"]["unet"] for c in report["configs"].values()}) == 1
+    # Same architecture, same work in the VAE (the text encoder's share depends on caching); in the UNet
+    # sdx4 runs the guidance pair's text-free prefix once (guidance_prefix): less work, the same for its configs.
+    unet = {name: c["flops"]["unet"] for name, c in report["configs"].items()}
+    assert unet["sdx4"] == unet["sdx4-fp32"] and unet["diffusers-fp32"] == unet["diffusers-bf16"], unet
+    assert 0.85 < unet["sdx4"] / unet["diffusers-fp32"] < 0.99, unet
     assert len({c["flops"]["vae_decoder"] for c in report["configs"].values()}) == 1
     assert report["configs"]["diffusers-fp32"]["dtypes"] == {"unet": "fp32", "text_encoder": "fp32", "vae": "fp32"}
     assert report["configs"]["diffusers-bf16"]["dtypes"]["unet"] == "bf16"
