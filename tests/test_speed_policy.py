@@ -180,6 +180,12 @@ def test_encode_prompts_loads_the_text_encoder_once(tiny_model_dir):
     assert (low.prompt_cache.encoder_runs, low.prompt_cache.encoder_loads) == (4, 1)
 
 
+@pytest.mark.parametrize("prompts", ["a cat", ["a cat", 3]])
+def test_load_prompts_must_be_a_list_of_strings(tiny_model_dir, prompts):
+    with pytest.raises(TypeError, match="prompts must be a list of strings"):
+        sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", prompts=prompts)
+
+
 def test_low_memory_load_drops_the_text_encoder_before_the_unet_is_loaded(tiny_model_dir, rng_image, monkeypatch):
     """The peak of a low-memory load is max(text encoder, UNet + VAE), not their sum: the text encoder
     encodes the default prompts and is gone (no reference left) before the UNet's weights are read."""

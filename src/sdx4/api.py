@@ -231,6 +231,10 @@ def load(
     """
     from .models import DEFAULT_MODEL, load_components
 
+    if isinstance(prompts, str):
+        raise TypeError(f"prompts must be a list of strings, not one string: pass [{prompts!r}]")
+    if prompts is not None and not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be a list of strings; got {prompts!r}")
     made: list[Upscaler] = []
 
     def encode_first(components: Any) -> None:
