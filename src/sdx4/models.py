@@ -473,10 +473,10 @@ def load_components(
         m.requires_grad_(False)
     if placement.channels_last:
         keep_transformer_outputs_channels_last(unet)
-    if not compile:  # (kept out of compiled graphs: the switch is a thread-local read)
-        guidance_prefix.install(unet)  # inert until a guided call enters guidance_prefix.shared
     if compile:
-        unet.compile()  # in place: the module keeps its type and config
+        unet.compile()  # in place: the module keeps its type and config (no prefix wrappers in its graph)
+    else:
+        guidance_prefix.install(unet)  # inert until a guided call enters one of guidance_prefix's contexts
     components.unet, components.vae = unet, vae
     return components
 
