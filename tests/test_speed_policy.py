@@ -145,6 +145,8 @@ def test_low_memory_drops_the_text_encoder_and_gives_the_same_image(tiny_model_d
     a = low(img, prompt="a cat", negative_prompt="blur", steps=2, seed=3)
     assert (low.prompt_cache.encoder_runs, low.prompt_cache.encoder_loads) == (2, 0)  # both came from the cache
     b = keep(img, prompt="a cat", negative_prompt="blur", steps=2, seed=3)
+    # the keep policy encoded both prompts in the call and still holds the encoder afterwards
+    assert (keep.prompt_cache.encoder_runs, keep.prompt_cache.encoder_loads) == (2, 0)
     assert keep.components.text_encoder is not None
     assert np.asarray(a.image).tobytes() == np.asarray(b.image).tobytes()
     low(img, prompt="a cat", negative_prompt="blur", steps=1, seed=3)  # cached: no reload
@@ -184,6 +186,10 @@ def test_encode_prompts_loads_the_text_encoder_once(tiny_model_dir):
 def test_load_prompts_must_be_a_list_of_strings(tiny_model_dir, prompts):
     with pytest.raises(TypeError, match="prompts must be a list of strings"):
         sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", prompts=prompts)
+    up = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", prompts=[])
+    with pytest.raises(TypeError, match="prompts must be a list of strings"):
+        up.encode_prompts(prompts)  # was: list("a cat") encoded five one-letter prompts
+    assert up.prompt_cache.encoder_runs == 0
 
 
 def test_low_memory_load_drops_the_text_encoder_before_the_unet_is_loaded(tiny_model_dir, rng_image, monkeypatch):

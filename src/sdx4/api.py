@@ -95,7 +95,7 @@ class Upscaler:
     def encode_prompts(self, prompts: list[str]) -> None:
         """Encode these prompts now, in one go (the cache keeps the last 32): with the low-memory policy
         the text encoder is then loaded at most once for all of them."""
-        self.prompt_cache(list(prompts))
+        self.prompt_cache(prompts)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -231,17 +231,15 @@ def load(
     they come. Ignored when the text encoder is kept (the GPU default): it encodes on the first call.
     """
     from .models import DEFAULT_MODEL, load_components
+    from .pipeline import check_prompts
 
-    if isinstance(prompts, str):
-        raise TypeError(f"prompts must be a list of strings, not one string: pass [{prompts!r}]")
-    if prompts is not None and not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"prompts must be a list of strings; got {prompts!r}")
+    first = UpscaleOptions().text_prompts if prompts is None else check_prompts(prompts)  # checked before loading
     made: list[Upscaler] = []
 
     def encode_first(components: Any) -> None:
         up = Upscaler(components, low_memory=low_memory)
         if up.low_memory:
-            up.encode_prompts(list(UpscaleOptions().text_prompts if prompts is None else prompts))
+            up.encode_prompts(first)
             up.prompt_cache.drop_encoder()  # also when every prompt was already cached (or none given)
         made.append(up)
 

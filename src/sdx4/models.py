@@ -542,11 +542,10 @@ def check_components(unet: Any, vae: Any, text_hidden_size: int, max_noise_level
         )
     if unet.config.out_channels != latent:
         raise ModelConfigError(f"unet out_channels is {unet.config.out_channels}, expected vae latent channels {latent}")
-    hidden = text_hidden_size
-    if unet.config.cross_attention_dim != hidden:
+    if unet.config.cross_attention_dim != text_hidden_size:
         raise ModelConfigError(
             f"unet cross_attention_dim is {unet.config.cross_attention_dim} but the text encoder's hidden size is "
-            f"{hidden}: unet/config.json and text_encoder/config.json do not match"
+            f"{text_hidden_size}: unet/config.json and text_encoder/config.json do not match"
         )
     classes = unet.config.num_class_embeds
     if classes is None or classes <= max_noise_level:

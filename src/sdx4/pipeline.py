@@ -73,6 +73,16 @@ def prompt_embeddings(components: Components, options: UpscaleOptions, encode: E
     return torch.cat([uncond.repeat(n, 1, 1), cond.repeat(n, 1, 1)])  # 2n,77,D  (CFG batch order: negative first)
 
 
+def check_prompts(prompts: Any) -> list[str]:
+    """A list of prompt strings, or a TypeError that says what to pass (one string is not a list of them)."""
+    if isinstance(prompts, str):
+        raise TypeError(f"prompts must be a list of strings, not one string: pass [{prompts!r}]")
+    prompts = list(prompts)
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be a list of strings; got {prompts!r}")
+    return prompts
+
+
 class PromptCache:
     """Prompt -> embeddings, least recently used first out; the text encoder runs once per prompt.
 
@@ -92,8 +102,7 @@ class PromptCache:
         self.encoder_loads = 0
 
     def __call__(self, prompts: list[str]) -> list[torch.Tensor]:
-        if isinstance(prompts, str):
-            raise TypeError("PromptCache takes a list of prompts, not one string")
+        prompts = check_prompts(prompts)
         with self._lock:
             missing = [p for p in dict.fromkeys(prompts) if p not in self._entries]
             if missing:
