@@ -6,7 +6,9 @@ full-size random VAE and the latents is reported separately and subtracted in th
     python benchmarks/vae_decode_memory.py --latent 128 256 --modes untiled tiled spill --tile 64 --budget-gib 1
 
 modes: untiled (diffusers' vae.decode), tiled (whole-image tensors in RAM, exact), spill (max_bytes = budget:
-whole-image tensors in temporary files, exact), estimate (max_bytes = budget, spill=False: sampled statistics).
+whole-image tensors that do not fit in temporary files, exact), estimate (max_bytes = budget, spill=False: sampled
+statistics). --work-factor: how many times the budget counts one tile op's work (the pipeline passes
+sdx4.memory.TILED_DECODE_FACTOR; 1 counts the plan's own bytes).
 Heavy: run under `flock /tmp/sdx4-heavy.lock`.
 """
 
@@ -22,7 +24,7 @@ import sys
 
 
 
-def child(latent: int, mode: str, tile: int, budget: float | None, tokens: int, seed: int) -> dict:
+def child(latent: int, mode: str, tile: int, budget: float | None, tokens: int, seed: int, work_factor: int) -> dict:
     import time
 
     import torch
@@ -45,11 +47,11 @@ def child(latent: int, mode: str, tile: int, budget: float | None, tokens: int, 
             limited = mode in ("spill", "estimate") and budget is not None
             out, report = decode_latents(
                 vae, latents, tile_size=tile, max_attention_tokens=tokens,
-                max_bytes=int(budget * 2**30) if limited else None, spill=mode != "estimate",
+                max_bytes=int(budget * 2**30) if limited else None, spill=mode != "estimate", work_factor=work_factor,
             )
     wall = time.perf_counter() - t0
     return {
-        "latent": latent, "mode": mode, "tile": tile, "budget_gib": budget, "wall_s": round(wall, 1),
+        "latent": latent, "mode": mode, "tile": tile, "budget_gib": budget, "work_factor": work_factor, "wall_s": round(wall, 1),
         "baseline_gib": round(base / 2**30, 3), "peak_gib": round(proc_status("VmHWM") / 2**30, 3),
         "decode_gib": round((proc_status("VmHWM") - base) / 2**30, 3), "out_shape": list(out.shape),
         "report": None if report is None else report.__dict__,
@@ -64,16 +66,17 @@ def main() -> int:
     p.add_argument("--budget-gib", type=float, default=None, help="max_held_bytes for the tiled decode")
     p.add_argument("--tokens", type=int, default=256 * 256, help="max_attention_tokens")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    p.add_argument("--work-factor", type=int, default=1, help="see above (the pipeline: 3)")
+    p.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        lat, mode, tile, budget, tokens, seed = a.child
-        print(json.dumps(child(int(lat), mode, int(tile), None if budget == "none" else float(budget), int(tokens), int(seed))))
+        lat, mode, tile, budget, tokens, seed, wf = a.child
+        print(json.dumps(child(int(lat), mode, int(tile), None if budget == "none" else float(budget), int(tokens), int(seed), int(wf))))
         return 0
     for lat in a.latent:
         for mode in a.modes:
             cmd = [sys.executable, __file__, "--child", str(lat), mode, str(a.tile),
-                   "none" if a.budget_gib is None else str(a.budget_gib), str(a.tokens), str(a.seed)]
+                   "none" if a.budget_gib is None else str(a.budget_gib), str(a.tokens), str(a.seed), str(a.work_factor)]
             r = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if r.returncode != 0:
                 print(json.dumps({"latent": lat, "mode": mode, "failed": r.returncode, "stderr": r.stderr[-2000:]}), flush=True)

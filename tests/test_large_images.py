@@ -260,8 +260,9 @@ def test_tiled_vae_decode_fits_its_measured_cost_into_what_is_left(tiny_upscaler
     class Stop(Exception):
         pass
 
-    def fake_decode(vae, latents, tile_size=None, max_attention_tokens=None, max_bytes=None):
-        seen.update(tile_size=tile_size, max_bytes=max_bytes, hw=tuple(latents.shape[-2:]), tokens=max_attention_tokens)
+    def fake_decode(vae, latents, tile_size=None, max_attention_tokens=None, max_bytes=None, work_factor=1):
+        seen.update(tile_size=tile_size, max_bytes=max_bytes, hw=tuple(latents.shape[-2:]), tokens=max_attention_tokens,
+                    work_factor=work_factor)
         raise Stop
 
     monkeypatch.setattr(pipeline, "decode_latents", fake_decode)
@@ -270,21 +271,71 @@ def test_tiled_vae_decode_fits_its_measured_cost_into_what_is_left(tiny_upscaler
         tiny_upscaler(rng_image(160, 160), steps=1, seed=0, max_memory=budget, tile_size=160)
     plan = pipeline.plan_for(tiny_upscaler.components, UpscaleOptions(max_memory=budget, tile_size=160), 160, 160)
     free = budget - plan.weights_bytes - memory.global_bytes(*seen["hw"], 1)
-    assert seen["max_bytes"] == (free - memory.TILED_DECODE_FIXED) // memory.TILED_DECODE_FACTOR
+    assert seen["max_bytes"] == free - memory.TILED_DECODE_FIXED
+    assert seen["work_factor"] == memory.TILED_DECODE_FACTOR == 3
     assert plan.vae_tile_size is not None and seen["tile_size"] <= plan.vae_tile_size
     assert seen["tokens"] == 128 * 128  # the default vae_attention_window, squared
     vae = tiny_upscaler.components.vae
-    planned = plan_decode(vae, seen["hw"], seen["tile_size"], max_bytes=seen["max_bytes"]).memory.total
-    assert memory.tiled_decode_bytes(planned) <= free
+    planned = plan_decode(vae, seen["hw"], seen["tile_size"], max_bytes=seen["max_bytes"], work_factor=3).memory
+    assert memory.tiled_decode_bytes(planned.total) <= free
+    assert planned.total >= 3 * planned.work + planned.output  # the work counted with the measured factor
 
 
 def test_fit_vae_tile_shrinks_the_tile_until_the_measured_cost_fits():
     from sdx4 import memory
 
     gib = 2**30
-    cost = lambda t, max_bytes: t * t * 10_000  # planned bytes grow with the tile's area  # noqa: E731
+    cost = lambda t, max_bytes: t * t * 30_000  # planned bytes grow with the tile's area  # noqa: E731
     t, max_bytes = memory.fit_vae_tile(cost, 256, 2 * gib)
-    assert max_bytes == (2 * gib - memory.TILED_DECODE_FIXED) // memory.TILED_DECODE_FACTOR
+    assert max_bytes == 2 * gib - memory.TILED_DECODE_FIXED
     assert t % 8 == 0 and memory.tiled_decode_bytes(cost(t, 0)) <= 2 * gib < memory.tiled_decode_bytes(cost(t + 8, 0))
     assert memory.fit_vae_tile(cost, 64, 100 * gib)[0] == 64  # fits: the planner's tile stays
     assert memory.fit_vae_tile(cost, 64, gib // 2)[0] == 8  # never below the grid step
+
+
+def test_low_memory_gives_the_unets_memory_to_a_decode_that_would_spill(tiny_model_dir, tiny_upscaler, rng_image, monkeypatch):
+    """The low-memory policy releases the UNet after the loop when the decode would spill to disk; the
+    next call loads it again; the image is the same as with the UNet kept."""
+    import weakref
+
+    import numpy as np
+
+    import sdx4
+    from sdx4 import memory
+
+    up = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", low_memory=True)
+    image = rng_image(160, 160)
+    c = up.components
+    weights = sum(p.numel() * p.element_size() for m in (c.unet, c.vae) for p in m.parameters())
+    # room for the weights, the whole-image tensors and the decode's fixed part, and next to nothing else
+    budget = weights + memory.global_bytes(160, 160, 1) + memory.TILED_DECODE_FIXED + 2**20
+    seen = {}
+    real_decode = pipeline.decode_latents
+
+    def decode(vae, latents, **kwargs):
+        seen["unet_alive"] = unet_ref() is not None
+        seen["max_bytes"] = kwargs["max_bytes"]
+        return real_decode(vae, latents, **kwargs)
+
+    monkeypatch.setattr(pipeline, "decode_latents", decode)
+    unet_ref = weakref.ref(c.unet)
+    first = up(image, steps=1, seed=3, max_memory=budget, tile_size=160)
+    assert first.metadata["vae_decode"]["unet_released"] is True and c.unet is None
+    assert seen["unet_alive"] is False  # gone before the decode started, not just unreferenced here
+    unet_bytes = sum(p.numel() * p.element_size() for p in tiny_upscaler.components.unet.parameters())
+    assert seen["max_bytes"] == 2**20 + unet_bytes  # its memory went to the decode
+    assert first.metadata["vae_decode"]["tiled"]
+
+    # the keep policy (and any budget where the decode does not spill) keeps the UNet: same image
+    kept = tiny_upscaler(image, steps=1, seed=3, max_memory=budget, tile_size=160)
+    assert kept.metadata["vae_decode"]["unet_released"] is False and tiny_upscaler.components.unet is not None
+    # (the tiny UNet's 5 MB hold no more of this decode's planes; test_vae_decode shows budgets that do)
+    assert kept.metadata["vae_decode"]["spilled_bytes"] >= first.metadata["vae_decode"]["spilled_bytes"] > 0
+    assert np.array_equal(np.asarray(first.image), np.asarray(kept.image))
+
+    # the next call loads the UNet again, and it gives the same image
+    again = up(image, steps=1, seed=3)
+    assert up.unet_loads == 1 and c.unet is not None
+    assert again.metadata["vae_decode"]["unet_released"] is False  # the default budget: no spill
+    roomy = tiny_upscaler(image, steps=1, seed=3)
+    assert np.array_equal(np.asarray(again.image), np.asarray(roomy.image))

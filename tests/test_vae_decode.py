@@ -222,22 +222,92 @@ def test_tile_local_blend_weights_sum_to_one(n, tile, overlap):
 # -- memory budget --------------------------------------------------------------------------------------------
 
 
-def test_budget_spills_whole_image_tensors_to_disk_and_stays_exact(tiny, tiny_case, tmp_path):
+def _spilled_planes(monkeypatch) -> list[tuple[int, ...]]:
+    """Record the shape of every plane created in a temporary file."""
+    made = []
+    real = vd._Plane.empty.__func__
+
+    def empty(cls, shape, dtype, spill_dir, fmt=torch.contiguous_format):
+        if spill_dir is not None:
+            made.append(tuple(shape))
+        return real(cls, shape, dtype, spill_dir, fmt)
+
+    monkeypatch.setattr(vd._Plane, "empty", classmethod(empty))
+    return made
+
+
+def test_budget_spills_whole_image_tensors_to_disk_and_stays_exact(tiny, tiny_case, tmp_path, monkeypatch):
     lat, ref = tiny_case
     in_ram = plan_decode(tiny, (37, 23), 8, batch_size=2)
     assert not in_ram.spill and in_ram.memory.spilled == 0
-    budget = int(in_ram.memory.total * 0.9)
-    plan = plan_decode(tiny, (37, 23), 8, batch_size=2, max_bytes=budget)
-    assert plan.spill and plan.memory.total <= budget and plan.memory.spilled == in_ram.memory.planes
-
-    out, report = decode_latents(tiny, lat, tile_size=8, max_bytes=budget, spill_dir=tmp_path)
+    made = _spilled_planes(monkeypatch)
+    # a budget of 1 byte: every whole-image tensor goes to a temporary file
+    plan = plan_decode(tiny, (37, 23), 8, batch_size=2, max_bytes=1)
+    assert plan.spill and plan.ram_planes == frozenset() and plan.memory.spilled == in_ram.memory.planes
+    assert plan.memory.planes == 0
+    out, report = decode_latents(tiny, lat, tile_size=8, max_bytes=1, spill_dir=tmp_path)
     assert (out - ref).abs().max().item() <= TOL
     assert report.norm_stats == "exact" and report.exact_norms == report.norms == 18
     assert report.spilled_bytes == plan.memory.spilled and report.planned_bytes == plan.memory.total
     assert out.is_contiguous() and list(tmp_path.iterdir()) == []  # temporary files are gone
+    assert len(made) == len(vd._program(tiny)) - 1  # every plane but the decoded image
 
     with pytest.raises(ValueError, match="spill_dir .*nowhere' is not a directory"):
-        decode_latents(tiny, lat, tile_size=8, max_bytes=budget, spill_dir=tmp_path / "nowhere")
+        decode_latents(tiny, lat, tile_size=8, max_bytes=1, spill_dir=tmp_path / "nowhere")
+
+
+def test_a_budget_between_holds_what_fits_in_ram_and_spills_the_rest(tiny, tiny_case, tmp_path, monkeypatch):
+    lat, ref = tiny_case
+    in_ram = plan_decode(tiny, (37, 23), 8, batch_size=2)
+    everything_spilled = plan_decode(tiny, (37, 23), 8, batch_size=2, max_bytes=1)
+    budget = everything_spilled.memory.total + in_ram.memory.planes // 20
+    plan = plan_decode(tiny, (37, 23), 8, batch_size=2, max_bytes=budget)
+    n = len(vd._program(tiny))
+    assert plan.spill and 0 < len(plan.ram_planes) < n - 1
+    assert plan.memory.total <= budget and 0 < plan.memory.planes < in_ram.memory.planes
+    assert 0 < plan.memory.spilled < in_ram.memory.planes
+
+    made = _spilled_planes(monkeypatch)
+    out, report = decode_latents(tiny, lat, tile_size=8, max_bytes=budget, spill_dir=tmp_path)
+    assert (out - ref).abs().max().item() <= TOL and report.norm_stats == "exact"
+    assert report.spilled_bytes == plan.memory.spilled and report.planned_bytes == plan.memory.total
+    assert len(made) == n - 1 - len(plan.ram_planes) and list(tmp_path.iterdir()) == []
+    # the work counted three times (the pipeline's measured factor) leaves less room for planes
+    tripled = plan_decode(tiny, (37, 23), 8, batch_size=2, max_bytes=budget, work_factor=3)
+    assert tripled.ram_planes < plan.ram_planes and tripled.memory.total >= 3 * tripled.memory.work
+    with pytest.raises(ValueError, match="work_factor must be an integer >= 1; got 0"):
+        plan_decode(tiny, (37, 23), 8, max_bytes=budget, work_factor=0)
+
+
+def test_plane_lives_cover_what_the_ops_read(tiny):
+    """A resnet's input plane lives until its second conv adds it back; others until the next op reads them."""
+    ops = vd._program(tiny)
+    shapes = vd._shapes(ops)
+    lives = vd.plane_lives(shapes)
+    assert len(lives) == len(ops) - 1 and all(first == p for p, (first, _) in enumerate(lives))
+    for p, (first, last) in enumerate(lives):
+        nxt = shapes[p + 1]
+        assert last == (p + 2 if nxt.save else p + 1), (p, nxt)
+        if nxt.save:
+            assert shapes[p + 2].skip
+    # the planes live at each op, all in RAM, are exactly what the in-RAM plan holds at its peak
+    plan = vd._plan(shapes, (37, 23), 2, 8, None, 10**9, None, 4)
+    px = lambda i: 37 * 23 * vd._scale_at(shapes, i) ** 2  # noqa: E731
+    sizes = [2 * 4 * px(p + 1) * shapes[p].out_channels for p in range(len(lives))]
+    held = [sum(sizes[p] for p, (a, b) in enumerate(lives) if a <= i <= b) for i in range(len(ops))]
+    held[0] += 2 * 4 * px(0) * shapes[0].in_channels  # the latents (op 0's input)
+    held[-1] += 2 * 4 * px(len(ops)) * shapes[-1].out_channels  # the decoded image
+    assert max(held) == plan.memory.planes
+
+
+def test_place_planes_takes_the_largest_that_fit_over_their_whole_life():
+    lives = [(0, 1), (1, 3), (2, 3), (3, 4)]
+    sizes = [5, 6, 3, 2]
+    other = [1, 1, 1, 1, 1]
+    assert vd.place_planes(sizes, lives, other, 7) == {1}  # 6 first; then 5 (op 1: 1+6+5), 3 (op 3), 2 (op 3) do not fit
+    assert vd.place_planes(sizes, lives, other, 11) == {1, 2}  # 5 needs 12 at op 1; 2 needs 12 at op 3
+    assert vd.place_planes(sizes, lives, other, 12) == {0, 1, 2, 3}
+    assert vd.place_planes(sizes, lives, [9] * 5, 9) == frozenset()  # no room next to the work
 
 
 def test_budget_without_spill_estimates_statistics_and_says_so(tiny):

@@ -91,11 +91,22 @@ class Upscaler:
         # Prompt embeddings are cached per prompt: a batch with one prompt encodes it once. With the
         # low-memory policy the text encoder is dropped once a call's prompts are encoded.
         self.prompt_cache = PromptCache(components, low_memory=self.low_memory)
+        #: Times the UNet was loaded again after the low-memory policy released it for a large decode.
+        self.unet_loads = 0
 
     def encode_prompts(self, prompts: list[str]) -> None:
         """Encode these prompts now, in one go (the cache keeps the last 32): with the low-memory policy
         the text encoder is then loaded at most once for all of them."""
         self.prompt_cache(prompts)
+
+    def _release_unet(self) -> None:
+        self.components.unet = None
+
+    def _ensure_unet(self) -> None:
+        """Load the UNet again when the low-memory policy released it for the last large decode."""
+        if self.components.unet is None:
+            self.components.unet = self.components.load_unet()
+            self.unet_loads += 1
 
     @property
     def info(self) -> dict[str, Any]:
@@ -138,6 +149,8 @@ class Upscaler:
         from .scale import upscale_by
 
         t0 = time.perf_counter()
+        # With the low-memory policy a decode that would spill to disk gets the UNet's memory instead.
+        release = self._release_unet if self.low_memory else None
         generator = torch.Generator("cpu").manual_seed(opts.seed)
         timings: dict[str, float] = {}
         reports: list[dict[str, Any]] = []
@@ -147,7 +160,9 @@ class Upscaler:
         if opts.scale == SCALE:
             pixels = torch.from_numpy(np.array(loaded.rgb, dtype=np.uint8))  # H,W,3
             report: dict[str, Any] = {}
-            out = upscale_tensor(self.components, to_model_range(pixels), opts, generator, progress, timings, encode=self.prompt_cache, report=report)
+            self._ensure_unet()
+            out = upscale_tensor(self.components, to_model_range(pixels), opts, generator, progress, timings,
+                                 encode=self.prompt_cache, report=report, release_unet=release)
             rgb = [Image.fromarray(a.numpy(), "RGB") for a in to_uint8(out)]
             reports.append(report)
             passes = 1
@@ -158,7 +173,9 @@ class Upscaler:
                 def one_pass(im: Image.Image) -> Image.Image:
                     pixels = torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8))  # H,W,3
                     report: dict[str, Any] = {}
-                    out = upscale_tensor(self.components, to_model_range(pixels), one, generator, progress, timings, encode=self.prompt_cache, report=report)
+                    self._ensure_unet()  # released by the previous pass's decode
+                    out = upscale_tensor(self.components, to_model_range(pixels), one, generator, progress, timings,
+                                         encode=self.prompt_cache, report=report, release_unet=release)
                     reports.append(report)
                     return Image.fromarray(to_uint8(out)[0].numpy(), "RGB")
 

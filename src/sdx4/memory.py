@@ -26,11 +26,12 @@ GLOBAL_BYTES_PER_PIXEL = 1200
 #: Allocator slack and small tensors, independent of the image.
 FIXED_OVERHEAD = 256 * 2**20
 #: What a tiled VAE decode really holds, from its own plan (`vae_decode.plan_decode(...).memory.total`):
-#: measured on whole full-size fp32 runs, resident ~= 0.5 GiB + 3 x planned (planned 0.24 / 0.35 / 0.80
-#: GiB -> measured 1.09 / ~1.2 / ~2.7 GiB: oneDNN's blocked-layout copies of each conv's input and output,
-#: allocator caching, mapped plane pages between releases). Raised from 0.5 to 1.25 GiB after 512 px runs
-#: peaked at 5.07 and 5.35 GiB in a 5 GiB budget during their decode (2026-12-01, Intel Xeon: the process'
-#: own baseline, ~0.4 GiB of libraries, is not in the plan).
+#: measured on whole full-size fp32 runs, resident ~= 0.5 GiB + 3 x one tile op's planned work (planned
+#: 0.24 / 0.35 / 0.80 GiB -> measured 1.09 / ~1.2 / ~2.7 GiB: oneDNN's blocked-layout copies of each
+#: conv's input and output, allocator caching, mapped plane pages between releases); whole-image tensors
+#: held in RAM count once (the decoder's plan takes the factor as `work_factor`). Raised from 0.5 to
+#: 1.25 GiB after 512 px runs peaked at 5.07 and 5.35 GiB in a 5 GiB budget during their decode
+#: (2026-12-01, Intel Xeon: the process' own baseline, ~0.4 GiB of libraries, is not in the plan).
 TILED_DECODE_FIXED = 5 * 2**28
 TILED_DECODE_FACTOR = 3
 #: Auto tiles never get smaller than this (the model was trained on 128x128 latents; small tiles see
@@ -207,18 +208,20 @@ def plan_memory(
 
 
 def tiled_decode_bytes(planned_bytes: int) -> int:
-    """Resident bytes of a tiled VAE decode whose own plan says `planned_bytes` (measured model)."""
-    return TILED_DECODE_FIXED + TILED_DECODE_FACTOR * planned_bytes
+    """Resident bytes of a tiled VAE decode whose own plan (with work_factor=TILED_DECODE_FACTOR) says
+    `planned_bytes` (measured model)."""
+    return TILED_DECODE_FIXED + planned_bytes
 
 
 def fit_vae_tile(plan_bytes: Callable[[int, int], int], tile_size: int, free_bytes: int, multiple: int = 8) -> tuple[int, int]:
     """The largest VAE tile <= tile_size whose decode fits `free_bytes`, and the decoder's byte budget.
 
-    plan_bytes(tile, max_bytes) -> the decoder's own planned RAM (`plan_decode(...).memory.total`). The
-    decoder gets max_bytes = (free - fixed) / factor, so what it holds in RAM, times the measured factor,
-    fits. Stops at `multiple` (the decode then may exceed the budget: it is the smallest tile there is).
+    plan_bytes(tile, max_bytes) -> the decoder's own planned RAM (`plan_decode(..., work_factor=
+    TILED_DECODE_FACTOR).memory.total`). The decoder gets max_bytes = free - fixed: it holds whole-image
+    tensors in RAM while they fit next to its work (counted with the measured factor) and spills the rest.
+    Stops at `multiple` (the decode then may exceed the budget: it is the smallest tile there is).
     """
-    max_bytes = max(1, (free_bytes - TILED_DECODE_FIXED) // TILED_DECODE_FACTOR)
+    max_bytes = max(1, free_bytes - TILED_DECODE_FIXED)
     t = tile_size
     while t > multiple and tiled_decode_bytes(plan_bytes(t, max_bytes)) > free_bytes:
         t -= multiple

@@ -373,7 +373,9 @@ class Components:
     model: str  # what the user asked for (Hub id or path)
     max_noise_level: int = 350
     random_weights: bool = False
-    folder: Path | None = None  # where the weights were read from (to reload the text encoder)
+    folder: Path | None = None  # where the weights were read from (to reload the text encoder or UNet)
+    compiled: bool = False  # the UNet is wrapped with torch.compile (a reloaded one is too)
+    unet_config: Any = None  # kept while the UNet itself is released (low-memory policy, large decodes)
 
     def load_text_encoder(self) -> Any:
         """Load the text encoder again (the low-memory policy drops it between prompts)."""
@@ -381,10 +383,18 @@ class Components:
             raise RuntimeError("the text encoder was released and the model folder is unknown")
         return _load_text_encoder(self.folder, self.placement)
 
+    def load_unet(self) -> Any:
+        """Load the UNet again, placed and prepared as at first (the low-memory policy releases it for
+        decodes that would otherwise spill to disk)."""
+        if self.folder is None:
+            raise RuntimeError("the UNet was released and the model folder is unknown")
+        return _prepare_unet(_load_unet(self.folder, self.placement), self.placement, self.compiled)
+
     @property
     def pad_multiple(self) -> int:
         """The UNet halves the latent (len(blocks) - 1) times: inputs are padded to this multiple."""
-        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+        config = self.unet.config if self.unet is not None else self.unet_config
+        return 2 ** (len(config.block_out_channels) - 1)
 
 
 def _load_text_encoder(folder: Path, placement: Placement) -> Any:
@@ -399,6 +409,32 @@ def _load_text_encoder(folder: Path, placement: Placement) -> Any:
         # transformers 5 loads in the dtype written in the config unless told: always pass ours.
         enc = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=placement.text_dtype)
     return enc.to(placement.device).eval().requires_grad_(False)
+
+
+def _place(module: Any, placement: Placement) -> Any:
+    module.to(placement.device)
+    if placement.channels_last:
+        module.to(memory_format=torch.channels_last)  # a no-op for streamed weights (already laid out so)
+    return module.eval().requires_grad_(False)
+
+
+def _load_unet(folder: Path, placement: Placement) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return _load_diffusers(UNet2DConditionModel, folder, "unet", placement.unet_dtype, placement.channels_last)
+
+
+def _prepare_unet(unet: Any, placement: Placement, compile: bool) -> Any:
+    """Place a checked UNet; keep its attention outputs channels-last; compile it or install the shared
+    guidance prefix."""
+    unet = _place(unet, placement)
+    if placement.channels_last:
+        keep_transformer_outputs_channels_last(unet)
+    if compile:
+        unet.compile()  # in place: the module keeps its type and config (no prefix wrappers in its graph)
+    else:
+        guidance_prefix.install(unet)  # inert until a guided call enters one of guidance_prefix's contexts
+    return unet
 
 
 def _load_diffusers(cls: Any, folder: Path, subfolder: str, dtype: torch.dtype, channels_last: bool) -> Any:
@@ -432,7 +468,7 @@ def load_components(
     placement = resolve_placement(device, dtype, vae_dtype)
     folder = resolve_model_dir(model)
 
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
     from transformers import CLIPTokenizer
 
     with warnings.catch_warnings():
@@ -454,6 +490,7 @@ def load_components(
         max_noise_level=int(index.get("max_noise_level", 350)),
         random_weights=(folder / RANDOM_MARKER).exists() or bool(index.get("_sdx4_random_weights")),
         folder=folder,
+        compiled=compile,
     )
     del text_encoder  # the caller's hook may drop it: no second reference here
     if before_denoiser is not None:
@@ -461,23 +498,11 @@ def load_components(
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*scaling_factor.*")
-        unet = _load_diffusers(UNet2DConditionModel, folder, "unet", placement.unet_dtype, placement.channels_last)
+        unet = _load_unet(folder, placement)
         vae = _load_diffusers(AutoencoderKL, folder, "vae", placement.vae_dtype, placement.channels_last)
     check_components(unet, vae, text_hidden_size, components.max_noise_level)
-
-    for m in (unet, vae):
-        m.to(placement.device)
-        if placement.channels_last:
-            m.to(memory_format=torch.channels_last)  # a no-op for streamed weights (already laid out so)
-        m.eval()
-        m.requires_grad_(False)
-    if placement.channels_last:
-        keep_transformer_outputs_channels_last(unet)
-    if compile:
-        unet.compile()  # in place: the module keeps its type and config (no prefix wrappers in its graph)
-    else:
-        guidance_prefix.install(unet)  # inert until a guided call enters one of guidance_prefix's contexts
-    components.unet, components.vae = unet, vae
+    components.unet, components.vae = _prepare_unet(unet, placement, compile), _place(vae, placement)
+    components.unet_config = unet.config
     return components
 
 

@@ -170,12 +170,16 @@ def upscale_tensor(
     encode: EncodeFn | None = None,
     *,
     report: dict[str, Any] | None = None,
+    release_unet: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """1,3,H,W in [-1,1] -> num_images,3,4H,4W in [-1,1] (float32, on CPU). One x4 pass (`options.scale`
     is handled by the caller, see `scale.py`).
 
     `timings`, when given, receives the seconds spent in each stage (text_encoding, denoising, decoding).
     `report`, when given, receives how the image was tiled and decoded ("tiling", "vae_decode", "color_fix").
+    `release_unet`, when given (the low-memory policy), is called after the denoising loop when the VAE
+    decode would otherwise spill whole-image tensors to disk: it drops the caller's reference to the UNet
+    (`components.unet = None`), whose memory then goes to the decode; the caller loads it again next time.
     """
     clock = _StageClock(components.placement.device, timings)
     if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
@@ -257,16 +261,29 @@ def upscale_tensor(
     # share (whole-image tensors spill to temp files beyond).
     # Attention global up to vae_attention_window^2 latent pixels, windowed beyond (linear cost).
     vae_tile, vae_bytes, tokens = plan.vae_tile_size, None, options.vae_attention_window**2
+    unet_released = False
     if vae_tile is not None:  # the largest tile (<= the plan's) whose measured decode cost fits what is left
         free = plan.budget_bytes - plan.weights_bytes - memory.global_bytes(*latents.shape[-2:], n)
         hw = tuple(latents.shape[-2:])
-        vae_tile, vae_bytes = memory.fit_vae_tile(
-            lambda t, b: plan_decode(vae, hw, t, batch_size=n, max_attention_tokens=tokens, max_bytes=b).memory.total,
-            vae_tile,
-            free,
-        )
+
+        def decode_plan(t: int, b: int) -> Any:
+            return plan_decode(vae, hw, t, batch_size=n, max_attention_tokens=tokens, max_bytes=b,
+                               work_factor=memory.TILED_DECODE_FACTOR)
+
+        fitted = memory.fit_vae_tile(lambda t, b: decode_plan(t, b).memory.total, vae_tile, free)
+        if release_unet is not None and decode_plan(*fitted).spill:
+            # Spilling costs 1.2-1.3x the decode's time; the UNet's weights are not needed until the next
+            # image: give their memory to the decode instead (the caller reloads the UNet, a few seconds).
+            free += sum(p.numel() * p.element_size() for p in unet.parameters())
+            del unet  # the loop's closures share this reference: the caller's is the last one
+            release_unet()
+            memory.release_memory()
+            unet_released = True
+            fitted = memory.fit_vae_tile(lambda t, b: decode_plan(t, b).memory.total, vae_tile, free)
+        vae_tile, vae_bytes = fitted
     decoded, decode_report = decode_latents(
-        vae, latents, tile_size=vae_tile, max_attention_tokens=tokens, max_bytes=vae_bytes
+        vae, latents, tile_size=vae_tile, max_attention_tokens=tokens, max_bytes=vae_bytes,
+        work_factor=memory.TILED_DECODE_FACTOR,
     )  # n,3,4h',4w'
     out = decoded[:, :, : 4 * h, : 4 * w].float().cpu()
     clock.lap("decoding")
@@ -291,7 +308,7 @@ def upscale_tensor(
         if options.max_memory is None:
             # The default budget follows the free memory of the moment: not part of the reproducible record.
             report["tiling"]["memory_budget_gib"] = "auto"
-        report["vae_decode"] = dataclasses.asdict(decode_report)
+        report["vae_decode"] = {**dataclasses.asdict(decode_report), "unet_released": unet_released}
         report["color_fix"] = options.color_fix
     return out
 

@@ -308,11 +308,12 @@ class _OpShape:
 class DecodeMemory:
     """Estimated peak bytes of a tiled decode, by part (activations only; weights not included).
 
-    planes: whole-image tensors held in plane mode (op input, output, residual, global-attention keys/values);
+    planes: whole-image tensors held in RAM in plane mode (op input, output, residual), at their peak;
     handoff: the whole-image tensors kept while tile mode runs; sample: the lockstep sample group's held tile
     windows; work: temporaries of one tile op (input copy, output, residual; 2x margin for conv workspaces);
-    output: the decoded image. total = max(planes, handoff + sample + output) + work (RAM).
-    spilled: bytes of whole-image tensors held in temporary files instead (disk / page cache, not RAM).
+    output: the decoded image. total: the peak over the ops of RAM planes + global-attention keys/values +
+    work_factor x work + output (tile mode: max(planes, handoff + sample + output) + work_factor x work).
+    spilled: peak bytes of whole-image tensors held in temporary files instead (disk / page cache, not RAM).
     """
 
     total: int
@@ -339,9 +340,12 @@ class DecodePlan:
     exact_norms: int
     norms: int
     memory: DecodeMemory
-    spill: bool = False  # whole-image tensors in temporary files instead of RAM
+    spill: bool = False  # whole-image tensors in temporary files instead of RAM (those not in `ram_planes`)
     attn_rows: tuple[int, ...] = ()  # tile-local attention: window core boundaries (latent pixels)
     attn_cols: tuple[int, ...] = ()
+    #: With `spill`: the ops whose output plane is held in RAM all the same (the budget has room for it
+    #: over its whole life; `place_planes`), the others' are in temporary files.
+    ram_planes: frozenset[int] = frozenset()
 
     @property
     def tiles(self) -> int:
@@ -382,6 +386,37 @@ def _scale_at(shapes: list[_OpShape], i: int) -> int:
     return math.prod(s.up for s in shapes[:i])
 
 
+def plane_lives(shapes: list[_OpShape]) -> list[tuple[int, int]]:
+    """(first op, last op) during which ops[p]'s output plane is held, for every op p but the last (whose
+    output is the decoded image): written by op p, read by op p+1, and by the skip op when op p+1 keeps
+    its input as the residual."""
+    last = list(range(1, len(shapes)))  # read by the next op
+    saved = None
+    for i, s in enumerate(shapes):
+        if s.skip and saved is not None and saved >= 0:
+            last[saved] = i
+        saved = i - 1 if s.save else (None if s.skip else saved)
+    return [(p, last[p]) for p in range(len(shapes) - 1)]
+
+
+def place_planes(sizes: list[int], lives: list[tuple[int, int]], other: list[int], budget: int) -> frozenset[int]:
+    """Which planes to hold in RAM (the rest go to temporary files): the largest first, each one that fits
+    next to the planes already chosen at every op of its life. other[i]: the rest of op i's RAM.
+
+    Every byte kept in RAM is a byte not written to and read back from the page cache (1.2-1.3x the
+    decode's time when everything spills); largest-first keeps the most bytes for a greedy choice.
+    """
+    used = list(other)
+    chosen = set()
+    for p in sorted(range(len(sizes)), key=lambda p: (-sizes[p], p)):
+        first, last = lives[p]
+        if all(used[i] + sizes[p] <= budget for i in range(first, last + 1)):
+            chosen.add(p)
+            for i in range(first, last + 1):
+                used[i] += sizes[p]
+    return frozenset(chosen)
+
+
 def _plan(
     shapes: list[_OpShape],
     latent_hw: tuple[int, int],
@@ -392,6 +427,7 @@ def _plan(
     max_bytes: int | None,
     itemsize: int,
     spill: bool = False,
+    work_factor: int = 1,
 ) -> DecodePlan:
     h, w = latent_hw
     rows, cols = _bounds(h, tile_size), _bounds(w, tile_size)
@@ -447,25 +483,36 @@ def _plan(
             side *= s.up
         return halo, held_peak * b * e, work_peak * b * e
 
-    n = len(shapes)
+    n, f = len(shapes), work_factor
     k_min = attn_idx[0] + 1 if (attn_idx and attention == "global") else 0
-    full_planes = max(p + kv for p, kv in zip(plane_held, kv_ram)) + max(work_plane)
-    spilled = False
+    full_planes = max(p + kv for p, kv in zip(plane_held, kv_ram)) + f * max(work_plane)
+    spilled, ram_planes = False, frozenset()
     if max_bytes is None or full_planes + output <= max_bytes or k_min == n:
         split, sample, halo = n, (), 0
         memory = DecodeMemory(full_planes + output, max(plane_held), 0, 0, max(work_plane), output)
-    elif spill:  # whole-image tensors in temporary files: RAM holds one tile op and the output
+    elif spill:
+        # Whole-image tensors in temporary files, except those the budget can hold in RAM over their
+        # whole life next to one tile op's work and the output.
         split, sample, halo, spilled = n, (), 0, True
-        ram = max(w + kv for w, kv in zip(work_plane, kv_ram))
-        memory = DecodeMemory(ram + output, 0, 0, 0, ram, output, max(plane_held))
+        lives = plane_lives(shapes)
+        sizes = [b * e * px(p + 1) * shapes[p].out_channels for p in range(n - 1)]
+        other = [kv + f * wk + output for wk, kv in zip(work_plane, kv_ram)]
+        ram_planes = place_planes(sizes, lives, other, max_bytes)
+        in_ram, in_files = [0] * n, [0] * n
+        for p, (first, last) in enumerate(lives):
+            for i in range(first, last + 1):
+                (in_ram if p in ram_planes else in_files)[i] += sizes[p]
+        total = max(r + o for r, o in zip(in_ram, other))
+        memory = DecodeMemory(total, max(in_ram), 0, 0, max(work_plane), output, max(in_files))
+        spilled = memory.spilled > 0  # else every plane fits after all (the per-op count is tighter)
     else:
         # Tile mode from op k: the whole-image tensors at k stay (handoff), the sample group is held in lockstep.
         options = []
         for k in range(k_min, n):
             halo, tile_held, tile_work = tile_costs(k)
-            planes = max((p + kv for p, kv in zip(plane_held[:k], kv_ram[:k])), default=0) + max(work_plane[:k], default=0)
+            planes = max((p + kv for p, kv in zip(plane_held[:k], kv_ram[:k])), default=0) + f * max(work_plane[:k], default=0)
             handoff = b * e * px(k) * (shapes[k].in_channels + residual_channels_at(k))
-            fixed = handoff + output + tile_work
+            fixed = handoff + output + f * tile_work
             m = min(n_tiles, (max_bytes - fixed) // tile_held) if planes <= max_bytes and fixed < max_bytes else 0
             total = max(planes, fixed + max(m, 1) * tile_held)
             # most sample tiles first (better estimates), then the latest split (more exact norms),
@@ -477,7 +524,7 @@ def _plan(
     exact = norms if (split == n or len(sample) == n_tiles) else sum(s.norm for s in shapes[: split + 1])
     return DecodePlan(
         (h, w), b, tile_size, overlap, attention, rows, cols, split, sample, halo, exact, norms, memory, spilled,
-        attn_rows, attn_cols,
+        attn_rows, attn_cols, ram_planes,
     )
 
 
@@ -485,7 +532,7 @@ def _shapes(ops: list[_Op]) -> list[_OpShape]:
     return [_OpShape(o.kind, o.in_channels, o.out_channels, o.halo, o.up, o.norm is not None, o.save, o.skip) for o in ops]
 
 
-def _check_args(tile_size: Any, overlap: Any, max_attention_tokens: Any, max_bytes: Any) -> None:
+def _check_args(tile_size: Any, overlap: Any, max_attention_tokens: Any, max_bytes: Any, work_factor: Any = 1) -> None:
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -497,6 +544,8 @@ def _check_args(tile_size: Any, overlap: Any, max_attention_tokens: Any, max_byt
         raise ValueError(f"max_attention_tokens must be an integer >= 1; got {max_attention_tokens!r}")
     if max_bytes is not None and (not is_int(max_bytes) or max_bytes < 1):
         raise ValueError(f"max_bytes must be None (no limit: every norm exact) or an integer >= 1 byte; got {max_bytes!r}")
+    if not is_int(work_factor) or work_factor < 1:
+        raise ValueError(f"work_factor must be an integer >= 1; got {work_factor!r}")
 
 
 def plan_decode(
@@ -509,12 +558,13 @@ def plan_decode(
     max_attention_tokens: int = DEFAULT_MAX_ATTENTION_TOKENS,
     max_bytes: int | None = None,
     spill: bool = True,
+    work_factor: int = 1,
 ) -> DecodePlan:
     """The plan `decode_latents` follows for these arguments (no computation)."""
-    _check_args(tile_size, overlap, max_attention_tokens, max_bytes)
+    _check_args(tile_size, overlap, max_attention_tokens, max_bytes, work_factor)
     itemsize = next(vae.parameters()).element_size()
     return _plan(_shapes(_program(vae)), tuple(latent_hw), batch_size, tile_size, overlap,
-                 max_attention_tokens, max_bytes, itemsize, spill and SPILL_SUPPORTED)
+                 max_attention_tokens, max_bytes, itemsize, spill and SPILL_SUPPORTED, work_factor)
 
 
 def estimate_decode_bytes(
@@ -528,6 +578,7 @@ def estimate_decode_bytes(
     max_bytes: int | None = None,
     spill: bool = True,
     itemsize: int = 4,
+    work_factor: int = 1,
 ) -> DecodeMemory:
     """Estimated peak activation bytes of `decode_latents` (weights NOT included; see `DecodeMemory`).
 
@@ -540,15 +591,16 @@ def estimate_decode_bytes(
     from .random_model import VAE_CONFIGS
 
     h, w = latent_hw
-    _check_args(tile_size, overlap, max_attention_tokens, max_bytes)
+    _check_args(tile_size, overlap, max_attention_tokens, max_bytes, work_factor)
     with torch.device("meta"):
         vae = AutoencoderKL(**(vae_config or VAE_CONFIGS["full"]))
     shapes = _shapes(_program(vae))
     if tile_size is None or tile_size >= max(h, w):
-        p = _plan(shapes, (h, w), batch_size, max(h, w), 0, max_attention_tokens, None, itemsize)
+        p = _plan(shapes, (h, w), batch_size, max(h, w), 0, max_attention_tokens, None, itemsize, work_factor=work_factor)
         return p.memory
     return _plan(
-        shapes, (h, w), batch_size, tile_size, overlap, max_attention_tokens, max_bytes, itemsize, spill and SPILL_SUPPORTED
+        shapes, (h, w), batch_size, tile_size, overlap, max_attention_tokens, max_bytes, itemsize, spill and SPILL_SUPPORTED,
+        work_factor,
     ).memory
 
 
@@ -649,15 +701,16 @@ class _Runner:
         rows = tuple(r * sc for r in self.plan.rows)
         cols = tuple(c * sc for c in self.plan.cols)
         affine = _group_norm_affine(op.norm, cur.moments, self.device, self.dtype) if op.norm is not None else None
+        # the decoded image itself, and the planes the plan holds in RAM, are not spilled
+        where = None if (i == len(self.ops) - 1 or i in self.plan.ram_planes) else self.spill_dir
         if op.kind == "attention":
             if self.plan.attention == "global":
-                return self._global_attention(op, cur, affine)
-            return self._local_attention(op, cur, affine, self.plan.attn_rows, self.plan.attn_cols)
+                return self._global_attention(op, cur, affine, where)
+            return self._local_attention(op, cur, affine, self.plan.attn_rows, self.plan.attn_cols, where)
         halo = op.halo
         b, _, hh, ww = cur.data.shape
         u = op.up
-        last = i == len(self.ops) - 1  # the decoded image itself stays in RAM
-        out = _Plane.empty((b, op.out_channels, hh * u, ww * u), self.dtype, None if last else self.spill_dir, self.fmt)
+        out = _Plane.empty((b, op.out_channels, hh * u, ww * u), self.dtype, where, self.fmt)
         moments = _Moments()
         for y0, y1, cy0, cy1 in _windows(hh, rows, halo):
             for x0, x1, cx0, cx1 in _windows(ww, cols, halo):
@@ -677,7 +730,7 @@ class _Runner:
         return out
 
     def _local_attention(
-        self, op: _Op, cur: _Plane, affine: tuple, rows: tuple[int, ...], cols: tuple[int, ...]
+        self, op: _Op, cur: _Plane, affine: tuple, rows: tuple[int, ...], cols: tuple[int, ...], where: str | None
     ) -> _Plane:
         """Attention within each window (core + overlap; `attention_bounds`), blended with feathered weights.
 
@@ -687,7 +740,7 @@ class _Runner:
         """
         attn, ov = op.attn, self.plan.overlap
         b, c, hh, ww = cur.data.shape
-        acc = _Plane.empty((b, c, hh, ww), self.dtype, self.spill_dir, self.fmt)  # weighted sum of attention outputs
+        acc = _Plane.empty((b, c, hh, ww), self.dtype, where, self.fmt)  # weighted sum of attention outputs
         if acc._mapping is None:
             acc.data.zero_()  # (a new file mapping reads as zeros)
         wsum = torch.zeros(hh, ww, dtype=torch.float64)
@@ -714,7 +767,7 @@ class _Runner:
         acc.moments = moments
         return acc
 
-    def _global_attention(self, op: _Op, cur: _Plane, affine: tuple) -> _Plane:
+    def _global_attention(self, op: _Op, cur: _Plane, affine: tuple, where: str | None) -> _Plane:
         """Single-head self-attention over ALL latent pixels; keys/values for the whole image, queries in chunks."""
         attn = op.attn
         b, c, hh, ww = cur.data.shape
@@ -728,7 +781,7 @@ class _Runner:
             cur.release()
         kv = (torch.cat(keys, 1), torch.cat(values, 1))  # B,N,C each, N = every latent pixel
         del keys, values
-        out = _Plane.empty((b, c, hh, ww), self.dtype, self.spill_dir, self.fmt)
+        out = _Plane.empty((b, c, hh, ww), self.dtype, where, self.fmt)
         moments = _Moments()
         for y0, y1 in bands:
             t = _tokens(_apply_affine_(cur.crop(y0, y1, 0, ww, self.device), affine))
@@ -861,6 +914,7 @@ def decode_latents(
     max_bytes: int | None = None,
     spill: bool = True,
     spill_dir: str | os.PathLike[str] | None = None,
+    work_factor: int = 1,
 ) -> tuple[torch.Tensor, DecodeReport]:
     """Decode latents with diffusers' AutoencoderKL decoder, optionally on tiles with whole-image GroupNorms.
 
@@ -875,14 +929,18 @@ def decode_latents(
     max_attention_tokens: global mid-block attention while h*w <= this; beyond, attention within windows of
         at most this many latent pixels (`attention_bounds`), blended: the cost stays linear in pixels.
     max_bytes: RAM budget for activations (weights not included; see `estimate_decode_bytes`). None, or
-        when the whole-image tensors fit: they are held in RAM. Otherwise, with `spill` (default), they are
-        held in unlinked temporary files under `spill_dir` (default: the system temp dir) and only one tile's
-        work is resident: still exact, at the cost of disk/page-cache traffic. With spill=False the later,
+        when the whole-image tensors fit: they are held in RAM. Otherwise, with `spill` (default), those
+        that do not fit (the largest first: `place_planes`) are held in unlinked temporary files under
+        `spill_dir` (default: the system temp dir): still exact, at the cost of disk/page-cache traffic
+        for the spilled ones. With spill=False the later,
         larger layers run one tile at a time instead, with GroupNorm statistics pooled over an evenly spread
         sample of tiles held in lockstep: an ESTIMATE (report.norm_stats == "estimated"), see
         docs/tiled-vae.md.
+    work_factor: what one tile op really holds per planned byte (oneDNN's blocked-layout copies of each
+        convolution's input and output; the pipeline passes its measured factor, see memory.py): the
+        budget counts the work this many times, whole-image tensors once.
     """
-    _check_args(tile_size, overlap, max_attention_tokens, max_bytes)
+    _check_args(tile_size, overlap, max_attention_tokens, max_bytes, work_factor)
     if latents.ndim != 4 or latents.shape[1] != vae.config.latent_channels:
         raise ValueError(
             f"latents must be B,{vae.config.latent_channels},h,w; got shape {tuple(latents.shape)}"
@@ -905,7 +963,7 @@ def decode_latents(
 
     ops = _program(vae)
     plan = _plan(_shapes(ops), (h, w), b, tile_size, overlap, max_attention_tokens, max_bytes,
-                 param.element_size(), spill and SPILL_SUPPORTED)
+                 param.element_size(), spill and SPILL_SUPPORTED, work_factor)
     if plan.spill:
         spill_dir = os.fspath(spill_dir) if spill_dir is not None else tempfile.gettempdir()
         if not os.path.isdir(spill_dir):
