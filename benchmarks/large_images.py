@@ -285,7 +285,11 @@ def markdown(results: dict[str, Any]) -> str:
             vae_s = (f"{vae['tiles']} tiles of {vae['tile_size']}" if vae["tiled"] else "untiled") + (
                 ", global attention" if vae["attention"] == "global" else f", attention in {vae.get('attention_windows')} windows")
             if vae.get("spilled_bytes"):
-                vae_s += f", {vae['spilled_bytes'] / GiB:.1f} GiB spilled"
+                vae_s += f", {vae['spilled_bytes'] / GiB:.1f} GiB spilled at a time"
+                if vae.get("spill_traffic_bytes"):
+                    vae_s += f" ({vae['spill_traffic_bytes'] / GiB:.1f} GiB written)"
+            if vae.get("unet_released"):
+                vae_s += ", UNet released"
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         seam = f"{fmt(r.get('seam_score'))} / {fmt(r.get('attention_seam_score'))}"
         den = f"{r['peak_rss_denoise_gib']:.2f}" if r.get("peak_rss_denoise_gib") else "-"

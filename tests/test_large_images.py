@@ -285,12 +285,30 @@ def test_fit_vae_tile_shrinks_the_tile_until_the_measured_cost_fits():
     from sdx4 import memory
 
     gib = 2**30
-    cost = lambda t, max_bytes: t * t * 30_000  # planned bytes grow with the tile's area  # noqa: E731
+    ram = lambda t: t * t * 30_000  # planned bytes grow with the tile's area  # noqa: E731
+    cost = lambda t, max_bytes: (ram(t), 0)  # nothing spilled  # noqa: E731
     t, max_bytes = memory.fit_vae_tile(cost, 256, 2 * gib)
     assert max_bytes == 2 * gib - memory.TILED_DECODE_FIXED
-    assert t % 8 == 0 and memory.tiled_decode_bytes(cost(t, 0)) <= 2 * gib < memory.tiled_decode_bytes(cost(t + 8, 0))
+    assert t % 8 == 0 and memory.tiled_decode_bytes(ram(t)) <= 2 * gib < memory.tiled_decode_bytes(ram(t + 8))
     assert memory.fit_vae_tile(cost, 64, 100 * gib)[0] == 64  # fits: the planner's tile stays
     assert memory.fit_vae_tile(cost, 64, gib // 2)[0] == 8  # never below the grid step
+
+
+def test_fit_vae_tile_takes_a_smaller_tile_when_that_spills_less():
+    from sdx4 import memory
+
+    gib = 2**30
+    # spilled bytes fall as the tile (its work) shrinks, down to nothing at 96; RAM use stays within budget
+    spills = lambda t: max(0, t - 96) * 2**20  # noqa: E731
+    t, _ = memory.fit_vae_tile(lambda t, b: (gib, spills(t)), 136, 3 * gib)
+    assert t == 96  # the largest of the tiles that spill least (all of 96 and below spill nothing)
+    # never below MIN_SPILL_TILE for this, and never a tile whose decode does not fit
+    t, _ = memory.fit_vae_tile(lambda t, b: (gib, t * 2**20), 136, 3 * gib)
+    assert t == memory.MIN_SPILL_TILE == 64
+    too_big = lambda t, b: (gib if t >= 120 else 3 * gib, spills(t))  # noqa: E731  smaller tiles here cost more RAM
+    assert memory.fit_vae_tile(too_big, 136, 3 * gib)[0] == 120
+    # the planner's tile already below the floor stays
+    assert memory.fit_vae_tile(lambda t, b: (gib, t), 48, 3 * gib)[0] == 48
 
 
 def test_low_memory_gives_the_unets_memory_to_a_decode_that_would_spill(tiny_model_dir, tiny_upscaler, rng_image, monkeypatch):

@@ -251,6 +251,7 @@ def test_budget_spills_whole_image_tensors_to_disk_and_stays_exact(tiny, tiny_ca
     assert report.spilled_bytes == plan.memory.spilled and report.planned_bytes == plan.memory.total
     assert out.is_contiguous() and list(tmp_path.iterdir()) == []  # temporary files are gone
     assert len(made) == len(vd._program(tiny)) - 1  # every plane but the decoded image
+    assert report.spill_traffic_bytes == sum(4 * math.prod(s) for s in made)
 
     with pytest.raises(ValueError, match="spill_dir .*nowhere' is not a directory"):
         decode_latents(tiny, lat, tile_size=8, max_bytes=1, spill_dir=tmp_path / "nowhere")
@@ -272,6 +273,7 @@ def test_a_budget_between_holds_what_fits_in_ram_and_spills_the_rest(tiny, tiny_
     assert (out - ref).abs().max().item() <= TOL and report.norm_stats == "exact"
     assert report.spilled_bytes == plan.memory.spilled and report.planned_bytes == plan.memory.total
     assert len(made) == n - 1 - len(plan.ram_planes) and list(tmp_path.iterdir()) == []
+    assert report.spill_traffic_bytes == plan.memory.spill_traffic == sum(4 * math.prod(s) for s in made) > 0
     # the work counted three times (the pipeline's measured factor) leaves less room for planes
     tripled = plan_decode(tiny, (37, 23), 8, batch_size=2, max_bytes=budget, work_factor=3)
     assert tripled.ram_planes < plan.ram_planes and tripled.memory.total >= 3 * tripled.memory.work

@@ -34,6 +34,8 @@ FIXED_OVERHEAD = 256 * 2**20
 #: (2026-12-01, Intel Xeon: the process' own baseline, ~0.4 GiB of libraries, is not in the plan).
 TILED_DECODE_FIXED = 5 * 2**28
 TILED_DECODE_FACTOR = 3
+#: fit_vae_tile tries VAE tiles down to this size (latent pixels) when a smaller tile spills less.
+MIN_SPILL_TILE = 64
 #: Auto tiles never get smaller than this (the model was trained on 128x128 latents; small tiles see
 #: too little context); an explicit --tile-size may go down to the UNet's multiple.
 MIN_AUTO_TILE = 32
@@ -213,19 +215,31 @@ def tiled_decode_bytes(planned_bytes: int) -> int:
     return TILED_DECODE_FIXED + planned_bytes
 
 
-def fit_vae_tile(plan_bytes: Callable[[int, int], int], tile_size: int, free_bytes: int, multiple: int = 8) -> tuple[int, int]:
-    """The largest VAE tile <= tile_size whose decode fits `free_bytes`, and the decoder's byte budget.
+def fit_vae_tile(
+    plan_bytes: Callable[[int, int], tuple[int, int]], tile_size: int, free_bytes: int, multiple: int = 8
+) -> tuple[int, int]:
+    """The VAE tile (<= tile_size) and the decoder's byte budget: the tile whose decode fits `free_bytes`
+    and spills the fewest bytes to temporary files, the largest such.
 
-    plan_bytes(tile, max_bytes) -> the decoder's own planned RAM (`plan_decode(..., work_factor=
-    TILED_DECODE_FACTOR).memory.total`). The decoder gets max_bytes = free - fixed: it holds whole-image
-    tensors in RAM while they fit next to its work (counted with the measured factor) and spills the rest.
+    plan_bytes(tile, max_bytes) -> (the decoder's own planned RAM, bytes it writes to temporary files)
+    (`plan_decode(..., work_factor=TILED_DECODE_FACTOR).memory`'s total and spill_traffic). The decoder gets
+    max_bytes = free - fixed: it holds whole-image tensors in RAM while they fit next to one tile op's work
+    (counted with the measured factor) and spills the rest, so a smaller tile (less work) can hold more of
+    them in RAM; tiles below MIN_SPILL_TILE are not tried for that (each op of each tile is a call).
     Stops at `multiple` (the decode then may exceed the budget: it is the smallest tile there is).
     """
     max_bytes = max(1, free_bytes - TILED_DECODE_FIXED)
     t = tile_size
-    while t > multiple and tiled_decode_bytes(plan_bytes(t, max_bytes)) > free_bytes:
+    while t > multiple and tiled_decode_bytes(plan_bytes(t, max_bytes)[0]) > free_bytes:
         t -= multiple
-    return t, max_bytes
+    best, least = t, plan_bytes(t, max_bytes)[1]
+    for smaller in range(t - multiple, min(t, MIN_SPILL_TILE) - 1, -multiple):
+        if least == 0:
+            break
+        total, traffic = plan_bytes(smaller, max_bytes)
+        if traffic < least and tiled_decode_bytes(total) <= free_bytes:
+            best, least = smaller, traffic
+    return best, max_bytes
 
 
 def _shrink_to_count(length: int, tile: int, overlap: int, multiple: int) -> int:

@@ -262,7 +262,7 @@ def upscale_tensor(
     # Attention global up to vae_attention_window^2 latent pixels, windowed beyond (linear cost).
     vae_tile, vae_bytes, tokens = plan.vae_tile_size, None, options.vae_attention_window**2
     unet_released = False
-    if vae_tile is not None:  # the largest tile (<= the plan's) whose measured decode cost fits what is left
+    if vae_tile is not None:  # the tile (<= the plan's) whose measured decode cost fits what is left, spilling least
         free = plan.budget_bytes - plan.weights_bytes - memory.global_bytes(*latents.shape[-2:], n)
         hw = tuple(latents.shape[-2:])
 
@@ -270,7 +270,11 @@ def upscale_tensor(
             return plan_decode(vae, hw, t, batch_size=n, max_attention_tokens=tokens, max_bytes=b,
                                work_factor=memory.TILED_DECODE_FACTOR)
 
-        fitted = memory.fit_vae_tile(lambda t, b: decode_plan(t, b).memory.total, vae_tile, free)
+        def cost(t: int, b: int) -> tuple[int, int]:  # planned RAM, bytes written to temporary files
+            m = decode_plan(t, b).memory
+            return m.total, m.spill_traffic
+
+        fitted = memory.fit_vae_tile(cost, vae_tile, free)
         if release_unet is not None and decode_plan(*fitted).spill:
             # Spilling costs 1.2-1.3x the decode's time; the UNet's weights are not needed until the next
             # image: give their memory to the decode instead (the caller reloads the UNet, a few seconds).
@@ -279,7 +283,7 @@ def upscale_tensor(
             release_unet()
             memory.release_memory()
             unet_released = True
-            fitted = memory.fit_vae_tile(lambda t, b: decode_plan(t, b).memory.total, vae_tile, free)
+            fitted = memory.fit_vae_tile(cost, vae_tile, free)
         vae_tile, vae_bytes = fitted
     decoded, decode_report = decode_latents(
         vae, latents, tile_size=vae_tile, max_attention_tokens=tokens, max_bytes=vae_bytes,

@@ -66,8 +66,9 @@ class DecodeReport:
     norms: int = 0  # how many GroupNorms the decoder has
     sample_tiles: int = 0  # tiles whose pooled statistics set the estimated norms (0 when all exact)
     planned_bytes: int = 0  # the plan's RAM estimate for activations (see `estimate_decode_bytes`)
-    spilled_bytes: int = 0  # planned bytes of whole-image tensors kept in temporary files instead of RAM
+    spilled_bytes: int = 0  # planned bytes of whole-image tensors kept in temporary files instead of RAM (peak)
     attention_windows: int = 1  # windows the mid-block attention ran over (1: global)
+    spill_traffic_bytes: int = 0  # bytes written to temporary files over the decode (0: all in RAM)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,7 +314,8 @@ class DecodeMemory:
     windows; work: temporaries of one tile op (input copy, output, residual; 2x margin for conv workspaces);
     output: the decoded image. total: the peak over the ops of RAM planes + global-attention keys/values +
     work_factor x work + output (tile mode: max(planes, handoff + sample + output) + work_factor x work).
-    spilled: peak bytes of whole-image tensors held in temporary files instead (disk / page cache, not RAM).
+    spilled: peak bytes of whole-image tensors held in temporary files instead (disk / page cache, not RAM);
+    spill_traffic: bytes written to temporary files over the whole decode (what spilling costs in time).
     """
 
     total: int
@@ -323,6 +325,7 @@ class DecodeMemory:
     work: int
     output: int
     spilled: int = 0
+    spill_traffic: int = 0
 
 
 @dataclass(frozen=True)
@@ -503,7 +506,8 @@ def _plan(
             for i in range(first, last + 1):
                 (in_ram if p in ram_planes else in_files)[i] += sizes[p]
         total = max(r + o for r, o in zip(in_ram, other))
-        memory = DecodeMemory(total, max(in_ram), 0, 0, max(work_plane), output, max(in_files))
+        traffic = sum(size for p, size in enumerate(sizes) if p not in ram_planes)
+        memory = DecodeMemory(total, max(in_ram), 0, 0, max(work_plane), output, max(in_files), traffic)
         spilled = memory.spilled > 0  # else every plane fits after all (the per-op count is tighter)
     else:
         # Tile mode from op k: the whole-image tensors at k stay (handoff), the sample group is held in lockstep.
@@ -1002,6 +1006,6 @@ def decode_latents(
         True, tile_size, plan.overlap, plan.attention, plan.tiles,
         "exact" if plan.exact_norms == plan.norms else "estimated",
         plan.exact_norms, plan.norms, 0 if plan.exact_norms == plan.norms else len(plan.sample),
-        plan.memory.total, plan.memory.spilled, windows,
+        plan.memory.total, plan.memory.spilled, windows, plan.memory.spill_traffic,
     )
     return out.to(latents.device), report
