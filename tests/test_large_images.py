@@ -351,6 +351,16 @@ def test_low_memory_gives_the_unets_memory_to_a_decode_that_would_spill(tiny_mod
     assert kept.metadata["vae_decode"]["spilled_bytes"] >= first.metadata["vae_decode"]["spilled_bytes"] > 0
     assert np.array_equal(np.asarray(first.image), np.asarray(kept.image))
 
+    # a compiled UNet is kept (reloading it would compile it again)
+    c.unet = c.load_unet()
+    c.compiled = True
+    try:
+        compiled = up(image, steps=1, seed=3, max_memory=budget, tile_size=160)
+    finally:
+        c.compiled = False
+    assert compiled.metadata["vae_decode"]["unet_released"] is False and c.unet is not None
+    up.components.unet = None
+
     # the next call loads the UNet again, and it gives the same image
     again = up(image, steps=1, seed=3)
     assert up.unet_loads == 1 and c.unet is not None

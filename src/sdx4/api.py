@@ -149,8 +149,9 @@ class Upscaler:
         from .scale import upscale_by
 
         t0 = time.perf_counter()
-        # With the low-memory policy a decode that would spill to disk gets the UNet's memory instead.
-        release = self._release_unet if self.low_memory else None
+        # With the low-memory policy a decode that would spill to disk gets the UNet's memory instead
+        # (not with --compile: a reloaded UNet would be compiled again, minutes on a CPU).
+        release = self._release_unet if self.low_memory and not self.components.compiled else None
         generator = torch.Generator("cpu").manual_seed(opts.seed)
         timings: dict[str, float] = {}
         reports: list[dict[str, Any]] = []
