@@ -279,6 +279,10 @@ def test_a_budget_between_holds_what_fits_in_ram_and_spills_the_rest(tiny, tiny_
     assert tripled.ram_planes < plan.ram_planes and tripled.memory.total >= 3 * tripled.memory.work
     with pytest.raises(ValueError, match="work_factor must be an integer >= 1; got 0"):
         plan_decode(tiny, (37, 23), 8, max_bytes=budget, work_factor=0)
+    # below the all-in-RAM plan's (conservative) total but above the per-op peak: nothing spills after all
+    roomy = plan_decode(tiny, (37, 23), 8, batch_size=2, max_bytes=int(in_ram.memory.total * 0.9))
+    assert not roomy.spill and roomy.ram_planes == frozenset(range(n - 1))
+    assert roomy.memory.spilled == roomy.memory.spill_traffic == 0 and roomy.memory.total < in_ram.memory.total
 
 
 def test_plane_lives_cover_what_the_ops_read(tiny):
