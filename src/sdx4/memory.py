@@ -230,9 +230,11 @@ def fit_vae_tile(
     """
     max_bytes = max(1, free_bytes - TILED_DECODE_FIXED)
     t = tile_size
-    while t > multiple and tiled_decode_bytes(plan_bytes(t, max_bytes)[0]) > free_bytes:
+    total, least = plan_bytes(t, max_bytes)
+    while t > multiple and tiled_decode_bytes(total) > free_bytes:
         t -= multiple
-    best, least = t, plan_bytes(t, max_bytes)[1]
+        total, least = plan_bytes(t, max_bytes)
+    best = t
     for smaller in range(t - multiple, min(t, MIN_SPILL_TILE) - 1, -multiple):
         if least == 0:
             break

@@ -278,7 +278,7 @@ def upscale_tensor(
         if release_unet is not None and decode_plan(*fitted).spill:
             # Spilling costs 1.2-1.3x the decode's time; the UNet's weights are not needed until the next
             # image: give their memory to the decode instead (the caller reloads the UNet, a few seconds).
-            free += sum(p.numel() * p.element_size() for p in unet.parameters())
+            free += weights_bytes(unet)
             del unet  # the loop's closures share this reference: the caller's is the last one
             release_unet()
             memory.release_memory()
@@ -354,12 +354,16 @@ def _unet_in_calls(
     return torch.cat(parts)  # B,4,h,w
 
 
+def weights_bytes(*modules: Any) -> int:
+    """Bytes of the parameters of these modules (None: not loaded, 0)."""
+    return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
+
+
 def plan_for(components: Components, options: UpscaleOptions, h: int, w: int) -> memory.MemoryPlan:
     """The memory plan for an h x w (padded) latent: explicit tile options win over the budget."""
     placement = components.placement
     # The weights resident now (the low-memory policy drops the text encoder between prompts).
-    models = [m for m in (components.unet, components.vae, components.text_encoder) if m is not None]
-    weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    weights = weights_bytes(components.unet, components.vae, components.text_encoder)
     budget = options.max_memory
     if budget is None:
         budget = memory.default_budget(weights, placement.device.type, placement.device.index)
