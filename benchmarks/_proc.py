@@ -10,3 +10,17 @@ def proc_status(key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     raise KeyError(f"no {key} in /proc/self/status")
+
+
+def allocator_env(env: dict[str, str], choice: str) -> dict[str, str]:
+    """A child's environment for its C allocator (src/sdx4/allocator.py): "sdx4" (what the `sdx4` command would
+    run on: tcmalloc when the system has it), "tcmalloc" (preloaded when installed) or "system" (nothing
+    preloaded: what a plain diffusers script gets)."""
+    from sdx4.allocator import ENV, QUIET_ENV, REEXEC_MARK, find_tcmalloc, reexec_env
+
+    base = {k: v for k, v in env.items() if k not in ("LD_PRELOAD", REEXEC_MARK)}
+    if choice == "sdx4":
+        return reexec_env(base, current="system") or base
+    if choice == "tcmalloc" and find_tcmalloc():
+        return {**QUIET_ENV, **base, "LD_PRELOAD": find_tcmalloc(), REEXEC_MARK: "1"}
+    return {**base, ENV: "system"}

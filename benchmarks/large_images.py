@@ -13,7 +13,7 @@ memory estimate for a 1024 px input (4096 px out) and, with --blends, the seam s
 
 from __future__ import annotations
 
-from _proc import proc_status  # benchmarks/_proc.py (the script's folder is on sys.path)
+from _proc import allocator_env, proc_status  # benchmarks/_proc.py (the script's folder is on sys.path)
 
 import argparse
 import json
@@ -105,6 +105,9 @@ def child(args: argparse.Namespace) -> None:
         row["attention_seam_score"] = attention_seam_score_of(
             out, result.metadata["vae_decode"], result.metadata["tiling"], result.metadata["tiling_options"]["vae_attention_window"]
         )
+    from sdx4.allocator import active
+
+    row["allocator"] = active()  # the C allocator this run used (sdx4.allocator)
     row["peak_rss_gib"] = proc_status("VmHWM") / GiB
     row["output_size"] = list(out.size)
     row["seconds_per_output_mp"] = row["seconds"] / (out.size[0] * out.size[1] / 1e6)
@@ -227,9 +230,11 @@ def per_mp_spread(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_child(cmd: list[str], mem_limit: int, timeout: float) -> dict[str, Any]:
-    """Run one measurement; kill it when its RSS passes mem_limit (the watchdog) or after timeout."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run_child(cmd: list[str], mem_limit: int, timeout: float, allocator: str = "sdx4") -> dict[str, Any]:
+    """Run one measurement; kill it when its RSS passes mem_limit (the watchdog) or after timeout.
+    `allocator`: the child's C allocator (_proc.allocator_env): sdx4's choice for ours, the system's for diffusers."""
+    env = allocator_env(dict(os.environ), allocator)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak, t0, killed = 0, time.time(), None
     while proc.poll() is None:
         try:
@@ -268,14 +273,14 @@ def planner_estimate(size: int, budget: int | None) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        "| input -> output | impl | wall s | s / output MP | denoise s | decode s | CPU share | peak RSS GiB | peak RSS in denoising GiB "
+        "| input -> output | impl | allocator | wall s | s / output MP | denoise s | decode s | CPU share | peak RSS GiB | peak RSS in denoising GiB "
         "| tiles (size/overlap, UNet batch) | VAE decode | seam score (UNet tiles / VAE attention windows) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
         io = f"{r['size']} -> {4 * r['size']}"
         if "failed" in r:
-            lines.append(f"| {io} | {r['impl']} | failed: {r['failed']} | | | | | | | | | |")
+            lines.append(f"| {io} | {r['impl']} | {r.get('allocator', '?')} | failed: {r['failed']} | | | | | | | | | |")
             continue
         t = r.get("tiling")
         tiles = f"{t['tiles']} ({t['tile_size']}/{t['tile_overlap']}, {t.get('unet_batch') or 'all'})" if t else "-"
@@ -297,7 +302,7 @@ def markdown(results: dict[str, Any]) -> str:
         stage = lambda k: f"{tm[k]:.1f}" if k in tm else "-"  # noqa: E731
         share = f"{r['cpu_share']:.2f}" if "cpu_share" in r else "-"
         lines.append(
-            f"| {io} | {r['impl']} | {r['seconds']:.1f} | {r['seconds_per_output_mp']:.1f} | {stage('denoising')} | {stage('decoding')} "
+            f"| {io} | {r['impl']} | {r.get('allocator', '?')} | {r['seconds']:.1f} | {r['seconds_per_output_mp']:.1f} | {stage('denoising')} | {stage('decoding')} "
             f"| {share} | {r['peak_rss_gib']:.2f} | {den} | {tiles} | {vae_s} | {seam} |"
         )
     spread = per_mp_spread(results["runs"])
@@ -393,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
                         cmd += ["--tile-size", str(args.tile_size)]
                     if args.tile_overlap is not None:
                         cmd += ["--tile-overlap", str(args.tile_overlap)]
-                row = {"impl": impl, "size": size, **run_child(cmd, mem_limit, args.timeout)}
+                alloc = "sdx4" if impl == "ours" else "system"
+                row = {"impl": impl, "size": size, **run_child(cmd, mem_limit, args.timeout, alloc)}
                 print(json.dumps(row), flush=True)
                 results["runs"].append(row)
         if args.blends:

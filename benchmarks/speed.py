@@ -19,10 +19,16 @@ What it does (speed and memory do not depend on weight values, so random weights
 
 Configurations: sdx4 (default dtype "auto"), sdx4-fp32, diffusers-fp32 (its default) and diffusers-bf16
 (`torch_dtype=torch.bfloat16`). Opt-in extras via --configs: sdx4-bf16, sdx4-vae-bf16, sdx4-keep-text-encoder,
-sdx4-channels-last.
+sdx4-channels-last, diffusers-fp32-tcmalloc, sdx4-system-allocator.
+
+The C allocator: sdx4 configurations run on what the `sdx4` command runs on (tcmalloc when the system has it,
+see src/sdx4/allocator.py), diffusers configurations on the system's malloc (what a diffusers script gets)
+unless the config says otherwise; each config's "allocator" in the JSON says which it ran on.
 """
 
 from __future__ import annotations
+
+from _proc import allocator_env  # benchmarks/_proc.py (the script's folder is on sys.path)
 
 import argparse
 import dataclasses
@@ -51,6 +57,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sdx4-vae-bf16": {"kind": "sdx4", "dtype": "auto", "load": {"vae_dtype": "bf16"}},
     "sdx4-keep-text-encoder": {"kind": "sdx4", "dtype": "auto", "load": {"low_memory": False}},
     "sdx4-channels-last": {"kind": "sdx4", "dtype": "auto", "channels_last": True},
+    # the C allocator on its own (sdx4.allocator): diffusers on tcmalloc, sdx4 on glibc's malloc
+    "diffusers-fp32-tcmalloc": {"kind": "diffusers", "dtype": "fp32", "allocator": "tcmalloc"},
+    "sdx4-system-allocator": {"kind": "sdx4", "dtype": "auto", "allocator": "system"},
 }
 DEFAULT_CONFIGS = ("sdx4", "sdx4-fp32", "diffusers-fp32", "diffusers-bf16")
 BASELINES = ("diffusers-fp32", "diffusers-bf16")
@@ -196,6 +205,12 @@ def matmul_peak(n: int, dtype_name: str, reps: int = 5) -> dict[str, Any]:
 # ==================================================================================================
 
 
+def _allocator() -> str:
+    from sdx4.allocator import active
+
+    return active()
+
+
 def _rss_mib() -> dict[str, float]:
     import resource
 
@@ -319,6 +334,7 @@ class Worker:
             "load_s": round(self.load_s, 3),
             "dtypes": self.dtypes,
             "threads": self.torch.get_num_threads(),
+            "allocator": _allocator(),
             "rss_after_load_mib": _rss_mib()["rss_mib"],
             "peak_rss_load_mib": _rss_mib()["peak_rss_mib"],  # the high-water mark of loading alone
         }
@@ -453,6 +469,8 @@ class WorkerProcess:
         self.log_path = log_dir / f"worker-{name}.log"
         self.log = open(self.log_path, "w")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+        cfg = CONFIGS[name]  # its C allocator: what the sdx4 command runs on for sdx4, the system's for diffusers
+        env = allocator_env(env, cfg.get("allocator", "sdx4" if cfg["kind"] == "sdx4" else "system"))
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", name, "--model", model, "--image", str(image_path)],
@@ -587,7 +605,7 @@ def summarise(
     peak = peaks.get(dtype)  # GFLOP/s
     achieved = loop_flops / med["denoising_s"] / 1e9
     return {
-        **{k: info[k] for k in ("import_s", "load_s", "start_s", "dtypes", "threads", "rss_after_load_mib", "peak_rss_load_mib")},
+        **{k: info[k] for k in ("import_s", "load_s", "start_s", "dtypes", "threads", "allocator", "rss_after_load_mib", "peak_rss_load_mib")},
         "parallel_start": quick,
         "config": CONFIGS[name],
         "scheduler_class": runs[0].get("scheduler_class"),
@@ -668,10 +686,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"Model: {s['model_kind']} random weights; input {s['input_size']} -> {s['output_size']} px, {s['steps']} steps, "
         f"guidance {s['guidance']}, {s['reps']} reps (alternating).",
         "",
-        "| config | dtypes unet/text/vae | wall s median (min-max) | vs diffusers fp32 | vs diffusers bf16 "
+        "| config | dtypes unet/text/vae | allocator | wall s median (min-max) | vs diffusers fp32 | vs diffusers bf16 "
         "| peak RSS GiB | RSS vs diffusers fp32 | load s | text enc s | denoise s | VAE decode s "
         "| UNet TFLOP/step | denoise GFLOP/s | % of peak | % of matmul peak | CPU share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in report["configs"].items():
         d, w, st = c["dtypes"], c["wall_s"], c["stages_s"]
@@ -681,7 +699,7 @@ def markdown(report: dict[str, Any]) -> str:
         of_mm = "-" if mm is None else f"{100 * mm:.0f}%"
         fmt = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
         lines.append(
-            f"| {name} | {d['unet']}/{d['text_encoder']}/{d['vae']} | {w['median']:.2f} ({w['min']:.2f}-{w['max']:.2f}) "
+            f"| {name} | {d['unet']}/{d['text_encoder']}/{d['vae']} | {c.get('allocator', '?')} | {w['median']:.2f} ({w['min']:.2f}-{w['max']:.2f}) "
             f"| {fmt(c['time_vs_diffusers_fp32'])} | {fmt(c['time_vs_diffusers_bf16'])} | {c['peak_rss_mib'] / 1024:.2f} "
             f"| {fmt(c['rss_vs_diffusers_fp32'])} | {st['load']:.1f} | {st['text_encoding']:.2f} | {st['denoising']:.2f} "
             f"| {st['decoding']:.2f} | {c['unet_tflop_per_step']:.3f} | {c['denoising_gflops']:.0f} "

@@ -396,3 +396,19 @@ def test_bad_latents_are_rejected(tiny):
         decode_latents(tiny, torch.zeros(4, 8, 8), tile_size=4)
     with pytest.raises(ValueError, match="latents dtype torch.float64 differs from the VAE's torch.float32"):
         decode_latents(tiny, torch.zeros(1, 4, 8, 8, dtype=torch.float64), tile_size=4)
+
+
+def test_freed_memory_goes_back_to_the_os_after_every_op(tiny, tiny_case, monkeypatch):
+    """An allocator that keeps freed memory (tcmalloc) must not carry each op's tile temporaries forward: the
+    decode hands freed memory back after every whole-image op (without the gc pass), and the image is unchanged."""
+    from sdx4 import memory
+
+    lat, ref = tiny_case
+    ops_run, released = [], []
+    real_op = vd._Runner.plane_op
+    monkeypatch.setattr(vd._Runner, "plane_op", lambda self, i, cur, res: ops_run.append(i) or real_op(self, i, cur, res))
+    monkeypatch.setattr(memory, "release_memory", lambda collect=True: released.append((len(ops_run), collect)) or True)
+    out, report = decode_latents(tiny, lat, tile_size=16)
+    assert (out - ref).abs().max().item() <= TOL and report.norm_stats == "exact"
+    assert ops_run == list(range(len(ops_run))) and len(ops_run) > 10  # every op over whole-image planes
+    assert released == [(i + 1, False) for i in range(len(ops_run))]  # once after each op, no gc pass

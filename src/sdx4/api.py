@@ -18,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 
+from . import allocator
 from ._version import __version__
 from .classical import ALPHA_FILTER, resize, upscale_classical
 from .imageio import LoadedImage, as_loaded, attach_alpha
@@ -216,6 +217,7 @@ class Upscaler:
         )
         if loaded.alpha is not None:
             meta["alpha_method"] = ALPHA_FILTER
+        meta["allocator"] = allocator.active()  # tcmalloc or system (sdx4.allocator): part of the speed
         meta["seconds"] = round(time.perf_counter() - t0, 3)
         meta["timings"] = {k: round(v, 4) for k, v in timings.items()}
         return UpscaleResult(images=images, metadata=meta)

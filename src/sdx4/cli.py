@@ -311,10 +311,26 @@ def _run_one(upscaler: Any, src: Path, opts: UpscaleOptions, quiet: bool) -> Any
             bar.close()
 
 
+def runs_model(args: argparse.Namespace) -> bool:
+    """Whether this command runs the diffusion model (then the C allocator matters: sdx4.allocator)."""
+    if args.command == "upscale":
+        return args.method == "sd"
+    if hasattr(args, "methods"):  # compare, evaluate
+        return "sd" in {m.strip() for m in str(args.methods).split(",")}
+    return True  # serve
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a usage message on bad usage
     try:
+        if argv is None and runs_model(args):  # the real command line (not a call from Python): once, early
+            from .allocator import AllocatorError, reexec_with_tcmalloc
+
+            try:
+                reexec_with_tcmalloc()  # returns only when staying on the current allocator
+            except AllocatorError as e:
+                raise UsageError(str(e)) from None
         return int(args.func(args))
     except UsageError as e:
         print(f"sdx4: error: {e}", file=sys.stderr)

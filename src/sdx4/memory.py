@@ -285,32 +285,40 @@ def default_budget(weights_bytes: int, device_type: str, device_index: int | Non
     return weights_bytes + int(share * free_memory_bytes(device_type, device_index))
 
 
-_MALLOC_TRIM: object = None  # None: not looked up yet; False: not available (not glibc)
+_RELEASE: object = None  # None: not looked up yet; False: not available (neither glibc nor tcmalloc)
 
 
-def release_memory() -> bool:
-    """Give freed heap memory back to the operating system; True when the C library could do it.
+def release_memory(collect: bool = True) -> bool:
+    """Give freed heap memory back to the operating system; True when the C allocator could do it.
 
     Freed tensors go back to the C allocator, which keeps them for reuse: after loading, after the text
     encoder is dropped and between the denoising loop and the VAE decode, that retained memory would add
     to the peak (measured: -165 MiB at the decode, -650 MiB when the text encoder is dropped).
-    glibc's malloc_trim(0) returns it (a few ms). Elsewhere (musl, macOS, Windows) this is only a gc pass.
+    glibc's malloc_trim(0) returns it (a few ms); under tcmalloc (sdx4.allocator) its
+    MallocExtension_ReleaseFreeMemory does. Elsewhere (musl, macOS, Windows) this is only a gc pass.
+    `collect=False` skips the gc pass (for callers that know what they freed: the tiled decode, per op).
     """
-    global _MALLOC_TRIM
+    global _RELEASE
     import gc
 
-    gc.collect()
-    if _MALLOC_TRIM is None:
-        _MALLOC_TRIM = False
-        try:
-            import ctypes
+    if collect:
+        gc.collect()
+    if _RELEASE is None:
+        _RELEASE = False
+        import ctypes
 
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        try:  # tcmalloc first: when it is preloaded, glibc's malloc_trim would not see its heap
+            fn = ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory
+            _RELEASE = lambda: fn()  # noqa: E731
         except (OSError, AttributeError):
-            pass
-    if _MALLOC_TRIM is False:
+            try:
+                trim = ctypes.CDLL("libc.so.6").malloc_trim
+                _RELEASE = lambda: trim(0)  # noqa: E731
+            except (OSError, AttributeError):
+                pass
+    if _RELEASE is False:
         return False
-    _MALLOC_TRIM(0)  # type: ignore[operator]
+    _RELEASE()  # type: ignore[operator]
     return True
 
 
