@@ -54,7 +54,7 @@ def test_an_explicit_library_path(tmp_path):
     lib = tmp_path / "libtcmalloc.so"
     lib.write_bytes(b"")
     assert plan({ENV: str(lib)}, found=None)["LD_PRELOAD"] == str(lib)
-    with pytest.raises(AllocatorError, match=rf"{ENV}='/no/such/lib.so': not 'auto', 'system' or the path"):
+    with pytest.raises(AllocatorError, match=rf"{ENV}='/no/such/lib.so': not 'auto', 'system' or the path of a tcmalloc library"):
         plan({ENV: "/no/such/lib.so"})
 
 

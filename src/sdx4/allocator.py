@@ -4,8 +4,8 @@ glibc's malloc serves every allocation above 32 MiB with a fresh mmap and unmaps
 that threshold past 32 MiB). From about 128 latent pixels up, the UNet's and the VAE decoder's activations are
 larger than that, so every call page-faults and zeroes its whole working set again (~3 million page faults per
 272x272 UNet call). tcmalloc (gperftools) keeps freed spans and hands them out again. Measured on a 2-core Xeon
-(full-size UNet, fp32, processes alternating): 272x272 batch-1 calls 311-340 us per latent pixel against 427-538
-with glibc, 128x128 batch-2 calls 317-359 against 380-463 (see README, "Speed").
+(full-size UNet, fp32, processes alternating): 272x272 batch-1 calls 298-357 us per latent pixel against 427-538
+with glibc, 128x128 batch-2 calls 279-359 against 380-463 (docs/speed.md, "The C allocator").
 
 LD_PRELOAD only acts when a process starts, so the `sdx4` command re-executes itself once, with tcmalloc
 preloaded, when the system has it (Debian/Ubuntu: `apt install libtcmalloc-minimal4`) and the command runs the
@@ -80,7 +80,7 @@ def reexec_env(
         lib = choice
     else:
         raise AllocatorError(
-            f"{ENV}={choice!r}: not 'auto', 'system' or the path of a malloc library file "
+            f"{ENV}={choice!r}: not 'auto', 'system' or the path of a tcmalloc library file "
             "(e.g. /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4)"
         )
     preload = environ.get("LD_PRELOAD", "")
