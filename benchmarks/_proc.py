@@ -16,11 +16,13 @@ def allocator_env(env: dict[str, str], choice: str) -> dict[str, str]:
     """A child's environment for its C allocator (src/sdx4/allocator.py): "sdx4" (what the `sdx4` command would
     run on: tcmalloc when the system has it), "tcmalloc" (preloaded when installed) or "system" (nothing
     preloaded: what a plain diffusers script gets)."""
-    from sdx4.allocator import ENV, QUIET_ENV, REEXEC_MARK, find_tcmalloc, reexec_env
+    from sdx4.allocator import ENV, REEXEC_MARK, reexec_env
 
     base = {k: v for k, v in env.items() if k not in ("LD_PRELOAD", REEXEC_MARK)}
-    if choice == "sdx4":
-        return reexec_env(base, current="system") or base
-    if choice == "tcmalloc" and find_tcmalloc():
-        return {**QUIET_ENV, **base, "LD_PRELOAD": find_tcmalloc(), REEXEC_MARK: "1"}
+    if choice == "tcmalloc":
+        base.pop(ENV, None)  # tcmalloc whatever the user's SDX4_ALLOCATOR says
+    if choice in ("sdx4", "tcmalloc"):
+        preloaded = reexec_env(base, current="system")  # what the sdx4 command would re-execute with
+        if preloaded is not None or choice == "sdx4":
+            return preloaded or base
     return {**base, ENV: "system"}

@@ -46,13 +46,18 @@ def find_tcmalloc() -> str | None:
     return None
 
 
-def active() -> str:
-    """'tcmalloc' when this process allocates with tcmalloc (preloaded by sdx4 or by the user), else 'system'."""
+def tcmalloc_release() -> Callable[[], object] | None:
+    """tcmalloc's MallocExtension_ReleaseFreeMemory (gives its free memory back to the OS) when this process
+    allocates with tcmalloc (preloaded by sdx4 or by the user), else None."""
     try:
-        ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory  # noqa: B018 - a lookup: present only with tcmalloc
+        return ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory
     except (AttributeError, OSError):
-        return "system"
-    return "tcmalloc"
+        return None
+
+
+def active() -> str:
+    """'tcmalloc' when this process allocates with tcmalloc, else 'system'."""
+    return "system" if tcmalloc_release() is None else "tcmalloc"
 
 
 def _preloads_an_allocator(preload: str) -> bool:

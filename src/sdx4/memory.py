@@ -304,13 +304,13 @@ def release_memory(collect: bool = True) -> bool:
     if collect:
         gc.collect()
     if _RELEASE is None:
-        _RELEASE = False
-        import ctypes
+        from .allocator import tcmalloc_release
 
-        try:  # tcmalloc first: when it is preloaded, glibc's malloc_trim would not see its heap
-            fn = ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory
-            _RELEASE = lambda: fn()  # noqa: E731
-        except (OSError, AttributeError):
+        # tcmalloc first: when it is preloaded, glibc's malloc_trim would not see its heap
+        _RELEASE = tcmalloc_release() or False
+        if _RELEASE is False:
+            import ctypes
+
             try:
                 trim = ctypes.CDLL("libc.so.6").malloc_trim
                 _RELEASE = lambda: trim(0)  # noqa: E731
