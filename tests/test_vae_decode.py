@@ -208,6 +208,29 @@ def test_attention_windows_hold_at_most_the_token_limit(h, w, tokens, overlap):
             assert end - start <= max(side, 1 + 2 * overlap)  # core + overlap on both sides
 
 
+@pytest.mark.parametrize("side,overlap", [(128, 8), (16, 1), (64, 4), (12, 1), (200, 5)])
+def test_windowed_attention_costs_no_more_per_pixel_than_global_attention_at_the_limit(side, overlap):
+    """Sum over windows of tokens x keys, per latent pixel, at most the largest global attention's (side^2),
+    at every image size beyond the limit: the decode's time per pixel does not grow with the image."""
+    tokens = side * side
+    core = vd.attention_core(tokens, overlap)
+    assert (core + 2 * overlap) ** 2 <= side * core < (core + 1 + 2 * overlap) ** 2 * core / (core + 1)  # the largest
+    costs = []
+    for h, w in [(2 * side, 2 * side), (4 * side, 4 * side), (8 * side, 8 * side), (side + 1, side + 1), (3 * side + 7, side // 2), (10 * side, 9)]:
+        rows, cols = vd.attention_bounds(h, w, tokens, overlap)
+        work = sum(((y1 - y0) * (x1 - x0)) ** 2 for y0, y1, _, _ in vd._windows(h, rows, overlap)
+                   for x0, x1, _, _ in vd._windows(w, cols, overlap))
+        costs.append(work / (h * w))
+    assert max(costs) <= tokens
+    if side == 128:  # 256, 512, 1024 latent px: cores of ~85 at each, 1.18x from the clipped edge windows
+        assert max(costs[:3]) / min(costs[:3]) < 1.2  # (windows of 128, cores of 112: 11.7k / 16.8k / 17.8k, 1.52x)
+
+
+def test_attention_core_falls_back_to_the_window_side_when_the_overlap_is_too_wide():
+    assert vd.attention_core(12 * 12, 2) == 8  # 12 < 8 x 2: no core is as cheap; cores of 12 - 2 x 2
+    assert vd.attention_core(1, 0) == 1
+
+
 @pytest.mark.parametrize("n,tile,overlap", [(20, 8, 2), (36, 6, 3), (64, 16, 8), (9, 4, 0), (1, 1, 3)])
 def test_tile_local_blend_weights_sum_to_one(n, tile, overlap):
     """Cores >= 2*overlap: the ramps are a partition of unity (smaller cores: the code divides by the sum)."""

@@ -88,9 +88,10 @@ class UpscaleOptions:
     max_memory: memory budget in bytes for the whole process, weights included (None: a safe share
       of the free RAM, or of the free GPU memory on CUDA). Tile size and batch are chosen from it.
     vae_attention_window: the VAE decoder's mid-block attention is global (exact) while the image has at
-      most this x this input pixels, and runs within overlapping windows of that size beyond, so decoding
-      time stays linear in pixels (global attention's cost grows with the square). 16..1024; the default
-      128 keeps attention under ~20% of the decode (docs/tiled-vae.md).
+      most this x this input pixels, and runs within overlapping windows beyond (at most that size, sized
+      to cost no more per pixel than the global attention at the limit: 109 px for 128), so decoding time
+      stays linear in pixels (global attention's cost grows with the square). 16..1024; the default 128
+      keeps attention under ~20% of the decode (docs/tiled-vae.md).
     """
 
     prompt: str = ""

@@ -41,11 +41,12 @@ from . import memory
 #: beyond it, attention runs over overlapping windows of at most this many pixels, blended. Global attention
 #: costs 4*N^2*512 FLOP: 0.55 TFLOP at 128x128 (18% of that decode), 8.8 at 256x256 (86% on top of the
 #: convolutions), 141 at 512x512; with windows the decoder's cost stays linear in the pixel count (the
-#: time budget of issue 3). Windows of 128x128 latent pixels are larger than diffusers' own tiled decode
-#: (`enable_tiling`: independent 64x64-latent tiles, attention per tile).
+#: time budget of issue 3): windows of up to 109x109 (`attention_core`: cores of at most 93 plus the overlap)
+#: cost no more per pixel than the global attention at 128x128. They are larger than diffusers' own tiled
+#: decode's (`enable_tiling`: independent 64x64-latent tiles, attention per tile).
 DEFAULT_MAX_ATTENTION_TOKENS = 128 * 128
-#: Attention windows reach this share of their side past their core (8 latent pixels for 128x128 windows;
-#: the blend band is twice that), see `default_attention_overlap`.
+#: Attention windows reach this share of the limit's side past their core (8 latent pixels for the 128x128
+#: limit; the blend band is twice that), see `default_attention_overlap`.
 ATTENTION_OVERLAP_SHARE = 1 / 16
 #: Queries per SDPA call in global attention (keys/values cover the whole image).
 _QUERY_CHUNK = 4096
@@ -364,15 +365,39 @@ def _bounds(n: int, tile: int) -> tuple[int, ...]:
 
 
 def default_attention_overlap(max_tokens: int) -> int:
-    """Latent pixels an attention window reaches past its core by default: 1/16 of the window side."""
+    """Latent pixels an attention window reaches past its core by default: 1/16 of the limit's side."""
     return max(1, int(math.isqrt(max_tokens) * ATTENTION_OVERLAP_SHARE))
 
 
+def attention_core(max_tokens: int, overlap: int) -> int:
+    """The largest core side of a tile-local attention window whose attention costs no more per latent pixel
+    than the global attention at the limit.
+
+    A window with cores of c (and `overlap` on each side) computes (c + 2*overlap)^2 queries against as many
+    keys for c^2 pixels: (c + 2*overlap)^4 / c^2 per pixel and axis pair; global attention over the largest
+    image allowed costs max_tokens = S^2 per pixel. (c + 2*overlap)^2 <= S*c per axis bounds both axes, and
+    the largest such c is the larger root of c^2 - (S - 4*overlap)*c + 4*overlap^2. The window is then
+    (S + sqrt(S^2 - 8*S*overlap)) / 2 <= S wide: 93 + 2*8 = 109 for S = 128 (default overlap 8), not the
+    full 128, whose cores of 112 cost 1.24x per pixel and whose count, rounded up (ceil(n/112) windows
+    along n), let the cost per pixel swing by 1.3x from one image size to the next. Overlaps too wide for
+    any window to be that cheap (S < 8*overlap): the largest core that keeps the window within S.
+    """
+    s = math.sqrt(max_tokens)
+    disc = s * s - 8 * s * overlap
+    if disc < 0:
+        return max(1, math.isqrt(max_tokens) - 2 * overlap)
+    core = math.floor((s - 4 * overlap + math.sqrt(disc)) / 2)
+    while core > 1 and (core + 2 * overlap) ** 2 > s * core:  # floating point at the root
+        core -= 1
+    return max(1, core)
+
+
 def attention_bounds(h: int, w: int, max_tokens: int, overlap: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Core boundaries of the tile-local attention windows: each window (core + `overlap` on each side)
-    holds at most max_tokens latent pixels (side isqrt(max_tokens)), so no window costs more than the
-    largest global attention allowed."""
-    core = max(1, math.isqrt(max_tokens) - 2 * overlap)
+    """Core boundaries of the tile-local attention windows (`attention_core` pixels or fewer each, spread
+    evenly): every window (core + `overlap` on each side) holds at most max_tokens latent pixels, and the
+    attention's cost per latent pixel stays at or under the global attention's at the limit, whatever the
+    image size."""
+    core = attention_core(max_tokens, overlap)
     return _bounds(h, core), _bounds(w, core)
 
 
