@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 
 import pytest
@@ -278,6 +279,47 @@ def test_budget_spills_whole_image_tensors_to_disk_and_stays_exact(tiny, tiny_ca
 
     with pytest.raises(ValueError, match="spill_dir .*nowhere' is not a directory"):
         decode_latents(tiny, lat, tile_size=8, max_bytes=1, spill_dir=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_a_spilled_plane_is_written_with_pwrite_and_reads_back_what_was_written(dtype, fmt, tmp_path, monkeypatch):
+    """Writes go to the file (pwrite: row runs, or one block per image for full-width rows), even when the
+    kernel writes less than asked; crops read them back through the mapping."""
+    calls = []
+    real_pwrite = vd.os.pwrite
+
+    def short_pwrite(fd, data, offset):  # at most 40 bytes per call
+        calls.append(len(data))
+        return real_pwrite(fd, bytes(data[:40]), offset)
+
+    monkeypatch.setattr(vd.os, "pwrite", short_pwrite)
+    plane = vd._Plane.empty((2, 3, 7, 5), dtype, str(tmp_path), fmt)
+    ref = torch.zeros(2, 3, 7, 5, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    for y0, x0, h, w in [(1, 2, 4, 3), (0, 0, 2, 5), (5, 0, 2, 5), (3, 4, 4, 1)]:
+        t = torch.randn(2, 3, h, w, generator=g).to(dtype)
+        # channels-last: each row is one run as it is; otherwise a column-major tile, which write() repacks
+        t = t.contiguous(memory_format=fmt) if fmt == torch.channels_last else t.transpose(2, 3).contiguous().transpose(2, 3)
+        plane.write(y0, x0, t)
+        ref[:, :, y0 : y0 + h, x0 : x0 + w] = t
+        plane.release()
+    assert torch.equal(plane.crop(0, 7, 0, 5, torch.device("cpu")), ref)
+    assert torch.equal(plane.crop(2, 6, 1, 4, torch.device("cpu")), ref[:, :, 2:6, 1:4])
+    assert calls and max(calls) > 40 and list(tmp_path.iterdir()) == []  # short writes were resumed; file unlinked
+
+
+def test_a_full_disk_is_an_error_naming_the_spill_directory(tiny, tiny_case, tmp_path, monkeypatch):
+    lat, _ = tiny_case
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(vd.os, "pwrite", full)
+    with pytest.raises(OSError, match=f"temporary file in '{tmp_path}' failed: No space left on device.*TMPDIR") as err:
+        decode_latents(tiny, lat, tile_size=8, max_bytes=1, spill_dir=tmp_path)
+    assert err.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
 def test_a_budget_between_holds_what_fits_in_ram_and_spills_the_rest(tiny, tiny_case, tmp_path, monkeypatch):

@@ -23,11 +23,13 @@ Two ways to run an op (see docs/tiled-vae.md):
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import math
 import mmap
 import os
 import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -378,8 +380,8 @@ def attention_core(max_tokens: int, overlap: int) -> int:
     image allowed costs max_tokens = S^2 per pixel. (c + 2*overlap)^2 <= S*c per axis bounds both axes, and
     the largest such c is the larger root of c^2 - (S - 4*overlap)*c + 4*overlap^2. The window is then
     (S + sqrt(S^2 - 8*S*overlap)) / 2 <= S wide: 93 + 2*8 = 109 for S = 128 (default overlap 8), not the
-    full 128, whose cores of 112 cost 1.24x per pixel and whose count, rounded up (ceil(n/112) windows
-    along n), let the cost per pixel swing by 1.3x from one image size to the next. Overlaps too wide for
+    full 128, whose cores of 112 cost 1.31x per pixel and whose count, rounded up (ceil(n/112) windows
+    along n), let the cost per pixel swing by 1.4x from one image size to the next. Overlaps too wide for
     any window to be that cheap (S < 8*overlap): the largest core that keeps the window within S.
     """
     s = math.sqrt(max_tokens)
@@ -642,9 +644,12 @@ def estimate_decode_bytes(
 class _Plane:
     """A whole-image tensor B,C,H,W on the CPU (in RAM, or in an unlinked temporary file) and its moments.
 
-    A spilled plane is a shared file mapping laid out B,H,W,C (so a tile window is a few contiguous runs);
-    `release()` drops its pages from this process's resident set after each tile (MADV_DONTNEED keeps the
-    data: it is in the file / page cache, which the kernel writes back and evicts under memory pressure).
+    A spilled plane is a file laid out B,H,W,C (so a tile window is a few contiguous runs), written with
+    pwrite (`write`) and read through a shared mapping (`crop`); `release()` drops the mapping's pages from
+    this process's resident set after each tile (MADV_DONTNEED keeps the data: it is in the file / page
+    cache, which the kernel writes back and evicts under memory pressure). Writes do not go through the
+    mapping: filling a shared file mapping page by page cost 12-20 s of kernel time per 4 GiB here (ext4),
+    pwrite 2.4 s; and a full disk is then an OSError naming the directory, not a SIGBUS.
     """
 
     def __init__(
@@ -653,11 +658,16 @@ class _Plane:
         moments: _Moments | None = None,
         mapping: mmap.mmap | None = None,
         fmt: torch.memory_format = torch.contiguous_format,
+        fd: int | None = None,
+        where: str | None = None,
     ) -> None:
         self.data = data
         self.moments = moments
         self._mapping = mapping
         self.fmt = fmt  # the layout of crops (the decoder's convolutions' layout: no conversion per tile)
+        self._fd, self._where = fd, where
+        if fd is not None:
+            weakref.finalize(self, os.close, fd)
 
     @classmethod
     def empty(
@@ -673,17 +683,53 @@ class _Plane:
         nbytes = b * c * h * w * torch.empty((), dtype=dtype).element_size()
         fd, path = tempfile.mkstemp(prefix="sdx4-vae-", suffix=".plane", dir=spill_dir)
         try:
-            os.unlink(path)  # the mapping keeps the file alive; it disappears when the plane is freed
+            os.unlink(path)  # the descriptor and mapping keep the file alive; it disappears with the plane
             os.ftruncate(fd, nbytes)
             mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
         data = torch.frombuffer(mapping, dtype=dtype).view(b, h, w, c).permute(0, 3, 1, 2)  # B,C,H,W view
-        return cls(data, None, mapping, fmt)
+        return cls(data, None, mapping, fmt, fd, spill_dir)
 
     def crop(self, y0: int, y1: int, x0: int, x1: int, device: torch.device) -> torch.Tensor:
         """A private copy of data[:, :, y0:y1, x0:x1] on `device`, laid out as `fmt`."""
         return self.data[:, :, y0:y1, x0:x1].to(device, memory_format=self.fmt, copy=True)
+
+    def write(self, y0: int, x0: int, t: torch.Tensor) -> None:
+        """data[:, :, y0:y0+h, x0:x0+w] = t (B,C,h,w)."""
+        if self._fd is None:
+            self.data[:, :, y0 : y0 + t.shape[2], x0 : x0 + t.shape[3]] = t
+            return
+        b, c, h, w = self.data.shape
+        rows = t.to(self.data.device, self.data.dtype).permute(0, 2, 3, 1)  # B,h,w,C: each row one run
+        if rows.stride(3) != 1 or rows.stride(2) != c:
+            rows = rows.contiguous()
+        raw = rows.view(torch.uint8).numpy()  # (any dtype, bf16 too) B,h,w,C*itemsize
+        run, e = raw.shape[2] * raw.shape[3], self.data.element_size()
+        whole = x0 == 0 and raw.shape[2] == w and raw.strides[1] == run  # full-width rows: one block each
+        try:
+            for i in range(b):
+                if whole:
+                    self._pwrite(raw[i], ((i * h + y0) * w) * c * e)
+                    continue
+                for r in range(raw.shape[1]):
+                    self._pwrite(raw[i, r], ((i * h + y0 + r) * w + x0) * c * e)
+        except OSError as err:
+            raise OSError(
+                err.errno,
+                f"tiled VAE decode: writing a whole-image tensor ({self.data.numel() * e / 2**30:.2f} GiB) to a "
+                f"temporary file in {self._where!r} failed: {err.strerror}. Free disk space there, point TMPDIR "
+                "(or spill_dir) at a disk with room, or give the decode more memory (--max-memory)",
+            ) from err
+
+    def _pwrite(self, block: Any, offset: int) -> None:
+        view = memoryview(block).cast("B")
+        while view:
+            n = os.pwrite(self._fd, view, offset)
+            if n <= 0:
+                raise OSError(errno.EIO, "pwrite wrote nothing")
+            view, offset = view[n:], offset + n
 
     def release(self) -> None:
         if self._mapping is not None:
@@ -751,7 +797,7 @@ class _Runner:
                 else:
                     o = op.fn(t)
                 core = o[:, :, (cy0 - y0) * u : (cy1 - y0) * u, (cx0 - x0) * u : (cx1 - x0) * u]
-                out.data[:, :, cy0 * u : cy1 * u, cx0 * u : cx1 * u] = core
+                out.write(cy0 * u, cx0 * u, core)
                 moments.add(core)
                 del t, o, core
                 for plane in (cur, res, out):
@@ -781,9 +827,12 @@ class _Runner:
                 o = _untokens(_attend(attn, t, t), y1 - y0, x1 - x0)  # B,C,wh,ww
                 weight = _ramp(y0, y1, hh, ov)[:, None] * _ramp(x0, x1, ww, ov)[None, :]  # wh,ww
                 wsum[y0:y1, x0:x1] += weight
-                window = acc.data[:, :, y0:y1, x0:x1]
-                window += (o * weight.to(o.device, o.dtype)).to(acc.data.device)
-                del t, o, window
+                o *= weight.to(o.device, o.dtype)
+                if acc._fd is None:
+                    acc.data[:, :, y0:y1, x0:x1] += o.to(acc.data.device)
+                else:
+                    acc.write(y0, x0, acc.crop(y0, y1, x0, x1, o.device) + o)
+                del t, o
                 cur.release()
                 acc.release()
         moments = _Moments()
@@ -791,7 +840,7 @@ class _Runner:
             for x0, x1, _, _ in _windows(ww, cols, 0):
                 o = acc.crop(y0, y1, x0, x1, self.device) / wsum[y0:y1, x0:x1].to(self.device, self.dtype)
                 o = (o + cur.crop(y0, y1, x0, x1, self.device)) / attn.rescale_output_factor  # residual
-                acc.data[:, :, y0:y1, x0:x1] = o.to(acc.data.device)
+                acc.write(y0, x0, o)
                 moments.add(o)
                 cur.release()
                 acc.release()
@@ -818,7 +867,7 @@ class _Runner:
             t = _tokens(_apply_affine_(cur.crop(y0, y1, 0, ww, self.device), affine))
             o = _untokens(_attend(attn, t, kv=kv), y1 - y0, ww)
             o = (o + cur.crop(y0, y1, 0, ww, self.device)) / attn.rescale_output_factor
-            out.data[:, :, y0:y1] = o
+            out.write(y0, 0, o)
             moments.add(o)
             cur.release()
             out.release()
