@@ -685,6 +685,7 @@ class _Plane:
         try:
             os.unlink(path)  # the descriptor and mapping keep the file alive; it disappears with the plane
             os.ftruncate(fd, nbytes)
+            # writable only because torch.frombuffer warns on read-only buffers: writes go through `write`
             mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
@@ -722,6 +723,14 @@ class _Plane:
                 f"temporary file in {self._where!r} failed: {err.strerror}. Free disk space there, point TMPDIR "
                 "(or spill_dir) at a disk with room, or give the decode more memory (--max-memory)",
             ) from err
+
+    def add_(self, y0: int, x0: int, t: torch.Tensor) -> None:
+        """data[:, :, y0:y0+h, x0:x0+w] += t (B,C,h,w)."""
+        y1, x1 = y0 + t.shape[2], x0 + t.shape[3]
+        if self._fd is None:
+            self.data[:, :, y0:y1, x0:x1] += t.to(self.data.device)
+        else:
+            self.write(y0, x0, self.crop(y0, y1, x0, x1, t.device) + t)
 
     def _pwrite(self, block: Any, offset: int) -> None:
         view = memoryview(block).cast("B")
@@ -827,11 +836,7 @@ class _Runner:
                 o = _untokens(_attend(attn, t, t), y1 - y0, x1 - x0)  # B,C,wh,ww
                 weight = _ramp(y0, y1, hh, ov)[:, None] * _ramp(x0, x1, ww, ov)[None, :]  # wh,ww
                 wsum[y0:y1, x0:x1] += weight
-                o *= weight.to(o.device, o.dtype)
-                if acc._fd is None:
-                    acc.data[:, :, y0:y1, x0:x1] += o.to(acc.data.device)
-                else:
-                    acc.write(y0, x0, acc.crop(y0, y1, x0, x1, o.device) + o)
+                acc.add_(y0, x0, o.mul_(weight.to(o.device, o.dtype)))
                 del t, o
                 cur.release()
                 acc.release()
