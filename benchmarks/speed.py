@@ -19,7 +19,7 @@ What it does (speed and memory do not depend on weight values, so random weights
 
 Configurations: sdx4 (default dtype "auto"), sdx4-fp32, diffusers-fp32 (its default) and diffusers-bf16
 (`torch_dtype=torch.bfloat16`). Opt-in extras via --configs: sdx4-bf16, sdx4-vae-bf16, sdx4-keep-text-encoder,
-sdx4-channels-last, diffusers-fp32-tcmalloc, sdx4-system-allocator.
+sdx4-channels-last, diffusers-fp32-tcmalloc, sdx4-system-allocator, sdx4-no-prepack.
 
 The C allocator: sdx4 configurations run on what the `sdx4` command runs on (tcmalloc when the system has it,
 see src/sdx4/allocator.py), diffusers configurations on the system's malloc (what a diffusers script gets)
@@ -60,6 +60,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # the C allocator on its own (sdx4.allocator): diffusers on tcmalloc, sdx4 on glibc's malloc
     "diffusers-fp32-tcmalloc": {"kind": "diffusers", "dtype": "fp32", "allocator": "tcmalloc"},
     "sdx4-system-allocator": {"kind": "sdx4", "dtype": "auto", "allocator": "system"},
+    # the UNet's weights as eager PyTorch keeps them (sdx4.prepack off)
+    "sdx4-no-prepack": {"kind": "sdx4", "dtype": "auto", "env": {"SDX4_PREPACK": "0"}},
 }
 DEFAULT_CONFIGS = ("sdx4", "sdx4-fp32", "diffusers-fp32", "diffusers-bf16")
 BASELINES = ("diffusers-fp32", "diffusers-bf16")
@@ -221,14 +223,27 @@ def _rss_mib() -> dict[str, float]:
 
 
 def flop_mapping() -> dict[Any, Any]:
-    """FlopCounterMode counts aten._scaled_dot_product_flash_attention_for_cpu as 0: give it sdpa's formula."""
+    """FlopCounterMode counts aten._scaled_dot_product_flash_attention_for_cpu and the oneDNN ops on packed
+    weights (sdx4.prepack) as 0: give them sdpa's, convolution's and matmul's formulas."""
+    import math
+
     import torch
     from torch.utils import flop_counter
 
     def cpu_flash_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
-    return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_sdpa_flop}
+    def packed_conv_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+    def packed_linear_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(x_shape[:-1]) * w_shape[1] * w_shape[0]  # rows x in x out multiply-adds
+
+    return {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_sdpa_flop,
+        torch.ops.mkldnn._convolution_pointwise: packed_conv_flop,
+        torch.ops.mkldnn._linear_pointwise: packed_linear_flop,
+    }
 
 
 class _Timer:
@@ -337,6 +352,8 @@ class Worker:
             "allocator": _allocator(),
             "rss_after_load_mib": _rss_mib()["rss_mib"],
             "peak_rss_load_mib": _rss_mib()["peak_rss_mib"],  # the high-water mark of loading alone
+            # UNet layers set to run on packed oneDNN weights (sdx4.prepack; they pack on their first call)
+            "prepacked_layers": sum("forward" in vars(m) for m in self.unet.modules() if type(m) in (self.torch.nn.Conv2d, self.torch.nn.Linear)),
         }
 
     def _call(self, steps: int, guidance: float, seed: int, scheduler: str | None) -> dict[str, Any]:
@@ -471,6 +488,7 @@ class WorkerProcess:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
         cfg = CONFIGS[name]  # its C allocator: what the sdx4 command runs on for sdx4, the system's for diffusers
         env = allocator_env(env, cfg.get("allocator", "sdx4" if cfg["kind"] == "sdx4" else "system"))
+        env.update(cfg.get("env", {}))
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", name, "--model", model, "--image", str(image_path)],

@@ -324,7 +324,7 @@ def test_low_memory_gives_the_unets_memory_to_a_decode_that_would_spill(tiny_mod
     up = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", low_memory=True)
     image = rng_image(160, 160)
     c = up.components
-    weights = sum(p.numel() * p.element_size() for m in (c.unet, c.vae) for p in m.parameters())
+    weights = pipeline.weights_bytes(c.unet, c.vae)
     # room for the weights, the whole-image tensors and the decode's fixed part, and next to nothing else
     budget = weights + memory.global_bytes(160, 160, 1) + memory.TILED_DECODE_FIXED + 2**20
     seen = {}
@@ -340,7 +340,7 @@ def test_low_memory_gives_the_unets_memory_to_a_decode_that_would_spill(tiny_mod
     first = up(image, steps=1, seed=3, max_memory=budget, tile_size=160)
     assert first.metadata["vae_decode"]["unet_released"] is True and c.unet is None
     assert seen["unet_alive"] is False  # gone before the decode started, not just unreferenced here
-    unet_bytes = sum(p.numel() * p.element_size() for p in tiny_upscaler.components.unet.parameters())
+    unet_bytes = pipeline.weights_bytes(tiny_upscaler.components.unet)  # packed or not (prepack.py)
     assert seen["max_bytes"] == 2**20 + unet_bytes  # its memory went to the decode
     assert first.metadata["vae_decode"]["tiled"]
 

@@ -6,7 +6,7 @@ import torch
 
 import sdx4
 from sdx4 import models
-from sdx4.models import cpu_bf16_flags, resolve_placement
+from sdx4.models import cpu_bf16_flags, load_components, resolve_placement
 from sdx4.options import SCHEDULERS, OptionsError, UpscaleOptions
 from sdx4.schedulers import USUAL_STEPS, make_scheduler
 
@@ -254,7 +254,7 @@ def test_channels_last_on_the_cpu_in_every_precision(tiny_model_dir, tiny_upscal
     assert resolve_placement("cpu", "fp32").channels_last and resolve_placement("cpu", "bf16").channels_last
     assert not Placement(torch.device("cuda"), torch.float16, torch.float16).channels_last  # GPUs keep diffusers' layout
     assert tiny_upscaler.info["memory_format"] == "channels_last"
-    c = tiny_upscaler.components
+    c = load_components(str(tiny_model_dir), device="cpu", dtype="fp32")  # as loaded: the UNet's weights not yet packed
     for w in (c.unet.conv_in.weight, c.vae.decoder.conv_in.weight):
         assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
     image = np.random.RandomState(3).randint(0, 256, (12, 12, 3), dtype=np.uint8)

@@ -21,6 +21,7 @@ happen in the same order: image noise first, then the initial latents, both from
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -355,8 +356,11 @@ def _unet_in_calls(
 
 
 def weights_bytes(*modules: Any) -> int:
-    """Bytes of the parameters of these modules (None: not loaded, 0)."""
-    return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
+    """Bytes of the parameters and buffers of these modules (None: not loaded, 0). Buffers count: the
+    UNet's packed weights are buffers (prepack.py)."""
+    return sum(
+        t.numel() * t.element_size() for m in modules if m is not None for t in itertools.chain(m.parameters(), m.buffers())
+    )
 
 
 def plan_for(components: Components, options: UpscaleOptions, h: int, w: int) -> memory.MemoryPlan:
