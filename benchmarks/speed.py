@@ -623,7 +623,7 @@ def summarise(
     peak = peaks.get(dtype)  # GFLOP/s
     achieved = loop_flops / med["denoising_s"] / 1e9
     return {
-        **{k: info[k] for k in ("import_s", "load_s", "start_s", "dtypes", "threads", "allocator", "rss_after_load_mib", "peak_rss_load_mib")},
+        **{k: info[k] for k in ("import_s", "load_s", "start_s", "dtypes", "threads", "allocator", "rss_after_load_mib", "peak_rss_load_mib", "prepacked_layers")},
         "parallel_start": quick,
         "config": CONFIGS[name],
         "scheduler_class": runs[0].get("scheduler_class"),

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from sdx4 import prepack
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "speed.py"
 CONFIGS = ("sdx4", "sdx4-fp32", "diffusers-fp32", "diffusers-bf16")
@@ -87,6 +89,8 @@ def check_speed_report(out: Path, stdout: str) -> None:
         assert st["unet_forward_total"] <= st["denoising"] + 1e-3, (name, st)
         assert _positive(c["import_s"]) and _positive(c["load_s"])
         assert c["peak_rss_mib"] >= c["peak_rss_load_mib"] >= c["rss_after_load_mib"] > 50, name
+        # sdx4's CPU UNet runs on packed oneDNN weights (sdx4.prepack); diffusers' as eager PyTorch has them
+        assert (c["prepacked_layers"] > 0) is (name.startswith("sdx4") and prepack.available()), (name, c["prepacked_layers"])
         f = c["flops"]
         assert f["unet"] > 0 and f["vae_decoder"] > 0, (name, f)
         # sdx4's low-memory load encodes the default prompts before the UNet is loaded: no text encoder in the call.
