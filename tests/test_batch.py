@@ -365,8 +365,11 @@ def _ok_inputs(out: Path) -> list[str]:
     return result
 
 
-#: guidance 1 (one UNet pass per step) keeps these runs short.
-KILL_ARGS = ("--recursive", "--seed", "21", "--guidance", "1")
+#: guidance 1 (one UNet pass per step) keeps these runs short; 60 steps (~1 s per image on 2 cores) leave
+#: the parent seconds to send its signal after the first image before the child could finish them all
+#: (at 2 steps, 0.3 s per image, a busy machine once let the child finish first).
+KILL_STEPS = 60
+KILL_ARGS = ("--recursive", "--seed", "21", "--guidance", "1", "--steps", str(KILL_STEPS))
 
 
 def _start_and_stop(src: Path, out: Path, model: Path, sig: int) -> tuple[subprocess.Popen[bytes], list[str]]:
@@ -414,7 +417,7 @@ def test_killed_run_resumes_without_redoing_anything(
     )
     # Outputs from before and after the stop are the same as an uninterrupted run would give.
     for rel in (done_before[0], rerun_ok[0]):
-        opts = UpscaleOptions(steps=STEPS, guidance=1.0, seed=image_seed(21, rel))
+        opts = UpscaleOptions(steps=KILL_STEPS, guidance=1.0, seed=image_seed(21, rel))
         expected = np.asarray(upscaler(src / rel, opts).image.convert("RGBA"))
         assert np.array_equal(pixels(out / rel.replace(".png", "_x4.png")), expected), rel
 

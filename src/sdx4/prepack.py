@@ -5,9 +5,9 @@ into its blocked layout each time: the whole UNet's weights (1.9 GB in fp32) are
 every step. Where the activations are small (the UNet's deep levels: 1024 channels at 8x8 for a 64 px
 input) that copy costs as much as the arithmetic. `install(unet)` makes each Conv2d and Linear pack its
 weight once, on its first call (a convolution for the input shape of that call: the layout oneDNN picks
-depends on it), and then run `torch.ops.mkldnn._convolution_pointwise` / `_linear_pointwise` on the packed weight,
-the same ops torch.compile's CPU freezing pass uses. The packed weight replaces the plain one (a
-non-persistent buffer named `weight`), so nothing is held twice.
+depends on it), and then run `torch.ops.mkldnn._convolution_pointwise` / `_linear_pointwise` on the
+packed weight, the ops torch.compile's CPU freezing pass emits. The packed weight replaces the plain one
+(a non-persistent buffer named `weight`), so nothing is held twice.
 
 Values: on the UNet's shapes, convolutions and bf16 linear layers run the oneDNN kernels eager PyTorch
 runs, bit for bit (the full-size bf16 UNet's output is identical). Eager PyTorch runs fp32 linear layers
@@ -17,9 +17,9 @@ only (fp32: ~3e-6 on the full-size UNet's output of magnitude ~1).
 When a convolution is then called with another input shape on two calls in a row (a new image size), it
 repacks for that shape; shapes that alternate call by call keep the first packing (oneDNN reorders it on
 the fly: the same values, more slowly). Linear layers are packed for no particular row count and never
-repacked: their values would otherwise depend on the shapes run before (see `_packed_weight`). Convolutions other than zero-padded ones with numeric padding, other
-dtypes than fp32/bf16, and devices other than the CPU are left to eager PyTorch. `SDX4_PREPACK=0` turns
-it off (for measuring).
+repacked: their values would otherwise depend on the shapes run before (see `_packed_weight`).
+Convolutions other than zero-padded ones with numeric padding, dtypes other than fp32/bf16, and devices
+other than the CPU are left to eager PyTorch. `SDX4_PREPACK=0` turns it off (for measuring).
 """
 
 from __future__ import annotations
