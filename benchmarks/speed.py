@@ -12,9 +12,10 @@ What it does (speed and memory do not depend on weight values, so random weights
 3. starts ONE worker process per configuration (so peak resident memory is per configuration); each
    loads its model once, then runs on command. The parent drives them alternately, rep by rep, in a
    rotating order, so drift in machine speed hits every configuration alike;
-4. counts FLOPs once per configuration on a 1-step run (torch.utils.flop_counter, with a formula for the
-   CPU flash-attention kernel it would count as 0) and reports the denoising loop's achieved FLOP/s
-   against the measured peak of the UNet's dtype;
+4. counts FLOPs once per configuration on a 1-step and a 2-step run (torch.utils.flop_counter, with
+   formulas for the CPU flash-attention kernel and the packed oneDNN ops it would count as 0): the first
+   UNet call's and each later call's, which may do less (kvcache.py); and reports the denoising loop's
+   achieved FLOP/s against the measured peak of the UNet's dtype;
 5. writes speed.json and speed.md to --out (default bench-out/) and prints the table.
 
 Configurations: sdx4 (default dtype "auto"), sdx4-fp32, diffusers-fp32 (its default) and diffusers-bf16
@@ -617,8 +618,8 @@ def summarise(
 ) -> dict[str, Any]:
     med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "text_encoding_s", "denoising_s", "decoding_s", "unet_s")}
     # FLOPs of the denoising loop: the UNet's FLOPs per call (counted on a 1-step run) times the calls made.
-    unet_per_call = flops["unet"] / max(flops["unet_calls"], 1)
-    loop_flops = unet_per_call * runs[0]["unet_calls"]
+    # FLOPs of the denoising loop: the first call's (counted on a 1-step run), then each later call's.
+    loop_flops = flops["unet"] + (runs[0]["unet_calls"] - flops["unet_calls"]) * flops["unet_later_call"]
     dtype = info["dtypes"]["unet"]
     peak = peaks.get(dtype)  # GFLOP/s
     achieved = loop_flops / med["denoising_s"] / 1e9
@@ -638,7 +639,7 @@ def summarise(
             "unet_forward_total": round(med["unet_s"], 3),
         },
         "flops": flops,
-        "unet_tflop_per_step": round(unet_per_call * runs[0]["unet_calls"] / steps / 1e12, 4),
+        "unet_tflop_per_step": round(loop_flops / steps / 1e12, 4),
         "denoising_gflops": round(achieved, 1),
         "unet_forward_gflops": round(loop_flops / med["unet_s"] / 1e9, 1),
         "peak_dtype": dtype,
@@ -803,9 +804,14 @@ def run_speed(args: argparse.Namespace, out_dir: Path, model: str, model_kind: s
         for name, w in workers.items():
             # FLOPs first: the first call is the one that runs the text encoder (sdx4 caches embeddings; with
             # its low-memory load, the default prompts were encoded at load, before the UNet was loaded).
-            flops[name] = w.ask(cmd="run", steps=1, flops=True, **common)["flops"]
+            flops[name] = f1 = w.ask(cmd="run", steps=1, flops=True, **common)["flops"]
+            # A later call of the same loop may do less (sdx4 computes cross-attention keys and values once per
+            # image, kvcache.py): a 2-step run gives the FLOPs of a call after the first.
+            f2 = w.ask(cmd="run", steps=2, flops=True, **common)["flops"]
+            f1["unet_later_call"] = (f2["unet"] - f1["unet"]) / max(f2["unet_calls"] - f1["unet_calls"], 1)
             w.ask(cmd="run", steps=1, **common)  # untimed warm-up (kernel selection, allocations)
-            say(f"  {name}: UNet {flops[name]['unet'] / max(flops[name]['unet_calls'], 1) / 1e12:.3f} TFLOP per call")
+            say(f"  {name}: UNet {f1['unet'] / max(f1['unet_calls'], 1) / 1e12:.3f} TFLOP in the first call, "
+                f"{f1['unet_later_call'] / 1e12:.3f} in each later one")
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for rep in range(args.reps):
             if rep:

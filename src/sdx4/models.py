@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from . import guidance_prefix, prepack
+from . import guidance_prefix, kvcache, prepack
 from .options import DEFAULT_MODEL
 from .random_model import RANDOM_MARKER
 
@@ -426,7 +426,7 @@ def _load_unet(folder: Path, placement: Placement) -> Any:
 
 def _prepare_unet(unet: Any, placement: Placement, compile: bool) -> Any:
     """Place a checked UNet; keep its attention outputs channels-last; compile it or install the shared
-    guidance prefix and (on a CPU) the packed weights."""
+    guidance prefix, (on a CPU) the packed weights and the cross-attention key/value cache."""
     unet = _place(unet, placement)
     if placement.channels_last:
         keep_transformer_outputs_channels_last(unet)
@@ -436,6 +436,7 @@ def _prepare_unet(unet: Any, placement: Placement, compile: bool) -> Any:
         guidance_prefix.install(unet)  # inert until a guided call enters one of guidance_prefix's contexts
         if placement.device.type == "cpu":
             prepack.install(unet)  # each conv/linear packs its weight on first use
+        kvcache.install(unet)  # after prepack: wraps the forward it installed
     return unet
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import guidance_prefix, memory, tiling
+from . import guidance_prefix, kvcache, memory, tiling
 from .colorfix import color_fix, reference_for
 from .models import Components
 from .options import OptionsError, UpscaleOptions
@@ -221,6 +221,9 @@ def upscale_tensor(
     timesteps = scheduler.timesteps
     pair_half = n if options.do_guidance else None  # guidance pairs: [negative x n, positive x n] per tile
     tile_size, retries = plan.tile_size, 0
+    # Tiled calls take k tiles' worth of embeddings: the same tensors at every step, so that the UNet's
+    # cross-attention keys and values are computed once per k (kvcache.py), not at every step.
+    per_k: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for i, t in enumerate(timesteps):
         model_in = torch.cat([latents] * 2) if options.do_guidance else latents  # (2)n,4,h',w'
         model_in = scheduler.scale_model_input(model_in, t)
@@ -228,7 +231,9 @@ def upscale_tensor(
 
         def unet_fn(x: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
             k = x.shape[0] // batch  # x: k*(2)n,7,th,tw, tile-major
-            return _unet_in_calls(unet, x, t, embeds.repeat(k, 1, 1), noise_level.repeat(k), plan.unet_batch, pair_half)
+            if k not in per_k:
+                per_k[k] = (embeds.repeat(k, 1, 1), noise_level.repeat(k))
+            return _unet_in_calls(unet, x, t, *per_k[k], plan.unet_batch, pair_half)
 
         def predict(size: int, model_in: torch.Tensor = model_in) -> torch.Tensor:
             tiles = tiling.plan_tiles(*model_in.shape[-2:], size, _overlap(plan, size, components.pad_multiple), components.pad_multiple)
@@ -252,6 +257,8 @@ def upscale_tensor(
         latents = scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
         if progress is not None:
             progress(i + 1, len(timesteps))
+    kvcache.clear(unet)
+    del per_k
     clock.lap("denoising")
 
     # 6. Decode in the VAE's precision (fp32: fp16 overflows to NaN), crop the padding away. The loop's

@@ -1,0 +1,170 @@
+"""Cross-attention keys and values computed once per prompt (kvcache.py): same values, fewer calls."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention
+
+from sdx4 import kvcache, pipeline
+from sdx4.options import UpscaleOptions
+
+
+def attention(cross: bool = True) -> Attention:
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=12 if cross else None, heads=2, dim_head=4)
+    return attn.eval().requires_grad_(False)
+
+
+def count_calls(monkeypatch, mods) -> dict[int, int]:
+    """Count the real computations of each installed projection (hits do not reach `_sdx4_kv_inner`)."""
+    counts = {id(m): 0 for m in mods}
+    for m in mods:
+        inner = m._sdx4_kv_inner
+
+        def counted(x, inner=inner, key=id(m)):
+            counts[key] += 1
+            return inner(x)
+
+        monkeypatch.setattr(m, "_sdx4_kv_inner", counted)
+    return counts
+
+
+def test_only_cross_attention_projections_are_installed_once():
+    cross, self_attn = attention(True), attention(False)
+    model = torch.nn.ModuleList([cross, self_attn])
+    assert kvcache.projections(model) == [cross.to_k, cross.to_v]
+    assert kvcache.install(model) == 2
+    assert kvcache.install(model) == 2  # idempotent: not wrapped twice
+    assert cross.to_k.forward.__func__ is kvcache._remembering_forward
+    assert cross.to_k._sdx4_kv_inner.__func__ is torch.nn.Linear.forward
+    assert not hasattr(self_attn.to_k, "_sdx4_kv") and not hasattr(cross.to_q, "_sdx4_kv")
+
+
+def test_same_input_computed_once_with_the_same_values(monkeypatch):
+    ref, attn = attention(), attention()
+    kvcache.install(attn)
+    counts = count_calls(monkeypatch, [attn.to_k, attn.to_v])
+    g = torch.Generator().manual_seed(1)
+    enc = torch.randn(4, 5, 12, generator=g)  # B,77-ish,D
+    with torch.no_grad():
+        for step in range(3):
+            h = torch.randn(2, 6, 8, generator=g)
+            # a new view of the same memory at every step, as the pipeline's embeds[i:j]
+            assert torch.equal(attn(h, encoder_hidden_states=enc[0:2]), ref(h, encoder_hidden_states=enc[0:2]))
+    assert list(counts.values()) == [1, 1]
+    assert kvcache.remembered(attn) == 2
+    kvcache.clear(attn)
+    assert kvcache.remembered(attn) == 0
+    kvcache.clear(None)  # a released UNet: nothing to do
+
+
+def test_written_inputs_other_tensors_and_written_results_are_computed_again(monkeypatch):
+    attn = attention()
+    lin, ref = attn.to_k, copy.deepcopy(attn.to_k)
+    kvcache.install(attn)
+    counts = count_calls(monkeypatch, [lin])
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y = lin(x)
+        assert lin(x) is y and counts[id(lin)] == 1
+        x[0, 0, 0] += 1.0  # in place: the version counter moves
+        assert torch.equal(lin(x), ref(x)) and counts[id(lin)] == 2
+        same_values = x.clone()  # other memory: never taken for the remembered input
+        assert torch.equal(lin(same_values), ref(x)) and counts[id(lin)] == 3
+        assert lin(x) is lin(x) and counts[id(lin)] == 3  # still one of the last ENTRIES = 2 inputs
+        lin(x.clone())  # a third input: the entry made first (x's) is dropped, same_values' stays
+        lin(same_values)
+        assert counts[id(lin)] == 4
+        y = lin(x)
+        assert counts[id(lin)] == 5 and lin(x) is y
+        y.mul_(0)  # a caller wrote into a result handed out: not handed out again
+        assert torch.equal(lin(x), ref(x)) and counts[id(lin)] == 6
+
+
+def test_two_inputs_in_turn_both_stay_remembered(monkeypatch):
+    attn = attention()
+    kvcache.install(attn)
+    counts = count_calls(monkeypatch, [attn.to_k])
+    enc = torch.randn(4, 5, 12)
+    with torch.no_grad():
+        for _ in range(3):  # the two halves of a guidance pair run as separate calls
+            attn.to_k(enc[0:2])
+            attn.to_k(enc[2:4])
+    assert counts[id(attn.to_k)] == 2 == kvcache.ENTRIES
+
+
+def test_autograd_and_inference_mode_always_compute(monkeypatch):
+    attn = attention()
+    kvcache.install(attn)
+    counts = count_calls(monkeypatch, [attn.to_k])
+    enc = torch.randn(2, 5, 12)
+    attn.to_k(enc)
+    attn.to_k(enc)  # grad mode: never remembered
+    with torch.inference_mode():
+        t = torch.randn(2, 5, 12)
+        attn.to_k(t)
+        attn.to_k(t)  # inference tensors keep no version counter
+    assert counts[id(attn.to_k)] == 4
+    assert kvcache.remembered(attn) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_upscaler):
+    return tiny_upscaler
+
+
+def _bypass(monkeypatch, mods) -> None:
+    for m in mods:
+        monkeypatch.setattr(m, "forward", m._sdx4_kv_inner)
+
+
+@pytest.mark.parametrize("tiles", [{}, {"tile_size": 16, "tile_overlap": 8, "tile_batch": 4}])
+def test_pipeline_computes_keys_and_values_once_per_image_and_keeps_its_values(tiny, monkeypatch, tiles):
+    unet = tiny.components.unet
+    mods = kvcache.projections(unet)
+    assert len(mods) >= 2 and all(m.forward.__func__ is kvcache._remembering_forward for m in mods)
+    image = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    options = UpscaleOptions(steps=3, seed=1, **tiles)
+
+    def run() -> tuple[torch.Tensor, dict]:
+        report: dict = {}
+        out = pipeline.upscale_tensor(tiny.components, image, options, torch.Generator().manual_seed(1), report=report)
+        return out, report
+
+    with monkeypatch.context() as m:
+        counts = count_calls(m, mods)
+        cached, report = run()
+        # once per input: the whole image, or once per number of tiles in a call (6 tiles by 4: 4 and 2)
+        assert set(counts.values()) == {2 if tiles else 1}
+        assert report["tiling"]["tiles"] == (6 if tiles else 1)
+    assert kvcache.remembered(unet) == 0  # nothing held after the loop
+    with monkeypatch.context() as m:
+        _bypass(m, mods)
+        plain, _ = run()
+    assert torch.equal(cached, plain)
+
+
+def test_unet_step_benchmark_reports_both_variants(tiny_model_dir, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("unet_step_bench", Path(__file__).parents[1] / "benchmarks" / "unet_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r" / "step.json"
+    assert bench.main(["--model", str(tiny_model_dir), "--size", "16", "--dtype", "fp32", "--reps", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert report["cached_layers"] == 20 and report["reps"] == 2 and report["dtype"] == "float32"
+    for k in ("kept_s", "cleared_s"):
+        assert 0 < report[k]["min"] <= report[k]["median"] <= report[k]["max"], report
+    # the ratio of the unrounded medians; the medians are rounded to 0.1 ms in the report
+    assert report["kept_vs_cleared"] == pytest.approx(report["kept_s"]["median"] / report["cleared_s"]["median"], abs=0.01)
+    assert report["kept_vs_cleared_paired_median"] > 0
+    assert report["max_abs_diff"] == 0.0  # the cache changes no value
+    with pytest.raises(SystemExit):
+        bench.main(["--model", str(tiny_model_dir), "--size", "12"])
+    assert "--size a multiple of 8" in capsys.readouterr().err
