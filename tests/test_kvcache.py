@@ -150,6 +150,17 @@ def test_pipeline_computes_keys_and_values_once_per_image_and_keeps_its_values(t
     assert torch.equal(cached, plain)
 
 
+def test_the_memory_plan_counts_what_the_cache_holds(tiny, monkeypatch):
+    unet, options = tiny.components.unet, UpscaleOptions(steps=1)
+    assert tiny.components.tokenizer.model_max_length == 77
+    per_sample = kvcache.bytes_per_sample(unet, 77, 4)  # fp32
+    assert per_sample == sum(m.out_features for m in kvcache.projections(unet)) * 77 * 4 * kvcache.ENTRIES > 0
+    with_kv = pipeline.plan_for(tiny.components, options, 32, 32)
+    monkeypatch.setattr(kvcache, "bytes_per_sample", lambda *a: 0)
+    without = pipeline.plan_for(tiny.components, options, 32, 32)
+    assert with_kv.estimate_bytes - without.estimate_bytes == 2 * per_sample  # one call on the guidance pair
+
+
 def test_unet_step_benchmark_reports_both_variants(tiny_model_dir, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("unet_step_bench", Path(__file__).parents[1] / "benchmarks" / "unet_step.py")
     bench = importlib.util.module_from_spec(spec)

@@ -122,3 +122,30 @@ def test_memory_cli_counts_the_text_encoder_only_when_kept(capsys):
     text_gib = memory.FULL_MODEL_PARAMS["text_encoder"] * 4 / 2**30
     assert abs(kept["weights_gib"] - dropped["weights_gib"] - text_gib) < 0.01
     assert dropped["tile_size"] > kept["tile_size"] and dropped["tiles"] < kept["tiles"]  # the room goes to tiles
+
+
+def test_the_key_value_cache_is_counted_with_each_call():
+    kv = memory.FULL_MODEL_KV_BYTES_PER_SAMPLE
+    plain, with_kv = _plan(64), _plan(64, kv_bytes_per_sample=kv)
+    fixed = WEIGHTS + memory.global_bytes(64, 64, 1)
+    unet, vae = memory.unet_work_bytes(64, 64, 2), memory.vae_work_bytes(64, 64, 1)
+    assert plain.estimate_bytes == fixed + max(unet, vae)
+    assert with_kv.estimate_bytes == fixed + max(unet + 2 * kv, vae) > plain.estimate_bytes  # the guidance pair, one call
+    # 512 px at 6 GiB: 4 tiles of 272 fit without it, 9 of 192 with it (19 MiB per sample of a call)
+    plain, with_kv = _plan(512, budget=6.0), _plan(512, budget=6.0, kv_bytes_per_sample=kv)
+    assert (plain.tiles, plain.tile_size, with_kv.tiles, with_kv.tile_size) == (4, 272, 9, 192)
+    assert plain.unet_batch == with_kv.unet_batch == 1 and with_kv.estimate_bytes <= with_kv.budget_bytes
+
+
+def test_the_full_model_constant_is_what_the_cache_holds():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdx4 import kvcache
+    from sdx4.random_model import UNET_CONFIGS
+
+    with torch.device("meta"):  # the published architecture, no memory
+        unet = UNet2DConditionModel.from_config(UNET_CONFIGS["full"])
+    assert kvcache.install(unet) == 52
+    assert kvcache.bytes_per_sample(unet, 77, 4) == memory.FULL_MODEL_KV_BYTES_PER_SAMPLE
+    assert kvcache.bytes_per_sample(None, 77, 4) == 0

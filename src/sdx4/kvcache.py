@@ -63,6 +63,15 @@ def remembered(unet: torch.nn.Module) -> int:
     return sum(len(m._sdx4_kv) for m in unet.modules() if hasattr(m, "_sdx4_kv"))
 
 
+def bytes_per_sample(unet: torch.nn.Module | None, tokens: int, dtype_bytes: int) -> int:
+    """What the cache may hold per sample of a UNet call: the keys and values of `tokens` prompt tokens in
+    every installed projection, for each of the ENTRIES inputs remembered (0 for None or a UNet without
+    `install`). The memory plan counts it with each call's work."""
+    if unet is None:
+        return 0
+    return sum(m.out_features for m in unet.modules() if hasattr(m, "_sdx4_kv")) * tokens * dtype_bytes * ENTRIES
+
+
 def _key(x: torch.Tensor) -> tuple[Any, ...]:
     return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
 

@@ -88,6 +88,11 @@ class MemoryPlan:
         }
 
 
+#: What the cross-attention key/value cache (kvcache.py) may hold through the loop per UNet sample of a call,
+#: full-size UNet, fp32: 77 prompt tokens x 32768 projected features (52 projections) x 2 remembered inputs.
+FULL_MODEL_KV_BYTES_PER_SAMPLE = 77 * 32768 * 4 * 2
+
+
 def unet_work_bytes(tile_h: int, tile_w: int, samples: int, dtype_bytes: int = 4) -> int:
     """Working memory of one UNet call on `samples` tiles of tile_h x tile_w latent pixels."""
     return int((UNET_FIXED_BYTES + UNET_BYTES_PER_PIXEL * tile_h * tile_w * samples) * dtype_bytes / 4)
@@ -120,10 +125,13 @@ def plan_memory(
     tile_size: int | None = None,
     tile_overlap: int | None = None,
     tile_batch: int | None = None,
+    kv_bytes_per_sample: int = 0,
 ) -> MemoryPlan:
     """Choose tile size, overlap and tile batch for an h x w latent (a multiple of `multiple`).
 
     samples_per_tile: UNet batch per tile (2 x images with guidance, else images).
+    kv_bytes_per_sample: what the UNet's key/value cache may hold per sample of a call (all the inputs it
+    remembers: kvcache.bytes_per_sample), counted with each call's work.
     Explicit tile_size / tile_overlap / tile_batch win over the budget. The largest tile that fits is
     chosen (the whole latent when it fits: then nothing is tiled); when running the tile's samples one
     per UNet call (`unet_batch=1`) lets larger tiles fit and that needs fewer tiles, that is chosen
@@ -138,7 +146,7 @@ def plan_memory(
     work = budget_bytes - fixed
 
     def unet(t: int, k: int, per_call: int = samples_per_tile) -> int:
-        return unet_work_bytes(min(t, h), min(t, w), k * per_call, dtype_bytes)
+        return unet_work_bytes(min(t, h), min(t, w), k * per_call, dtype_bytes) + k * per_call * kv_bytes_per_sample
 
     full = max(h, w)
     lo = min(full, max(multiple, MIN_AUTO_TILE // multiple * multiple))
@@ -365,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         samples_per_tile=a.num_images * (1 if a.no_guidance else 2),
         images=a.num_images,
         dtype_bytes=nbytes,
+        kv_bytes_per_sample=FULL_MODEL_KV_BYTES_PER_SAMPLE * nbytes // 4,
     )
     print(json.dumps({"input": [w, h], "output": [4 * w, 4 * h], "weights_gib": round(weights / 2**30, 3), **plan.describe()}))
     return 0

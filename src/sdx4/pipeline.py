@@ -392,6 +392,7 @@ def plan_for(components: Components, options: UpscaleOptions, h: int, w: int) ->
         tile_size=options.tile_size,
         tile_overlap=options.tile_overlap,
         tile_batch=options.tile_batch,
+        kv_bytes_per_sample=kvcache.bytes_per_sample(components.unet, components.tokenizer.model_max_length, dtype_bytes),
     )
 
 
