@@ -617,7 +617,6 @@ def summarise(
     quick: bool,
 ) -> dict[str, Any]:
     med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "text_encoding_s", "denoising_s", "decoding_s", "unet_s")}
-    # FLOPs of the denoising loop: the UNet's FLOPs per call (counted on a 1-step run) times the calls made.
     # FLOPs of the denoising loop: the first call's (counted on a 1-step run), then each later call's.
     loop_flops = flops["unet"] + (runs[0]["unet_calls"] - flops["unet_calls"]) * flops["unet_later_call"]
     dtype = info["dtypes"]["unet"]
