@@ -214,6 +214,12 @@ def _allocator() -> str:
     return active()
 
 
+def _prepacked_layers(unet: Any) -> int:
+    from sdx4 import prepack
+
+    return prepack.installed(unet)
+
+
 def _rss_mib() -> dict[str, float]:
     import resource
 
@@ -354,7 +360,7 @@ class Worker:
             "rss_after_load_mib": _rss_mib()["rss_mib"],
             "peak_rss_load_mib": _rss_mib()["peak_rss_mib"],  # the high-water mark of loading alone
             # UNet layers set to run on packed oneDNN weights (sdx4.prepack; they pack on their first call)
-            "prepacked_layers": sum("forward" in vars(m) for m in self.unet.modules() if type(m) in (self.torch.nn.Conv2d, self.torch.nn.Linear)),
+            "prepacked_layers": _prepacked_layers(self.unet) if self.cfg["kind"] == "sdx4" else 0,
         }
 
     def _call(self, steps: int, guidance: float, seed: int, scheduler: str | None) -> dict[str, Any]:

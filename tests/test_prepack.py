@@ -143,11 +143,13 @@ def test_the_cpu_unet_is_packed_and_gives_the_same_image(tiny_model_dir, rng_ima
     up = sdx4.load(str(tiny_model_dir), device="cpu", dtype=dtype)
     convs = [m for m in up.components.unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert convs and all("forward" in vars(m) for m in convs)
+    assert prepack.installed(up.components.unet) == len(convs)
     a = up(image, steps=2, seed=7, guidance=5.0)
     assert all(m.weight.is_mkldnn for m in convs)
     monkeypatch.setenv("SDX4_PREPACK", "0")
     plain = sdx4.load(str(tiny_model_dir), device="cpu", dtype=dtype)
     assert not any("forward" in vars(m) for m in plain.components.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert prepack.installed(plain.components.unet) == 0  # (its key/value projections are wrapped by kvcache only)
     b = plain(image, steps=2, seed=7, guidance=5.0)
     diff = np.abs(np.asarray(a.image, dtype=int) - np.asarray(b.image, dtype=int))
     assert diff.max() == 0 if dtype == "bf16" else diff.max() <= 1

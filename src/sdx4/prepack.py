@@ -69,6 +69,11 @@ def install(model: torch.nn.Module) -> int:
     return len(modules)
 
 
+def installed(model: torch.nn.Module) -> int:
+    """How many layers of `model` run through this module (packed already or on their next call)."""
+    return sum(hasattr(m, "_sdx4_packed_for") for m in model.modules())
+
+
 def _pack(module: Any, shape: tuple[int, ...]) -> None:
     w = module.weight
     dense = w.to_dense() if w.is_mkldnn else w.detach()
