@@ -16,7 +16,7 @@ def allocator_env(env: dict[str, str], choice: str) -> dict[str, str]:
     """A child's environment for its C allocator (src/sdx4/allocator.py): "sdx4" (what the `sdx4` command would
     run on: tcmalloc when the system has it), "tcmalloc" (preloaded when installed) or "system" (nothing
     preloaded: what a plain diffusers script gets)."""
-    from sdx4.allocator import ENV, REEXEC_MARK, reexec_env
+    from sdx4.speed.allocator import ENV, REEXEC_MARK, reexec_env
 
     base = {k: v for k, v in env.items() if k not in ("LD_PRELOAD", REEXEC_MARK)}
     if choice == "tcmalloc":

@@ -31,7 +31,7 @@ def child(model: str, part: str, size: int, batch: int, channels_last: bool) -> 
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from sdx4.models import keep_transformer_outputs_channels_last
+    from sdx4.speed.channels_last import keep_transformer_outputs_channels_last
 
     torch.set_grad_enabled(False)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -60,7 +60,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "cl")
         return
-    from sdx4.random_model import cached_random_model
+    from sdx4.model.random_model import cached_random_model
 
     args = [a for a in sys.argv[1:] if a != "--contiguous"]
     layout = "contiguous" if "--contiguous" in sys.argv else "cl"

@@ -105,7 +105,7 @@ def child(args: argparse.Namespace) -> None:
         row["attention_seam_score"] = attention_seam_score_of(
             out, result.metadata["vae_decode"], result.metadata["tiling"], result.metadata["tiling_options"]["vae_attention_window"]
         )
-    from sdx4.allocator import active
+    from sdx4.speed.allocator import active
 
     row["allocator"] = active()  # the C allocator this run used (sdx4.allocator)
     row["peak_rss_gib"] = proc_status("VmHWM") / GiB
@@ -125,9 +125,10 @@ def blend_study(args: argparse.Namespace) -> None:
     import torch
 
     import sdx4
-    from sdx4 import tiling
+    from sdx4.engine import tiling
     from sdx4.options import UpscaleOptions
-    from sdx4.pipeline import prompt_embeddings, to_model_range
+    from sdx4.engine.prompts import prompt_embeddings
+    from sdx4.engine.loop import to_model_range
     import numpy as np
 
     torch.set_grad_enabled(False)
@@ -176,7 +177,7 @@ def seam_score_of(image: Any, tiling_meta: dict[str, Any], size: int) -> float |
     import numpy as np
     import torch
 
-    from sdx4 import tiling
+    from sdx4.engine import tiling
 
     if not tiling_meta["tiled"]:
         return None
@@ -193,8 +194,8 @@ def attention_seam_score_of(image: Any, vae_meta: dict[str, Any], tiling_meta: d
     import numpy as np
     import torch
 
-    from sdx4 import tiling
-    from sdx4.vae_decode import attention_bounds
+    from sdx4.engine import tiling
+    from sdx4.engine.vae import attention_bounds
 
     if vae_meta["attention"] == "global":
         return None
@@ -263,7 +264,7 @@ def run_child(cmd: list[str], mem_limit: int, timeout: float, allocator: str = "
 def planner_estimate(size: int, budget: int | None) -> dict[str, Any]:
     """The planner's plan for a size x size input with the full model's fp32 weights resident during a
     CPU run (UNet + VAE: the text encoder is dropped once the prompts are encoded)."""
-    from sdx4 import memory
+    from sdx4.engine import budget as memory
 
     weights = memory.full_model_weights_bytes("fp32")
     budget = budget if budget is not None else memory.default_budget(weights, "cpu")
@@ -367,9 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         child(args)
         return 0
 
-    from sdx4.models import cpu_model_name
+    from sdx4.model.placement import cpu_model_name
     from sdx4.options import parse_size
-    from sdx4.random_model import cached_random_model
+    from sdx4.model.random_model import cached_random_model
 
     model = args.model or str(cached_random_model("full"))
     mem_limit = int(args.mem_limit * GiB)

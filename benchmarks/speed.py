@@ -121,7 +121,7 @@ def machine_info() -> dict[str, Any]:
     }
     info["native_bf16"] = bool(flags & {"avx512_bf16", "amx_bf16"}) and info["mkldnn_bf16_supported"]
     try:  # what sdx4's dtype="auto" decides from: the flags, then a measurement kept per machine
-        from sdx4.models import cpu_bf16_flags, resolve_placement
+        from sdx4.model.placement import cpu_bf16_flags, resolve_placement
 
         info["sdx4_bf16_flags"] = sorted(cpu_bf16_flags())
         info["sdx4_auto_dtype"] = resolve_placement("cpu", "auto").describe()
@@ -209,13 +209,13 @@ def matmul_peak(n: int, dtype_name: str, reps: int = 5) -> dict[str, Any]:
 
 
 def _allocator() -> str:
-    from sdx4.allocator import active
+    from sdx4.speed.allocator import active
 
     return active()
 
 
 def _prepacked_layers(unet: Any) -> int:
-    from sdx4 import prepack
+    from sdx4.speed import prepack
 
     return prepack.installed(unet)
 
@@ -312,8 +312,8 @@ class Worker:
         self.image.load()
         # Import everything the load needs first, so that load_s is loading the model, not importing libraries.
         if self.cfg["kind"] == "sdx4":
-            import sdx4.models  # noqa: F401  (imports diffusers' and transformers' model classes)
-            import sdx4.pipeline  # noqa: F401
+            import sdx4.model.loading  # noqa: F401  (imports diffusers' and transformers' model classes)
+            import sdx4.engine.loop  # noqa: F401
             from sdx4.options import UpscaleOptions
         else:
             from diffusers import StableDiffusionUpscalePipeline  # noqa: F401
@@ -771,7 +771,7 @@ def markdown_schedulers(report: dict[str, Any]) -> str:
 def model_for(args: argparse.Namespace) -> tuple[str, str]:
     if args.model:
         return args.model, "custom"
-    from sdx4.random_model import cached_random_model
+    from sdx4.model.random_model import cached_random_model
 
     kind = "tiny" if args.quick else "full"
     t0 = time.perf_counter()

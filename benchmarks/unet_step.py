@@ -25,8 +25,8 @@ from typing import Any
 def measure(model: str, size: int, dtype: str, reps: int) -> dict[str, Any]:
     import torch
 
-    from sdx4 import kvcache
-    from sdx4.models import load_components
+    from sdx4.speed import kvcache
+    from sdx4.model.loading import load_components
 
     c = load_components(model, device="cpu", dtype=dtype)
     unet, dt = c.unet, c.placement.unet_dtype
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--reps must be >= 1 and --size a multiple of 8, >= 8")
     model = args.model
     if model is None:
-        from sdx4.random_model import cached_random_model
+        from sdx4.model.random_model import cached_random_model
 
         model = str(cached_random_model("tiny" if args.quick else "full"))
     report = measure(model, args.size, args.dtype, args.reps)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL
 
-from sdx4.random_model import VAE_CONFIGS
-from sdx4.vae_decode import decode_latents
+from sdx4.model.random_model import VAE_CONFIGS
+from sdx4.engine.vae import decode_latents
 
 CASES = {
     "tiny": [((37, 23), 5), ((37, 23), 8), ((37, 23), 16), ((64, 48), 16)],

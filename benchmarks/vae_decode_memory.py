@@ -30,8 +30,8 @@ def child(latent: int, mode: str, tile: int, budget: float | None, tokens: int, 
     import torch
     from diffusers import AutoencoderKL
 
-    from sdx4.random_model import VAE_CONFIGS
-    from sdx4.vae_decode import decode_latents
+    from sdx4.model.random_model import VAE_CONFIGS
+    from sdx4.engine.vae import decode_latents
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**VAE_CONFIGS["full"]).eval()

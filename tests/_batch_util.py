@@ -20,7 +20,7 @@ VOLATILE = ("timings",)
 
 def tiny_model(tmp_path_factory: Any) -> Path:
     """One tiny random model per test session (shared by the batch test modules)."""
-    from sdx4.random_model import build_random_model
+    from sdx4.model.random_model import build_random_model
 
     path = tmp_path_factory.getbasetemp() / "sdx4-batch-tiny-model"
     if not (path / "model_index.json").exists():

@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from sdx4.random_model import build_random_model
+    from sdx4.model.random_model import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("models") / "tiny", size="tiny", seed=0)
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import sdx4
-from sdx4 import allocator
-from sdx4.allocator import ENV, QUIET_ENV, REEXEC_MARK, AllocatorError, find_tcmalloc, reexec_env
+from sdx4.speed import allocator
+from sdx4.speed.allocator import ENV, QUIET_ENV, REEXEC_MARK, AllocatorError, find_tcmalloc, reexec_env
 from sdx4.cli import build_parser, main, runs_model
 
 from conftest import SRC, run_cli
@@ -115,7 +115,7 @@ def test_the_command_restarts_itself_on_tcmalloc(tiny_model_dir, tmp_path):
 
 @pytest.mark.skipif(SYSTEM_TCMALLOC is None, reason="tcmalloc not installed (apt install libtcmalloc-minimal4)")
 def test_release_memory_uses_tcmalloc_when_preloaded():
-    code = ("from sdx4.allocator import active; from sdx4.memory import release_memory, _RELEASE;"
+    code = ("from sdx4.speed.allocator import active; from sdx4.engine.budget import release_memory, _RELEASE;"
             "print(active(), release_memory())")
     env = {**os.environ, "LD_PRELOAD": SYSTEM_TCMALLOC, "PYTHONPATH": str(SRC)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

@@ -29,20 +29,9 @@ from PIL import Image
 
 import sdx4
 from sdx4 import UpscaleOptions
-from sdx4.batch import (
-    BatchError,
-    BatchItem,
-    BatchJob,
-    Manifest,
-    discover,
-    image_seed,
-    output_names,
-    plan,
-    read_manifest,
-    read_prompt_mapping,
-    run_batch,
-    run_pipeline,
-)
+from sdx4.batch.job import BatchError, BatchItem, BatchJob, image_seed, output_names
+from sdx4.batch import Manifest, run_batch, run_pipeline
+from sdx4.batch.plan import discover, plan, read_manifest, read_prompt_mapping
 from sdx4.cli import main
 
 

@@ -11,8 +11,9 @@ import ray  # the `test` extra installs ray[data]; the batch module itself impor
 from _batch_util import STEPS, make_folder, pixels, records, stable, temp_files, tiny_model
 
 import sdx4
-from sdx4.batch import BatchJob, image_seed, run_batch
-from sdx4.batch_ray import RayConfig, item_from_json, item_to_json
+from sdx4.batch.job import BatchJob, image_seed
+from sdx4.batch import run_batch
+from sdx4.batch.ray import RayConfig, item_from_json, item_to_json
 from sdx4.cli import main
 from sdx4.options import UpscaleOptions
 
@@ -47,7 +48,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_item_round_trips_through_json() -> None:
-    from sdx4.batch import BatchItem
+    from sdx4.batch.job import BatchItem
 
     item = BatchItem(
         "sub/a.png", ("sub/a_x4.png",), UpscaleOptions(prompt='a "cat"', seed=9, steps=3), "mapping", 4, "m"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sdx4 import prepack
+from sdx4.speed import prepack
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "speed.py"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdx4.colorfix import adain, color_fix, reference_for, wavelet, wavelet_low
+from sdx4.engine.colorfix import adain, color_fix, reference_for, wavelet, wavelet_low
 
 
 def _smooth(seed: int, size: int = 64) -> torch.Tensor:

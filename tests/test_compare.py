@@ -14,7 +14,7 @@ from PIL import Image, ImageFilter
 
 import sdx4
 from sdx4.cli import main
-from sdx4.compare import auto_crop, build_grid, label_image, parse_crop, plan_grid
+from sdx4.quality.compare import auto_crop, build_grid, label_image, parse_crop, plan_grid
 from sdx4.imageio import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def test_classical_compare_does_not_import_torch(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdx4.random_model import cached_random_model
+    from sdx4.model.random_model import cached_random_model
 
     # Session temp dir: test_evaluate.py reuses the same tiny model instead of building another.
     return cached_random_model("tiny", cache_dir=tmp_path_factory.getbasetemp() / "sdx4-models")

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import sdx4.evaluate as ev
+import sdx4.quality.evaluate as ev
 from sdx4.cli import main
-from sdx4.methods import MethodRunner
-from sdx4.metrics import psnr_y, ssim_y
+from sdx4.quality.methods import MethodRunner
+from sdx4.quality.metrics import psnr_y, ssim_y
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "examples" / "photos"
@@ -230,7 +230,7 @@ def test_lpips_plumbing_with_a_stand_in_package(tmp_path: Path, monkeypatch: pyt
 
 
 def test_evaluate_with_sd_on_tiny_model(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    from sdx4.random_model import cached_random_model
+    from sdx4.model.random_model import cached_random_model
 
     model = cached_random_model("tiny", cache_dir=tmp_path_factory.getbasetemp() / "sdx4-models")
     d = tmp_path / "hr"

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdx4 import guidance_prefix, tiling
+from sdx4.speed import guidance_prefix
+from sdx4.engine import tiling
 from sdx4.options import UpscaleOptions
 
 
@@ -163,10 +164,10 @@ def test_recorded_prefix_replayed_in_the_second_call_gives_the_same_prediction(u
 def test_split_pairs_run_the_prefix_once_per_pair(tiny_upscaler, rng_image, monkeypatch, tile_size):
     import dataclasses
 
-    from sdx4 import pipeline
+    from sdx4.engine import loop as pipeline
 
-    real_plan = pipeline.plan_for
-    monkeypatch.setattr(pipeline, "plan_for", lambda *a, **k: dataclasses.replace(real_plan(*a, **k), unet_batch=1, tile_batch=1))
+    real_plan = pipeline.budget.plan_for
+    monkeypatch.setattr(pipeline.budget, "plan_for", lambda *a, **k: dataclasses.replace(real_plan(*a, **k), unet_batch=1, tile_batch=1))
     unet = tiny_upscaler.components.unet
     seen, handle = _batch_sizes(unet.down_blocks[0].resnets[0])
     calls: list[int] = []

@@ -11,7 +11,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
-from sdx4 import kvcache, pipeline
+from sdx4.speed import kvcache
+from sdx4.engine import loop as pipeline
 from sdx4.options import UpscaleOptions
 
 
@@ -155,9 +156,9 @@ def test_the_memory_plan_counts_what_the_cache_holds(tiny, monkeypatch):
     assert tiny.components.tokenizer.model_max_length == 77
     per_sample = kvcache.bytes_per_sample(unet, 77, 4)  # fp32
     assert per_sample == sum(m.out_features for m in kvcache.projections(unet)) * 77 * 4 * kvcache.ENTRIES > 0
-    with_kv = pipeline.plan_for(tiny.components, options, 32, 32)
+    with_kv = pipeline.budget.plan_for(tiny.components, options, 32, 32)
     monkeypatch.setattr(kvcache, "bytes_per_sample", lambda *a: 0)
-    without = pipeline.plan_for(tiny.components, options, 32, 32)
+    without = pipeline.budget.plan_for(tiny.components, options, 32, 32)
     assert with_kv.estimate_bytes - without.estimate_bytes == 2 * per_sample  # one call on the guidance pair
 
 

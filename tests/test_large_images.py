@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdx4 import pipeline
+from sdx4.engine import loop as pipeline
 from sdx4.cli import main
 from sdx4.options import OptionsError, UpscaleOptions, parse_size
 
@@ -178,17 +178,17 @@ def test_pipeline_decodes_on_tiles_when_the_plan_says_so(tiny_upscaler, monkeypa
 
     import numpy as np
 
-    from sdx4 import pipeline
+    from sdx4.engine import loop as pipeline
 
     image = np.random.RandomState(3).randint(0, 256, (40, 24, 3), dtype=np.uint8)
     untiled = tiny_upscaler(image, steps=2, seed=5)
     assert untiled.metadata["vae_decode"]["tiled"] is False
-    real_plan = pipeline.plan_for
+    real_plan = pipeline.budget.plan_for
 
     def small_vae_tiles(*args, **kwargs):
         return dataclasses.replace(real_plan(*args, **kwargs), vae_tile_size=8)
 
-    monkeypatch.setattr(pipeline, "plan_for", small_vae_tiles)
+    monkeypatch.setattr(pipeline.budget, "plan_for", small_vae_tiles)
     tiled = tiny_upscaler(image, steps=2, seed=5)
     report = tiled.metadata["vae_decode"]
     assert report["tiled"] is True and report["tiles"] > 1 and report["attention"] == "global"
@@ -206,12 +206,12 @@ def test_split_guidance_batch_gives_the_same_image(tiny_upscaler, monkeypatch, t
     image = np.random.RandomState(6).randint(0, 256, (24, 32, 3), dtype=np.uint8)
     opts = {"tile_size": tile_size, "tile_overlap": 8} if tile_size else {}
     whole = tiny_upscaler(image, steps=2, seed=5, **opts)
-    real_plan, batches = pipeline.plan_for, []
+    real_plan, batches = pipeline.budget.plan_for, []
 
     def split(*args, **kwargs):
         return dataclasses.replace(real_plan(*args, **kwargs), unet_batch=1, tile_batch=1)
 
-    monkeypatch.setattr(pipeline, "plan_for", split)
+    monkeypatch.setattr(pipeline.budget, "plan_for", split)
     unet = tiny_upscaler.components.unet
     hook = unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
     try:
@@ -252,8 +252,8 @@ def test_vae_attention_is_global_up_to_the_window_and_windowed_beyond(tiny_upsca
 
 
 def test_tiled_vae_decode_fits_its_measured_cost_into_what_is_left(tiny_upscaler, rng_image, monkeypatch):
-    from sdx4 import memory, pipeline
-    from sdx4.vae_decode import plan_decode
+    from sdx4.engine import budget as memory, loop as pipeline
+    from sdx4.engine.vae import plan_decode
 
     seen = {}
 
@@ -269,7 +269,7 @@ def test_tiled_vae_decode_fits_its_measured_cost_into_what_is_left(tiny_upscaler
     budget = 2**31 + 2**29  # small enough that the VAE decode of a 160 px input is tiled
     with pytest.raises(Stop):
         tiny_upscaler(rng_image(160, 160), steps=1, seed=0, max_memory=budget, tile_size=160)
-    plan = pipeline.plan_for(tiny_upscaler.components, UpscaleOptions(max_memory=budget, tile_size=160), 160, 160)
+    plan = pipeline.budget.plan_for(tiny_upscaler.components, UpscaleOptions(max_memory=budget, tile_size=160), 160, 160)
     free = budget - plan.weights_bytes - memory.global_bytes(*seen["hw"], 1)
     assert seen["max_bytes"] == free - memory.TILED_DECODE_FIXED
     assert seen["work_factor"] == memory.TILED_DECODE_FACTOR == 3
@@ -282,7 +282,7 @@ def test_tiled_vae_decode_fits_its_measured_cost_into_what_is_left(tiny_upscaler
 
 
 def test_fit_vae_tile_shrinks_the_tile_until_the_measured_cost_fits():
-    from sdx4 import memory
+    from sdx4.engine import budget as memory
 
     gib = 2**30
     ram = lambda t: t * t * 30_000  # planned bytes grow with the tile's area  # noqa: E731
@@ -295,7 +295,7 @@ def test_fit_vae_tile_shrinks_the_tile_until_the_measured_cost_fits():
 
 
 def test_fit_vae_tile_takes_a_smaller_tile_when_that_spills_less():
-    from sdx4 import memory
+    from sdx4.engine import budget as memory
 
     gib = 2**30
     # spilled bytes fall as the tile (its work) shrinks, down to nothing at 96; RAM use stays within budget
@@ -319,12 +319,12 @@ def test_low_memory_gives_the_unets_memory_to_a_decode_that_would_spill(tiny_mod
     import numpy as np
 
     import sdx4
-    from sdx4 import memory
+    from sdx4.engine import budget as memory
 
     up = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", low_memory=True)
     image = rng_image(160, 160)
     c = up.components
-    weights = pipeline.weights_bytes(c.unet, c.vae)
+    weights = pipeline.budget.weights_bytes(c.unet, c.vae)
     # room for the weights, the whole-image tensors and the decode's fixed part, and next to nothing else
     budget = weights + memory.global_bytes(160, 160, 1) + memory.TILED_DECODE_FIXED + 2**20
     seen = {}
@@ -340,7 +340,7 @@ def test_low_memory_gives_the_unets_memory_to_a_decode_that_would_spill(tiny_mod
     first = up(image, steps=1, seed=3, max_memory=budget, tile_size=160)
     assert first.metadata["vae_decode"]["unet_released"] is True and c.unet is None
     assert seen["unet_alive"] is False  # gone before the decode started, not just unreferenced here
-    unet_bytes = pipeline.weights_bytes(tiny_upscaler.components.unet)  # packed or not (prepack.py)
+    unet_bytes = pipeline.budget.weights_bytes(tiny_upscaler.components.unet)  # packed or not (prepack.py)
     assert seen["max_bytes"] == 2**20 + unet_bytes  # its memory went to the decode
     assert first.metadata["vae_decode"]["tiled"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sdx4 import memory
-from sdx4.memory import MemoryBudgetError, plan_memory
+from sdx4.engine import budget as memory
+from sdx4.engine.budget import MemoryBudgetError, plan_memory
 
 GiB = 2**30
 WEIGHTS = int(3.6 * GiB)  # the full-size model in fp32
@@ -141,8 +141,8 @@ def test_the_full_model_constant_is_what_the_cache_holds():
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sdx4 import kvcache
-    from sdx4.random_model import UNET_CONFIGS
+    from sdx4.speed import kvcache
+    from sdx4.model.random_model import UNET_CONFIGS
 
     with torch.device("meta"):  # the published architecture, no memory
         unet = UNet2DConditionModel.from_config(UNET_CONFIGS["full"])

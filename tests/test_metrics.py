@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from sdx4.metrics import psnr_y, rgb_to_y, ssim_y
+from sdx4.quality.metrics import psnr_y, rgb_to_y, ssim_y
 
 skimage_metrics = pytest.importorskip("skimage.metrics")
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"

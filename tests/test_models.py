@@ -7,16 +7,13 @@ import pytest
 import torch
 
 import sdx4
-from sdx4 import models
-from sdx4.models import (
-    DEFAULT_MODEL,
-    ModelConfigError,
-    ModelNotFoundError,
-    ModelPathError,
-    load_components,
-    resolve_model_dir,
-    resolve_placement,
-)
+from sdx4.model import loading as models
+from sdx4.model import placement
+from sdx4.options import DEFAULT_MODEL
+from sdx4.model.errors import ModelConfigError, ModelNotFoundError, ModelPathError
+from sdx4.model.loading import load_components
+from sdx4.model.hub import resolve_model_dir
+from sdx4.model.placement import resolve_placement
 from conftest import run_cli
 
 
@@ -111,7 +108,7 @@ def test_broken_tokenizer_is_refused(tmp_path, tiny_model_dir):
 def test_unet_that_does_not_take_latents_plus_rgb_is_refused(tmp_path, tiny_model_dir):
     from diffusers import UNet2DConditionModel
 
-    from sdx4.random_model import UNET_CONFIGS
+    from sdx4.model.random_model import UNET_CONFIGS
 
     model = copy_model(tiny_model_dir, tmp_path / "m")
     shutil.rmtree(model / "unet")
@@ -191,7 +188,7 @@ def test_streamed_weights_equal_from_pretrained(tiny_model_dir, dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    torch_dtype = models.DTYPES[dtype]
+    torch_dtype = placement.DTYPES[dtype]
     c = load_components(str(tiny_model_dir), device="cpu", dtype=dtype)
     refs = {
         "unet": (c.unet, UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet", torch_dtype=torch_dtype)),
@@ -209,7 +206,7 @@ def test_weights_that_do_not_fit_fall_back_to_from_pretrained(tmp_path, tiny_mod
     """A renamed key (as in legacy checkpoints that diffusers converts on load) is not streamed."""
     from safetensors.torch import load_file, save_file
 
-    from sdx4.weights import WeightsMismatch, load_diffusers_model
+    from sdx4.model.weights import WeightsMismatch, load_diffusers_model
 
     model = copy_model(tiny_model_dir, tmp_path / "m")
     path = model / "unet" / "diffusion_pytorch_model.safetensors"

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from sdx4.options import OptionsError, UpscaleOptions
-from sdx4.pipeline import pad_to_multiple
+from sdx4.engine.loop import pad_to_multiple
 
 
 def diffusers_pipeline(components):

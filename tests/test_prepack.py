@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import sdx4
-from sdx4 import pipeline, prepack
+from sdx4.engine import loop as pipeline
+from sdx4.speed import prepack
 
 pytestmark = pytest.mark.skipif(not prepack.available(), reason="this torch build has no oneDNN")
 
@@ -56,14 +57,14 @@ def test_packed_layers_give_eager_values(dtype):
 
 def test_packed_weights_replace_the_plain_ones_and_count_the_same():
     mods = layers(torch.float32)
-    before = pipeline.weights_bytes(mods)
+    before = pipeline.budget.weights_bytes(mods)
     prepack.install(mods)
     assert not any(m.weight.is_mkldnn for m in mods)  # packed on first use, not at install
     with torch.no_grad():
         run(mods, torch.randn(1, 8, 8, 8))
     assert all(m.weight.is_mkldnn for m in mods)
     assert len(list(mods.parameters())) == 3  # the two conv biases and one linear bias remain parameters
-    assert pipeline.weights_bytes(mods) == before  # nothing held twice, nothing lost from the count
+    assert pipeline.budget.weights_bytes(mods) == before  # nothing held twice, nothing lost from the count
 
 
 def test_a_new_shape_on_two_calls_in_a_row_repacks_alternating_shapes_do_not():

@@ -20,8 +20,9 @@ from server_helpers import (
     wait_until,
 )
 
-from sdx4.jobs import QueueSettings
-from sdx4.server import ApiError, ServerSettings, create_app, parse_options, safe_name
+from sdx4.service.jobs import QueueSettings
+from sdx4.service.requests import ApiError, ServerSettings, parse_options, safe_name
+from sdx4.service.app import create_app
 
 FAST = {"steps": "2", "seed": "7"}
 

@@ -5,10 +5,12 @@ import pytest
 import torch
 
 import sdx4
-from sdx4 import models
-from sdx4.models import cpu_bf16_flags, load_components, resolve_placement
+from sdx4.model import loading as models
+from sdx4.model import placement
+from sdx4.model.placement import cpu_bf16_flags, resolve_placement
+from sdx4.model.loading import load_components
 from sdx4.options import SCHEDULERS, OptionsError, UpscaleOptions
-from sdx4.schedulers import USUAL_STEPS, make_scheduler
+from sdx4.engine.schedulers import USUAL_STEPS, make_scheduler
 
 X86_BF16 = "processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n"
 X86_AMX = "flags : fpu avx512f amx_bf16 amx_tile\n"
@@ -37,8 +39,8 @@ def test_bf16_detection_reads_cpu_flags(cpuinfo, flags):
 )
 def test_auto_dtype_on_cpu_needs_native_and_measured_faster_bf16(monkeypatch, native, speedup, expected, reason):
     measured = []
-    monkeypatch.setattr(models, "cpu_bf16_flags", lambda: {"avx512_bf16"} if native else set())
-    monkeypatch.setattr(models, "cpu_bf16_speedup", lambda: measured.append(1) or {"speedup": speedup})
+    monkeypatch.setattr(placement, "cpu_bf16_flags", lambda: {"avx512_bf16"} if native else set())
+    monkeypatch.setattr(placement, "cpu_bf16_speedup", lambda: measured.append(1) or {"speedup": speedup})
     p = resolve_placement("cpu", "auto")
     assert (p.unet_dtype, p.text_dtype, p.vae_dtype) == (expected, expected, torch.float32)
     assert p.dtype_reason.startswith(reason) and p.describe()["dtype_reason"] == p.dtype_reason
@@ -50,13 +52,13 @@ def test_auto_dtype_on_cpu_needs_native_and_measured_faster_bf16(monkeypatch, na
 
 def test_bf16_speedup_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("SDX4_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "cpu_bf16_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(placement, "cpu_bf16_flags", lambda: {"avx512_bf16"})
     runs = []
-    monkeypatch.setattr(models, "measure_bf16_speedup", lambda: runs.append(1) or {"speedup": 0.6491, "fp32_gflops": 236.0, "bf16_gflops": 153.2})
-    first = models.cpu_bf16_speedup()
+    monkeypatch.setattr(placement, "measure_bf16_speedup", lambda: runs.append(1) or {"speedup": 0.6491, "fp32_gflops": 236.0, "bf16_gflops": 153.2})
+    first = placement.cpu_bf16_speedup()
     assert (first["speedup"], first["cached"], len(runs)) == (0.649, False, 1)
     assert "avx512_bf16" in first["key"] and torch.__version__ in first["key"]
-    second = models.cpu_bf16_speedup()
+    second = placement.cpu_bf16_speedup()
     assert (second["speedup"], second["cached"], len(runs)) == (0.649, True, 1)  # read back, not measured again
     import json
 
@@ -65,18 +67,18 @@ def test_bf16_speedup_is_measured_once_per_machine_and_kept(monkeypatch, tmp_pat
     # A damaged file is reported and measured over, not trusted.
     (tmp_path / "cache" / "cpu-precision.json").write_text("{not json")
     with caplog.at_level("WARNING", logger="sdx4"):
-        third = models.cpu_bf16_speedup()
+        third = placement.cpu_bf16_speedup()
     assert (third["cached"], len(runs)) == (False, 2) and "ignoring unreadable" in caplog.text
     # Nowhere to keep it: still answers, and says why it could not keep it.
     monkeypatch.setenv("SDX4_CACHE", str(tmp_path / "file-not-dir" / "x"))
     (tmp_path / "file-not-dir").write_text("")
     with caplog.at_level("WARNING", logger="sdx4"):
-        fourth = models.cpu_bf16_speedup()
+        fourth = placement.cpu_bf16_speedup()
     assert fourth["speedup"] == 0.649 and "could not keep the bf16 measurement" in caplog.text
 
 
 def test_bf16_speedup_measurement_runs_both_precisions():
-    m = models.measure_bf16_speedup(reps=1)
+    m = placement.measure_bf16_speedup(reps=1)
     assert set(m) == {"speedup", "fp32_gflops", "bf16_gflops"}
     assert m["fp32_gflops"] > 0 and m["bf16_gflops"] > 0
     assert m["speedup"] == pytest.approx(m["bf16_gflops"] / m["fp32_gflops"])
@@ -167,7 +169,7 @@ def test_low_memory_default_is_on_for_the_cpu_only(tiny_model_dir):
 def test_low_memory_flag(flag, expected):
     import argparse
 
-    from sdx4.cli import add_model_args, low_memory_arg
+    from sdx4.cli.args import add_model_args, low_memory_arg
 
     p = argparse.ArgumentParser()
     add_model_args(p)
@@ -198,7 +200,7 @@ def test_low_memory_load_drops_the_text_encoder_before_the_unet_is_loaded(tiny_m
     import gc
     import weakref
 
-    from sdx4 import models
+    from sdx4.model import loading as models
 
     encoders: list[weakref.ref] = []
     alive_at_unet_load: list[bool] = []
@@ -227,7 +229,7 @@ def test_low_memory_load_drops_the_text_encoder_before_the_unet_is_loaded(tiny_m
 
 
 def test_freed_memory_is_released_before_the_vae_decode(tiny_upscaler, rng_image, monkeypatch):
-    from sdx4 import memory, pipeline
+    from sdx4.engine import budget as memory, loop as pipeline
 
     calls = []
     real_decode = pipeline.decode_latents
@@ -240,7 +242,7 @@ def test_freed_memory_is_released_before_the_vae_decode(tiny_upscaler, rng_image
 def test_release_memory_gives_heap_back_on_glibc():
     import platform
 
-    from sdx4.memory import release_memory
+    from sdx4.engine.budget import release_memory
 
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert release_memory() is expected
@@ -249,7 +251,7 @@ def test_release_memory_gives_heap_back_on_glibc():
 def test_channels_last_on_the_cpu_in_every_precision(tiny_model_dir, tiny_upscaler):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from sdx4.models import Placement
+    from sdx4.model.placement import Placement
 
     assert resolve_placement("cpu", "fp32").channels_last and resolve_placement("cpu", "bf16").channels_last
     assert not Placement(torch.device("cuda"), torch.float16, torch.float16).channels_last  # GPUs keep diffusers' layout
@@ -272,7 +274,7 @@ def test_channels_last_on_the_cpu_in_every_precision(tiny_model_dir, tiny_upscal
 def test_transformer_outputs_stay_channels_last_on_the_cpu(tiny_model_dir):
     from diffusers import UNet2DConditionModel
 
-    from sdx4.models import keep_transformer_outputs_channels_last
+    from sdx4.speed.channels_last import keep_transformer_outputs_channels_last
 
     ref = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").eval()  # diffusers' own, untouched
     blocks = blocks_of(ref)

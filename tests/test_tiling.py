@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdx4 import tiling
-from sdx4.tiling import Tile, blend_weights, merge_tiled, normalised_weights, plan_tiles, retry_on_oom, tile_starts
+from sdx4.engine import tiling
+from sdx4.engine.tiling import Tile, blend_weights, merge_tiled, normalised_weights, plan_tiles, retry_on_oom, tile_starts
 
 
 def _coverage(tiles: list[Tile], h: int, w: int) -> torch.Tensor:

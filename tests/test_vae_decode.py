@@ -11,14 +11,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-import sdx4.vae_decode as vd
-from sdx4.random_model import VAE_CONFIGS
-from sdx4.vae_decode import (
-    DecodeReport,
-    decode_latents,
-    estimate_decode_bytes,
-    plan_decode,
-)
+import sdx4.engine.vae as vd
+from sdx4.engine.vae import decode as vd_decode, ops as vd_ops, plan as vd_plan, run as vd_run
+from sdx4.model.random_model import VAE_CONFIGS
+from sdx4.engine.vae import DecodeReport, decode_latents, estimate_decode_bytes, plan_decode
 
 TOL = 1e-3  # issue 3: tiled vs untiled, in [-1, 1] units
 
@@ -98,18 +94,18 @@ def test_full_size_vae_tiled_matches_untiled(full, hw, tile_size):
 def test_tile_mode_is_exact_when_the_sample_is_every_tile(tiny, tiny_case, monkeypatch):
     """The bounded-memory path (ops run one tile window at a time) pooled over all tiles = exact statistics."""
     lat, ref = tiny_case
-    real_plan = vd._plan
+    real_plan = vd_plan.build_plan
 
     def every_tile_from(split: int):
         def plan(shapes, *args, **kwargs):
             p = real_plan(shapes, *args, **kwargs)
-            halo = max(vd.receptive_radius(shapes, split), p.overlap * vd._scale_at(shapes, split))
+            halo = max(vd_plan.receptive_radius(shapes, split), p.overlap * vd_plan.scale_at(shapes, split))
             return dataclasses.replace(p, split=split, sample=tuple(range(p.tiles)), halo=halo)
 
         return plan
 
     for split in (4, 9, 15):  # after the attention, inside the up blocks, at the 4x resolution
-        monkeypatch.setattr(vd, "_plan", every_tile_from(split))
+        monkeypatch.setattr(vd_decode, "build_plan", every_tile_from(split))
         out, _ = decode_latents(tiny, lat, tile_size=8)
         diff = (out - ref).abs().max().item()
         assert diff <= TOL, f"split {split}: {diff}"
@@ -169,18 +165,18 @@ def test_channels_last_vae_decodes_on_channels_last_planes(max_bytes, tmp_path):
     with torch.no_grad():
         ref = vae.decode(lat).sample
     crops = []
-    real_crop = vd._Plane.crop
+    real_crop = vd_run.Plane.crop
 
     def crop(self, *args):
         t = real_crop(self, *args)
         crops.append(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous())
         return t
 
-    vd._Plane.crop = crop
+    vd_run.Plane.crop = crop
     try:
         out, report = decode_latents(vae, lat, tile_size=8, max_bytes=max_bytes, spill_dir=tmp_path)
     finally:
-        vd._Plane.crop = real_crop
+        vd_run.Plane.crop = real_crop
     assert report.tiled and (report.spilled_bytes > 0) == (max_bytes is not None)
     assert crops and all(crops)  # every tile crop is channels-last, as the convolutions want it
     assert (out - ref).abs().max().item() <= TOL and out.is_contiguous()
@@ -193,7 +189,7 @@ def test_the_attention_processor_is_restored_when_the_decode_fails(tiny, monkeyp
     def boom(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(vd, "_attend", boom)
+    monkeypatch.setattr(vd_run, "attend", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         decode_latents(tiny, _latents(tiny, 1, 20, 18), max_attention_tokens=100)
     assert attn.processor is processor
@@ -205,7 +201,7 @@ def test_attention_windows_hold_at_most_the_token_limit(h, w, tokens, overlap):
     side = max(1, math.isqrt(tokens))
     for n, bounds in ((h, rows), (w, cols)):
         assert bounds[0] == 0 and bounds[-1] == n and all(b > a for a, b in zip(bounds, bounds[1:]))
-        for start, end, _, _ in vd._windows(n, bounds, overlap):
+        for start, end, _, _ in vd_run.window_spans(n, bounds, overlap):
             assert end - start <= max(side, 1 + 2 * overlap)  # core + overlap on both sides
 
 
@@ -219,8 +215,8 @@ def test_windowed_attention_costs_no_more_per_pixel_than_global_attention_at_the
     costs = []
     for h, w in [(2 * side, 2 * side), (4 * side, 4 * side), (8 * side, 8 * side), (side + 1, side + 1), (3 * side + 7, side // 2), (10 * side, 9)]:
         rows, cols = vd.attention_bounds(h, w, tokens, overlap)
-        work = sum(((y1 - y0) * (x1 - x0)) ** 2 for y0, y1, _, _ in vd._windows(h, rows, overlap)
-                   for x0, x1, _, _ in vd._windows(w, cols, overlap))
+        work = sum(((y1 - y0) * (x1 - x0)) ** 2 for y0, y1, _, _ in vd_run.window_spans(h, rows, overlap)
+                   for x0, x1, _, _ in vd_run.window_spans(w, cols, overlap))
         costs.append(work / (h * w))
     assert max(costs) <= tokens
     if side == 128:  # 256, 512, 1024 latent px: cores of ~85 at each, 1.18x from the clipped edge windows
@@ -236,8 +232,8 @@ def test_attention_core_falls_back_to_the_window_side_when_the_overlap_is_too_wi
 def test_tile_local_blend_weights_sum_to_one(n, tile, overlap):
     """Cores >= 2*overlap: the ramps are a partition of unity (smaller cores: the code divides by the sum)."""
     total = torch.zeros(n, dtype=torch.float64)
-    for start, end, _, _ in vd._windows(n, vd._bounds(n, tile), overlap):
-        w = vd._ramp(start, end, n, overlap)
+    for start, end, _, _ in vd_run.window_spans(n, vd_plan.even_bounds(n, tile), overlap):
+        w = vd_run.blend_ramp(start, end, n, overlap)
         assert (w > 0).all() and (w <= 1).all()
         total[start:end] += w
     assert torch.allclose(total, torch.ones(n, dtype=torch.float64))
@@ -249,14 +245,14 @@ def test_tile_local_blend_weights_sum_to_one(n, tile, overlap):
 def _spilled_planes(monkeypatch) -> list[tuple[int, ...]]:
     """Record the shape of every plane created in a temporary file."""
     made = []
-    real = vd._Plane.empty.__func__
+    real = vd_run.Plane.empty.__func__
 
     def empty(cls, shape, dtype, spill_dir, fmt=torch.contiguous_format):
         if spill_dir is not None:
             made.append(tuple(shape))
         return real(cls, shape, dtype, spill_dir, fmt)
 
-    monkeypatch.setattr(vd._Plane, "empty", classmethod(empty))
+    monkeypatch.setattr(vd_run.Plane, "empty", classmethod(empty))
     return made
 
 
@@ -274,7 +270,7 @@ def test_budget_spills_whole_image_tensors_to_disk_and_stays_exact(tiny, tiny_ca
     assert report.norm_stats == "exact" and report.exact_norms == report.norms == 18
     assert report.spilled_bytes == plan.memory.spilled and report.planned_bytes == plan.memory.total
     assert out.is_contiguous() and list(tmp_path.iterdir()) == []  # temporary files are gone
-    assert len(made) == len(vd._program(tiny)) - 1  # every plane but the decoded image
+    assert len(made) == len(vd_ops.program(tiny)) - 1  # every plane but the decoded image
     assert report.spill_traffic_bytes == sum(4 * math.prod(s) for s in made)
 
     with pytest.raises(ValueError, match="spill_dir .*nowhere' is not a directory"):
@@ -287,14 +283,14 @@ def test_a_spilled_plane_is_written_with_pwrite_and_reads_back_what_was_written(
     """Writes go to the file (pwrite: row runs, or one block per image for full-width rows), even when the
     kernel writes less than asked; crops read them back through the mapping."""
     calls = []
-    real_pwrite = vd.os.pwrite
+    real_pwrite = vd_run.os.pwrite
 
     def short_pwrite(fd, data, offset):  # at most 40 bytes per call
         calls.append(len(data))
         return real_pwrite(fd, bytes(data[:40]), offset)
 
-    monkeypatch.setattr(vd.os, "pwrite", short_pwrite)
-    plane = vd._Plane.empty((2, 3, 7, 5), dtype, str(tmp_path), fmt)
+    monkeypatch.setattr(vd_run.os, "pwrite", short_pwrite)
+    plane = vd_run.Plane.empty((2, 3, 7, 5), dtype, str(tmp_path), fmt)
     ref = torch.zeros(2, 3, 7, 5, dtype=dtype)
     g = torch.Generator().manual_seed(0)
     for y0, x0, h, w in [(1, 2, 4, 3), (0, 0, 2, 5), (5, 0, 2, 5), (3, 4, 4, 1)]:
@@ -315,7 +311,7 @@ def test_a_full_disk_is_an_error_naming_the_spill_directory(tiny, tiny_case, tmp
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(vd.os, "pwrite", full)
+    monkeypatch.setattr(vd_run.os, "pwrite", full)
     with pytest.raises(OSError, match=f"temporary file in '{tmp_path}' failed: No space left on device.*TMPDIR") as err:
         decode_latents(tiny, lat, tile_size=8, max_bytes=1, spill_dir=tmp_path)
     assert err.value.errno == errno.ENOSPC
@@ -328,7 +324,7 @@ def test_a_budget_between_holds_what_fits_in_ram_and_spills_the_rest(tiny, tiny_
     everything_spilled = plan_decode(tiny, (37, 23), 8, batch_size=2, max_bytes=1)
     budget = everything_spilled.memory.total + in_ram.memory.planes // 20
     plan = plan_decode(tiny, (37, 23), 8, batch_size=2, max_bytes=budget)
-    n = len(vd._program(tiny))
+    n = len(vd_ops.program(tiny))
     assert plan.spill and 0 < len(plan.ram_planes) < n - 1
     assert plan.memory.total <= budget and 0 < plan.memory.planes < in_ram.memory.planes
     assert 0 < plan.memory.spilled < in_ram.memory.planes
@@ -352,9 +348,9 @@ def test_a_budget_between_holds_what_fits_in_ram_and_spills_the_rest(tiny, tiny_
 
 def test_plane_lives_cover_what_the_ops_read(tiny):
     """A resnet's input plane lives until its second conv adds it back; others until the next op reads them."""
-    ops = vd._program(tiny)
-    shapes = vd._shapes(ops)
-    lives = vd.plane_lives(shapes)
+    ops = vd_ops.program(tiny)
+    shapes = vd_plan.op_shapes(ops)
+    lives = vd_plan.plane_lives(shapes)
     assert len(lives) == len(ops) - 1 and all(first == p for p, (first, _) in enumerate(lives))
     for p, (first, last) in enumerate(lives):
         nxt = shapes[p + 1]
@@ -362,8 +358,8 @@ def test_plane_lives_cover_what_the_ops_read(tiny):
         if nxt.save:
             assert shapes[p + 2].skip
     # the planes live at each op, all in RAM, are exactly what the in-RAM plan holds at its peak
-    plan = vd._plan(shapes, (37, 23), 2, 8, None, 10**9, None, 4)
-    px = lambda i: 37 * 23 * vd._scale_at(shapes, i) ** 2  # noqa: E731
+    plan = vd_plan.build_plan(shapes, (37, 23), 2, 8, None, 10**9, None, 4)
+    px = lambda i: 37 * 23 * vd_plan.scale_at(shapes, i) ** 2  # noqa: E731
     sizes = [2 * 4 * px(p + 1) * shapes[p].out_channels for p in range(len(lives))]
     held = [sum(sizes[p] for p, (a, b) in enumerate(lives) if a <= i <= b) for i in range(len(ops))]
     held[0] += 2 * 4 * px(0) * shapes[0].in_channels  # the latents (op 0's input)
@@ -375,10 +371,10 @@ def test_place_planes_takes_the_largest_that_fit_over_their_whole_life():
     lives = [(0, 1), (1, 3), (2, 3), (3, 4)]
     sizes = [5, 6, 3, 2]
     other = [1, 1, 1, 1, 1]
-    assert vd.place_planes(sizes, lives, other, 7) == {1}  # 6 first; then 5 (op 1: 1+6+5), 3 (op 3), 2 (op 3) do not fit
-    assert vd.place_planes(sizes, lives, other, 11) == {1, 2}  # 5 needs 12 at op 1; 2 needs 12 at op 3
-    assert vd.place_planes(sizes, lives, other, 12) == {0, 1, 2, 3}
-    assert vd.place_planes(sizes, lives, [9] * 5, 9) == frozenset()  # no room next to the work
+    assert vd_plan.place_planes(sizes, lives, other, 7) == {1}  # 6 first; then 5 (op 1: 1+6+5), 3 (op 3), 2 (op 3) do not fit
+    assert vd_plan.place_planes(sizes, lives, other, 11) == {1, 2}  # 5 needs 12 at op 1; 2 needs 12 at op 3
+    assert vd_plan.place_planes(sizes, lives, other, 12) == {0, 1, 2, 3}
+    assert vd_plan.place_planes(sizes, lives, [9] * 5, 9) == frozenset()  # no room next to the work
 
 
 def test_budget_without_spill_estimates_statistics_and_says_so(tiny):
@@ -423,11 +419,11 @@ def test_pooled_moments_give_torch_group_norm(fmt):
     norm = torch.nn.GroupNorm(4, 12, eps=1e-6)
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
-    m = vd._Moments()
+    m = vd_ops.Moments()
     for y0, y1 in ((0, 7), (7, 20), (20, 30)):  # unequal tiles: an average of per-tile variances would be wrong
         for x0, x1 in ((0, 5), (5, 17)):
             m.add(x[:, :, y0:y1, x0:x1])
-    scale, shift = vd._group_norm_affine(norm, m, torch.device("cpu"), torch.float32)
+    scale, shift = vd_ops.group_norm_affine(norm, m, torch.device("cpu"), torch.float32)
     with torch.no_grad():
         expected = F.group_norm(x, 4, norm.weight, norm.bias, 1e-6)
     assert (x * scale + shift - expected).abs().max().item() < 1e-5
@@ -466,12 +462,12 @@ def test_bad_latents_are_rejected(tiny):
 def test_freed_memory_goes_back_to_the_os_after_every_op(tiny, tiny_case, monkeypatch):
     """An allocator that keeps freed memory (tcmalloc) must not carry each op's tile temporaries forward: the
     decode hands freed memory back after every whole-image op (without the gc pass), and the image is unchanged."""
-    from sdx4 import memory
+    from sdx4.engine import budget as memory
 
     lat, ref = tiny_case
     ops_run, released = [], []
-    real_op = vd._Runner.plane_op
-    monkeypatch.setattr(vd._Runner, "plane_op", lambda self, i, cur, res: ops_run.append(i) or real_op(self, i, cur, res))
+    real_op = vd_run.Runner.plane_op
+    monkeypatch.setattr(vd_run.Runner, "plane_op", lambda self, i, cur, res: ops_run.append(i) or real_op(self, i, cur, res))
     monkeypatch.setattr(memory, "release_memory", lambda collect=True: released.append((len(ops_run), collect)) or True)
     out, report = decode_latents(tiny, lat, tile_size=16)
     assert (out - ref).abs().max().item() <= TOL and report.norm_stats == "exact"

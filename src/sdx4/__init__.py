@@ -10,7 +10,7 @@ Importing sdx4 does not import torch; loading the model does.
 """
 
 from ._version import __version__
-from .api import UpscaleResult, Upscaler, load, upscale
+from .api import Upscaler, UpscaleResult, load, upscale
 from .imageio import ImageInputError, read_metadata
 from .options import METHODS, OptionsError, UpscaleOptions
 

@@ -18,11 +18,11 @@ from typing import Any
 
 from PIL import Image
 
-from . import allocator
 from ._version import __version__
-from .classical import ALPHA_FILTER, resize, upscale_classical
+from .engine.classical import ALPHA_FILTER, resize, upscale_classical
 from .imageio import LoadedImage, as_loaded, attach_alpha
 from .options import UpscaleOptions
+from .speed import allocator
 
 SCALE = 4
 
@@ -85,7 +85,7 @@ class Upscaler:
     """Holds the loaded model; call it with an image and options. One image per call."""
 
     def __init__(self, components: Any, low_memory: bool | None = None) -> None:
-        from .pipeline import PromptCache
+        from .engine.prompts import PromptCache
 
         self.components = components
         self.low_memory = default_low_memory(components.placement.device.type) if low_memory is None else low_memory
@@ -146,8 +146,8 @@ class Upscaler:
         import numpy as np
         import torch
 
-        from .pipeline import to_model_range, to_uint8, upscale_tensor
-        from .scale import upscale_by
+        from .engine.loop import to_model_range, to_uint8, upscale_tensor
+        from .engine.scale import upscale_by
 
         t0 = time.perf_counter()
         # With the low-memory policy a decode that would spill to disk gets the UNet's memory instead
@@ -250,8 +250,9 @@ def load(
     never in memory together (fp32, measured: peak 3.76 -> 2.81 GiB). Other prompts load it again when
     they come. Ignored when the text encoder is kept (the GPU default): it encodes on the first call.
     """
-    from .models import DEFAULT_MODEL, load_components
-    from .pipeline import check_prompts
+    from .engine.prompts import check_prompts
+    from .model.loading import load_components
+    from .options import DEFAULT_MODEL
 
     first = UpscaleOptions().text_prompts if prompts is None else check_prompts(prompts)  # checked before loading
     made: list[Upscaler] = []

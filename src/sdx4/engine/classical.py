@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from PIL import Image
 
-from .imageio import LoadedImage, attach_alpha
-from .options import CLASSICAL_METHODS
+from ..imageio import LoadedImage, attach_alpha
+from ..options import CLASSICAL_METHODS
 
 FILTERS = {
     "nearest": Image.Resampling.NEAREST,

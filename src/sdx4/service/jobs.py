@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .imageio import LoadedImage, save_image
-from .options import UpscaleOptions
+from ..imageio import LoadedImage, save_image
+from ..options import UpscaleOptions
 
 log = logging.getLogger("sdx4.server")
 

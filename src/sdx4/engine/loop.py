@@ -10,7 +10,7 @@ https://arxiv.org/abs/2207.12598.
 
 Large images (docs/large-images.md): the UNet runs on overlapping latent tiles of ONE global latent,
 merged every step (MultiDiffusion, Bar-Tal et al. 2023, https://arxiv.org/abs/2302.08113); tile size and
-batch come from a memory budget (`memory.plan_memory`). When the image fits in one tile the loop is
+batch come from a memory budget (`budget.plan_memory`). When the image fits in one tile the loop is
 exactly the untiled one.
 
 Built on diffusers' model/scheduler classes, not on its pipeline class. For the same weights, seed and
@@ -21,7 +21,6 @@ happen in the same order: image noise first, then the initial latents, both from
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -30,110 +29,21 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import guidance_prefix, kvcache, memory, tiling
+from ..model.loading import Components
+from ..options import OptionsError, UpscaleOptions
+from ..speed import kvcache
+from . import budget, tiling
 from .colorfix import color_fix, reference_for
-from .models import Components
-from .options import OptionsError, UpscaleOptions
+from .denoiser import unet_in_calls
+from .prompts import EncodeFn, prompt_embeddings
 from .schedulers import make_scheduler
-
-from .vae_decode import decode_latents, plan_decode
+from .vae import decode_latents, plan_decode
 
 log = logging.getLogger("sdx4")
 
 #: progress(step_index_1_based, total_steps). It may raise to cancel: the loop stops at that step.
 ProgressFn = Callable[[int, int], None]
 
-
-@torch.no_grad()
-def encode_prompt(components: Components, prompt: str) -> torch.Tensor:
-    """Prompt -> CLIP text hidden states, 1 x 77 x D (last hidden state, as diffusers uses it)."""
-    tok, enc = components.tokenizer, components.text_encoder
-    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-    mask = None
-    if getattr(enc.config, "use_attention_mask", False):
-        mask = ids.attention_mask.to(enc.device)
-    return enc(ids.input_ids.to(enc.device), attention_mask=mask)[0]  # 1,77,D
-
-
-#: prompts -> their embeddings (1,77,D each), in order. The Upscaler passes a PromptCache.
-EncodeFn = Callable[[list[str]], list[torch.Tensor]]
-
-
-def prompt_embeddings(components: Components, options: UpscaleOptions, encode: EncodeFn | None = None) -> torch.Tensor:
-    """The UNet's encoder_hidden_states: [negative x n, positive x n] with guidance, [positive x n] without.
-
-    `encode` defaults to running the text encoder on each prompt; both prompts go in one call, so a
-    cache that has to load the text encoder loads it once.
-    """
-    encode = encode or (lambda texts: [encode_prompt(components, text) for text in texts])
-    n = options.num_images
-    if not options.do_guidance:
-        (cond,) = encode([options.prompt])
-        return cond.repeat(n, 1, 1)  # n,77,D
-    uncond, cond = encode([options.negative_prompt, options.prompt])
-    return torch.cat([uncond.repeat(n, 1, 1), cond.repeat(n, 1, 1)])  # 2n,77,D  (CFG batch order: negative first)
-
-
-def check_prompts(prompts: Any) -> list[str]:
-    """A list of prompt strings, or a TypeError that says what to pass (one string is not a list of them)."""
-    if isinstance(prompts, str):
-        raise TypeError(f"prompts must be a list of strings, not one string: pass [{prompts!r}]")
-    prompts = list(prompts)
-    if not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"prompts must be a list of strings; got {prompts!r}")
-    return prompts
-
-
-class PromptCache:
-    """Prompt -> embeddings, least recently used first out; the text encoder runs once per prompt.
-
-    With `low_memory`, the text encoder is dropped (and its memory given back to the OS) as soon as the
-    prompts of a call are encoded; a later prompt that is not cached loads it again from the model folder
-    (~1-3 s on a CPU). `encoder_runs` counts encoded prompts, `encoder_loads` the reloads.
-    """
-
-    def __init__(self, components: Components, max_entries: int = 32, low_memory: bool = False) -> None:
-        import threading
-        from collections import OrderedDict
-
-        self.components, self.max_entries, self.low_memory = components, max_entries, low_memory
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
-        self.encoder_runs = 0
-        self.encoder_loads = 0
-
-    def __call__(self, prompts: list[str]) -> list[torch.Tensor]:
-        prompts = check_prompts(prompts)
-        with self._lock:
-            missing = [p for p in dict.fromkeys(prompts) if p not in self._entries]
-            if missing:
-                c = self.components
-                if c.text_encoder is None:
-                    log.info("loading the text encoder again for %d new prompt(s) (low-memory policy)", len(missing))
-                    c.text_encoder = c.load_text_encoder()
-                    self.encoder_loads += 1
-                for prompt in missing:
-                    self._entries[prompt] = encode_prompt(c, prompt).to(c.placement.unet_dtype)  # 1,77,D
-                    self.encoder_runs += 1
-                if self.low_memory:
-                    self._drop_encoder()
-            out = []
-            for prompt in prompts:
-                self._entries.move_to_end(prompt)
-                out.append(self._entries[prompt])
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-            return out
-
-    def drop_encoder(self) -> None:
-        """Drop the text encoder now (if loaded) and give its memory back; a new prompt loads it again."""
-        with self._lock:
-            self._drop_encoder()
-
-    def _drop_encoder(self) -> None:
-        if self.components.text_encoder is not None:
-            self.components.text_encoder = None
-            memory.release_memory()
 
 
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -198,7 +108,7 @@ def upscale_tensor(
     # 2. Low-res image in [-1,1], padded to what the UNet's down/up-sampling needs.
     original = image.float()  # 1,3,h,w  (the colour fix's reference)
     image, (h, w) = pad_to_multiple(image.to(device=device, dtype=dtype), components.pad_multiple)  # 1,3,h',w'
-    plan = plan_for(components, options, *image.shape[-2:])
+    plan = budget.plan_for(components, options, *image.shape[-2:])
 
     # 3. Noise the low-res image at `noise_level` (the model was trained on such noised inputs).
     #    This is the FIRST draw from the generator, as in diffusers.
@@ -233,19 +143,19 @@ def upscale_tensor(
             k = x.shape[0] // batch  # x: k*(2)n,7,th,tw, tile-major
             if k not in per_k:
                 per_k[k] = (embeds.repeat(k, 1, 1), noise_level.repeat(k))
-            return _unet_in_calls(unet, x, t, *per_k[k], plan.unet_batch, pair_half)
+            return unet_in_calls(unet, x, t, *per_k[k], plan.unet_batch, pair_half)
 
         def predict(size: int, model_in: torch.Tensor = model_in) -> torch.Tensor:
-            tiles = tiling.plan_tiles(*model_in.shape[-2:], size, _overlap(plan, size, components.pad_multiple), components.pad_multiple)
+            tiles = tiling.plan_tiles(*model_in.shape[-2:], size, budget.overlap_for(plan, size, components.pad_multiple), components.pad_multiple)
             if len(tiles) == 1:  # the untiled path (one call unless the budget splits the CFG batch)
-                return _unet_in_calls(unet, model_in, t, embeds, noise_level, plan.unet_batch, pair_half)
+                return unet_in_calls(unet, model_in, t, embeds, noise_level, plan.unet_batch, pair_half)
             return tiling.merge_tiled(
                 unet_fn,
                 [model_in],
                 tiles,
                 tile_batch=plan.tile_batch,
                 blend=options.tile_blend,
-                overlap=_overlap(plan, size, components.pad_multiple),
+                overlap=budget.overlap_for(plan, size, components.pad_multiple),
             )
 
         pred, new_size = tiling.retry_on_oom(predict, tile_size, min_tile=components.pad_multiple, multiple=components.pad_multiple)
@@ -263,7 +173,7 @@ def upscale_tensor(
 
     # 6. Decode in the VAE's precision (fp32: fp16 overflows to NaN), crop the padding away. The loop's
     #    freed activations go back to the OS first (the decode is often the run's memory peak).
-    memory.release_memory()
+    budget.release_memory()
     latents = latents.to(components.placement.vae_dtype) / vae.config.scaling_factor
     # Tiled when the plan says so: exact whole-image GroupNorm statistics, within the budget's activation
     # share (whole-image tensors spill to temp files beyond).
@@ -271,31 +181,31 @@ def upscale_tensor(
     vae_tile, vae_bytes, tokens = plan.vae_tile_size, None, options.vae_attention_window**2
     unet_released = False
     if vae_tile is not None:  # the tile (<= the plan's) whose measured decode cost fits what is left, spilling least
-        free = plan.budget_bytes - plan.weights_bytes - memory.global_bytes(*latents.shape[-2:], n)
+        free = plan.budget_bytes - plan.weights_bytes - budget.global_bytes(*latents.shape[-2:], n)
         hw = tuple(latents.shape[-2:])
 
         def decode_plan(t: int, b: int) -> Any:
             return plan_decode(vae, hw, t, batch_size=n, max_attention_tokens=tokens, max_bytes=b,
-                               work_factor=memory.TILED_DECODE_FACTOR)
+                               work_factor=budget.TILED_DECODE_FACTOR)
 
         def cost(t: int, b: int) -> tuple[int, int]:  # planned RAM, bytes written to temporary files
             m = decode_plan(t, b).memory
             return m.total, m.spill_traffic
 
-        fitted = memory.fit_vae_tile(cost, vae_tile, free)
+        fitted = budget.fit_vae_tile(cost, vae_tile, free)
         if release_unet is not None and decode_plan(*fitted).spill:
             # Spilling costs 1.2-1.3x the decode's time; the UNet's weights are not needed until the next
             # image: give their memory to the decode instead (the caller reloads the UNet, a few seconds).
-            free += weights_bytes(unet)
+            free += budget.weights_bytes(unet)
             del unet  # the loop's closures share this reference: the caller's is the last one
             release_unet()
-            memory.release_memory()
+            budget.release_memory()
             unet_released = True
-            fitted = memory.fit_vae_tile(cost, vae_tile, free)
+            fitted = budget.fit_vae_tile(cost, vae_tile, free)
         vae_tile, vae_bytes = fitted
     decoded, decode_report = decode_latents(
         vae, latents, tile_size=vae_tile, max_attention_tokens=tokens, max_bytes=vae_bytes,
-        work_factor=memory.TILED_DECODE_FACTOR,
+        work_factor=budget.TILED_DECODE_FACTOR,
     )  # n,3,4h',4w'
     out = decoded[:, :, : 4 * h, : 4 * w].float().cpu()
     clock.lap("decoding")
@@ -305,11 +215,11 @@ def upscale_tensor(
         out = color_fix(out, reference_for(original.cpu(), out.shape[-2:]), options.color_fix)
         clock.lap("color_fix")
     if report is not None:
-        final_tiles = tiling.plan_tiles(*image.shape[-2:], tile_size, _overlap(plan, tile_size, components.pad_multiple), components.pad_multiple)
+        final_tiles = tiling.plan_tiles(*image.shape[-2:], tile_size, budget.overlap_for(plan, tile_size, components.pad_multiple), components.pad_multiple)
         report["tiling"] = {
             **plan.describe(),
             "tile_size": min(tile_size, max(image.shape[-2:])),
-            "tile_overlap": _overlap(plan, tile_size, components.pad_multiple) if len(final_tiles) > 1 else 0,
+            "tile_overlap": budget.overlap_for(plan, tile_size, components.pad_multiple) if len(final_tiles) > 1 else 0,
             "tiles": len(final_tiles),
             "tiled": len(final_tiles) > 1,
             "tile_blend": options.tile_blend,
@@ -324,93 +234,6 @@ def upscale_tensor(
         report["color_fix"] = options.color_fix
     return out
 
-
-def _unet_in_calls(
-    unet: Any,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    embeds: torch.Tensor,
-    labels: torch.Tensor,
-    per_call: int | None,
-    pair_half: int | None = None,
-) -> torch.Tensor:
-    """The UNet on batch x (B,7,h,w), `per_call` samples per call (None: all at once). Splitting the
-    CFG pair halves the working memory for the same FLOPs (the memory plan asks for it when it saves tiles).
-    pair_half: with guidance, samples per half of each pair; in one call, the UNet's text-free prefix
-    then runs once per pair when the halves are equal (guidance_prefix)."""
-    def call(i: int, j: int) -> torch.Tensor:
-        return unet(x[i:j], t, encoder_hidden_states=embeds[i:j], class_labels=labels[i:j], return_dict=False)[0]
-
-    b = x.shape[0]
-    pairs = pair_half is not None and guidance_prefix.pairs_equal(x, labels, pair_half)
-    if per_call is None or per_call >= b:
-        if pairs:
-            with guidance_prefix.shared(b // (2 * pair_half), pair_half):
-                return call(0, b)
-        return call(0, b)
-    parts = []
-    if pairs and per_call == pair_half:  # each call is one half of a pair: the second replays the first's prefix
-        for i in range(0, b, 2 * per_call):
-            prefix: list[Any] = []
-            with guidance_prefix.recording(prefix):
-                parts.append(call(i, i + per_call))
-            with guidance_prefix.replaying(prefix):
-                parts.append(call(i + per_call, i + 2 * per_call))
-            del prefix
-    else:
-        parts = [call(i, i + per_call) for i in range(0, b, per_call)]
-    return torch.cat(parts)  # B,4,h,w
-
-
-def weights_bytes(*modules: Any) -> int:
-    """Bytes of the parameters and buffers of these modules (None: not loaded, 0). Buffers count: the
-    UNet's packed weights are buffers (prepack.py)."""
-    return sum(
-        t.numel() * t.element_size() for m in modules if m is not None for t in itertools.chain(m.parameters(), m.buffers())
-    )
-
-
-def plan_for(components: Components, options: UpscaleOptions, h: int, w: int) -> memory.MemoryPlan:
-    """The memory plan for an h x w (padded) latent: explicit tile options win over the budget."""
-    placement = components.placement
-    # The weights resident now (the low-memory policy drops the text encoder between prompts).
-    weights = weights_bytes(components.unet, components.vae, components.text_encoder)
-    budget = options.max_memory
-    if budget is None:
-        budget = memory.default_budget(weights, placement.device.type, placement.device.index)
-    samples = options.num_images * (2 if options.do_guidance else 1)
-    dtype_bytes = torch.tensor([], dtype=placement.unet_dtype).element_size()
-    return memory.plan_memory(
-        h,
-        w,
-        budget_bytes=budget,
-        weights_bytes=weights,
-        samples_per_tile=samples,
-        images=options.num_images,
-        dtype_bytes=dtype_bytes,
-        multiple=components.pad_multiple,
-        tile_size=options.tile_size,
-        tile_overlap=options.tile_overlap,
-        tile_batch=options.tile_batch,
-        kv_bytes_per_sample=kvcache.bytes_per_sample(components.unet, components.tokenizer.model_max_length, dtype_bytes),
-    )
-
-
-def check_memory(components: Components, options: UpscaleOptions, width: int, height: int) -> None:
-    """Raise memory.MemoryBudgetError now (before any heavy work) if a pass of this input cannot fit."""
-    from .scale import pass_plan, target_size
-
-    m = components.pad_multiple
-    sizes = [(width, height)] + pass_plan((width, height), target_size((width, height), options.scale))[:-1]
-    for w, h in sizes:  # the input of every x4 pass
-        plan_for(components, options, -(-h // m) * m, -(-w // m) * m)
-
-
-def _overlap(plan: memory.MemoryPlan, tile_size: int, multiple: int) -> int:
-    """The plan's overlap, shrunk when an out-of-memory retry made the tile smaller."""
-    if tile_size == plan.tile_size:
-        return plan.tile_overlap
-    return min(plan.tile_overlap or memory.default_overlap(tile_size, multiple), memory.default_overlap(tile_size, multiple))
 
 
 class _StageClock:
@@ -455,3 +278,4 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """B,3,H,W in [-1,1] -> B,H,W,3 uint8, rounded as diffusers' postprocess does."""
     x = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
     return (x * 255).round().to(torch.uint8)
+

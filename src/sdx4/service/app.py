@@ -12,24 +12,17 @@
 
 Request handlers never run the model: they check the request (size, format, pixel counts from the
 image header BEFORE decoding, options), decode in a thread pool, and queue. Errors are JSON
-`{"detail": message, "field": name-or-null}` with 400/401/404/409/413/415/422/429/503.
-"""
+`{"detail": message, "field": name-or-null}` with 400/401/404/409/413/415/422/429/503."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
-import re
 import secrets
 import time
-import types
-import typing
-import warnings
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,231 +30,34 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, UnidentifiedImageError
 
-from ._version import __version__
-from .imageio import ImageInputError, LoadedImage, as_loaded
-from .jobs import FINISHED, JobManager, QueueFull, QueueSettings, ShuttingDown
-from .options import METHODS, OptionsError, UpscaleOptions, option_defaults
+from .._version import __version__
+from ..imageio import LoadedImage
+from ..options import METHODS, UpscaleOptions, option_defaults
+from .jobs import FINISHED, JobManager, QueueFull, ShuttingDown
+from .requests import (
+    FORM_OVERHEAD_BYTES,
+    IMAGE_PART_TYPES,
+    OPTION_KINDS,
+    OPTION_NAMES,
+    ApiError,
+    Changes,
+    ServerSettings,
+    decode_upload,
+    download_name,
+    parse_options,
+    safe_name,
+    short,
+)
 
 log = logging.getLogger("sdx4.server")
 
+# ---- the app -------------------------------------------------------------------------------------
+
+
 STATIC_DIR = Path(__file__).parent / "static"
-API_KEY_ENV = "SDX4_API_KEY"
-
-
-def _option_kinds() -> dict[str, tuple[str, tuple[str, ...]]]:
-    """UpscaleOptions field -> ("integer" | "number" | "boolean" | "string", allowed strings for Literals).
-
-    Read from the dataclass itself, so an option added there is accepted here with the same name."""
-    kinds: dict[str, tuple[str, tuple[str, ...]]] = {}
-    for name, hint in typing.get_type_hints(UpscaleOptions).items():
-        args = tuple(a for a in typing.get_args(hint) if a is not type(None))
-        base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
-        if base is bool:
-            kinds[name] = ("boolean", ())
-        elif base is int:
-            kinds[name] = ("integer", ())
-        elif base is float:
-            kinds[name] = ("number", ())
-        elif typing.get_origin(base) is typing.Literal:
-            kinds[name] = ("string", tuple(str(a) for a in typing.get_args(base)))
-        else:
-            kinds[name] = ("string", ())
-    return kinds
-
-
-OPTION_KINDS = _option_kinds()
-OPTION_NAMES = tuple(OPTION_KINDS)
-NULLABLE_OPTIONS = tuple(k for k, v in option_defaults().items() if v is None)  # empty field -> None (seed)
-#: What the image part may declare as its type; the bytes themselves are checked by Pillow.
-IMAGE_PART_TYPES = ("image/", "application/octet-stream")
-#: Room for the option fields and multipart framing on top of the image bytes.
-FORM_OVERHEAD_BYTES = 64 * 1024
 SSE_POLL_S = 0.5  # waits wake on every job change; this bounds how late a client disconnect is noticed
 SSE_HEARTBEAT_S = 15.0
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """Limits and switches of the service; every default is documented in docs/server.md."""
-
-    api_key: str | None = None  # None: no key needed
-    max_upload_bytes: int = 20 * 1024 * 1024  # 413 above this
-    max_input_pixels: int = 1024 * 1024  # 413 above this, read from the image header before decoding
-    max_output_pixels: int = 2048 * 2048  # (scale W) x (scale H) x num_images; 413 above this
-    formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")  # Pillow format names; 415 otherwise
-    max_prompt_chars: int = 2000  # 422 above this (CLIP reads 77 tokens anyway)
-    shutdown_timeout_s: float = 60.0  # how long shutdown waits for the running step before leaving
-    queue: QueueSettings = field(default_factory=QueueSettings)
-
-    def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_input_pixels", "max_output_pixels", "max_prompt_chars"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if self.api_key is not None and not self.api_key:
-            raise ValueError("api_key must not be empty (use None for no key)")
-
-    def limits(self) -> dict[str, Any]:
-        q = self.queue
-        return {
-            "max_upload_bytes": self.max_upload_bytes,
-            "max_input_pixels": self.max_input_pixels,
-            "max_output_pixels": self.max_output_pixels,
-            "formats": list(self.formats),
-            "max_prompt_chars": self.max_prompt_chars,
-            "max_queue": q.max_queue,
-            "result_ttl_s": q.result_ttl_s,
-            "max_results": q.max_results,
-            "max_result_bytes": q.max_result_bytes,
-        }
-
-
-class Changes:
-    """Wakes every waiting request when any job changes; the worker thread pokes it thread-safely."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.event = loop, asyncio.Event()
-
-    def poke(self) -> None:  # any thread
-        if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._fire)
-
-    def _fire(self) -> None:
-        self.event.set()
-        self.event = asyncio.Event()
-
-    async def wait(self, since: asyncio.Event, timeout: float) -> None:
-        """Until a change after `since` (= `self.event` taken BEFORE looking at the jobs), or `timeout` s."""
-        try:
-            await asyncio.wait_for(since.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-
-
-class ApiError(Exception):
-    """An HTTP error with a message for people and the offending field (option or "image") for programs."""
-
-    def __init__(self, status: int, detail: str, field: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(detail)
-        self.status, self.detail, self.field, self.headers = status, detail, field, headers
-
-
-# ---- pure request checks (tested alone) ------------------------------------------------------------
-
-
-def parse_options(fields: dict[str, str], max_prompt_chars: int = 2000) -> UpscaleOptions:
-    """Form fields (strings) -> UpscaleOptions; 422 naming the option on any bad or unknown value."""
-    unknown = sorted(set(fields) - set(OPTION_NAMES))
-    if unknown:
-        raise ApiError(422, f"unknown field {unknown[0]!r}; allowed: image, {', '.join(OPTION_NAMES)}", unknown[0])
-    values: dict[str, Any] = {}
-    for name, raw in fields.items():
-        kind, choices = OPTION_KINDS[name]
-        text = raw.strip()
-        if kind == "string":
-            if len(raw) > max_prompt_chars:
-                raise ApiError(422, f"{name} is {len(raw)} characters; the limit is {max_prompt_chars}", name)
-            values[name] = text if choices else raw  # free text is kept as typed
-        elif name in NULLABLE_OPTIONS and text == "":
-            values[name] = None  # e.g. an empty seed field: draw one
-        elif kind == "integer":
-            try:
-                values[name] = int(text)
-            except ValueError:
-                raise ApiError(422, f"{name} must be an integer; got {_short(raw)!r}", name) from None
-        elif kind == "number":
-            try:
-                values[name] = float(text)
-            except ValueError:
-                raise ApiError(422, f"{name} must be a number; got {_short(raw)!r}", name) from None
-        else:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ApiError(422, f"{name} must be true or false; got {_short(raw)!r}", name)
-            values[name] = text.lower() in ("true", "1")
-    try:
-        return UpscaleOptions(**values)
-    except OptionsError as e:
-        message = str(e)
-        name = message.split(" ", 1)[0]
-        raise ApiError(422, message, name if name in OPTION_NAMES else None) from None
-
-
-def _short(text: str, n: int = 40) -> str:
-    return text if len(text) <= n else text[:n] + "..."
-
-
-def check_header(
-    data: bytes, settings: ServerSettings, num_images: int, name: str = "image", scale: int = 4
-) -> Image.Image:
-    """Open the image LAZILY (header only) and refuse it by format and pixel counts before any decoding."""
-    if not data:
-        raise ApiError(422, f"{name}: empty file (0 bytes)", "image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=list(settings.formats))
-    except UnidentifiedImageError:
-        raise ApiError(
-            415, f"{name}: not a supported image; send one of {', '.join(settings.formats)}", "image"
-        ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        # Pillow's own guard (89 MP warning, 179 MP error) fired while reading the header.
-        raise ApiError(
-            413, f"{name}: refused, far over the input limit of {settings.max_input_pixels} pixels ({e})", "image"
-        ) from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ApiError(422, f"{name}: cannot read the image header ({e})", "image") from None
-    w, h = im.size
-    if w < 1 or h < 1:
-        raise ApiError(422, f"{name}: empty image ({w}x{h})", "image")
-    if w * h > settings.max_input_pixels:
-        raise ApiError(
-            413,
-            f"{name}: {w}x{h} = {w * h} pixels is over the input limit of {settings.max_input_pixels} pixels",
-            "image",
-        )
-    out = scale * scale * w * h * num_images
-    if out > settings.max_output_pixels:
-        raise ApiError(
-            413,
-            f"{name}: the output would be {scale * w}x{scale * h}" + (f" x {num_images} images" if num_images > 1 else "")
-            + f" = {out} pixels, over the output limit of {settings.max_output_pixels} pixels",
-            "image",
-        )
-    return im
-
-
-def decode_upload(
-    data: bytes, settings: ServerSettings, num_images: int, name: str = "image", scale: int = 4
-) -> LoadedImage:
-    """Checked header -> full decode -> RGB(+alpha) LoadedImage; truncated or corrupt data -> 422."""
-    im = check_header(data, settings, num_images, name, scale)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im.load()
-            return as_loaded(im, name)
-    except ImageInputError as e:
-        raise ApiError(422, str(e), "image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
-        raise ApiError(422, f"{name}: cannot decode the image ({e})", "image") from None
-
-
-def safe_name(filename: str | None) -> str:
-    """A display name from the client's file name: last path part, harmless characters, bounded length."""
-    base = re.split(r"[\\/]", filename or "")[-1]
-    base = re.sub(r"[^A-Za-z0-9._ -]", "_", base).strip(" .")[:100]
-    return base or "image"
-
-
-def _download_name(input_name: str, index: int, count: int, scale: int = 4) -> str:
-    stem = safe_name(input_name).rsplit(".", 1)[0].replace(" ", "_") or "image"
-    return f"{stem}_x{scale}.png" if count == 1 else f"{stem}_x{scale}_{index + 1}.png"
-
-
-# ---- the app -------------------------------------------------------------------------------------
 
 
 def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI:
@@ -350,7 +146,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
                 if key == "image":
                     continue
                 if key not in OPTION_NAMES:
-                    raise ApiError(422, f"unknown field {_short(key)!r}; allowed: image, {', '.join(OPTION_NAMES)}", key)
+                    raise ApiError(422, f"unknown field {short(key)!r}; allowed: image, {', '.join(OPTION_NAMES)}", key)
                 if not isinstance(value, str):
                     raise ApiError(422, f"{key}: expected a text field, got a file", key)
                 if key in fields:
@@ -384,7 +180,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
     def job_or_404(job_id: str) -> dict[str, Any]:
         snap = manager.snapshot(job_id)
         if snap is None:
-            raise ApiError(404, f"no job {_short(job_id)!r} (unknown, deleted or expired)")
+            raise ApiError(404, f"no job {short(job_id)!r} (unknown, deleted or expired)")
         return _public(snap)
 
     def _public(snap: dict[str, Any]) -> dict[str, Any]:
@@ -477,7 +273,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             data = await run_in_threadpool(path.read_bytes)
         except FileNotFoundError:
             raise ApiError(404, f"the result of job {job_id} has expired") from None
-        filename = _download_name(snap["input_name"], index, snap["num_images"], snap["options"]["scale"])
+        filename = download_name(snap["input_name"], index, snap["num_images"], snap["options"]["scale"])
         return Response(
             data,
             media_type="image/png",
@@ -500,7 +296,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
         """Cancel a queued job (200), ask a running one to stop at its next step (202), forget a finished one (200)."""
         what = manager.cancel(job_id)
         if what is None:
-            raise ApiError(404, f"no job {_short(job_id)!r} (unknown, deleted or expired)")
+            raise ApiError(404, f"no job {short(job_id)!r} (unknown, deleted or expired)")
         return JSONResponse({"id": job_id, "result": what}, status_code=202 if what == "cancelling" else 200)
 
     @app.post("/v1/upscale", dependencies=v1, openapi_extra=form_schema, tags=["jobs"], response_class=Response,

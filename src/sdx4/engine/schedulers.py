@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .options import SCHEDULERS
+from ..options import SCHEDULERS
 
 #: Steps at which each scheduler is usually run (what the benchmark reports them at).
 USUAL_STEPS = {"ddim": 50, "dpmpp-2m": 20, "euler": 30, "unipc": 15}

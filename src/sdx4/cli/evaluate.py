@@ -11,7 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from .method_args import add_method_args, load_upscaler, methods_from_args, sd_options_from_args
+from .args import (
+    add_method_args,
+    load_upscaler,
+    methods_from_args,
+    sd_options_from_args,
+)
 
 DEFAULT_METHODS = "bicubic,lanczos,sd"
 
@@ -40,8 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .cli import EXIT_OK, EXIT_USAGE, UsageError
-    from .evaluate import (
+    from ..imageio import ImageInputError
+    from ..quality.evaluate import (
         MATPLOTLIB_MISSING,
         REPORT_FILES,
         evaluate_folder,
@@ -49,8 +54,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         matplotlib_available,
         write_report,
     )
-    from .imageio import ImageInputError
-    from .methods import SD_SCALE, MethodRunner
+    from ..quality.methods import SD_SCALE, MethodRunner
+    from .args import EXIT_OK, EXIT_USAGE, UsageError
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .options import COLOR_FIXES, ColorFix
+from ..options import COLOR_FIXES, ColorFix
 
 WAVELET_LEVELS = 5
 

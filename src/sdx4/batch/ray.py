@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .batch import BatchItem, BatchJob, Log, load_upscaler, run_pipeline
-from .options import UpscaleOptions
+from ..options import UpscaleOptions
+from .job import BatchItem, BatchJob, Log
+from .worker import load_upscaler, run_pipeline
 
 
 class RayMissingError(ImportError):
@@ -118,7 +119,7 @@ class UpscaleActor:
     """One Ray actor: loads the model once, then upscales batches of items (rows: {"item": json})."""
 
     def __init__(self, job: dict[str, Any]) -> None:
-        from .cli import _quiet_libraries
+        from ..cli.args import _quiet_libraries
 
         _quiet_libraries()
         self.job = job_from_dict(job)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from .options import MAX_SCALE, MIN_SCALE, OptionsError
+from ..options import MAX_SCALE, MIN_SCALE, OptionsError
 
 #: The model's native factor.
 NATIVE = 4

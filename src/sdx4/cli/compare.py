@@ -9,8 +9,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .imageio import ImageInputError, check_output_path, open_image, save_image
-from .method_args import add_method_args, load_upscaler, methods_from_args, sd_options_from_args
+from ..imageio import ImageInputError, check_output_path, open_image, save_image
+from .args import (
+    add_method_args,
+    load_upscaler,
+    methods_from_args,
+    sd_options_from_args,
+)
 
 DEFAULT_METHODS = "sd,bicubic,lanczos"
 SCALE = 4
@@ -41,9 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .cli import EXIT_OK, UsageError
-    from .compare import auto_crop, build_grid, parse_crop
-    from .methods import MethodRunner
+    from ..quality.compare import auto_crop, build_grid, parse_crop
+    from ..quality.methods import MethodRunner
+    from .args import EXIT_OK, UsageError
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     src = Path(args.image)
@@ -80,7 +85,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         say(f"{method}: {result.seconds:.2f} s")
 
     grid, layout = build_grid(rgb, panels, SCALE, crop)
-    from ._version import __version__
+    from .._version import __version__
 
     metadata = {
         "sdx4_version": __version__,

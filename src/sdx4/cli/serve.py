@@ -23,7 +23,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
     p.add_argument("--port", type=int, default=7860, help="TCP port")
-    from .cli import add_model_args  # cli is fully imported by the time it registers subcommands
+    from .args import (
+        add_model_args,  # cli is fully imported by the time it registers subcommands
+    )
 
     add_model_args(p)
     p.add_argument("--api-key", default=None, help=f"require this key (header 'Authorization: Bearer KEY' or 'X-API-Key'); default: ${API_KEY_ENV} if set, else none")
@@ -49,7 +51,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .cli import EXIT_FAILURE, EXIT_OK, UsageError
+    from .args import EXIT_FAILURE, EXIT_OK, UsageError
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535; got {args.port}")
@@ -58,8 +60,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--api-key must not be empty")
 
     try:
-        from .jobs import QueueSettings
-        from .server import ServerSettings, serve
+        from ..service.app import serve
+        from ..service.jobs import QueueSettings
+        from ..service.requests import ServerSettings
     except ImportError as e:
         print(f"sdx4: error: sdx4 serve needs FastAPI and uvicorn ({e}); install them with: pip install 'sdx4[server]'", file=sys.stderr)
         return EXIT_FAILURE
@@ -86,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and api_key is None:
         say(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it (see --api-key)")
 
-    from .cli import load_from_args
+    from .args import load_from_args
 
     say(f"loading {args.model} ...")
     upscaler = load_from_args(args, say)  # a bad --model/--device is a usage error (exit 2)

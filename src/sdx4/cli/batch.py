@@ -53,7 +53,7 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
 
 def is_batch(args: argparse.Namespace) -> bool:
     """True when an INPUT is a folder; raises UsageError for batch options without one, or a mix."""
-    from .cli import UsageError
+    from .args import UsageError
 
     dirs = [p for p in args.inputs if Path(p).is_dir()]
     if not dirs:
@@ -67,9 +67,16 @@ def is_batch(args: argparse.Namespace) -> bool:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from .batch import BatchError, BatchJob, run_batch, summary_lines
-    from .batch_ray import RayConfig, RayMissingError, RayRunError
-    from .cli import EXIT_FAILURE, UsageError, _quiet_libraries, low_memory_arg, options_from_args
+    from ..batch.job import BatchError, BatchJob
+    from ..batch import run_batch, summary_lines
+    from ..batch.ray import RayConfig, RayMissingError, RayRunError
+    from .args import (
+        EXIT_FAILURE,
+        UsageError,
+        _quiet_libraries,
+        low_memory_arg,
+        options_from_args,
+    )
 
     options = options_from_args(args)
     src = Path(args.inputs[0])
@@ -117,13 +124,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"sdx4: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except ValueError as e:  # the model folder or --device/--dtype (same exit codes as for one file)
-        from .models import ModelConfigError
+        from ..model.errors import ModelConfigError
 
         if isinstance(e, ModelConfigError):
             raise
         raise UsageError(str(e)) from None
     except Exception as e:
-        from .models import ModelPathError
+        from ..model.errors import ModelPathError
 
         if isinstance(e, ModelPathError):
             raise UsageError(str(e)) from None

@@ -11,9 +11,9 @@ from typing import Any
 
 from PIL import Image
 
-from .classical import upscale_classical
-from .imageio import LoadedImage
-from .options import METHODS, UpscaleOptions
+from ..engine.classical import upscale_classical
+from ..imageio import LoadedImage
+from ..options import METHODS, UpscaleOptions
 
 #: The diffusion model only upscales by exactly 4.
 SD_SCALE = 4

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ._version import __version__
-from .imageio import ImageInputError, open_image, write_atomic
+from .._version import __version__
+from ..imageio import ImageInputError, open_image, write_atomic
 from .methods import MethodRunner
 from .metrics import min_size_for_metrics, psnr_y, ssim_y
 

@@ -1,0 +1,133 @@
+"""A folder job and its items: what to upscale, with which options and seed, and where outputs go."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..options import DEFAULT_MODEL, UpscaleOptions
+
+MANIFEST_NAME = "sdx4-manifest.jsonl"
+#: Files read as images (by suffix, case-insensitive); other files are skipped and reported.
+IMAGE_SUFFIXES = (
+    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".dib", ".gif",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".avif", ".jp2", ".j2k",
+)  # fmt: skip
+#: A prompt sidecar: `name.txt` next to `name.png`.
+SIDECAR_SUFFIX = ".txt"
+#: Temp files that `imageio.save_image` leaves only when the process is killed (SIGKILL) mid-write.
+TEMP_FILE = re.compile(r"^\..+\.(png|jpg|jpeg|webp)\.[A-Za-z0-9_]+\.tmp$")
+
+Status = Literal["ok", "failed", "skipped"]
+Engine = Literal["local", "ray"]
+Log = Callable[[str], None]
+
+
+class BatchError(ValueError):
+    """The job cannot start (bad folder, mapping, manifest, ...); the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The job and its items
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """One batch run: every image under `input_dir` upscaled into the mirrored tree under `output_dir`.
+
+    options: the parameters for every image; `prompt`/`negative_prompt` are the fallback when an image
+      has no mapping entry and no sidecar, and `seed` is the BASE seed (None: drawn once per run and
+      reused on resume) from which each image's own seed is derived.
+    model/device/dtype/vae_dtype/low_memory/compile: as for `sdx4.load` (not used by the classical methods).
+    recursive: also walk sub-folders (hidden files and folders, names starting with ".", are ignored).
+    prompts_file: a CSV or JSONL mapping of relative path -> prompt [/ negative prompt].
+    """
+
+    input_dir: Path
+    output_dir: Path
+    options: UpscaleOptions = field(default_factory=UpscaleOptions)
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    recursive: bool = False
+    prompts_file: Path | None = None
+    vae_dtype: str = "fp32"
+    low_memory: bool | None = None  # None: sdx4.load's default (on for the CPU)
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_dir", Path(self.input_dir))
+        object.__setattr__(self, "output_dir", Path(self.output_dir))
+        if self.prompts_file is not None:
+            object.__setattr__(self, "prompts_file", Path(self.prompts_file))
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.output_dir / MANIFEST_NAME
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One input image and everything needed to upscale it; plain data (it travels to Ray workers)."""
+
+    input: str  # relative to the input folder, POSIX form
+    outputs: tuple[str, ...]  # relative to the output folder, one per generated image
+    options: UpscaleOptions  # this image's prompt and seed filled in
+    prompt_source: str  # "mapping", "sidecar" or "option"
+    base_seed: int
+    model: str | None  # None for the classical methods (no model involved)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """What decides the output: compared with the manifest to tell done from to-do."""
+        return {**self.options.to_dict(), "model": self.model}
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    job: BatchJob
+    base_seed: int
+    items: tuple[BatchItem, ...]  # every image found, in sorted order
+    todo: tuple[BatchItem, ...]  # those not done yet with the same parameters
+    not_images: tuple[str, ...]  # other files (reported as skipped)
+    new_skips: tuple[str, ...]  # of those, the ones the manifest does not list as skipped yet
+
+    @property
+    def done(self) -> int:
+        return len(self.items) - len(self.todo)
+
+
+@dataclass
+class BatchSummary:
+    ok: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (input, error)
+    skipped: list[str] = field(default_factory=list)  # not images
+    already_done: int = 0
+    base_seed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def image_seed(base_seed: int, rel_path: str) -> int:
+    """The seed of one image: sha256(f"{base_seed}:{rel_path}")[:4] as a big-endian int, 0..2**32-1."""
+    digest = hashlib.sha256(f"{base_seed}:{rel_path}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def output_names(rel_input: str, options: UpscaleOptions) -> tuple[str, ...]:
+    """`sub/a.jpg` -> `sub/a_x4.png` (`_x4_bicubic` for classical methods; `_1`, `_2`... per image)."""
+    parent, stem = os.path.split(rel_input)
+    stem = os.path.splitext(stem)[0]
+    tag = f"_x{options.scale}" if options.method == "sd" else f"_x{options.scale}_{options.method}"
+    n = options.num_images
+    names = [f"{stem}{tag}.png"] if n == 1 else [f"{stem}{tag}_{i + 1}.png" for i in range(n)]
+    return tuple(f"{parent}/{name}" if parent else name for name in names)

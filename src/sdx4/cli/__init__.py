@@ -1,0 +1,74 @@
+"""The `sdx4` command line: a thin layer that builds options and calls the same core as the API.
+
+Exit codes: 0 success, 2 bad usage or bad input (the message names the file and the problem),
+1 any other failure. torch is imported only when the diffusion model is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .._version import __version__
+from .args import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
+
+#: Modules that add a subcommand, in the order `--help` lists them: each has `register(subparsers)` which adds
+#: a parser whose `func(args)` returns an exit code. They must not import torch at import time (`sdx4 --help`
+#: stays fast).
+COMMAND_MODULES: tuple[str, ...] = ("sdx4.cli.upscale", "sdx4.cli.compare", "sdx4.cli.evaluate", "sdx4.cli.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="sdx4",
+        description="Upscale images 4x with the Stable Diffusion x4 Upscaler (or a classical filter).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sdx4 {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def runs_model(args: argparse.Namespace) -> bool:
+    """Whether this command runs the diffusion model (then the C allocator matters: sdx4.allocator)."""
+    if args.command == "upscale":
+        return args.method == "sd"
+    if hasattr(args, "methods"):  # compare, evaluate
+        return "sd" in {m.strip() for m in str(args.methods).split(",")}
+    return True  # serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 with a usage message on bad usage
+    try:
+        if argv is None and runs_model(args):  # the real command line (not a call from Python): once, early
+            from ..speed.allocator import AllocatorError, reexec_with_tcmalloc
+
+            try:
+                reexec_with_tcmalloc()  # returns only when staying on the current allocator
+            except AllocatorError as e:
+                raise UsageError(str(e)) from None
+        return int(args.func(args))
+    except UsageError as e:
+        print(f"sdx4: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sdx4: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # anything else: a clear one-line message, exit 1
+        from ..model.errors import ModelConfigError, ModelNotFoundError
+
+        if isinstance(e, (ModelConfigError, ModelNotFoundError, OSError)):
+            print(f"sdx4: error: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        raise
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

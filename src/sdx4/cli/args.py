@@ -1,0 +1,164 @@
+"""Argument helpers shared by the subcommands: the diffusion options, how the model is loaded, the
+method list of compare/evaluate, exit codes and UsageError. argparse lives only in this package."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any
+
+from ..options import (
+    DEFAULT_MODEL,
+    SCHEDULERS,
+    OptionsError,
+    UpscaleOptions,
+    option_defaults,
+    parse_size,
+)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad usage or bad input: reported as `sdx4: error: ...` with exit code 2."""
+
+
+def add_sd_option_args(p: argparse.ArgumentParser | Any) -> None:
+    """The diffusion options (prompt ... scheduler), defaults read from UpscaleOptions."""
+    d = option_defaults()
+    p.add_argument("--prompt", default=d["prompt"], help="text describing the image")
+    p.add_argument("--negative-prompt", default=d["negative_prompt"], help="text describing what to avoid")
+    p.add_argument("--steps", type=int, default=d["steps"], help="denoising steps")
+    p.add_argument("--guidance", type=float, default=d["guidance"], help="guidance scale (<= 1: no guidance, 2x faster)")
+    p.add_argument("--noise-level", type=int, default=d["noise_level"], help="noise added to the input, 0..350")
+    p.add_argument("--seed", type=int, default=d["seed"], help="random seed; None = draw one and report it")
+    p.add_argument("--eta", type=float, default=d["eta"], help="DDIM eta, 0..1")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=d["scheduler"], help="sampler (fewer steps: dpmpp-2m 20, unipc 15)")
+
+
+def add_model_args(p: argparse.ArgumentParser | Any) -> None:
+    """--model/--device/--dtype/--vae-dtype/--low-memory/--compile: how the model is loaded."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local folder in diffusers layout")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        default="auto",
+        help="UNet/text-encoder precision; auto = fp16 on CUDA, bf16 on CPUs with native bf16, else fp32",
+    )
+    p.add_argument("--vae-dtype", choices=("fp32", "bf16"), default="fp32", help="VAE precision (fp16 gives NaN)")
+    p.add_argument(
+        "--low-memory",
+        action=argparse.BooleanOptionalAction,
+        default="auto",
+        help="encode the prompts, then drop the text encoder before the UNet is loaded (fp32: -1.3 GB resident; "
+        "a new prompt reloads it); auto = on for the CPU, off for GPUs",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call; see README)")
+
+
+def low_memory_arg(args: argparse.Namespace) -> bool | None:
+    """--low-memory / --no-low-memory / neither (auto: None, sdx4.load decides by device)."""
+    return None if args.low_memory == "auto" else bool(args.low_memory)
+
+
+def load_from_args(args: argparse.Namespace, say: Any = None, prompts: list[str] | None = None) -> Any:
+    """sdx4.load() with the arguments of `add_model_args`; a bad --model/--device is a UsageError.
+    `prompts`: encoded before the UNet is loaded (sdx4.load's `prompts`; default: the default ones)."""
+    from .. import api
+    from ..model.errors import ModelPathError
+
+    _quiet_libraries()
+    t0 = time.perf_counter()
+    try:
+        upscaler = api.load(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            vae_dtype=args.vae_dtype,
+            low_memory=low_memory_arg(args),
+            compile=args.compile,
+            prompts=prompts,
+        )
+    except ModelPathError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:  # bad --device / --dtype for this machine
+        raise UsageError(str(e)) from None
+    if say is not None:
+        info = upscaler.info
+        say(f"loaded {info['model']} on {info['device']} ({info['unet_dtype']}) in {time.perf_counter() - t0:.1f} s")
+        if info["random_weights"]:
+            say("warning: this model has RANDOM WEIGHTS (made for tests/benchmarks); its output is noise")
+    return upscaler
+
+
+def options_from_args(args: argparse.Namespace, **fixed: Any) -> UpscaleOptions:
+    """UpscaleOptions from the arguments of `add_sd_option_args` (+ num_images/method when present)."""
+    values = dict(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        noise_level=args.noise_level,
+        eta=args.eta,
+        seed=args.seed,
+        scheduler=args.scheduler,
+    )
+    for name in ("num_images", "method", "scale", "color_fix", "tile_size", "tile_overlap", "tile_batch", "tile_blend",
+                 "vae_attention_window"):
+        if hasattr(args, name):
+            values[name] = getattr(args, name)
+    try:
+        if getattr(args, "max_memory", None) is not None:
+            values["max_memory"] = parse_size(args.max_memory)
+        return UpscaleOptions(**{**values, **fixed})
+    except OptionsError as e:
+        raise UsageError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars ("Loading weights") and info logs are noise in a CLI."""
+    for name in ("transformers", "diffusers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import diffusers.utils.logging as dl
+        import transformers.utils.logging as tl
+
+        tl.disable_progress_bar()
+        dl.disable_progress_bar()
+    except Exception:  # pragma: no cover - only cosmetics
+        pass
+
+
+def add_method_args(p: argparse.ArgumentParser, default_methods: str) -> None:
+    p.add_argument(
+        "--methods",
+        default=default_methods,
+        help="comma-separated: sd (the diffusion model) and/or nearest, bilinear, bicubic, lanczos",
+    )
+    g = p.add_argument_group("sd method (ignored when 'sd' is not in --methods)")
+    add_model_args(g)
+    add_sd_option_args(g)
+
+
+def methods_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    from ..quality.methods import parse_methods
+    from .args import UsageError
+
+    try:
+        return parse_methods(args.methods)
+    except ValueError as e:
+        raise UsageError(f"--methods: {e}") from None
+
+
+def sd_options_from_args(args: argparse.Namespace) -> UpscaleOptions:
+    """The sd settings with a concrete seed (drawn once when --seed is not given)."""
+    return options_from_args(args, method="sd", num_images=1).with_seed()
+
+
+def load_upscaler(args: argparse.Namespace, options: UpscaleOptions, quiet: bool = False) -> Any:
+    """Load the model once, with the same error handling and messages as `sdx4 upscale`; the prompts of
+    `options` are encoded first (see sdx4.load)."""
+    return load_from_args(args, None if quiet else (lambda m: print(m, file=sys.stderr)), options.text_prompts)

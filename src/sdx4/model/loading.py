@@ -1,0 +1,227 @@
+"""Finding and loading the model: a Hub id (through the Hugging Face cache) or a local diffusers folder.
+
+Every component is loaded with diffusers' / transformers' own classes, checked against the others,
+and placed on the chosen device in the chosen precision (VAE always fp32: it overflows in fp16).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import speed
+from ..options import DEFAULT_MODEL
+from .errors import ModelConfigError
+from .hub import resolve_model_dir
+from .placement import Placement, resolve_placement
+from .random_model import RANDOM_MARKER
+
+log = logging.getLogger("sdx4")
+
+#: The VAE scaling factor of the published upscaler; old configs lack it (diffusers forces it too).
+VAE_SCALING_FACTOR = 0.08333
+
+
+
+@dataclass
+class Components:
+    """The loaded model parts. Plain data: the pipeline functions take what they need from it."""
+
+    unet: Any  # diffusers.UNet2DConditionModel
+    vae: Any  # diffusers.AutoencoderKL
+    text_encoder: Any  # transformers.CLIPTextModel
+    tokenizer: Any  # transformers.CLIPTokenizer
+    scheduler: Any  # diffusers.DDIMScheduler (v-prediction)
+    low_res_scheduler: Any  # diffusers.DDPMScheduler
+    placement: Placement
+    model: str  # what the user asked for (Hub id or path)
+    max_noise_level: int = 350
+    random_weights: bool = False
+    folder: Path | None = None  # where the weights were read from (to reload the text encoder or UNet)
+    compiled: bool = False  # the UNet is wrapped with torch.compile (a reloaded one is too)
+    unet_config: Any = None  # kept while the UNet itself is released (low-memory policy, large decodes)
+
+    def load_text_encoder(self) -> Any:
+        """Load the text encoder again (the low-memory policy drops it between prompts)."""
+        if self.folder is None:
+            raise RuntimeError("the text encoder was released and the model folder is unknown")
+        return _load_text_encoder(self.folder, self.placement)
+
+    def load_unet(self) -> Any:
+        """Load the UNet again, placed and prepared as at first (the low-memory policy releases it for
+        decodes that would otherwise spill to disk)."""
+        if self.folder is None:
+            raise RuntimeError("the UNet was released and the model folder is unknown")
+        return _prepare_unet(_load_unet(self.folder, self.placement), self.placement, self.compiled)
+
+    @property
+    def pad_multiple(self) -> int:
+        """The UNet halves the latent (len(blocks) - 1) times: inputs are padded to this multiple."""
+        config = self.unet.config if self.unet is not None else self.unet_config
+        return 2 ** (len(config.block_out_channels) - 1)
+
+
+def _load_text_encoder(folder: Path, placement: Placement) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .weights import WeightsMismatch, load_transformers_model
+
+    try:
+        enc = load_transformers_model(CLIPTextModel, CLIPTextConfig, folder / "text_encoder", placement.text_dtype)
+    except WeightsMismatch as e:
+        log.debug("text encoder via from_pretrained: %s", e)
+        # transformers 5 loads in the dtype written in the config unless told: always pass ours.
+        enc = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=placement.text_dtype)
+    return enc.to(placement.device).eval().requires_grad_(False)
+
+
+def _place(module: Any, placement: Placement) -> Any:
+    module.to(placement.device)
+    if placement.channels_last:
+        module.to(memory_format=torch.channels_last)  # a no-op for streamed weights (already laid out so)
+    return module.eval().requires_grad_(False)
+
+
+def _load_unet(folder: Path, placement: Placement) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return _load_diffusers(UNet2DConditionModel, folder, "unet", placement.unet_dtype, placement.channels_last)
+
+
+def _prepare_unet(unet: Any, placement: Placement, compile: bool) -> Any:
+    """Place a checked UNet, then put the speed tricks on it (`sdx4.speed.install`, one door)."""
+    unet = _place(unet, placement)
+    speed.install(unet, placement, compile=compile)
+    return unet
+
+
+def _load_diffusers(cls: Any, folder: Path, subfolder: str, dtype: torch.dtype, channels_last: bool) -> Any:
+    """Streamed tensor by tensor into `dtype` (weights.py); from_pretrained where that does not fit."""
+    from .weights import WeightsMismatch, load_diffusers_model
+
+    try:
+        return load_diffusers_model(cls, folder / subfolder, dtype, channels_last)
+    except WeightsMismatch as e:
+        log.debug("%s via from_pretrained: %s", subfolder, e)
+        return cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype)
+
+
+def load_components(
+    model: str = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "auto",
+    vae_dtype: str = "fp32",
+    compile: bool = False,
+    before_denoiser: Callable[[Components], None] | None = None,
+) -> Components:
+    """Find, load, check and place every component of the x4 upscaler.
+
+    Weights are read straight into the target dtype, one tensor at a time (weights.py): no fp32 copy
+    of a bf16/fp16 model is ever resident, not even as memory-mapped file pages.
+    `compile=True` wraps the UNet with torch.compile (opt-in: see README for when it pays off).
+    The tokenizer and text encoder are loaded first; `before_denoiser(components)` then runs with
+    `unet` and `vae` still None, before those are loaded: the low-memory policy encodes the prompts
+    it knows there and drops the text encoder, so that it and the UNet are never in memory together.
+    """
+    placement = resolve_placement(device, dtype, vae_dtype)
+    folder = resolve_model_dir(model)
+
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
+    from transformers import CLIPTokenizer
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*scaling_factor.*")
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        check_tokenizer(tokenizer, folder / "tokenizer")
+        text_encoder = _load_text_encoder(folder, placement)
+    text_hidden_size = text_encoder.config.hidden_size
+    index = _read_json(folder / "model_index.json")
+    components = Components(
+        unet=None,
+        vae=None,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
+        low_res_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="low_res_scheduler"),
+        placement=placement,
+        model=model,
+        max_noise_level=int(index.get("max_noise_level", 350)),
+        random_weights=(folder / RANDOM_MARKER).exists() or bool(index.get("_sdx4_random_weights")),
+        folder=folder,
+        compiled=compile,
+    )
+    del text_encoder  # the caller's hook may drop it: no second reference here
+    if before_denoiser is not None:
+        before_denoiser(components)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*scaling_factor.*")
+        unet = _load_unet(folder, placement)
+        vae = _load_diffusers(AutoencoderKL, folder, "vae", placement.vae_dtype, placement.channels_last)
+    check_components(unet, vae, text_hidden_size, components.max_noise_level)
+    components.unet, components.vae = _prepare_unet(unet, placement, compile), _place(vae, placement)
+    components.unet_config = unet.config
+    return components
+
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def check_tokenizer(tokenizer: Any, where: Path | str) -> None:
+    """Refuse the near-empty tokenizer transformers 5 builds, without error, when files are missing."""
+    vocab = len(tokenizer)
+    ids = tokenizer("a photo of a cat").input_ids
+    if vocab < 256 or len(ids) < 3:
+        raise ModelConfigError(
+            f"tokenizer at {where} is broken: {vocab} tokens in its vocabulary and 'a photo of a cat' encodes "
+            f"to {len(ids)} ids. Its files (vocab.json, merges.txt, tokenizer_config.json) are missing or damaged."
+        )
+    if not 1 <= tokenizer.model_max_length <= 4096:
+        raise ModelConfigError(
+            f"tokenizer at {where} has model_max_length={tokenizer.model_max_length}; "
+            "tokenizer_config.json must set it (77 for CLIP)."
+        )
+
+
+def check_components(unet: Any, vae: Any, text_hidden_size: int, max_noise_level: int) -> None:
+    """The components must fit together; the VAE scaling factor is forced to 0.08333 like diffusers."""
+    latent = vae.config.latent_channels
+    if unet.config.in_channels != latent + 3:
+        raise ModelConfigError(
+            f"unet in_channels is {unet.config.in_channels} but the x4 upscaler needs latent channels ({latent}) "
+            f"+ 3 RGB channels = {latent + 3}: unet/config.json and vae/config.json do not match"
+        )
+    if unet.config.out_channels != latent:
+        raise ModelConfigError(f"unet out_channels is {unet.config.out_channels}, expected vae latent channels {latent}")
+    if unet.config.cross_attention_dim != text_hidden_size:
+        raise ModelConfigError(
+            f"unet cross_attention_dim is {unet.config.cross_attention_dim} but the text encoder's hidden size is "
+            f"{text_hidden_size}: unet/config.json and text_encoder/config.json do not match"
+        )
+    classes = unet.config.num_class_embeds
+    if classes is None or classes <= max_noise_level:
+        raise ModelConfigError(
+            f"unet num_class_embeds is {classes}; it must exceed max_noise_level ({max_noise_level}), "
+            "since the noise level is the UNet's class label"
+        )
+    if getattr(vae.config, "scaling_factor", None) != VAE_SCALING_FACTOR:
+        log.warning(
+            "vae scaling_factor is %s; using %s as diffusers does for the x4 upscaler",
+            getattr(vae.config, "scaling_factor", None),
+            VAE_SCALING_FACTOR,
+        )
+        vae.register_to_config(scaling_factor=VAE_SCALING_FACTOR)
+
