@@ -67,8 +67,8 @@ def is_batch(args: argparse.Namespace) -> bool:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from ..batch.job import BatchError, BatchJob
     from ..batch import run_batch, summary_lines
+    from ..batch.job import BatchError, BatchJob
     from ..batch.ray import RayConfig, RayMissingError, RayRunError
     from .args import (
         EXIT_FAILURE,

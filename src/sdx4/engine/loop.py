@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
+from .. import speed
 from ..model.loading import Components
 from ..options import OptionsError, UpscaleOptions
-from ..speed import kvcache
 from . import budget, tiling
 from .colorfix import color_fix, reference_for
 from .denoiser import unet_in_calls
@@ -134,41 +134,43 @@ def upscale_tensor(
     # Tiled calls take k tiles' worth of embeddings: the same tensors at every step, so that the UNet's
     # cross-attention keys and values are computed once per k (kvcache.py), not at every step.
     per_k: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for i, t in enumerate(timesteps):
-        model_in = torch.cat([latents] * 2) if options.do_guidance else latents  # (2)n,4,h',w'
-        model_in = scheduler.scale_model_input(model_in, t)
-        model_in = torch.cat([model_in, image], dim=1)  # (2)n,7,h',w'  latents FIRST
+    try:
+        for i, t in enumerate(timesteps):
+            model_in = torch.cat([latents] * 2) if options.do_guidance else latents  # (2)n,4,h',w'
+            model_in = scheduler.scale_model_input(model_in, t)
+            model_in = torch.cat([model_in, image], dim=1)  # (2)n,7,h',w'  latents FIRST
 
-        def unet_fn(x: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
-            k = x.shape[0] // batch  # x: k*(2)n,7,th,tw, tile-major
-            if k not in per_k:
-                per_k[k] = (embeds.repeat(k, 1, 1), noise_level.repeat(k))
-            return unet_in_calls(unet, x, t, *per_k[k], plan.unet_batch, pair_half)
+            def unet_fn(x: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
+                k = x.shape[0] // batch  # x: k*(2)n,7,th,tw, tile-major
+                if k not in per_k:
+                    per_k[k] = (embeds.repeat(k, 1, 1), noise_level.repeat(k))
+                return unet_in_calls(unet, x, t, *per_k[k], plan.unet_batch, pair_half)
 
-        def predict(size: int, model_in: torch.Tensor = model_in) -> torch.Tensor:
-            tiles = tiling.plan_tiles(*model_in.shape[-2:], size, budget.overlap_for(plan, size, components.pad_multiple), components.pad_multiple)
-            if len(tiles) == 1:  # the untiled path (one call unless the budget splits the CFG batch)
-                return unet_in_calls(unet, model_in, t, embeds, noise_level, plan.unet_batch, pair_half)
-            return tiling.merge_tiled(
-                unet_fn,
-                [model_in],
-                tiles,
-                tile_batch=plan.tile_batch,
-                blend=options.tile_blend,
-                overlap=budget.overlap_for(plan, size, components.pad_multiple),
-            )
+            def predict(size: int, model_in: torch.Tensor = model_in) -> torch.Tensor:
+                tiles = tiling.plan_tiles(*model_in.shape[-2:], size, budget.overlap_for(plan, size, components.pad_multiple), components.pad_multiple)
+                if len(tiles) == 1:  # the untiled path (one call unless the budget splits the CFG batch)
+                    return unet_in_calls(unet, model_in, t, embeds, noise_level, plan.unet_batch, pair_half)
+                return tiling.merge_tiled(
+                    unet_fn,
+                    [model_in],
+                    tiles,
+                    tile_batch=plan.tile_batch,
+                    blend=options.tile_blend,
+                    overlap=budget.overlap_for(plan, size, components.pad_multiple),
+                )
 
-        pred, new_size = tiling.retry_on_oom(predict, tile_size, min_tile=components.pad_multiple, multiple=components.pad_multiple)
-        retries += new_size != tile_size
-        tile_size = new_size
-        if options.do_guidance:
-            pred_uncond, pred_text = pred.chunk(2)
-            pred = pred_uncond + options.guidance * (pred_text - pred_uncond)  # n,4,h',w'
-        latents = scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
-        if progress is not None:
-            progress(i + 1, len(timesteps))
-    kvcache.clear(unet)
-    del per_k
+            pred, new_size = tiling.retry_on_oom(predict, tile_size, min_tile=components.pad_multiple, multiple=components.pad_multiple)
+            retries += new_size != tile_size
+            tile_size = new_size
+            if options.do_guidance:
+                pred_uncond, pred_text = pred.chunk(2)
+                pred = pred_uncond + options.guidance * (pred_text - pred_uncond)  # n,4,h',w'
+            latents = scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if progress is not None:
+                progress(i + 1, len(timesteps))
+    finally:
+        speed.reset(unet)  # per-call state (the key/value cache) goes, also when progress() cancels
+    per_k.clear()  # the repeated embeddings of the tiled calls
     clock.lap("denoising")
 
     # 6. Decode in the VAE's precision (fp32: fp16 overflows to NaN), crop the padding away. The loop's

@@ -33,3 +33,11 @@ def install(unet: Any, placement: Any, *, compile: bool = False) -> Any:
         prepack.install(unet)  # each conv/linear packs its weight on first use
     kvcache.install(unet)  # after prepack: wraps the forward it installed
     return unet
+
+
+def reset(unet: Any) -> None:
+    """Forget the per-call state the tricks keep (the key/value cache's remembered inputs and results); the loop
+    calls it in a `finally`, so a cancelled or failed run leaves nothing held. No-op for None."""
+    from . import kvcache
+
+    kvcache.clear(unet)
