@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..engine.classical import upscale_classical
+from ..api import upscale
 from ..imageio import LoadedImage
 from ..options import METHODS, UpscaleOptions
 
@@ -71,6 +71,6 @@ class MethodRunner:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         t0 = time.perf_counter()
-        out = upscale_classical(LoadedImage(rgb=rgb, alpha=None), method, scale)
+        out = upscale(LoadedImage(rgb=rgb, alpha=None), method=method, scale=scale).image  # the public API's path
         seconds = time.perf_counter() - t0
         return MethodOutput(out, seconds, {"method": method, "scale": scale})
