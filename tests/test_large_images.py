@@ -319,7 +319,8 @@ def test_low_memory_gives_the_unets_memory_to_a_decode_that_would_spill(tiny_mod
     import numpy as np
 
     import sdx4
-    from sdx4.engine import budget as memory, decode_fit
+    from sdx4.engine import budget as memory
+    from sdx4.engine import decode_fit
 
     up = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", low_memory=True)
     image = rng_image(160, 160)
