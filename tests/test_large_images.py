@@ -252,7 +252,7 @@ def test_vae_attention_is_global_up_to_the_window_and_windowed_beyond(tiny_upsca
 
 
 def test_tiled_vae_decode_fits_its_measured_cost_into_what_is_left(tiny_upscaler, rng_image, monkeypatch):
-    from sdx4.engine import budget as memory, loop as pipeline
+    from sdx4.engine import budget as memory, decode_fit, loop as pipeline
     from sdx4.engine.vae import plan_decode
 
     seen = {}
@@ -271,44 +271,44 @@ def test_tiled_vae_decode_fits_its_measured_cost_into_what_is_left(tiny_upscaler
         tiny_upscaler(rng_image(160, 160), steps=1, seed=0, max_memory=budget, tile_size=160)
     plan = pipeline.budget.plan_for(tiny_upscaler.components, UpscaleOptions(max_memory=budget, tile_size=160), 160, 160)
     free = budget - plan.weights_bytes - memory.global_bytes(*seen["hw"], 1)
-    assert seen["max_bytes"] == free - memory.TILED_DECODE_FIXED
-    assert seen["work_factor"] == memory.TILED_DECODE_FACTOR == 3
+    assert seen["max_bytes"] == free - decode_fit.TILED_DECODE_FIXED
+    assert seen["work_factor"] == decode_fit.TILED_DECODE_FACTOR == 3
     assert plan.vae_tile_size is not None and seen["tile_size"] <= plan.vae_tile_size
     assert seen["tokens"] == 128 * 128  # the default vae_attention_window, squared
     vae = tiny_upscaler.components.vae
     planned = plan_decode(vae, seen["hw"], seen["tile_size"], max_bytes=seen["max_bytes"], work_factor=3).memory
-    assert memory.tiled_decode_bytes(planned.total) <= free
+    assert decode_fit.tiled_decode_bytes(planned.total) <= free
     assert planned.total >= 3 * planned.work + planned.output  # the work counted with the measured factor
 
 
 def test_fit_vae_tile_shrinks_the_tile_until_the_measured_cost_fits():
-    from sdx4.engine import budget as memory
+    from sdx4.engine import decode_fit
 
     gib = 2**30
     ram = lambda t: t * t * 30_000  # planned bytes grow with the tile's area  # noqa: E731
     cost = lambda t, max_bytes: (ram(t), 0)  # nothing spilled  # noqa: E731
-    t, max_bytes = memory.fit_vae_tile(cost, 256, 2 * gib)
-    assert max_bytes == 2 * gib - memory.TILED_DECODE_FIXED
-    assert t % 8 == 0 and memory.tiled_decode_bytes(ram(t)) <= 2 * gib < memory.tiled_decode_bytes(ram(t + 8))
-    assert memory.fit_vae_tile(cost, 64, 100 * gib)[0] == 64  # fits: the planner's tile stays
-    assert memory.fit_vae_tile(cost, 64, gib // 2)[0] == 8  # never below the grid step
+    t, max_bytes = decode_fit.fit_vae_tile(cost, 256, 2 * gib)
+    assert max_bytes == 2 * gib - decode_fit.TILED_DECODE_FIXED
+    assert t % 8 == 0 and decode_fit.tiled_decode_bytes(ram(t)) <= 2 * gib < decode_fit.tiled_decode_bytes(ram(t + 8))
+    assert decode_fit.fit_vae_tile(cost, 64, 100 * gib)[0] == 64  # fits: the planner's tile stays
+    assert decode_fit.fit_vae_tile(cost, 64, gib // 2)[0] == 8  # never below the grid step
 
 
 def test_fit_vae_tile_takes_a_smaller_tile_when_that_spills_less():
-    from sdx4.engine import budget as memory
+    from sdx4.engine import decode_fit
 
     gib = 2**30
     # spilled bytes fall as the tile (its work) shrinks, down to nothing at 96; RAM use stays within budget
     spills = lambda t: max(0, t - 96) * 2**20  # noqa: E731
-    t, _ = memory.fit_vae_tile(lambda t, b: (gib, spills(t)), 136, 3 * gib)
+    t, _ = decode_fit.fit_vae_tile(lambda t, b: (gib, spills(t)), 136, 3 * gib)
     assert t == 96  # the largest of the tiles that spill least (all of 96 and below spill nothing)
     # never below MIN_SPILL_TILE for this, and never a tile whose decode does not fit
-    t, _ = memory.fit_vae_tile(lambda t, b: (gib, t * 2**20), 136, 3 * gib)
-    assert t == memory.MIN_SPILL_TILE == 64
+    t, _ = decode_fit.fit_vae_tile(lambda t, b: (gib, t * 2**20), 136, 3 * gib)
+    assert t == decode_fit.MIN_SPILL_TILE == 64
     too_big = lambda t, b: (gib if t >= 120 else 3 * gib, spills(t))  # noqa: E731  smaller tiles here cost more RAM
-    assert memory.fit_vae_tile(too_big, 136, 3 * gib)[0] == 120
+    assert decode_fit.fit_vae_tile(too_big, 136, 3 * gib)[0] == 120
     # the planner's tile already below the floor stays
-    assert memory.fit_vae_tile(lambda t, b: (gib, t), 48, 3 * gib)[0] == 48
+    assert decode_fit.fit_vae_tile(lambda t, b: (gib, t), 48, 3 * gib)[0] == 48
 
 
 def test_low_memory_gives_the_unets_memory_to_a_decode_that_would_spill(tiny_model_dir, tiny_upscaler, rng_image, monkeypatch):
@@ -320,13 +320,14 @@ def test_low_memory_gives_the_unets_memory_to_a_decode_that_would_spill(tiny_mod
 
     import sdx4
     from sdx4.engine import budget as memory
+    from sdx4.engine import decode_fit
 
     up = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", low_memory=True)
     image = rng_image(160, 160)
     c = up.components
     weights = pipeline.budget.weights_bytes(c.unet, c.vae)
     # room for the weights, the whole-image tensors and the decode's fixed part, and next to nothing else
-    budget = weights + memory.global_bytes(160, 160, 1) + memory.TILED_DECODE_FIXED + 2**20
+    budget = weights + memory.global_bytes(160, 160, 1) + decode_fit.TILED_DECODE_FIXED + 2**20
     seen = {}
     real_decode = pipeline.decode_latents
 

@@ -4,12 +4,12 @@
 has free. The cost model (bytes per latent pixel, fp32, CPU) was measured with
 `benchmarks/calibrate_memory.py` on the full-size architecture; working memory scales with the element
 size of the UNet's dtype. Sizes are latent pixels (== input pixels for this model).
+The VAE decode's tile is fitted again after the loop, from the decoder's own plan (`decode_fit.py`).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,17 +31,6 @@ VAE_BYTES_PER_PIXEL = 100_000  # measured contiguous 103k (32 px), 74k (64), 79k
 GLOBAL_BYTES_PER_PIXEL = 1200
 #: Allocator slack and small tensors, independent of the image.
 FIXED_OVERHEAD = 256 * 2**20
-#: What a tiled VAE decode really holds, from its own plan (`vae_decode.plan_decode(...).memory.total`):
-#: measured on whole full-size fp32 runs, resident ~= 0.5 GiB + 3 x one tile op's planned work (planned
-#: 0.24 / 0.35 / 0.80 GiB -> measured 1.09 / ~1.2 / ~2.7 GiB: oneDNN's blocked-layout copies of each
-#: conv's input and output, allocator caching, mapped plane pages between releases); whole-image tensors
-#: held in RAM count once (the decoder's plan takes the factor as `work_factor`). Raised from 0.5 to
-#: 1.25 GiB after 512 px runs peaked at 5.07 and 5.35 GiB in a 5 GiB budget during their decode
-#: (2026-12-01, Intel Xeon: the process' own baseline, ~0.4 GiB of libraries, is not in the plan).
-TILED_DECODE_FIXED = 5 * 2**28
-TILED_DECODE_FACTOR = 3
-#: fit_vae_tile tries VAE tiles down to this size (latent pixels) when a smaller tile spills less.
-MIN_SPILL_TILE = 64
 #: Auto tiles never get smaller than this (the model was trained on 128x128 latents; small tiles see
 #: too little context); an explicit --tile-size may go down to the UNet's multiple.
 MIN_AUTO_TILE = 32
@@ -221,41 +210,6 @@ def plan_memory(
         weights_bytes=weights_bytes,
         unet_batch=per_call if per_call < samples_per_tile else None,
     )
-
-
-def tiled_decode_bytes(planned_bytes: int) -> int:
-    """Resident bytes of a tiled VAE decode whose own plan (with work_factor=TILED_DECODE_FACTOR) says
-    `planned_bytes` (measured model)."""
-    return TILED_DECODE_FIXED + planned_bytes
-
-
-def fit_vae_tile(
-    plan_bytes: Callable[[int, int], tuple[int, int]], tile_size: int, free_bytes: int, multiple: int = 8
-) -> tuple[int, int]:
-    """The VAE tile (<= tile_size) and the decoder's byte budget: the tile whose decode fits `free_bytes`
-    and spills the fewest bytes to temporary files, the largest such.
-
-    plan_bytes(tile, max_bytes) -> (the decoder's own planned RAM, bytes it writes to temporary files)
-    (`plan_decode(..., work_factor=TILED_DECODE_FACTOR).memory`'s total and spill_traffic). The decoder gets
-    max_bytes = free - fixed: it holds whole-image tensors in RAM while they fit next to one tile op's work
-    (counted with the measured factor) and spills the rest, so a smaller tile (less work) can hold more of
-    them in RAM; tiles below MIN_SPILL_TILE are not tried for that (each op of each tile is a call).
-    Stops at `multiple` (the decode then may exceed the budget: it is the smallest tile there is).
-    """
-    max_bytes = max(1, free_bytes - TILED_DECODE_FIXED)
-    t = tile_size
-    total, least = plan_bytes(t, max_bytes)
-    while t > multiple and tiled_decode_bytes(total) > free_bytes:
-        t -= multiple
-        total, least = plan_bytes(t, max_bytes)
-    best = t
-    for smaller in range(t - multiple, min(t, MIN_SPILL_TILE) - 1, -multiple):
-        if least == 0:
-            break
-        total, traffic = plan_bytes(smaller, max_bytes)
-        if traffic < least and tiled_decode_bytes(total) <= free_bytes:
-            best, least = smaller, traffic
-    return best, max_bytes
 
 
 def _shrink_to_count(length: int, tile: int, overlap: int, multiple: int) -> int:

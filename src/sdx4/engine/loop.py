@@ -1,7 +1,8 @@
 """The x4 upscaler's pipeline, readable top to bottom.
 
     encode prompt (CFG) -> image to [-1,1] -> noise it at `noise_level` -> initial latents
-    -> loop: scale input, concat [latents, image], UNet(class_labels=noise_level), CFG, scheduler step
+    -> loop: pred = denoise(latents, t), scheduler step   (denoise, composed in denoiser.py: CFG pairs
+       <- scaled latents concat the noised image <- latent tiles <- UNet(class_labels=noise_level))
     -> VAE decode(latents / 0.08333) -> image
 
 Latent diffusion: Rombach et al. 2022, https://arxiv.org/abs/2112.10752 (the x4 upscaler is its
@@ -34,16 +35,16 @@ from ..model.loading import Components
 from ..options import OptionsError, UpscaleOptions
 from . import budget, tiling
 from .colorfix import color_fix, reference_for
-from .denoiser import unet_in_calls
+from .decode_fit import TILED_DECODE_FACTOR, DecodeFit, fit_decode
+from .denoiser import Denoiser, Guided, LowResConditioned, Tiled, UNetCalls
 from .prompts import EncodeFn, prompt_embeddings
 from .schedulers import make_scheduler
-from .vae import decode_latents, plan_decode
+from .vae import DecodeReport, decode_latents
 
 log = logging.getLogger("sdx4")
 
 #: progress(step_index_1_based, total_steps). It may raise to cancel: the loop stops at that step.
 ProgressFn = Callable[[int, int], None]
-
 
 
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -125,117 +126,92 @@ def upscale_tensor(
     latents = randn_tensor((n, latent_channels, *image.shape[-2:]), generator=generator, device=device, dtype=dtype)
     latents = latents * scheduler.init_noise_sigma  # n,4,h',w'
 
-    # 5. Denoising loop. The UNet sees the whole latent, or overlapping tiles of it merged with blend
-    #    weights (the scheduler step stays global); on CUDA out-of-memory the tile is halved and retried.
+    # 5. The denoiser, composed once (denoiser.py): the UNet in the plan's calls <- on overlapping tiles of
+    #    the one global latent, merged (halved on CUDA out-of-memory) <- scaled latents + the noised image
+    #    <- classifier-free guidance over the [negative x n, positive x n] pairs.
+    unet_calls = UNetCalls(unet, embeds, noise_level, plan.unet_batch, pair_half=n if options.do_guidance else None)
+    tiled = Tiled(unet_calls, plan, options.tile_blend, components.pad_multiple)
+    denoise: Denoiser = LowResConditioned(tiled, scheduler, image)
+    if options.do_guidance:
+        denoise = Guided(denoise, options.guidance)
+
+    # 6. Denoising loop: the scheduler step stays global, on the whole latent.
     step_kwargs = _step_kwargs(scheduler, generator, options.eta)
     timesteps = scheduler.timesteps
-    pair_half = n if options.do_guidance else None  # guidance pairs: [negative x n, positive x n] per tile
-    tile_size, retries = plan.tile_size, 0
-    # Tiled calls take k tiles' worth of embeddings: the same tensors at every step, so that the UNet's
-    # cross-attention keys and values are computed once per k (kvcache.py), not at every step.
-    per_k: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         for i, t in enumerate(timesteps):
-            model_in = torch.cat([latents] * 2) if options.do_guidance else latents  # (2)n,4,h',w'
-            model_in = scheduler.scale_model_input(model_in, t)
-            model_in = torch.cat([model_in, image], dim=1)  # (2)n,7,h',w'  latents FIRST
-
-            def unet_fn(x: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
-                k = x.shape[0] // batch  # x: k*(2)n,7,th,tw, tile-major
-                if k not in per_k:
-                    per_k[k] = (embeds.repeat(k, 1, 1), noise_level.repeat(k))
-                return unet_in_calls(unet, x, t, *per_k[k], plan.unet_batch, pair_half)
-
-            def predict(size: int, model_in: torch.Tensor = model_in) -> torch.Tensor:
-                tiles = tiling.plan_tiles(*model_in.shape[-2:], size, budget.overlap_for(plan, size, components.pad_multiple), components.pad_multiple)
-                if len(tiles) == 1:  # the untiled path (one call unless the budget splits the CFG batch)
-                    return unet_in_calls(unet, model_in, t, embeds, noise_level, plan.unet_batch, pair_half)
-                return tiling.merge_tiled(
-                    unet_fn,
-                    [model_in],
-                    tiles,
-                    tile_batch=plan.tile_batch,
-                    blend=options.tile_blend,
-                    overlap=budget.overlap_for(plan, size, components.pad_multiple),
-                )
-
-            pred, new_size = tiling.retry_on_oom(predict, tile_size, min_tile=components.pad_multiple, multiple=components.pad_multiple)
-            retries += new_size != tile_size
-            tile_size = new_size
-            if options.do_guidance:
-                pred_uncond, pred_text = pred.chunk(2)
-                pred = pred_uncond + options.guidance * (pred_text - pred_uncond)  # n,4,h',w'
+            pred = denoise(latents, t)  # n,4,h',w'
             latents = scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
             if progress is not None:
                 progress(i + 1, len(timesteps))
     finally:
         speed.reset(unet)  # per-call state (the key/value cache) goes, also when progress() cancels
-    per_k.clear()  # the repeated embeddings of the tiled calls
+    tile_size, oom_retries = tiled.tile_size, tiled.oom_retries
+    # The loop's references to the UNet (a low-memory decode may release it) and the repeated embeddings.
+    del unet, unet_calls, tiled, denoise
     clock.lap("denoising")
 
-    # 6. Decode in the VAE's precision (fp32: fp16 overflows to NaN), crop the padding away. The loop's
+    # 7. Decode in the VAE's precision (fp32: fp16 overflows to NaN), crop the padding away. The loop's
     #    freed activations go back to the OS first (the decode is often the run's memory peak).
     budget.release_memory()
     latents = latents.to(components.placement.vae_dtype) / vae.config.scaling_factor
-    # Tiled when the plan says so: exact whole-image GroupNorm statistics, within the budget's activation
-    # share (whole-image tensors spill to temp files beyond).
+    # Tiled when the plan says so: exact whole-image GroupNorm statistics, within what the run left of the
+    # budget (whole-image tensors spill to temp files beyond; the UNet may make room, see decode_fit).
     # Attention global up to vae_attention_window^2 latent pixels, windowed beyond (linear cost).
-    vae_tile, vae_bytes, tokens = plan.vae_tile_size, None, options.vae_attention_window**2
-    unet_released = False
-    if vae_tile is not None:  # the tile (<= the plan's) whose measured decode cost fits what is left, spilling least
-        free = plan.budget_bytes - plan.weights_bytes - budget.global_bytes(*latents.shape[-2:], n)
-        hw = tuple(latents.shape[-2:])
-
-        def decode_plan(t: int, b: int) -> Any:
-            return plan_decode(vae, hw, t, batch_size=n, max_attention_tokens=tokens, max_bytes=b,
-                               work_factor=budget.TILED_DECODE_FACTOR)
-
-        def cost(t: int, b: int) -> tuple[int, int]:  # planned RAM, bytes written to temporary files
-            m = decode_plan(t, b).memory
-            return m.total, m.spill_traffic
-
-        fitted = budget.fit_vae_tile(cost, vae_tile, free)
-        if release_unet is not None and decode_plan(*fitted).spill:
-            # Spilling costs 1.2-1.3x the decode's time; the UNet's weights are not needed until the next
-            # image: give their memory to the decode instead (the caller reloads the UNet, a few seconds).
-            free += budget.weights_bytes(unet)
-            del unet  # the loop's closures share this reference: the caller's is the last one
-            release_unet()
-            budget.release_memory()
-            unet_released = True
-            fitted = budget.fit_vae_tile(cost, vae_tile, free)
-        vae_tile, vae_bytes = fitted
+    tokens = options.vae_attention_window**2
+    fit = fit_decode(plan, components, tuple(latents.shape[-2:]), n, tokens, release_unet)
     decoded, decode_report = decode_latents(
-        vae, latents, tile_size=vae_tile, max_attention_tokens=tokens, max_bytes=vae_bytes,
-        work_factor=budget.TILED_DECODE_FACTOR,
+        vae, latents, tile_size=fit.tile_size, max_attention_tokens=tokens, max_bytes=fit.max_bytes,
+        work_factor=TILED_DECODE_FACTOR,
     )  # n,3,4h',4w'
     out = decoded[:, :, : 4 * h, : 4 * w].float().cpu()
     clock.lap("decoding")
 
-    # 7. Colour fix against the bicubic-upscaled input (no-op for "none").
+    # 8. Colour fix against the bicubic-upscaled input (no-op for "none").
     if options.color_fix != "none":
         out = color_fix(out, reference_for(original.cpu(), out.shape[-2:]), options.color_fix)
         clock.lap("color_fix")
     if report is not None:
-        final_tiles = tiling.plan_tiles(*image.shape[-2:], tile_size, budget.overlap_for(plan, tile_size, components.pad_multiple), components.pad_multiple)
-        report["tiling"] = {
-            **plan.describe(),
-            "tile_size": min(tile_size, max(image.shape[-2:])),
-            "tile_overlap": budget.overlap_for(plan, tile_size, components.pad_multiple) if len(final_tiles) > 1 else 0,
-            "tiles": len(final_tiles),
-            "tiled": len(final_tiles) > 1,
-            "tile_blend": options.tile_blend,
-            "oom_retries": retries,
-            "latent_size": list(image.shape[-2:]),
-            "pad_multiple": components.pad_multiple,
-        }
-        if options.max_memory is None:
-            # The default budget follows the free memory of the moment: not part of the reproducible record.
-            report["tiling"]["memory_budget_gib"] = "auto"
-        report["vae_decode"] = {**dataclasses.asdict(decode_report), "unet_released": unet_released}
-        report["color_fix"] = options.color_fix
+        report.update(run_report(plan, options, tuple(image.shape[-2:]), components.pad_multiple, tile_size,
+                                 oom_retries, decode_report, fit))
     return out
 
+
+def run_report(
+    plan: budget.MemoryPlan,
+    options: UpscaleOptions,
+    latent_hw: tuple[int, int],
+    multiple: int,
+    tile_size: int,
+    oom_retries: int,
+    decode_report: DecodeReport,
+    fit: DecodeFit,
+) -> dict[str, Any]:
+    """How one x4 pass ran: {"tiling", "vae_decode", "color_fix"} (metadata keys, in this order).
+
+    tile_size: the UNet tile that worked last (the plan's, or smaller after `oom_retries` out-of-memory retries).
+    """
+    overlap = budget.overlap_for(plan, tile_size, multiple)
+    tiles = len(tiling.plan_tiles(*latent_hw, tile_size, overlap, multiple))
+    tiled = {
+        **plan.describe(),
+        "tile_size": min(tile_size, max(latent_hw)),
+        "tile_overlap": overlap if tiles > 1 else 0,
+        "tiles": tiles,
+        "tiled": tiles > 1,
+        "tile_blend": options.tile_blend,
+        "oom_retries": oom_retries,
+        "latent_size": list(latent_hw),
+        "pad_multiple": multiple,
+    }
+    if options.max_memory is None:
+        # The default budget follows the free memory of the moment: not part of the reproducible record.
+        tiled["memory_budget_gib"] = "auto"
+    return {
+        "tiling": tiled,
+        "vae_decode": {**dataclasses.asdict(decode_report), "unet_released": fit.unet_released},
+        "color_fix": options.color_fix,
+    }
 
 
 class _StageClock:
