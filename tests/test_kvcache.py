@@ -42,10 +42,40 @@ def test_only_cross_attention_projections_are_installed_once():
     assert kvcache.projections(model) == [cross.to_k, cross.to_v]
     assert kvcache.install(model) == 2
     assert kvcache.install(model) == 2  # idempotent: not wrapped twice
-    assert type(cross.processor) is kvcache.KVCacheProcessor
-    assert type(cross.processor.inner) is AttnProcessor2_0  # diffusers' own, set again by uninstall
+    assert type(cross.processor) is kvcache.RememberingProcessor
+    assert type(cross.processor.inner) is AttnProcessor2_0  # diffusers' own: it runs, and uninstall sets it again
     assert type(self_attn.processor) is AttnProcessor2_0
     assert not any("forward" in vars(m) for m in model.modules())  # the projections keep their own forward
+
+
+def test_a_layer_with_another_processor_is_left_alone_and_uninstall_sets_the_plain_one_back():
+    class Custom(AttnProcessor2_0):  # not one of diffusers' plain processors: may call to_k/to_v otherwise
+        pass
+
+    plain, custom = attention(), attention()
+    custom.set_processor(Custom())
+    before = {id(plain): plain.processor, id(custom): custom.processor}
+    model = torch.nn.ModuleList([plain, custom])
+    assert kvcache.install(model) == 2  # plain's to_k and to_v only
+    assert type(plain.processor) is kvcache.RememberingProcessor and custom.processor is before[id(custom)]
+    assert kvcache.uninstall(model) == 1
+    assert plain.processor is before[id(plain)] and custom.processor is before[id(custom)]
+    assert kvcache.install(model) == 2 and kvcache.remembered(model) == 0
+
+
+def test_the_processor_that_was_there_runs_unchanged_with_a_mask(monkeypatch):
+    ref, attn = attention(), attention()
+    kvcache.install(attn)
+    counts = count_calls(monkeypatch, [attn.to_k, attn.to_v])
+    g = torch.Generator().manual_seed(3)
+    enc = torch.randn(2, 5, 12, generator=g)  # B,tokens,D
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)  # B,tokens: the padding is masked
+    with torch.no_grad():
+        for _ in range(2):
+            h = torch.randn(2, 6, 8, generator=g)
+            out = attn(h, encoder_hidden_states=enc, attention_mask=mask)
+            assert torch.equal(out, ref(h, encoder_hidden_states=enc, attention_mask=mask))
+    assert list(counts.values()) == [1, 1]
 
 
 def test_same_input_computed_once_with_the_same_values(monkeypatch):
@@ -72,8 +102,8 @@ def test_written_inputs_other_tensors_and_written_results_are_computed_again(mon
     kvcache.install(attn)
     counts = count_calls(monkeypatch, [attn.to_k])
 
-    def lin(x, attn=attn):  # the keys the processor hands out for x
-        return attn.processor.keys_values(attn, x)[0]
+    def lin(x, attn=attn):  # what the processor's to_k hands the inner processor for x
+        return attn.processor.project_key(attn.to_k, x)
 
     x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -100,8 +130,8 @@ def test_two_inputs_in_turn_both_stay_remembered(monkeypatch):
     enc = torch.randn(4, 5, 12)
     with torch.no_grad():
         for _ in range(3):  # the two halves of a guidance pair run as separate calls
-            attn.processor.keys_values(attn, enc[0:2])
-            attn.processor.keys_values(attn, enc[2:4])
+            attn.processor.project_key(attn.to_k, enc[0:2])
+            attn.processor.project_key(attn.to_k, enc[2:4])
     assert counts[id(attn.to_k)] == 2 == kvcache.ENTRIES
 
 
@@ -109,13 +139,13 @@ def test_autograd_and_inference_mode_always_compute(monkeypatch):
     attn = attention()
     kvcache.install(attn)
     counts = count_calls(monkeypatch, [attn.to_k])
-    enc, kv = torch.randn(2, 5, 12), attn.processor.keys_values
-    kv(attn, enc)
-    kv(attn, enc)  # grad mode: never remembered
+    enc, to_k = torch.randn(2, 5, 12), attn.processor.project_key
+    to_k(attn.to_k, enc)
+    to_k(attn.to_k, enc)  # grad mode: never remembered
     with torch.inference_mode():
         t = torch.randn(2, 5, 12)
-        kv(attn, t)
-        kv(attn, t)  # inference tensors keep no version counter
+        to_k(attn.to_k, t)
+        to_k(attn.to_k, t)  # inference tensors keep no version counter
     assert counts[id(attn.to_k)] == 4
     assert kvcache.remembered(attn) == 0
 
@@ -128,7 +158,7 @@ def tiny(tiny_upscaler):
 def _bypass(monkeypatch, unet) -> None:
     """diffusers' own AttnProcessor2_0 on every cross-attention layer again."""
     for m in unet.modules():
-        if isinstance(getattr(m, "processor", None), kvcache.KVCacheProcessor):
+        if isinstance(getattr(m, "processor", None), kvcache.RememberingProcessor):
             monkeypatch.setattr(m, "processor", m.processor.inner)
 
 
