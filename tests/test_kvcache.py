@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from sdx4.speed import kvcache
 from sdx4.engine import loop as pipeline
@@ -23,16 +23,16 @@ def attention(cross: bool = True) -> Attention:
 
 
 def count_calls(monkeypatch, mods) -> dict[int, int]:
-    """Count the real computations of each installed projection (hits do not reach `_sdx4_kv_inner`)."""
+    """Count the real computations of each projection (the cache's hits do not call it)."""
     counts = {id(m): 0 for m in mods}
     for m in mods:
-        inner = m._sdx4_kv_inner
+        inner = m.forward
 
         def counted(x, inner=inner, key=id(m)):
             counts[key] += 1
             return inner(x)
 
-        monkeypatch.setattr(m, "_sdx4_kv_inner", counted)
+        monkeypatch.setattr(m, "forward", counted)
     return counts
 
 
@@ -42,9 +42,40 @@ def test_only_cross_attention_projections_are_installed_once():
     assert kvcache.projections(model) == [cross.to_k, cross.to_v]
     assert kvcache.install(model) == 2
     assert kvcache.install(model) == 2  # idempotent: not wrapped twice
-    assert cross.to_k.forward.__func__ is kvcache._remembering_forward
-    assert cross.to_k._sdx4_kv_inner.__func__ is torch.nn.Linear.forward
-    assert not hasattr(self_attn.to_k, "_sdx4_kv") and not hasattr(cross.to_q, "_sdx4_kv")
+    assert type(cross.processor) is kvcache.RememberingProcessor
+    assert type(cross.processor.inner) is AttnProcessor2_0  # diffusers' own: it runs, and uninstall sets it again
+    assert type(self_attn.processor) is AttnProcessor2_0
+    assert not any("forward" in vars(m) for m in model.modules())  # the projections keep their own forward
+
+
+def test_a_layer_with_another_processor_is_left_alone_and_uninstall_sets_the_plain_one_back():
+    class Custom(AttnProcessor2_0):  # not one of diffusers' plain processors: may call to_k/to_v otherwise
+        pass
+
+    plain, custom = attention(), attention()
+    custom.set_processor(Custom())
+    before = {id(plain): plain.processor, id(custom): custom.processor}
+    model = torch.nn.ModuleList([plain, custom])
+    assert kvcache.install(model) == 2  # plain's to_k and to_v only
+    assert type(plain.processor) is kvcache.RememberingProcessor and custom.processor is before[id(custom)]
+    assert kvcache.uninstall(model) == 1
+    assert plain.processor is before[id(plain)] and custom.processor is before[id(custom)]
+    assert kvcache.install(model) == 2 and kvcache.remembered(model) == 0
+
+
+def test_the_processor_that_was_there_runs_unchanged_with_a_mask(monkeypatch):
+    ref, attn = attention(), attention()
+    kvcache.install(attn)
+    counts = count_calls(monkeypatch, [attn.to_k, attn.to_v])
+    g = torch.Generator().manual_seed(3)
+    enc = torch.randn(2, 5, 12, generator=g)  # B,tokens,D
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)  # B,tokens: the padding is masked
+    with torch.no_grad():
+        for _ in range(2):
+            h = torch.randn(2, 6, 8, generator=g)
+            out = attn(h, encoder_hidden_states=enc, attention_mask=mask)
+            assert torch.equal(out, ref(h, encoder_hidden_states=enc, attention_mask=mask))
+    assert list(counts.values()) == [1, 1]
 
 
 def test_same_input_computed_once_with_the_same_values(monkeypatch):
@@ -67,25 +98,29 @@ def test_same_input_computed_once_with_the_same_values(monkeypatch):
 
 def test_written_inputs_other_tensors_and_written_results_are_computed_again(monkeypatch):
     attn = attention()
-    lin, ref = attn.to_k, copy.deepcopy(attn.to_k)
+    ref = copy.deepcopy(attn.to_k)
     kvcache.install(attn)
-    counts = count_calls(monkeypatch, [lin])
+    counts = count_calls(monkeypatch, [attn.to_k])
+
+    def lin(x, attn=attn):  # what the processor's to_k hands the inner processor for x
+        return attn.processor.project_key(attn.to_k, x)
+
     x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         y = lin(x)
-        assert lin(x) is y and counts[id(lin)] == 1
+        assert lin(x) is y and counts[id(attn.to_k)] == 1
         x[0, 0, 0] += 1.0  # in place: the version counter moves
-        assert torch.equal(lin(x), ref(x)) and counts[id(lin)] == 2
+        assert torch.equal(lin(x), ref(x)) and counts[id(attn.to_k)] == 2
         same_values = x.clone()  # other memory: never taken for the remembered input
-        assert torch.equal(lin(same_values), ref(x)) and counts[id(lin)] == 3
-        assert lin(x) is lin(x) and counts[id(lin)] == 3  # still one of the last ENTRIES = 2 inputs
+        assert torch.equal(lin(same_values), ref(x)) and counts[id(attn.to_k)] == 3
+        assert lin(x) is lin(x) and counts[id(attn.to_k)] == 3  # still one of the last ENTRIES = 2 inputs
         lin(x.clone())  # a third input: the entry made first (x's) is dropped, same_values' stays
         lin(same_values)
-        assert counts[id(lin)] == 4
+        assert counts[id(attn.to_k)] == 4
         y = lin(x)
-        assert counts[id(lin)] == 5 and lin(x) is y
+        assert counts[id(attn.to_k)] == 5 and lin(x) is y
         y.mul_(0)  # a caller wrote into a result handed out: not handed out again
-        assert torch.equal(lin(x), ref(x)) and counts[id(lin)] == 6
+        assert torch.equal(lin(x), ref(x)) and counts[id(attn.to_k)] == 6
 
 
 def test_two_inputs_in_turn_both_stay_remembered(monkeypatch):
@@ -95,8 +130,8 @@ def test_two_inputs_in_turn_both_stay_remembered(monkeypatch):
     enc = torch.randn(4, 5, 12)
     with torch.no_grad():
         for _ in range(3):  # the two halves of a guidance pair run as separate calls
-            attn.to_k(enc[0:2])
-            attn.to_k(enc[2:4])
+            attn.processor.project_key(attn.to_k, enc[0:2])
+            attn.processor.project_key(attn.to_k, enc[2:4])
     assert counts[id(attn.to_k)] == 2 == kvcache.ENTRIES
 
 
@@ -104,13 +139,13 @@ def test_autograd_and_inference_mode_always_compute(monkeypatch):
     attn = attention()
     kvcache.install(attn)
     counts = count_calls(monkeypatch, [attn.to_k])
-    enc = torch.randn(2, 5, 12)
-    attn.to_k(enc)
-    attn.to_k(enc)  # grad mode: never remembered
+    enc, to_k = torch.randn(2, 5, 12), attn.processor.project_key
+    to_k(attn.to_k, enc)
+    to_k(attn.to_k, enc)  # grad mode: never remembered
     with torch.inference_mode():
         t = torch.randn(2, 5, 12)
-        attn.to_k(t)
-        attn.to_k(t)  # inference tensors keep no version counter
+        to_k(attn.to_k, t)
+        to_k(attn.to_k, t)  # inference tensors keep no version counter
     assert counts[id(attn.to_k)] == 4
     assert kvcache.remembered(attn) == 0
 
@@ -120,16 +155,18 @@ def tiny(tiny_upscaler):
     return tiny_upscaler
 
 
-def _bypass(monkeypatch, mods) -> None:
-    for m in mods:
-        monkeypatch.setattr(m, "forward", m._sdx4_kv_inner)
+def _bypass(monkeypatch, unet) -> None:
+    """diffusers' own AttnProcessor2_0 on every cross-attention layer again."""
+    for m in unet.modules():
+        if isinstance(getattr(m, "processor", None), kvcache.RememberingProcessor):
+            monkeypatch.setattr(m, "processor", m.processor.inner)
 
 
 @pytest.mark.parametrize("tiles", [{}, {"tile_size": 16, "tile_overlap": 8, "tile_batch": 4}])
 def test_pipeline_computes_keys_and_values_once_per_image_and_keeps_its_values(tiny, monkeypatch, tiles):
     unet = tiny.components.unet
     mods = kvcache.projections(unet)
-    assert len(mods) >= 2 and all(m.forward.__func__ is kvcache._remembering_forward for m in mods)
+    assert len(mods) >= 2 and kvcache.install(unet) == len(mods)  # every cross-attention layer has the cache
     image = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     options = UpscaleOptions(steps=3, seed=1, **tiles)
 
@@ -146,7 +183,7 @@ def test_pipeline_computes_keys_and_values_once_per_image_and_keeps_its_values(t
         assert report["tiling"]["tiles"] == (6 if tiles else 1)
     assert kvcache.remembered(unet) == 0  # nothing held after the loop
     with monkeypatch.context() as m:
-        _bypass(m, mods)
+        _bypass(m, unet)
         plain, _ = run()
     assert torch.equal(cached, plain)
 

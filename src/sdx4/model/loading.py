@@ -46,6 +46,7 @@ class Components:
     folder: Path | None = None  # where the weights were read from (to reload the text encoder or UNet)
     compiled: bool = False  # the UNet is wrapped with torch.compile (a reloaded one is too)
     unet_config: Any = None  # kept while the UNet itself is released (low-memory policy, large decodes)
+    speed: speed.Installed | None = None  # the speed tricks on the UNet (`speed.install`), renewed by load_unet
 
     def load_text_encoder(self) -> Any:
         """Load the text encoder again (the low-memory policy drops it between prompts)."""
@@ -58,7 +59,8 @@ class Components:
         decodes that would otherwise spill to disk)."""
         if self.folder is None:
             raise RuntimeError("the UNet was released and the model folder is unknown")
-        return _prepare_unet(_load_unet(self.folder, self.placement), self.placement, self.compiled)
+        unet, self.speed = _prepare_unet(_load_unet(self.folder, self.placement), self.placement, self.compiled)
+        return unet
 
     @property
     def pad_multiple(self) -> int:
@@ -94,11 +96,11 @@ def _load_unet(folder: Path, placement: Placement) -> Any:
     return _load_diffusers(UNet2DConditionModel, folder, "unet", placement.unet_dtype, placement.channels_last)
 
 
-def _prepare_unet(unet: Any, placement: Placement, compile: bool) -> Any:
-    """Place a checked UNet, then put the speed tricks on it (`sdx4.speed.install`, one door)."""
+def _prepare_unet(unet: Any, placement: Placement, compile: bool) -> tuple[Any, speed.Installed]:
+    """Place a checked UNet, then put the speed tricks on it (`sdx4.speed.install`, one door); returns the
+    UNet and what was installed on it."""
     unet = _place(unet, placement)
-    speed.install(unet, placement, compile=compile)
-    return unet
+    return unet, speed.install(unet, placement, compile=compile)
 
 
 def _load_diffusers(cls: Any, folder: Path, subfolder: str, dtype: torch.dtype, channels_last: bool) -> Any:
@@ -165,7 +167,8 @@ def load_components(
         unet = _load_unet(folder, placement)
         vae = _load_diffusers(AutoencoderKL, folder, "vae", placement.vae_dtype, placement.channels_last)
     check_components(unet, vae, text_hidden_size, components.max_noise_level)
-    components.unet, components.vae = _prepare_unet(unet, placement, compile), _place(vae, placement)
+    components.unet, components.speed = _prepare_unet(unet, placement, compile)
+    components.vae = _place(vae, placement)
     components.unet_config = unet.config
     return components
 

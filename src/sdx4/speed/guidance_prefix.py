@@ -10,9 +10,9 @@ x4 UNet (~5% of a guided step), the same values up to the last bits of batch-siz
 When the memory plan runs each half of a pair as its own UNet call (`unet_batch`), the first call
 records the prefix's outputs (`recording`) and the second replays them (`replaying`) instead.
 
-The wrappers are installed once per UNet (`install`) and do nothing unless a call is inside one of
-these contexts, which the pipeline enters only after checking that the halves really are equal
-(thread-local, so concurrent calls of other threads are unaffected).
+The wrappers are installed once per UNet (`install`; `uninstall` takes them off) and do nothing unless a
+call is inside one of these contexts, which the pipeline enters only after checking that the halves
+really are equal (thread-local, so concurrent calls of other threads are unaffected).
 """
 
 from __future__ import annotations
@@ -46,8 +46,22 @@ def install(unet: Any) -> int:
     for m in mods:
         if getattr(m, "_sdx4_prefix", False):
             continue
+        own = vars(m).get("forward")  # a forward set on the instance before ours (None: the class's)
         m.forward = _wrap(m.forward)
-        m._sdx4_prefix = True
+        m._sdx4_prefix = (own,)  # truthy: installed
+    return len(mods)
+
+
+def uninstall(unet: Any) -> int:
+    """Unwrap what `install` wrapped: each module's forward is what it was before; returns how many."""
+    mods = [m for m in unet.modules() if "_sdx4_prefix" in vars(m)]
+    for m in mods:
+        (own,) = m._sdx4_prefix
+        del m._sdx4_prefix
+        if own is None:
+            del m.forward
+        else:
+            m.forward = own
     return len(mods)
 
 
