@@ -9,9 +9,9 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from ..imageio import is_input_image
 from ..options import OptionsError
 from .job import (
-    IMAGE_SUFFIXES,
     SIDECAR_SUFFIX,
     BatchError,
     BatchItem,
@@ -44,12 +44,12 @@ def discover(input_dir: Path, recursive: bool, exclude: Path | None = None) -> t
             if (root_path / name).is_file():
                 files.append(rel)
     files.sort()
-    images = [f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    images = [f for f in files if is_input_image(f)]
     image_stems = {os.path.splitext(f)[0] for f in images}
     others = [
         f
         for f in files
-        if Path(f).suffix.lower() not in IMAGE_SUFFIXES
+        if not is_input_image(f)
         and not (Path(f).suffix == SIDECAR_SUFFIX and os.path.splitext(f)[0] in image_stems)
     ]
     return images, others

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..imageio import LoadedImage, save_image
+from ..imageio import LoadedImage, numbered_name, save_image
 from ..options import UpscaleOptions
 
 log = logging.getLogger("sdx4.server")
@@ -300,7 +300,7 @@ class JobManager:
             files: list[Path] = []
             try:
                 for i, image in enumerate(result.images):
-                    name = f"{job.id}.png" if len(result.images) == 1 else f"{job.id}_{i + 1}.png"
+                    name = numbered_name(job.id, i, len(result.images))
                     files.append(save_image(image, self.results_dir / name, meta))
             except BaseException:
                 for f in files:
