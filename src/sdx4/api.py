@@ -48,6 +48,17 @@ def _options(options: UpscaleOptions | None, overrides: dict[str, Any]) -> Upsca
     return base.replace(**overrides) if overrides else base
 
 
+def local_model_missing(model: str) -> bool:
+    """Whether `model` is clearly a local folder (the rule of `model.hub.looks_like_path`: `./x`, `/x`, `~/x`,
+    `a/b/c`, `C:\\x`) that does not exist: front ends check a job with it before any work (a Ray actor would
+    only fail once the cluster has started it). A Hub id is never missing here; loading checks the rest."""
+    from pathlib import Path
+
+    from .model.hub import looks_like_path  # no torch there
+
+    return looks_like_path(model) and not Path(model).expanduser().exists()
+
+
 def base_metadata(options: UpscaleOptions, image: LoadedImage) -> dict[str, Any]:
     w, h = image.size
     meta: dict[str, Any] = {

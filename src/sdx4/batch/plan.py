@@ -9,6 +9,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from ..api import local_model_missing
 from ..imageio import is_input_image
 from ..options import OptionsError
 from .job import (
@@ -184,7 +185,7 @@ def plan(job: BatchJob, log: Log | None = None) -> BatchPlan:
         base_seed = recorded[-1] if recorded else secrets.randbelow(2**32)
 
     model = job.model if job.options.method == "sd" else None
-    if model is not None and _missing_local_model(model):
+    if model is not None and local_model_missing(model):
         raise BatchError(
             f"model folder {model!r} does not exist (--model takes a folder in diffusers layout or a Hub id)"
         )
@@ -218,16 +219,6 @@ def plan(job: BatchJob, log: Log | None = None) -> BatchPlan:
     todo = tuple(item for item in items if not _is_done(item, last.get(item.input), out_dir))
     new_skips = tuple(rel for rel in others if last.get(rel, {}).get("status") != "skipped")
     return BatchPlan(job, base_seed, tuple(items), todo, tuple(others), new_skips)
-
-
-def _missing_local_model(model: str) -> bool:
-    """A --model that is clearly a local path (the rule of models._looks_like_path) but is not there.
-
-    Checked while planning, so that a typo fails at once on every engine (a Ray actor would only fail
-    after the cluster has started it); the full check happens when the model loads.
-    """
-    looks_like_path = model.startswith((".", "/", "~")) or "\\" in model or model.count("/") != 1
-    return looks_like_path and not Path(model).expanduser().exists()
 
 
 def _is_done(item: BatchItem, last: dict[str, Any] | None, out_dir: Path) -> bool:

@@ -1,9 +1,11 @@
-"""One owner for file names and formats (imageio): what an upscaled image is called, and which files are read
-as images, the same in the CLI, batch runs, `sdx4 evaluate` and the server."""
+"""One owner for each rule. File names and formats (imageio): what an upscaled image is called, and which files
+are read as images, the same in the CLI, batch runs, `sdx4 evaluate` and the server. The local-path rule for
+--model (model/hub.py), which batch reaches through the public API."""
 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,48 @@ def test_server_refuses_a_format_outside_its_list(tmp_path):
     with pytest.raises(ApiError) as e:
         check_header(Path(buf).read_bytes(), ServerSettings(), num_images=1)
     assert e.value.status == 415 and "PNG, JPEG, WEBP, BMP, TIFF, GIF" in e.value.detail
+
+
+@pytest.mark.parametrize(
+    "model, missing",
+    [
+        ("./no-such-model", True),
+        ("/no/such/model", True),
+        ("~/no-such-sdx4-model", True),
+        ("a/b/no-such-model", True),  # two slashes: a path, not a Hub id
+        ("no-such-model", True),  # no slash: a path too
+        ("stabilityai/stable-diffusion-x4-upscaler", False),  # a Hub id: the loader decides
+        ("org/name", False),
+    ],
+)
+def test_local_model_missing_follows_the_hub_rule(model, missing):
+    from sdx4.api import local_model_missing
+    from sdx4.model.hub import looks_like_path
+
+    assert local_model_missing(model) is missing
+    assert looks_like_path(model) is missing  # none of these folders exist: missing = looks like a path
+
+
+def test_an_existing_local_folder_is_not_missing(tmp_path, monkeypatch):
+    from sdx4.api import local_model_missing
+
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert local_model_missing(str(tmp_path / "org" / "name")) is False
+    assert local_model_missing("org/name") is False  # looks like a Hub id, and is there anyway
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert local_model_missing("~/org") is False  # ~ is the user's home folder
+    assert local_model_missing("~/other") is True
+
+
+def test_batch_planning_refuses_a_missing_local_model_by_the_same_rule(tmp_path, monkeypatch):
+    from sdx4.batch import BatchError, BatchJob, plan
+
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "in" / "a.png")
+    calls = []
+    batch_plan = sys.modules["sdx4.batch.plan"]  # (the package's `plan` attribute is the function)
+    monkeypatch.setattr(batch_plan, "local_model_missing", lambda m: calls.append(m) or True)
+    with pytest.raises(BatchError, match="model folder 'org/name' does not exist"):
+        plan(BatchJob(tmp_path / "in", tmp_path / "out", model="org/name"))
+    assert calls == ["org/name"]  # batch asks the public rule; it keeps no copy of its own
