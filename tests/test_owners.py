@@ -15,7 +15,13 @@ from sdx4.batch.job import IMAGE_SUFFIXES as BATCH_SUFFIXES
 from sdx4.batch.job import output_names
 from sdx4.batch.plan import discover
 from sdx4.cli.upscale import output_paths
-from sdx4.imageio import INPUT_FORMATS, INPUT_SUFFIXES, UPLOAD_FORMATS, numbered_name, output_name
+from sdx4.imageio import (
+    INPUT_FORMATS,
+    INPUT_SUFFIXES,
+    UPLOAD_FORMATS,
+    numbered_name,
+    output_name,
+)
 from sdx4.options import MAX_SCALE, METHODS, MIN_SCALE, UpscaleOptions
 from sdx4.quality.evaluate import IMAGE_SUFFIXES as EVALUATE_SUFFIXES
 from sdx4.quality.evaluate import list_images

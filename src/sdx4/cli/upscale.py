@@ -16,6 +16,7 @@ from ..imageio import (
     output_name,
     save_image,
 )
+from ..metadata import saved_metadata
 from ..options import (
     COLOR_FIXES,
     MAX_SCALE,
@@ -161,7 +162,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         opts = options.with_seed()
         result = _run_one(upscaler, src, opts, quiet=args.quiet)
         for image, path in zip(result.images, paths):
-            save_image(image, path, {**result.metadata, "input": src.name}, overwrite=args.overwrite)
+            save_image(image, path, saved_metadata(result.metadata, src.name), overwrite=args.overwrite)
             say(f"{src} -> {path} ({image.width}x{image.height}" + (f", seed {opts.seed})" if opts.method == "sd" else ")"))
     return EXIT_OK
 

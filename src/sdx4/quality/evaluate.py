@@ -35,8 +35,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .._version import __version__
-from ..imageio import INPUT_SUFFIXES, ImageInputError, is_input_image, open_image, write_atomic
+from ..imageio import (
+    INPUT_SUFFIXES,
+    ImageInputError,
+    is_input_image,
+    open_image,
+    write_atomic,
+)
+from ..metadata import evaluate_settings
 from .methods import MethodRunner
 from .metrics import min_size_for_metrics, psnr_y, ssim_y
 
@@ -247,7 +253,7 @@ def evaluate_folder(
         rows=rows,
         failures=failures,
         perceptual=[status],
-        settings={"sdx4_version": __version__, "lr": LR_METHOD},
+        settings=evaluate_settings(LR_METHOD),
     )
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..imageio import LoadedImage, numbered_name, save_image
+from ..metadata import saved_metadata
 from ..options import UpscaleOptions
 
 log = logging.getLogger("sdx4.server")
@@ -296,7 +297,7 @@ class JobManager:
             result = self.upscaler(job.image, job.options, progress=progress)
             if job.cancel.is_set():  # cancelled during decoding: honour it, write nothing
                 raise JobCancelled(job.cancel_reason)
-            meta = {**result.metadata, "input": job.input_name, "job_id": job.id}
+            meta = saved_metadata(result.metadata, job.input_name, job.id)
             files: list[Path] = []
             try:
                 for i, image in enumerate(result.images):

@@ -14,7 +14,13 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ..imageio import UPLOAD_FORMATS, ImageInputError, LoadedImage, as_loaded, output_name
+from ..imageio import (
+    UPLOAD_FORMATS,
+    ImageInputError,
+    LoadedImage,
+    as_loaded,
+    output_name,
+)
 from ..options import OptionsError, UpscaleOptions, option_defaults
 from .jobs import QueueSettings
 
