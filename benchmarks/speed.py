@@ -20,7 +20,15 @@ What it does (speed and memory do not depend on weight values, so random weights
 
 Configurations: sdx4 (default dtype "auto"), sdx4-fp32, diffusers-fp32 (its default) and diffusers-bf16
 (`torch_dtype=torch.bfloat16`). Opt-in extras via --configs: sdx4-bf16, sdx4-vae-bf16, sdx4-keep-text-encoder,
-sdx4-channels-last, diffusers-fp32-tcmalloc, sdx4-system-allocator, sdx4-no-prepack.
+sdx4-channels-last, diffusers-fp32-tcmalloc, sdx4-system-allocator, sdx4-no-prepack, and sdx4-baseline: sdx4
+as another checkout has it (`--baseline-src DIR`, that checkout's `src`), to measure a change against the code
+before it in the same alternating run:
+
+    git worktree add /tmp/before HEAD~1
+    python benchmarks/speed.py --configs sdx4,sdx4-baseline --baseline-src /tmp/before/src
+
+Each worker imports sdx4 from its configuration's source folder (this checkout's `src` unless the config says
+otherwise), so the baseline's report fields come from its own, possibly older, sdx4 and are read defensively.
 
 The C allocator: sdx4 configurations run on what the `sdx4` command runs on (tcmalloc when the system has it,
 see src/sdx4/allocator.py), diffusers configurations on the system's malloc (what a diffusers script gets)
@@ -63,9 +71,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sdx4-system-allocator": {"kind": "sdx4", "dtype": "auto", "allocator": "system"},
     # the UNet's weights as eager PyTorch keeps them (sdx4.prepack off)
     "sdx4-no-prepack": {"kind": "sdx4", "dtype": "auto", "env": {"SDX4_PREPACK": "0"}},
+    # the sdx4 of another checkout (--baseline-src), run like "sdx4": a change against the code before it
+    "sdx4-baseline": {"kind": "sdx4", "dtype": "auto", "src": "baseline"},
 }
 DEFAULT_CONFIGS = ("sdx4", "sdx4-fp32", "diffusers-fp32", "diffusers-bf16")
 BASELINES = ("diffusers-fp32", "diffusers-bf16")
+#: Where a worker imports sdx4 from unless its config says "src": "baseline" (then --baseline-src).
+OWN_SRC = ROOT / "src"
 
 #: Scheduler -> the step count it is usually run at (see docs/speed.md for why).
 SCHEDULER_STEPS: dict[str, int] = {"ddim": 50, "dpmpp-2m": 20, "euler": 30, "unipc": 15}
@@ -78,55 +90,42 @@ GIB = 1024**3
 # ==================================================================================================
 
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_model() -> str:
+def cpu_family_model() -> str | None:
+    """lscpu's "family F, model M": a CPU name such as "Intel Xeon Processor" does not say which generation."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        name = fields.get("Model name", platform.processor() or "unknown")
-        fam = fields.get("CPU family")
-        return f"{name} (family {fam}, model {fields.get('Model', '?')})" if fam else name
     except (OSError, subprocess.SubprocessError):
-        return platform.processor() or "unknown"
+        return None
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
+    return f"family {fields['CPU family']}, model {fields.get('Model', '?')}" if "CPU family" in fields else None
 
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, and bf16 capability as the CPU and torch report it (detected, not guessed)."""
     import torch
 
-    flags = cpu_flags()
+    from sdx4.model.placement import cpu_bf16_flags, cpu_model_name, resolve_placement
+
+    # The CPU's name and its native bf16 instructions as sdx4 reads them (what --dtype auto decides from).
+    bf16_flags = cpu_bf16_flags()
+    family_model = cpu_family_model()
     info: dict[str, Any] = {
-        "cpu": cpu_model(),
+        "cpu": f"{cpu_model_name()} ({family_model})" if family_model else cpu_model_name(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
         "torch_threads": torch.get_num_threads(),
-        "cpuinfo_flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "avx512_fp16")},
+        "cpuinfo_flags": {f: f in bf16_flags for f in ("avx512_bf16", "amx_bf16", "bf16")},
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkldnn_available": torch.backends.mkldnn.is_available(),
         "mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-    info["native_bf16"] = bool(flags & {"avx512_bf16", "amx_bf16"}) and info["mkldnn_bf16_supported"]
-    try:  # what sdx4's dtype="auto" decides from: the flags, then a measurement kept per machine
-        from sdx4.model.placement import cpu_bf16_flags, resolve_placement
-
-        info["sdx4_bf16_flags"] = sorted(cpu_bf16_flags())
-        info["sdx4_auto_dtype"] = resolve_placement("cpu", "auto").describe()
-    except ImportError:
-        info["sdx4_bf16_flags"] = None
+    info["native_bf16"] = bool(bf16_flags) and info["mkldnn_bf16_supported"]
+    info["sdx4_bf16_flags"] = sorted(bf16_flags)
+    # what sdx4's dtype="auto" decides from: the flags, then a measurement kept per machine
+    info["sdx4_auto_dtype"] = resolve_placement("cpu", "auto").describe()
     return info
 
 
@@ -208,16 +207,29 @@ def matmul_peak(n: int, dtype_name: str, reps: int = 5) -> dict[str, Any]:
 # ==================================================================================================
 
 
+def _sdx4_module(*names: str) -> Any:
+    """The first of these sdx4 modules that this worker's sdx4 has (a baseline checkout may predate the
+    current layout: sdx4.allocator before sdx4.speed.allocator); None when it has none of them."""
+    import importlib
+
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not name.startswith(e.name):  # a missing dependency, not a missing module
+                raise
+    return None
+
+
 def _allocator() -> str:
-    from sdx4.speed.allocator import active
+    module = _sdx4_module("sdx4.speed.allocator", "sdx4.allocator")
+    return module.active() if module is not None and hasattr(module, "active") else "unknown"
 
-    return active()
 
-
-def _prepacked_layers(unet: Any) -> int:
-    from sdx4.speed import prepack
-
-    return prepack.installed(unet)
+def _prepacked_layers(unet: Any) -> int | None:
+    """UNet layers set to run on packed oneDNN weights; None when this sdx4 cannot say."""
+    module = _sdx4_module("sdx4.speed.prepack", "sdx4.prepack")
+    return module.installed(unet) if module is not None and hasattr(module, "installed") else None
 
 
 def _rss_mib() -> dict[str, float]:
@@ -312,8 +324,9 @@ class Worker:
         self.image.load()
         # Import everything the load needs first, so that load_s is loading the model, not importing libraries.
         if self.cfg["kind"] == "sdx4":
-            import sdx4.model.loading  # noqa: F401  (imports diffusers' and transformers' model classes)
-            import sdx4.engine.loop  # noqa: F401
+            # (imports diffusers' and transformers' model classes; a baseline's sdx4 may have the older names)
+            _sdx4_module("sdx4.model.loading", "sdx4.models")
+            _sdx4_module("sdx4.engine.loop", "sdx4.pipeline")
             from sdx4.options import UpscaleOptions
         else:
             from diffusers import StableDiffusionUpscalePipeline  # noqa: F401
@@ -328,7 +341,7 @@ class Worker:
             text_encoder = self.up.components.text_encoder
             self.option_fields = {f.name for f in dataclasses.fields(UpscaleOptions)}
             info = self.up.info
-            self.dtypes = {"unet": info["unet_dtype"], "text_encoder": info["text_encoder_dtype"], "vae": info["vae_dtype"]}
+            self.dtypes = {k: info.get(f"{k}_dtype", "?") for k in ("unet", "text_encoder", "vae")}
         else:
             from diffusers import StableDiffusionUpscalePipeline
 
@@ -350,8 +363,13 @@ class Worker:
         self.module_names = {"unet": type(self.unet).__name__, "text_encoder": "CLIPTextModel" if text_encoder is None else type(text_encoder).__name__}
 
     def ready(self) -> dict[str, Any]:
+        import sdx4
+
         return {
             "ok": True,
+            # which sdx4 this worker runs: the configuration's source folder (a baseline's may be older)
+            "sdx4_version": getattr(sdx4, "__version__", "?"),
+            "sdx4_src": str(Path(sdx4.__file__).resolve().parents[1]),
             "import_s": round(self.import_s, 3),
             "load_s": round(self.load_s, 3),
             "dtypes": self.dtypes,
@@ -488,17 +506,18 @@ def worker_main(name: str, model: str, image_path: str) -> int:
 class WorkerProcess:
     """The parent's handle on one worker subprocess."""
 
-    def __init__(self, name: str, model: str, image_path: Path, log_dir: Path) -> None:
+    def __init__(self, name: str, model: str, image_path: Path, log_dir: Path, src: Path = OWN_SRC) -> None:
         self.name = name
         self.log_path = log_dir / f"worker-{name}.log"
         self.log = open(self.log_path, "w")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+        # The worker imports sdx4 from `src` (first on its path), whatever is installed or on PYTHONPATH.
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": _pythonpath(src)}
         cfg = CONFIGS[name]  # its C allocator: what the sdx4 command runs on for sdx4, the system's for diffusers
         env = allocator_env(env, cfg.get("allocator", "sdx4" if cfg["kind"] == "sdx4" else "system"))
         env.update(cfg.get("env", {}))
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", name, "--model", model, "--image", str(image_path)],
+            [sys.executable, __file__, "--worker", name, "--model", model, "--image", str(image_path), "--src", str(src)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
         )
         self.info: dict[str, Any] = {}
@@ -561,7 +580,7 @@ def startup_times(out_dir: Path, reps: int) -> dict[str, Any]:
     dst = out_dir / "startup-512_x4.png"
     exe = Path(sys.executable).with_name("sdx4")
     base = [str(exe)] if exe.exists() else [sys.executable, "-m", "sdx4"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": _pythonpath(OWN_SRC)}
     commands = {
         "help": ["--help"],
         "bicubic_512": ["upscale", str(src), "--method", "bicubic", "-o", str(dst), "--overwrite", "-q"],
@@ -602,6 +621,19 @@ def prepare_input(size: int, out_dir: Path) -> Path:
     return path
 
 
+def _pythonpath(src: Path) -> str:
+    """PYTHONPATH for a child that imports sdx4 from `src`: that folder first, then the caller's entries."""
+    return os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
+
+
+def source_for(name: str, baseline_src: Path | None) -> Path:
+    """The folder the worker of configuration `name` imports sdx4 from."""
+    if CONFIGS[name].get("src") == "baseline":
+        assert baseline_src is not None, "parse_args checks that sdx4-baseline comes with --baseline-src"
+        return baseline_src
+    return OWN_SRC
+
+
 def stats(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
 
@@ -630,6 +662,8 @@ def summarise(
     achieved = loop_flops / med["denoising_s"] / 1e9
     return {
         **{k: info[k] for k in ("import_s", "load_s", "start_s", "dtypes", "threads", "allocator", "rss_after_load_mib", "peak_rss_load_mib", "prepacked_layers")},
+        "sdx4_version": info.get("sdx4_version") if CONFIGS[name]["kind"] == "sdx4" else None,
+        "sdx4_src": info.get("sdx4_src") if CONFIGS[name]["kind"] == "sdx4" else None,
         "parallel_start": quick,
         "config": CONFIGS[name],
         "scheduler_class": runs[0].get("scheduler_class"),
@@ -663,6 +697,10 @@ def add_ratios(configs: dict[str, dict[str, Any]]) -> None:
             key = base.replace("diffusers-", "")
             c[f"time_vs_diffusers_{key}"] = round(c["wall_s"]["median"] / b["wall_s"]["median"], 3) if b else None
             c[f"rss_vs_diffusers_{key}"] = round(c["peak_rss_mib"] / b["peak_rss_mib"], 3) if b else None
+        b = configs.get("sdx4-baseline")  # only when it ran: the code before a change
+        if b:
+            c["time_vs_sdx4_baseline"] = round(c["wall_s"]["median"] / b["wall_s"]["median"], 3)
+            c["rss_vs_sdx4_baseline"] = round(c["peak_rss_mib"] / b["peak_rss_mib"], 3)
 
 
 def check_targets(configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -729,6 +767,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {st['decoding']:.2f} | {c['unet_tflop_per_step']:.3f} | {c['denoising_gflops']:.0f} "
             f"| {of_peak} | {of_mm} | {c['cpu_share']['median']:.2f} |"
         )
+    b = report["configs"].get("sdx4-baseline")
+    if b:
+        lines += ["", f"sdx4-baseline: sdx4 {b['sdx4_version']} from {b['sdx4_src']}; against it: "
+                  + ", ".join(f"{name} time {c['time_vs_sdx4_baseline']:.3f}x, peak RSS {c['rss_vs_sdx4_baseline']:.3f}x"
+                              for name, c in report["configs"].items() if name != "sdx4-baseline") + "."]
     st = report.get("startup")
     if st:
         lines += [
@@ -780,10 +823,11 @@ def model_for(args: argparse.Namespace) -> tuple[str, str]:
     return str(path), kind
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def write_text_atomic(path: Path, text: str) -> None:
+    """The report files are written as sdx4 writes its images (imageio.write_atomic): never half a file."""
+    from sdx4.imageio import write_atomic
+
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def run_speed(args: argparse.Namespace, out_dir: Path, model: str, model_kind: str, image: Path) -> dict[str, Any]:
@@ -798,7 +842,7 @@ def run_speed(args: argparse.Namespace, out_dir: Path, model: str, model_kind: s
         # One at a time, so load times are measured without contention; --quick starts all at once.
         for name in names:
             say(f"starting worker {name}...")
-            workers[name] = WorkerProcess(name, model, image, out_dir)
+            workers[name] = WorkerProcess(name, model, image, out_dir, source_for(name, args.baseline_src))
             if not args.quick:
                 workers[name].wait_ready()
         for name, w in workers.items():
@@ -853,6 +897,7 @@ def run_speed(args: argparse.Namespace, out_dir: Path, model: str, model_kind: s
             "model": model, "model_kind": model_kind, "input_size": [args.size, args.size],
             "output_size": [4 * args.size, 4 * args.size], "steps": args.steps, "guidance": args.guidance,
             "reps": args.reps, "seed": 0, "quick": args.quick,
+            "baseline_src": str(args.baseline_src) if args.baseline_src else None,
         },
         "peak": peak_tbl,
         "configs": configs,
@@ -932,7 +977,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scheduler-steps", nargs="*", metavar="NAME=STEPS", help="override step counts for --schedulers")
     p.add_argument("--matmul-n", type=int, default=None, help="matmul size for the peak (default 4096; 512 with --quick)")
     p.add_argument("--pause", type=float, default=1.0, help="seconds of idle between runs")
+    p.add_argument(
+        "--baseline-src",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the `src` folder of another checkout (e.g. a git worktree of the code before a change): "
+        "the sdx4-baseline configuration imports sdx4 from it",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--src", type=Path, default=OWN_SRC, help=argparse.SUPPRESS)  # a worker's sdx4
     p.add_argument("--image", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -941,6 +995,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [c for c in a.configs if c not in CONFIGS]
     if bad or not a.configs:
         p.error(f"--configs: unknown {bad}; choose from {', '.join(CONFIGS)}")
+    wants_baseline = any(CONFIGS[c].get("src") == "baseline" for c in a.configs)
+    if wants_baseline and a.baseline_src is None:
+        p.error("--configs: sdx4-baseline needs --baseline-src DIR (another checkout's src folder)")
+    if a.baseline_src is not None:
+        if not wants_baseline:
+            p.error(f"--baseline-src {a.baseline_src}: add sdx4-baseline to --configs to run it")
+        if not (a.baseline_src / "sdx4" / "__init__.py").is_file():
+            p.error(f"--baseline-src {a.baseline_src}: no sdx4 package there (expected {a.baseline_src}/sdx4/__init__.py)")
+        a.baseline_src = a.baseline_src.resolve()
+    if a.schedulers and wants_baseline:
+        p.error("--schedulers times this checkout's sdx4 only; leave sdx4-baseline out")
     for name, v, lo in (("--reps", a.reps, 1), ("--steps", a.steps, 1), ("--size", a.size, 8)):
         if v < lo:
             p.error(f"{name} must be >= {lo}; got {v}")
@@ -951,6 +1016,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    sys.path.insert(0, str(args.src))  # before any sdx4 import: a baseline worker imports its own checkout's
     if args.worker:
         return worker_main(args.worker, args.model, args.image)
     out_dir = Path(args.out)
@@ -964,13 +1030,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report = run_speed(args, out_dir, model, model_kind, image)
         stem, table = "speed", markdown(report)
-    write_atomic(out_dir / f"{stem}.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(out_dir / f"{stem}.md", table)
+    write_text_atomic(out_dir / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_dir / f"{stem}.md", table)
     print(table)
     print(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT / "src"))
     raise SystemExit(main())

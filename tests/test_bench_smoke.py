@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ from sdx4.speed import prepack
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "speed.py"
 CONFIGS = ("sdx4", "sdx4-fp32", "diffusers-fp32", "diffusers-bf16")
+BASELINE_VERSION = "0.0.0+baseline"  # what the baseline copy's sdx4 says it is
 
 
 def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -39,13 +42,64 @@ def _positive(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
 
 
+def _baseline_copy(tmp_path: Path) -> Path:
+    """This checkout's src copied elsewhere, its version changed: a stand-in for the code before a change."""
+    src = tmp_path / "before" / "src"
+    shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (src / "sdx4" / "_version.py").write_text(f'__version__ = "{BASELINE_VERSION}"\n')
+    return src
+
+
 @pytest.mark.slow
 def test_speed_benchmark_quick_report_is_complete(tmp_path: Path) -> None:
-    proc = _run(tmp_path)
-    check_speed_report(tmp_path / "out", proc.stdout)
+    # The default configurations and, alternating with them, sdx4 imported from another source folder.
+    before = _baseline_copy(tmp_path)
+    proc = _run(tmp_path, "--configs", ",".join((*CONFIGS, "sdx4-baseline")), "--baseline-src", str(before))
+    check_speed_report(tmp_path / "out", proc.stdout, extra=("sdx4-baseline",))
+    report = json.loads((tmp_path / "out" / "speed.json").read_text())
+    configs = report["configs"]
+    # Each worker imported sdx4 from its configuration's folder: the baseline from the copy, the rest from here.
+    assert configs["sdx4-baseline"]["sdx4_src"] == str(before.resolve())
+    assert configs["sdx4-baseline"]["sdx4_version"] == BASELINE_VERSION
+    assert configs["sdx4"]["sdx4_src"] == str((ROOT / "src").resolve())
+    assert configs["sdx4"]["sdx4_version"] != BASELINE_VERSION and configs["diffusers-fp32"]["sdx4_src"] is None
+    assert report["settings"]["baseline_src"] == str(before.resolve())
+    for name, c in configs.items():
+        b = configs["sdx4-baseline"]
+        assert c["time_vs_sdx4_baseline"] == round(c["wall_s"]["median"] / b["wall_s"]["median"], 3), name
+        assert c["rss_vs_sdx4_baseline"] == round(c["peak_rss_mib"] / b["peak_rss_mib"], 3), name
+    assert f"sdx4-baseline: sdx4 {BASELINE_VERSION} from {before.resolve()}" in proc.stdout
 
 
-def check_speed_report(out: Path, stdout: str) -> None:
+def _speed_module(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # speed.py imports its neighbour _proc.py
+    spec = importlib.util.spec_from_file_location("speed_bench", SCRIPT)
+    speed = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "speed_bench", speed)
+    spec.loader.exec_module(speed)
+    return speed
+
+
+def test_the_baseline_configuration_needs_a_checkout_s_src(tmp_path, monkeypatch, capsys) -> None:
+    speed = _speed_module(monkeypatch)
+    cases = [
+        (["--configs", "sdx4,sdx4-baseline"], "sdx4-baseline needs --baseline-src DIR"),
+        (["--configs", "sdx4", "--baseline-src", str(tmp_path)], "add sdx4-baseline to --configs"),
+        (["--configs", "sdx4-baseline", "--baseline-src", str(tmp_path)], f"no sdx4 package there (expected {tmp_path}/sdx4"),
+        (["--configs", "sdx4-baseline", "--baseline-src", str(ROOT / "src"), "--schedulers"], "leave sdx4-baseline out"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            speed.parse_args(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+    args = speed.parse_args(["--configs", "sdx4,sdx4-baseline", "--baseline-src", str(ROOT / "src")])
+    assert args.configs == ["sdx4", "sdx4-baseline"] and args.baseline_src == (ROOT / "src").resolve()
+    other = tmp_path / "src"
+    assert speed.source_for("sdx4-baseline", other) == other
+    assert speed.source_for("sdx4", other) == speed.source_for("diffusers-fp32", None) == ROOT / "src"
+
+
+def check_speed_report(out: Path, stdout: str, extra: tuple[str, ...] = ()) -> None:
     report = json.loads((out / "speed.json").read_text())
     table = (out / "speed.md").read_text()
     assert table in stdout  # the table is printed as well as written
@@ -71,7 +125,7 @@ def check_speed_report(out: Path, stdout: str) -> None:
         assert peak["matmul_gflops"] == max(smp["matmul"] for smp in peak["samples"])
         assert peak["gflops"] == max(peak["matmul_gflops"], peak["conv3x3_gflops"])
 
-    assert list(report["configs"]) == list(CONFIGS)
+    assert list(report["configs"]) == [*CONFIGS, *extra]
     for name, c in report["configs"].items():
         assert len(c["runs"]) == 1, name
         run = c["runs"][0]
@@ -119,7 +173,8 @@ def check_speed_report(out: Path, stdout: str) -> None:
     # Same architecture, same work in the VAE (the text encoder's share depends on caching); in the UNet
     # sdx4 runs the guidance pair's text-free prefix once (guidance_prefix): less work, the same for its configs.
     unet = {name: c["flops"]["unet"] for name, c in report["configs"].items()}
-    assert unet["sdx4"] == unet["sdx4-fp32"] and unet["diffusers-fp32"] == unet["diffusers-bf16"], unet
+    assert unet["sdx4"] == unet["sdx4-fp32"] == unet.get("sdx4-baseline", unet["sdx4"]), unet
+    assert unet["diffusers-fp32"] == unet["diffusers-bf16"], unet
     assert 0.85 < unet["sdx4"] / unet["diffusers-fp32"] < 0.99, unet
     assert len({c["flops"]["vae_decoder"] for c in report["configs"].values()}) == 1
     assert report["configs"]["diffusers-fp32"]["dtypes"] == {"unet": "fp32", "text_encoder": "fp32", "vae": "fp32"}

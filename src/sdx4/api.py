@@ -21,6 +21,7 @@ from PIL import Image
 from ._version import __version__
 from .engine.classical import ALPHA_FILTER, resize, upscale_classical
 from .imageio import LoadedImage, as_loaded, attach_alpha
+from .metadata import classical_metadata, sd_metadata
 from .options import UpscaleOptions
 from .speed import allocator
 
@@ -48,19 +49,15 @@ def _options(options: UpscaleOptions | None, overrides: dict[str, Any]) -> Upsca
     return base.replace(**overrides) if overrides else base
 
 
-def base_metadata(options: UpscaleOptions, image: LoadedImage) -> dict[str, Any]:
-    w, h = image.size
-    meta: dict[str, Any] = {
-        "sdx4_version": __version__,
-        "method": options.method,
-        "scale": options.scale,
-        "input_size": [w, h],
-        "output_size": [options.scale * w, options.scale * h],
-        "alpha": image.alpha is not None,
-    }
-    if options.method != "sd":
-        meta["alpha_method"] = options.method
-    return meta
+def local_model_missing(model: str) -> bool:
+    """Whether `model` is clearly a local folder (the rule of `model.hub.looks_like_path`: `./x`, `/x`, `~/x`,
+    `a/b/c`, `C:\\x`) that does not exist: front ends check a job with it before any work (a Ray actor would
+    only fail once the cluster has started it). A Hub id is never missing here; loading checks the rest."""
+    from pathlib import Path
+
+    from .model.hub import looks_like_path  # no torch there
+
+    return looks_like_path(model) and not Path(model).expanduser().exists()
 
 
 def upscale_classical_result(image: Any, options: UpscaleOptions) -> UpscaleResult:
@@ -68,9 +65,7 @@ def upscale_classical_result(image: Any, options: UpscaleOptions) -> UpscaleResu
     loaded = as_loaded(image)
     t0 = time.perf_counter()
     out = upscale_classical(loaded, options.method, options.scale)
-    meta = base_metadata(options, loaded)
-    meta["seconds"] = round(time.perf_counter() - t0, 4)
-    return UpscaleResult(images=[out], metadata=meta)
+    return UpscaleResult(images=[out], metadata=classical_metadata(options, loaded, time.perf_counter() - t0))
 
 
 def upscale(image: Any, options: UpscaleOptions | None = None, **overrides: Any) -> UpscaleResult:
@@ -187,39 +182,17 @@ class Upscaler:
         if loaded.alpha is not None:
             alpha = resize(loaded.alpha, rgb[0].size, ALPHA_FILTER)
         images = [attach_alpha(im, alpha) for im in rgb]
-        meta = base_metadata(opts, loaded)
-        meta.update(
-            prompt=opts.prompt,
-            negative_prompt=opts.negative_prompt,
-            seed=opts.seed,
-            steps=opts.steps,
-            guidance=opts.guidance,
-            noise_level=opts.noise_level,
-            eta=opts.eta,
-            num_images=opts.num_images,
-            scheduler=opts.scheduler,
-            **self.info,
-        )
-        # How the (last) pass was tiled and decoded, and what the user asked for.
-        meta.update(
+        meta = sd_metadata(
+            opts,
+            loaded,
+            self.info,
             passes=passes,
-            color_fix=opts.color_fix,
-            tiling=reports[-1]["tiling"],
-            vae_decode=reports[-1]["vae_decode"],
-            tiling_options={
-                "tile_size": opts.tile_size,
-                "tile_overlap": opts.tile_overlap,
-                "tile_batch": opts.tile_batch,
-                "tile_blend": opts.tile_blend,
-                "max_memory": opts.max_memory,
-                "vae_attention_window": opts.vae_attention_window,
-            },
+            report=reports[-1],  # how the last pass was tiled and decoded
+            alpha_filter=ALPHA_FILTER,
+            allocator=allocator.active(),  # tcmalloc or system (sdx4.speed.allocator): part of the speed
+            seconds=time.perf_counter() - t0,
+            timings=timings,
         )
-        if loaded.alpha is not None:
-            meta["alpha_method"] = ALPHA_FILTER
-        meta["allocator"] = allocator.active()  # tcmalloc or system (sdx4.allocator): part of the speed
-        meta["seconds"] = round(time.perf_counter() - t0, 3)
-        meta["timings"] = {k: round(v, 4) for k, v in timings.items()}
         return UpscaleResult(images=images, metadata=meta)
 
 

@@ -1,4 +1,6 @@
 """Images in and out: reading any format Pillow reads into RGB/RGBA, and atomic PNG writes with metadata.
+The one owner of file names and formats: which suffixes are read as images, which are written, and what an
+upscaled image is called (`output_name`).
 
 No torch here: the classical path and the CLI's validation use this module without loading torch.
 """
@@ -8,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -21,6 +24,27 @@ METADATA_KEY = "sdx4"
 #: Refuse images whose pixel count suggests a decompression bomb (Pillow's own guard warns at 89 MP).
 MAX_INPUT_PIXELS = 64_000_000
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+#: The formats sdx4 reads as inputs: Pillow format name -> the file suffixes that name it. Folder inputs
+#: (batch runs, `sdx4 evaluate`) pick files by these suffixes, case-insensitively; the server picks uploads
+#: by format name (UPLOAD_FORMATS), since a client's file name proves nothing.
+INPUT_FORMATS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "PNG": (".png",),
+    "JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"),
+    "WEBP": (".webp",),
+    "TIFF": (".tif", ".tiff"),
+    "BMP": (".bmp", ".dib"),
+    "GIF": (".gif",),
+    "PPM": (".ppm", ".pgm", ".pbm", ".pnm"),
+    "TGA": (".tga",),
+    "QOI": (".qoi",),
+    "AVIF": (".avif",),
+    "JPEG2000": (".jp2", ".j2k"),
+})  # fmt: skip
+#: Every suffix of INPUT_FORMATS, in its order: what a folder input reads as an image.
+INPUT_SUFFIXES = tuple(suffix for suffixes in INPUT_FORMATS.values() for suffix in suffixes)
+#: The server's default formats, a subset of INPUT_FORMATS: the common ones only, so that fewer
+#: decoders face uploads from strangers (ServerSettings.formats widens or narrows it).
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 
 
 class ImageInputError(ValueError):
@@ -177,6 +201,33 @@ def attach_alpha(rgb: Image.Image, alpha: Image.Image | None) -> Image.Image:
     out = rgb.convert("RGBA")
     out.putalpha(alpha)
     return out
+
+
+def is_input_image(path: str | os.PathLike[str]) -> bool:
+    """Whether a folder input reads this file as an image: by its suffix (INPUT_SUFFIXES), any case."""
+    return Path(path).suffix.lower() in INPUT_SUFFIXES
+
+
+def output_name(
+    stem: str, scale: int, method: str | None = None, index: int = 0, count: int = 1, suffix: str = ".png"
+) -> str:
+    """The name of an upscaled image: `photo` -> `photo_x4.png`; a classical method adds itself
+    (`photo_x4_bicubic.png`); one of several images is numbered from 1 (`photo_x4_2.png`).
+
+    method: "sd" and None add no method tag (the server's download names never carry one).
+    index: which of the `count` images (0-based).
+    """
+    tag = f"_x{scale}" if method in (None, "sd") else f"_x{scale}_{method}"
+    return numbered_name(stem + tag, index, count, suffix)
+
+
+def numbered_name(base: str, index: int, count: int, suffix: str = ".png") -> str:
+    """`base.png` when it is the only image; `base_1.png`, `base_2.png`, ... when there are `count` of them."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1; got {count}")
+    if not 0 <= index < count:
+        raise ValueError(f"index must be in 0..{count - 1} for {count} image(s); got index {index}")
+    return f"{base}{suffix}" if count == 1 else f"{base}_{index + 1}{suffix}"
 
 
 def check_output_path(path: str | os.PathLike[str], overwrite: bool) -> Path:

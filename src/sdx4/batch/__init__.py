@@ -27,6 +27,8 @@ This package imports no torch: planning and the classical methods stay fast.
 """
 
 from .job import (
+    IMAGE_SUFFIXES,
+    MANIFEST_NAME,
     BatchError,
     BatchItem,
     BatchJob,

@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .._version import __version__
 from ..imageio import ImageInputError, open_image, save_image
+from ..metadata import manifest_record, saved_metadata
 from ..options import OptionsError
 from .job import BatchItem, Status
 
@@ -80,7 +80,7 @@ def write_item(done: Done, output_dir: Path) -> dict[str, Any]:
             for image, rel in zip(done.result.images, item.outputs):
                 target = output_dir / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                save_image(image, target, {**meta, "input": item.input}, overwrite=True)
+                save_image(image, target, saved_metadata(meta, item.input), overwrite=True)
         except (OSError, ImageInputError) as e:
             error = f"{item.input}: cannot write output ({e})"
         timings["write"] = _secs(t0)
@@ -98,23 +98,19 @@ def make_record(
     timings = {**(timings or {}), "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
     if isinstance(item_or_input, str):  # a file that is not an image
         return {"input": item_or_input, "status": status, "error": error, "timings": timings}
-    item, meta = item_or_input, meta or {}
-    record: dict[str, Any] = {
-        "input": item.input,
-        "outputs": list(item.outputs) if status == "ok" else [],
-        "status": status,
-        "error": error,
-        "seed": item.options.seed,
-        "base_seed": item.base_seed,
-        "prompt_source": item.prompt_source,
-        "params": item.params,
-        "sdx4_version": __version__,
-    }
-    for key in ("input_size", "output_size", "device", "unet_dtype", "random_weights"):
-        if key in meta:
-            record[key] = meta[key]
-    record["timings"] = timings
-    return record
+    item = item_or_input
+    return manifest_record(
+        input=item.input,
+        outputs=item.outputs if status == "ok" else (),
+        status=status,
+        error=error,
+        seed=item.options.seed,
+        base_seed=item.base_seed,
+        prompt_source=item.prompt_source,
+        params=item.params,
+        result_metadata=meta or {},
+        timings=timings,
+    )
 
 
 def _secs(t0: float) -> float:

@@ -10,14 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..imageio import INPUT_SUFFIXES, output_name
 from ..options import DEFAULT_MODEL, UpscaleOptions
 
 MANIFEST_NAME = "sdx4-manifest.jsonl"
-#: Files read as images (by suffix, case-insensitive); other files are skipped and reported.
-IMAGE_SUFFIXES = (
-    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".dib", ".gif",
-    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".avif", ".jp2", ".j2k",
-)  # fmt: skip
+#: Files read as images (by suffix, case-insensitive; imageio owns the list); other files are skipped and reported.
+IMAGE_SUFFIXES = INPUT_SUFFIXES
 #: A prompt sidecar: `name.txt` next to `name.png`.
 SIDECAR_SUFFIX = ".txt"
 #: Temp files that `imageio.save_image` leaves only when the process is killed (SIGKILL) mid-write.
@@ -127,7 +125,6 @@ def output_names(rel_input: str, options: UpscaleOptions) -> tuple[str, ...]:
     """`sub/a.jpg` -> `sub/a_x4.png` (`_x4_bicubic` for classical methods; `_1`, `_2`... per image)."""
     parent, stem = os.path.split(rel_input)
     stem = os.path.splitext(stem)[0]
-    tag = f"_x{options.scale}" if options.method == "sd" else f"_x{options.scale}_{options.method}"
     n = options.num_images
-    names = [f"{stem}{tag}.png"] if n == 1 else [f"{stem}{tag}_{i + 1}.png" for i in range(n)]
+    names = [output_name(stem, options.scale, options.method, i, n) for i in range(n)]
     return tuple(f"{parent}/{name}" if parent else name for name in names)

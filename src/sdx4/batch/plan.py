@@ -9,9 +9,10 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from ..api import local_model_missing
+from ..imageio import is_input_image
 from ..options import OptionsError
 from .job import (
-    IMAGE_SUFFIXES,
     SIDECAR_SUFFIX,
     BatchError,
     BatchItem,
@@ -44,12 +45,12 @@ def discover(input_dir: Path, recursive: bool, exclude: Path | None = None) -> t
             if (root_path / name).is_file():
                 files.append(rel)
     files.sort()
-    images = [f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    images = [f for f in files if is_input_image(f)]
     image_stems = {os.path.splitext(f)[0] for f in images}
     others = [
         f
         for f in files
-        if Path(f).suffix.lower() not in IMAGE_SUFFIXES
+        if not is_input_image(f)
         and not (Path(f).suffix == SIDECAR_SUFFIX and os.path.splitext(f)[0] in image_stems)
     ]
     return images, others
@@ -184,7 +185,7 @@ def plan(job: BatchJob, log: Log | None = None) -> BatchPlan:
         base_seed = recorded[-1] if recorded else secrets.randbelow(2**32)
 
     model = job.model if job.options.method == "sd" else None
-    if model is not None and _missing_local_model(model):
+    if model is not None and local_model_missing(model):
         raise BatchError(
             f"model folder {model!r} does not exist (--model takes a folder in diffusers layout or a Hub id)"
         )
@@ -218,16 +219,6 @@ def plan(job: BatchJob, log: Log | None = None) -> BatchPlan:
     todo = tuple(item for item in items if not _is_done(item, last.get(item.input), out_dir))
     new_skips = tuple(rel for rel in others if last.get(rel, {}).get("status") != "skipped")
     return BatchPlan(job, base_seed, tuple(items), todo, tuple(others), new_skips)
-
-
-def _missing_local_model(model: str) -> bool:
-    """A --model that is clearly a local path (the rule of models._looks_like_path) but is not there.
-
-    Checked while planning, so that a typo fails at once on every engine (a Ray actor would only fail
-    after the cluster has started it); the full check happens when the model loads.
-    """
-    looks_like_path = model.startswith((".", "/", "~")) or "\\" in model or model.count("/") != 1
-    return looks_like_path and not Path(model).expanduser().exists()
 
 
 def _is_done(item: BatchItem, last: dict[str, Any] | None, out_dir: Path) -> bool:

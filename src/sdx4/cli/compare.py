@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..imageio import ImageInputError, check_output_path, open_image, save_image
+from ..metadata import compare_metadata
 from .args import (
     add_method_args,
     load_upscaler,
@@ -85,24 +86,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
         say(f"{method}: {result.seconds:.2f} s")
 
     grid, layout = build_grid(rgb, panels, SCALE, crop)
-    from .._version import __version__
-
-    metadata = {
-        "sdx4_version": __version__,
-        "command": "compare",
-        "input": src.name,
-        "input_size": list(rgb.size),
-        "alpha_ignored": loaded.alpha is not None,
-        "scale": SCALE,
-        "methods": list(methods),
-        "labels": ["input (nearest x%d)" % SCALE] + [label for label, _ in panels],
-        "crop": list(crop),
-        "crop_source": crop_source,
-        "zoom": layout.zoom,
-        "sd_options": sd_options.to_dict() if sd_options is not None else None,
-        "per_method": per_method,
-        "layout": layout.to_dict(),
-    }
+    metadata = compare_metadata(
+        input_name=src.name,
+        input_size=rgb.size,
+        alpha_ignored=loaded.alpha is not None,
+        scale=SCALE,
+        methods=methods,
+        labels=["input (nearest x%d)" % SCALE] + [label for label, _ in panels],
+        crop=crop,
+        crop_source=crop_source,
+        zoom=layout.zoom,
+        sd_options=sd_options,
+        per_method=per_method,
+        layout=layout.to_dict(),
+    )
     save_image(grid, out, metadata, overwrite=args.overwrite)
     say(f"{src} -> {out} ({grid.width}x{grid.height}, crop {crop_source} {crop})")
     return EXIT_OK

@@ -11,9 +11,12 @@ from ..imageio import (
     OUTPUT_SUFFIXES,
     ImageInputError,
     check_output_path,
+    numbered_name,
     open_image,
+    output_name,
     save_image,
 )
+from ..metadata import saved_metadata
 from ..options import (
     COLOR_FIXES,
     MAX_SCALE,
@@ -90,19 +93,19 @@ def _is_output_file(out: Path) -> bool:
 def output_paths(inputs: list[Path], output: str | None, options: UpscaleOptions) -> list[list[Path]]:
     """For each input, the output path(s): one per generated image."""
     n = options.num_images
-    tag = f"_x{options.scale}" if options.method == "sd" else f"_x{options.scale}_{options.method}"
     out = Path(output) if output else None
     as_file = out is not None and _is_output_file(out)
     if as_file and len(inputs) > 1:
         raise UsageError(f"-o {out}: several inputs need an output folder, not a file")
     result = []
     for src in inputs:
-        if as_file:
+        if as_file:  # -o photo.webp: that name, numbered when there are several images
             assert out is not None
-            base, suffix, folder = out.stem, out.suffix, out.parent
+            names = [numbered_name(out.stem, i, n, out.suffix) for i in range(n)]
+            folder = out.parent
         else:
-            base, suffix, folder = src.stem + tag, ".png", (out if out is not None else src.parent)
-        names = [f"{base}{suffix}"] if n == 1 else [f"{base}_{i + 1}{suffix}" for i in range(n)]
+            names = [output_name(src.stem, options.scale, options.method, i, n) for i in range(n)]
+            folder = out if out is not None else src.parent
         result.append([folder / name for name in names])
     flat = [p for ps in result for p in ps]
     dupes = {p for p in flat if flat.count(p) > 1}
@@ -159,7 +162,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         opts = options.with_seed()
         result = _run_one(upscaler, src, opts, quiet=args.quiet)
         for image, path in zip(result.images, paths):
-            save_image(image, path, {**result.metadata, "input": src.name}, overwrite=args.overwrite)
+            save_image(image, path, saved_metadata(result.metadata, src.name), overwrite=args.overwrite)
             say(f"{src} -> {path} ({image.width}x{image.height}" + (f", seed {opts.seed})" if opts.method == "sd" else ")"))
     return EXIT_OK
 

@@ -35,12 +35,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .._version import __version__
-from ..imageio import ImageInputError, open_image, write_atomic
+from ..imageio import (
+    INPUT_SUFFIXES,
+    ImageInputError,
+    is_input_image,
+    open_image,
+    write_atomic,
+)
+from ..metadata import evaluate_settings
 from .methods import MethodRunner
 from .metrics import min_size_for_metrics, psnr_y, ssim_y
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = INPUT_SUFFIXES  # what a batch run reads too (imageio owns the list)
 REPORT_FILES = ("results.csv", "report.md", "quality_vs_time.png")
 LR_METHOD = "Pillow resize BICUBIC (a=-0.5, antialiased), rounded to uint8"
 
@@ -48,7 +54,7 @@ LR_METHOD = "Pillow resize BICUBIC (a=-0.5, antialiased), rounded to uint8"
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     """Files with an image suffix directly in `folder`, sorted by name (other files are ignored)."""
     folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_input_image(p))
 
 
 def mod_crop(rgb: Image.Image, scale: int) -> Image.Image:
@@ -247,7 +253,7 @@ def evaluate_folder(
         rows=rows,
         failures=failures,
         perceptual=[status],
-        settings={"sdx4_version": __version__, "lr": LR_METHOD},
+        settings=evaluate_settings(LR_METHOD),
     )
 
 

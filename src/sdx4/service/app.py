@@ -33,6 +33,7 @@ from fastapi.staticfiles import StaticFiles
 
 from .._version import __version__
 from ..imageio import LoadedImage
+from ..metadata import service_info
 from ..options import METHODS, UpscaleOptions, option_defaults
 from .jobs import FINISHED, JobManager, QueueFull, ShuttingDown
 from .requests import (
@@ -328,16 +329,15 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
     @app.get("/v1/info", dependencies=v1, tags=["service"])
     async def info() -> dict[str, Any]:
         """Model, device, dtype, limits, version, option defaults."""
-        return {
-            "sdx4_version": __version__,
-            "model": model_info,
-            "limits": settings.limits(),
-            "methods": list(METHODS),
-            "choices": {k: list(v[1]) for k, v in OPTION_KINDS.items() if v[1]},
-            "defaults": option_defaults(),
-            "api_key_required": settings.api_key is not None,
-            "queue": manager.status(),
-        }
+        return service_info(
+            model=model_info,
+            limits=settings.limits(),
+            methods=METHODS,
+            choices={k: v[1] for k, v in OPTION_KINDS.items() if v[1]},
+            defaults=option_defaults(),
+            api_key_required=settings.api_key is not None,
+            queue=manager.status(),
+        )
 
     @app.get("/health", tags=["service"])
     async def health() -> JSONResponse:

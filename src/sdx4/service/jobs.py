@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..imageio import LoadedImage, save_image
+from ..imageio import LoadedImage, numbered_name, save_image
+from ..metadata import saved_metadata
 from ..options import UpscaleOptions
 
 log = logging.getLogger("sdx4.server")
@@ -296,11 +297,11 @@ class JobManager:
             result = self.upscaler(job.image, job.options, progress=progress)
             if job.cancel.is_set():  # cancelled during decoding: honour it, write nothing
                 raise JobCancelled(job.cancel_reason)
-            meta = {**result.metadata, "input": job.input_name, "job_id": job.id}
+            meta = saved_metadata(result.metadata, job.input_name, job.id)
             files: list[Path] = []
             try:
                 for i, image in enumerate(result.images):
-                    name = f"{job.id}.png" if len(result.images) == 1 else f"{job.id}_{i + 1}.png"
+                    name = numbered_name(job.id, i, len(result.images))
                     files.append(save_image(image, self.results_dir / name, meta))
             except BaseException:
                 for f in files:

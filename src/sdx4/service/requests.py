@@ -14,7 +14,13 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ..imageio import ImageInputError, LoadedImage, as_loaded
+from ..imageio import (
+    UPLOAD_FORMATS,
+    ImageInputError,
+    LoadedImage,
+    as_loaded,
+    output_name,
+)
 from ..options import OptionsError, UpscaleOptions, option_defaults
 from .jobs import QueueSettings
 
@@ -61,7 +67,7 @@ class ServerSettings:
     max_upload_bytes: int = 20 * 1024 * 1024  # 413 above this
     max_input_pixels: int = 1024 * 1024  # 413 above this, read from the image header before decoding
     max_output_pixels: int = 2048 * 2048  # (scale W) x (scale H) x num_images; 413 above this
-    formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")  # Pillow format names; 415 otherwise
+    formats: tuple[str, ...] = UPLOAD_FORMATS  # Pillow format names (imageio.INPUT_FORMATS); 415 otherwise
     max_prompt_chars: int = 2000  # 422 above this (CLIP reads 77 tokens anyway)
     shutdown_timeout_s: float = 60.0  # how long shutdown waits for the running step before leaving
     queue: QueueSettings = field(default_factory=QueueSettings)
@@ -228,5 +234,6 @@ def safe_name(filename: str | None) -> str:
 
 
 def download_name(input_name: str, index: int, count: int, scale: int = 4) -> str:
+    """`my photo.jpg` -> `my_photo_x4.png` (`_2` ... for one of several images); no method tag, as ever."""
     stem = safe_name(input_name).rsplit(".", 1)[0].replace(" ", "_") or "image"
-    return f"{stem}_x{scale}.png" if count == 1 else f"{stem}_x{scale}_{index + 1}.png"
+    return output_name(stem, scale, None, index, count)
