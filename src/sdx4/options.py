@@ -75,12 +75,8 @@ class OptionsError(ValueError):
     """
 
     def __init__(self, message: str, option: str | None = None) -> None:
-        super().__init__(message)
-        self.option = option
-
-    def __reduce__(self) -> tuple[type[OptionsError], tuple[str, str | None]]:
-        # Keeps `option` across pickling (Ray ships exceptions between processes).
-        return (type(self), (str(self), self.option))
+        super().__init__(message)  # args == (message,): str(err) is the message alone
+        self.option = option  # pickled with the instance's __dict__ (Ray ships exceptions between processes)
 
 
 @dataclass(frozen=True)
