@@ -8,14 +8,20 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import SRC, run_cli
 from PIL import Image
 
 import sdx4
-from sdx4.speed import allocator
-from sdx4.speed.allocator import ENV, QUIET_ENV, REEXEC_MARK, AllocatorError, find_tcmalloc, reexec_env
 from sdx4.cli import build_parser, main, runs_model
-
-from conftest import SRC, run_cli
+from sdx4.speed import allocator
+from sdx4.speed.allocator import (
+    ENV,
+    QUIET_ENV,
+    REEXEC_MARK,
+    AllocatorError,
+    find_tcmalloc,
+    reexec_env,
+)
 
 LIB = "libtcmalloc_minimal.so.4"
 SYSTEM_TCMALLOC = find_tcmalloc()

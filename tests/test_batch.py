@@ -28,9 +28,9 @@ from _batch_util import (
 from PIL import Image
 
 import sdx4
-from sdx4 import UpscaleOptions
-from sdx4.batch.job import BatchError, BatchItem, BatchJob, image_seed, output_names
+from sdx4 import LoadOptions, UpscaleOptions
 from sdx4.batch import Manifest, run_batch, run_pipeline
+from sdx4.batch.job import BatchError, BatchItem, BatchJob, image_seed, output_names
 from sdx4.batch.plan import discover, plan, read_manifest, read_prompt_mapping
 from sdx4.cli import main
 
@@ -50,7 +50,8 @@ def job(src: Path, out: Path, model: Path, **opts: object) -> BatchJob:
     prompts = opts.pop("prompts_file", None)
     options = UpscaleOptions(steps=STEPS, **opts)  # type: ignore[arg-type]
     return BatchJob(
-        src, out, options, model=str(model), device="cpu", dtype="fp32", recursive=recursive, prompts_file=prompts
+        src, out, options, load=LoadOptions(model=str(model), device="cpu", dtype="fp32"), recursive=recursive,
+        prompts_file=prompts,
     )
 
 

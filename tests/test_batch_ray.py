@@ -8,14 +8,22 @@ from typing import Any
 import numpy as np
 import pytest
 import ray  # the `test` extra installs ray[data]; the batch module itself imports it lazily
-from _batch_util import STEPS, make_folder, pixels, records, stable, temp_files, tiny_model
+from _batch_util import (
+    STEPS,
+    make_folder,
+    pixels,
+    records,
+    stable,
+    temp_files,
+    tiny_model,
+)
 
 import sdx4
-from sdx4.batch.job import BatchJob, image_seed
 from sdx4.batch import run_batch
+from sdx4.batch.job import BatchJob, image_seed
 from sdx4.batch.ray import RayConfig, item_from_json, item_to_json
 from sdx4.cli import main
-from sdx4.options import UpscaleOptions
+from sdx4.options import LoadOptions, UpscaleOptions
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +122,7 @@ def test_ray_engine_shards_match_a_local_run_through_the_api(tmp_path: Path, mod
     upscaler = sdx4.load(str(model), device="cpu", dtype="fp32")
 
     def job(out: Path) -> BatchJob:
-        return BatchJob(src, out, options, model=str(model), device="cpu", dtype="fp32")
+        return BatchJob(src, out, options, load=LoadOptions(model=str(model), device="cpu", dtype="fp32"))
 
     run_batch(job(tmp_path / "all"), upscaler=upscaler)
     mixed = tmp_path / "mixed"

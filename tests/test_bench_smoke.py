@@ -7,8 +7,8 @@ min <= median <= max, ratios consistent with the times, FLOPs counted, attention
 from __future__ import annotations
 
 import dataclasses
-import json
 import importlib.util
+import json
 import os
 import shutil
 import subprocess

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
 import sdx4
 from sdx4 import cli
-from conftest import run_cli
 
 
 @pytest.fixture
@@ -162,3 +162,22 @@ def test_help_and_classical_do_not_import_torch():
 def test_version():
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"sdx4 {sdx4.__version__}"
+
+
+def test_a_bad_device_exits_2_with_the_load_options_message_and_writes_nothing(img, tmp_path, capsys):
+    assert cli.main(["upscale", str(img), "--device", "tpu", "--dtype", "fp32"]) == 2
+    assert capsys.readouterr().err == "sdx4: error: device must be auto, cpu, cuda, cuda:N or mps; got 'tpu'\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]
+    # The classical methods load no model: their model arguments are not used, and (as always) not checked.
+    assert cli.main(["upscale", str(img), "--method", "bicubic", "--device", "tpu", "-q"]) == 0
+
+
+def test_load_options_from_args_reads_every_model_argument():
+    from sdx4.cli import build_parser
+    from sdx4.cli.args import load_options_from_args
+
+    args = build_parser().parse_args(["upscale", "x.png", "--model", "./m", "--device", "cuda:1", "--dtype", "bf16",
+                                      "--vae-dtype", "bf16", "--no-low-memory", "--compile"])
+    assert load_options_from_args(args) == sdx4.LoadOptions(model="./m", device="cuda:1", dtype="bf16", vae_dtype="bf16",
+                                                            low_memory=False, compile=True)
+    assert load_options_from_args(build_parser().parse_args(["upscale", "x.png"])) == sdx4.LoadOptions()

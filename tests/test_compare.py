@@ -14,8 +14,14 @@ from PIL import Image, ImageFilter
 
 import sdx4
 from sdx4.cli import main
-from sdx4.quality.compare import auto_crop, build_grid, label_image, parse_crop, plan_grid
 from sdx4.imageio import read_metadata
+from sdx4.quality.compare import (
+    auto_crop,
+    build_grid,
+    label_image,
+    parse_crop,
+    plan_grid,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CAT = ROOT / "examples" / "cat.png"  # 64x64

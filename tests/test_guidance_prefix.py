@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sdx4.speed import guidance_prefix
 from sdx4.engine import tiling
 from sdx4.options import UpscaleOptions
+from sdx4.speed import guidance_prefix
 
 
 @pytest.fixture

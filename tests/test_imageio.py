@@ -8,7 +8,15 @@ import pytest
 from PIL import Image
 
 from sdx4.engine.classical import upscale_classical
-from sdx4.imageio import ImageInputError, as_loaded, from_array, normalise, open_image, read_metadata, save_image
+from sdx4.imageio import (
+    ImageInputError,
+    as_loaded,
+    from_array,
+    normalise,
+    open_image,
+    read_metadata,
+    save_image,
+)
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from sdx4.speed import kvcache
 from sdx4.engine import loop as pipeline
 from sdx4.options import UpscaleOptions
+from sdx4.speed import kvcache
 
 
 def attention(cross: bool = True) -> Attention:

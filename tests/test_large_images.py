@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdx4.engine import loop as pipeline
 from sdx4.cli import main
+from sdx4.engine import loop as pipeline
 from sdx4.options import OptionsError, UpscaleOptions, parse_size
 
 
@@ -252,7 +252,9 @@ def test_vae_attention_is_global_up_to_the_window_and_windowed_beyond(tiny_upsca
 
 
 def test_tiled_vae_decode_fits_its_measured_cost_into_what_is_left(tiny_upscaler, rng_image, monkeypatch):
-    from sdx4.engine import budget as memory, decode_fit, loop as pipeline
+    from sdx4.engine import budget as memory
+    from sdx4.engine import decode_fit
+    from sdx4.engine import loop as pipeline
     from sdx4.engine.vae import plan_decode
 
     seen = {}

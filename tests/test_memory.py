@@ -141,8 +141,8 @@ def test_the_full_model_constant_is_what_the_cache_holds():
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sdx4.speed import kvcache
     from sdx4.model.random_model import UNET_CONFIGS
+    from sdx4.speed import kvcache
 
     with torch.device("meta"):  # the published architecture, no memory
         unet = UNet2DConditionModel.from_config(UNET_CONFIGS["full"])

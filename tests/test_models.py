@@ -5,16 +5,15 @@ import shutil
 
 import pytest
 import torch
+from conftest import run_cli
 
 import sdx4
-from sdx4.model import loading as models
 from sdx4.model import placement
-from sdx4.options import DEFAULT_MODEL
 from sdx4.model.errors import ModelConfigError, ModelNotFoundError, ModelPathError
-from sdx4.model.loading import load_components
 from sdx4.model.hub import resolve_model_dir
+from sdx4.model.loading import load_components
 from sdx4.model.placement import resolve_placement
-from conftest import run_cli
+from sdx4.options import DEFAULT_MODEL
 
 
 def fake_hub_cache(root, model_dir, repo_id="someorg/x4-upscaler", commit="0123456789abcdef"):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdx4.options import OptionsError, UpscaleOptions
 from sdx4.engine.loop import pad_to_multiple
+from sdx4.options import OptionsError, UpscaleOptions
 
 
 def diffusers_pipeline(components):

@@ -7,9 +7,9 @@ from PIL import Image
 
 import sdx4
 from sdx4.cli import main
+from sdx4.engine.scale import pass_plan, upscale_by
 from sdx4.imageio import read_metadata
 from sdx4.options import OptionsError, UpscaleOptions
-from sdx4.engine.scale import pass_plan, upscale_by
 
 
 def _bicubic_x4(im: Image.Image) -> Image.Image:

@@ -20,9 +20,9 @@ from server_helpers import (
     wait_until,
 )
 
+from sdx4.service.app import create_app
 from sdx4.service.jobs import QueueSettings
 from sdx4.service.requests import ApiError, ServerSettings, parse_options, safe_name
-from sdx4.service.app import create_app
 
 FAST = {"steps": "2", "seed": "7"}
 

@@ -16,11 +16,18 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from server_helpers import TIMEOUT, Gate, live_server, png_bytes, png_metadata, wait_until
+from server_helpers import (
+    TIMEOUT,
+    Gate,
+    live_server,
+    png_bytes,
+    png_metadata,
+    wait_until,
+)
 
+from sdx4.service.app import create_app
 from sdx4.service.jobs import QueueSettings
 from sdx4.service.requests import ServerSettings
-from sdx4.service.app import create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 ROOT = Path(__file__).parents[1]

@@ -14,9 +14,9 @@ from server_helpers import (
     png_metadata,
 )
 
+from sdx4.service.app import create_app
 from sdx4.service.jobs import QueueSettings
 from sdx4.service.requests import ServerSettings
-from sdx4.service.app import create_app
 
 CLIENTS = 20
 

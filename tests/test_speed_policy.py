@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import sdx4
+from sdx4.engine.schedulers import USUAL_STEPS, make_scheduler
 from sdx4.model import loading as models
 from sdx4.model import placement
-from sdx4.model.placement import cpu_bf16_flags, resolve_placement
 from sdx4.model.loading import load_components
+from sdx4.model.placement import cpu_bf16_flags, resolve_placement
 from sdx4.options import SCHEDULERS, OptionsError, UpscaleOptions
-from sdx4.engine.schedulers import USUAL_STEPS, make_scheduler
 
 X86_BF16 = "processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n"
 X86_AMX = "flags : fpu avx512f amx_bf16 amx_tile\n"
@@ -200,7 +200,6 @@ def test_low_memory_load_drops_the_text_encoder_before_the_unet_is_loaded(tiny_m
     import gc
     import weakref
 
-    from sdx4.model import loading as models
 
     encoders: list[weakref.ref] = []
     alive_at_unet_load: list[bool] = []
@@ -229,7 +228,8 @@ def test_low_memory_load_drops_the_text_encoder_before_the_unet_is_loaded(tiny_m
 
 
 def test_freed_memory_is_released_before_the_vae_decode(tiny_upscaler, rng_image, monkeypatch):
-    from sdx4.engine import budget as memory, loop as pipeline
+    from sdx4.engine import budget as memory
+    from sdx4.engine import loop as pipeline
 
     calls = []
     real_decode = pipeline.decode_latents

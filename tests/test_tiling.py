@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from sdx4.engine import tiling
-from sdx4.engine.tiling import Tile, blend_weights, merge_tiled, normalised_weights, plan_tiles, retry_on_oom, tile_starts
+from sdx4.engine.tiling import (
+    Tile,
+    blend_weights,
+    merge_tiled,
+    normalised_weights,
+    plan_tiles,
+    retry_on_oom,
+    tile_starts,
+)
 
 
 def _coverage(tiles: list[Tile], h: int, w: int) -> torch.Tensor:

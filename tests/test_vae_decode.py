@@ -12,9 +12,17 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 import sdx4.engine.vae as vd
-from sdx4.engine.vae import decode as vd_decode, ops as vd_ops, plan as vd_plan, run as vd_run
+from sdx4.engine.vae import (
+    DecodeReport,
+    decode_latents,
+    estimate_decode_bytes,
+    plan_decode,
+)
+from sdx4.engine.vae import decode as vd_decode
+from sdx4.engine.vae import ops as vd_ops
+from sdx4.engine.vae import plan as vd_plan
+from sdx4.engine.vae import run as vd_run
 from sdx4.model.random_model import VAE_CONFIGS
-from sdx4.engine.vae import DecodeReport, decode_latents, estimate_decode_bytes, plan_decode
 
 TOL = 1e-3  # issue 3: tiled vs untiled, in [-1, 1] units
 

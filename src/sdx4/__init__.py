@@ -2,6 +2,7 @@
 
     import sdx4
     up = sdx4.load()                       # or sdx4.load(model="path/to/folder", device="cpu", dtype="fp32")
+    up = sdx4.load(sdx4.LoadOptions(device="cpu", dtype="fp32"))  # the same options as one object
     result = up("photo.png", prompt="a photo of a cat", seed=42)
     result.image.save("photo_x4.png")
     sdx4.upscale("photo.png", method="bicubic").image    # classical baseline, no model
@@ -12,7 +13,7 @@ Importing sdx4 does not import torch; loading the model does.
 from ._version import __version__
 from .api import Upscaler, UpscaleResult, load, upscale
 from .imageio import ImageInputError, read_metadata
-from .options import METHODS, OptionsError, UpscaleOptions
+from .options import METHODS, LoadOptions, OptionsError, UpscaleOptions
 
 __all__ = [
     "__version__",
@@ -21,6 +22,7 @@ __all__ = [
     "Upscaler",
     "UpscaleResult",
     "UpscaleOptions",
+    "LoadOptions",
     "OptionsError",
     "ImageInputError",
     "METHODS",

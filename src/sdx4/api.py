@@ -6,7 +6,9 @@
     result.images[0].save("photo_x4.png")
     result.metadata                                    # every parameter, the seed included
 
-Entry points (CLI, server, batch) build an `UpscaleOptions` and call an `Upscaler`; none reaches inside.
+Entry points (CLI, server, batch) build a `LoadOptions` and an `UpscaleOptions` and call `load` and an
+`Upscaler`; none reaches inside. The errors they catch are re-exported here (`MemoryBudgetError`, the model
+errors), so that no front end imports the engine or the model.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ from .imageio import LoadedImage, as_loaded, attach_alpha
 from .metadata import classical_metadata, sd_metadata
 from .options import UpscaleOptions
 from .speed import allocator
+
+# Re-exported for the front ends (cli/, batch/, service/, quality/), which import nothing from the engine
+# or the model: the errors of loading and of the memory plan (none of these modules imports torch).
+from .engine.budget import MemoryBudgetError  # noqa: F401
+from .model.errors import ModelConfigError, ModelNotFoundError, ModelPathError  # noqa: F401
+from .options import DEFAULT_MODEL, LoadOptions, option_defaults
 
 SCALE = 4
 
@@ -116,6 +124,25 @@ class Upscaler:
             "sdx4_version": __version__,
         }
 
+    def describe(self, seconds: float) -> list[str]:
+        """What was loaded, for people: the "loaded MODEL on DEVICE (DTYPE) in N s" line, and a warning
+        when the weights are random (the front ends print these lines as they are)."""
+        info = self.info
+        lines = [f"loaded {info['model']} on {info['device']} ({info['unet_dtype']}) in {seconds:.1f} s"]
+        if info["random_weights"]:
+            lines.append("warning: this model has RANDOM WEIGHTS (made for tests/benchmarks); its output is noise")
+        return lines
+
+    def check(self, options: UpscaleOptions, size: tuple[int, int]) -> None:
+        """Raise MemoryBudgetError now, before any heavy work, when a pass over a `size` = (width, height)
+        input cannot fit the memory budget (`options.max_memory`, weights included). The classical methods
+        use no model: nothing to check."""
+        if options.method != "sd":
+            return
+        from .engine.budget import check_memory
+
+        check_memory(self.components, options, *size)
+
     def __call__(
         self,
         image: Any,
@@ -203,7 +230,7 @@ def default_low_memory(device_type: str) -> bool:
 
 
 def load(
-    model: str | None = None,
+    model: str | LoadOptions | None = None,
     device: str = "auto",
     dtype: str = "auto",
     *,
@@ -214,30 +241,74 @@ def load(
 ) -> Upscaler:
     """Load the x4 upscaler from a Hub id (default: the published model) or a local diffusers folder.
 
-    device: auto | cpu | cuda | cuda:N | mps.  dtype (UNet and text encoder): auto | fp32 | fp16 | bf16;
-    auto = fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.  vae_dtype: fp32 (default) | bf16.
-    low_memory: drop the text encoder once prompts are encoded, reload it for a new prompt;
-    None (default) = on for the CPU, off for GPUs.  compile: torch.compile the UNet (opt-in).
+    `sdx4.load(LoadOptions(...))` or `sdx4.load(model, device, dtype, vae_dtype=..., low_memory=...,
+    compile=...)`: the same options either way, documented (with their defaults) in `LoadOptions`;
+    `model` None or "" = the published model. With a LoadOptions the other load keywords stay unset
+    (change the options with `.replace(...)`).
     prompts: with the low-memory policy, the texts to encode before the UNet is loaded (default: the
     default prompt and negative prompt, ""); the text encoder is then dropped, so that it and the UNet are
     never in memory together (fp32, measured: peak 3.76 -> 2.81 GiB). Other prompts load it again when
     they come. Ignored when the text encoder is kept (the GPU default): it encodes on the first call.
     """
+    if isinstance(model, LoadOptions):
+        given = {"device": device, "dtype": dtype, "vae_dtype": vae_dtype, "low_memory": low_memory, "compile": compile}
+        defaults = option_defaults(LoadOptions)
+        extra = [name for name, value in given.items() if value != defaults[name]]
+        if extra:
+            raise TypeError(
+                f"sdx4.load(LoadOptions(...)) takes no {', '.join(extra)} keyword; use LoadOptions(...).replace({extra[0]}=...)"
+            )
+        options = model
+    else:
+        options = LoadOptions(
+            model=model or DEFAULT_MODEL,
+            device=device,
+            dtype=dtype,
+            vae_dtype=vae_dtype,
+            low_memory=low_memory,
+            compile=compile,
+        )
+    return _load(options, prompts)
+
+
+def _load(options: LoadOptions, prompts: Sequence[str] | None) -> Upscaler:
+    """The one loading path of `load`, whichever way its options came."""
     from .engine.prompts import check_prompts
     from .model.loading import load_components
-    from .options import DEFAULT_MODEL
 
     first = UpscaleOptions().text_prompts if prompts is None else check_prompts(prompts)  # checked before loading
     made: list[Upscaler] = []
 
     def encode_first(components: Any) -> None:
-        up = Upscaler(components, low_memory=low_memory)
+        up = Upscaler(components, low_memory=options.low_memory)
         if up.low_memory:
             up.encode_prompts(first)
             up.prompt_cache.drop_encoder()  # also when every prompt was already cached (or none given)
         made.append(up)
 
     load_components(
-        model or DEFAULT_MODEL, device=device, dtype=dtype, vae_dtype=vae_dtype, compile=compile, before_denoiser=encode_first
+        options.model,
+        device=options.device,
+        dtype=options.dtype,
+        vae_dtype=options.vae_dtype,
+        compile=options.compile,
+        before_denoiser=encode_first,
     )
     return made[0]
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' progress bars ("Loading weights") and info logs: noise in a command line or
+    a Ray worker's log. Process-wide (the libraries' own switches); call it before `load`."""
+    import logging
+
+    for name in ("transformers", "diffusers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import diffusers.utils.logging as dl
+        import transformers.utils.logging as tl
+
+        tl.disable_progress_bar()
+        dl.disable_progress_bar()
+    except Exception:  # pragma: no cover - only cosmetics
+        pass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -32,6 +33,12 @@ MAX_IMAGES_PER_PROMPT = 16
 #: Seeds are drawn from and must fit in 0 .. 2**63-1 (what torch.Generator.manual_seed accepts).
 MAX_SEED = 2**63 - 1
 
+#: How the model is loaded (LoadOptions). Devices: auto, cpu, cuda, cuda:N or mps.
+DType = Literal["auto", "fp32", "fp16", "bf16"]
+DTYPES: tuple[str, ...] = get_args(DType)
+VaeDType = Literal["fp32", "bf16"]  # fp16 decodes to NaN
+VAE_DTYPES: tuple[str, ...] = get_args(VaeDType)
+
 ColorFix = Literal["none", "adain", "wavelet"]
 COLOR_FIXES: tuple[str, ...] = get_args(ColorFix)
 TileBlend = Literal["uniform", "gaussian", "feather"]  # == tiling.Blend (no torch import here)
@@ -52,16 +59,24 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20,
 
 def parse_size(text: str) -> int:
     """'6GiB', '6G' (= GiB), '6GB' (10^9), '1500MiB', '123456' (bytes) -> bytes."""
-    import re
-
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise OptionsError(f"max_memory must be a size such as 6GiB, 6G, 1500MiB or a number of bytes; got {text!r}")
+        raise OptionsError(
+            f"max_memory must be a size such as 6GiB, 6G, 1500MiB or a number of bytes; got {text!r}", option="max_memory"
+        )
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
 class OptionsError(ValueError):
-    """An option has a value outside what is allowed; the message names the option and the range."""
+    """An option has a value outside what is allowed; the message names the option and the range.
+
+    `option` is the field's name ("max_memory"), or None when the error is not about one field: front
+    ends map it to their own spelling (`--max-memory`, a form field) without parsing the message.
+    """
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)  # args == (message,): str(err) is the message alone
+        self.option = option  # pickled with the instance's __dict__ (Ray ships exceptions between processes)
 
 
 @dataclass(frozen=True)
@@ -123,13 +138,10 @@ class UpscaleOptions:
         if self.seed is not None:
             _check_int("seed", self.seed, 0, MAX_SEED)
         _check_int("num_images", self.num_images, 1, MAX_IMAGES_PER_PROMPT)
-        if self.method not in METHODS:
-            raise OptionsError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        if self.scheduler not in SCHEDULERS:
-            raise OptionsError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {self.scheduler!r}")
+        _check_choice("method", self.method, METHODS)
+        _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_int("scale", self.scale, MIN_SCALE, MAX_SCALE)
-        if self.color_fix not in COLOR_FIXES:
-            raise OptionsError(f"color_fix must be one of {', '.join(COLOR_FIXES)}; got {self.color_fix!r}")
+        _check_choice("color_fix", self.color_fix, COLOR_FIXES)
         if self.tile_size is not None:
             _check_int("tile_size", self.tile_size, MIN_TILE_SIZE, MAX_TILE_SIZE)
         if self.tile_overlap is not None:
@@ -137,16 +149,18 @@ class UpscaleOptions:
             _check_int("tile_overlap", self.tile_overlap, 0, (self.tile_size or MAX_TILE_SIZE) // 2)
         if self.tile_batch is not None:
             _check_int("tile_batch", self.tile_batch, 1, MAX_TILE_BATCH)
-        if self.tile_blend not in TILE_BLENDS:
-            raise OptionsError(f"tile_blend must be one of {', '.join(TILE_BLENDS)}; got {self.tile_blend!r}")
+        _check_choice("tile_blend", self.tile_blend, TILE_BLENDS)
         _check_int("vae_attention_window", self.vae_attention_window, MIN_ATTENTION_WINDOW, MAX_ATTENTION_WINDOW)
         if self.max_memory is not None:
             if isinstance(self.max_memory, bool) or not isinstance(self.max_memory, int):
-                raise OptionsError(f"max_memory must be a number of bytes (at least 1 GiB); got {self.max_memory!r}")
+                raise OptionsError(
+                    f"max_memory must be a number of bytes (at least 1 GiB); got {self.max_memory!r}", option="max_memory"
+                )
             if not MIN_MAX_MEMORY <= self.max_memory <= MAX_MAX_MEMORY:
                 raise OptionsError(
                     f"max_memory must be in 1 GiB..1 PiB (in bytes: {MIN_MAX_MEMORY}..{MAX_MAX_MEMORY}); "
-                    f"got {self.max_memory} bytes ({self.max_memory / 2**30:.3g} GiB)"
+                    f"got {self.max_memory} bytes ({self.max_memory / 2**30:.3g} GiB)",
+                    option="max_memory",
                 )
 
     @property
@@ -173,25 +187,84 @@ class UpscaleOptions:
         return dataclasses.asdict(self)
 
 
-def option_defaults() -> dict[str, object]:
-    """Field name -> default, for help texts (the CLI and the server show these)."""
-    return {f.name: f.default for f in dataclasses.fields(UpscaleOptions)}
+@dataclass(frozen=True)
+class LoadOptions:
+    """How the model is loaded: which one, where it runs and in which precision (`sdx4.load(LoadOptions(...))`).
+
+    model: a Hub id or a local folder in diffusers layout (default: the published model).
+    device: auto | cpu | cuda | cuda:N | mps; auto = CUDA, else Apple MPS, else the CPU. Whether this
+      machine has the device is checked when the model loads.
+    dtype: precision of the UNet and text encoder: auto | fp32 | fp16 | bf16; auto = fp16 on CUDA, bf16 on
+      a CPU where bf16 measured at least 1.25x faster than fp32, else fp32 (model/placement.py).
+    vae_dtype: fp32 | bf16; fp16 is refused (the VAE decodes to NaN in fp16).
+    low_memory: drop the text encoder once the prompts are encoded, reload it for a new prompt;
+      None = by device: on for the CPU (RAM limits the image size there), off for GPUs.
+    compile: torch.compile the UNet (opt-in: a slow first call; see README).
+
+    Later fields (LoRA weights, a single-file checkpoint, ...) go here with their defaults: `to_dict()` and
+    `LoadOptions(**d)` carry every field through Ray and the batch job unchanged.
+    """
+
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: DType = "auto"
+    vae_dtype: VaeDType = "fp32"
+    low_memory: bool | None = None
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        _check_str("model", self.model)
+        if not self.model:
+            raise OptionsError("model must be a Hub id or a local folder in diffusers layout; got ''", option="model")
+        check_placement(self.device, self.dtype, self.vae_dtype)
+        if self.low_memory is not None and not isinstance(self.low_memory, bool):
+            raise OptionsError(f"low_memory must be True, False or None (by device); got {self.low_memory!r}", option="low_memory")
+        if not isinstance(self.compile, bool):
+            raise OptionsError(f"compile must be True or False; got {self.compile!r}", option="compile")
+
+    def replace(self, **changes: object) -> LoadOptions:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def check_placement(device: object, dtype: object, vae_dtype: object) -> None:
+    """Raise OptionsError unless device, dtype and vae_dtype are spelled as LoadOptions allows (whether
+    the machine has that device is for model/placement.py to say)."""
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", device):
+        raise OptionsError(f"device must be auto, cpu, cuda, cuda:N or mps; got {device!r}", option="device")
+    if dtype not in DTYPES:
+        raise OptionsError(f"dtype must be auto, fp32, fp16 or bf16; got {dtype!r}", option="dtype")
+    if vae_dtype not in VAE_DTYPES:
+        raise OptionsError(f"vae_dtype must be fp32 or bf16 (fp16 decodes to NaN); got {vae_dtype!r}", option="vae_dtype")
+
+
+def option_defaults(options_type: type = UpscaleOptions) -> dict[str, object]:
+    """Field name -> default of UpscaleOptions (or LoadOptions), for help texts (the CLI and the server show these)."""
+    return {f.name: f.default for f in dataclasses.fields(options_type)}
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise OptionsError(f"{name} must be one of {', '.join(choices)}; got {value!r}", option=name)
 
 
 def _check_str(name: str, value: object) -> None:
     if not isinstance(value, str):
-        raise OptionsError(f"{name} must be a string; got {type(value).__name__} {value!r}")
+        raise OptionsError(f"{name} must be a string; got {type(value).__name__} {value!r}", option=name)
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise OptionsError(f"{name} must be an integer in {lo}..{hi}; got {value!r}")
+        raise OptionsError(f"{name} must be an integer in {lo}..{hi}; got {value!r}", option=name)
     if not lo <= value <= hi:
-        raise OptionsError(f"{name} must be in {lo}..{hi}; got {value}")
+        raise OptionsError(f"{name} must be in {lo}..{hi}; got {value}", option=name)
 
 
 def _check_float(name: str, value: object, lo: float, hi: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise OptionsError(f"{name} must be a number in {lo:g}..{hi:g}; got {value!r}")
+        raise OptionsError(f"{name} must be a number in {lo:g}..{hi:g}; got {value!r}", option=name)
     if not lo <= value <= hi:
-        raise OptionsError(f"{name} must be in {lo:g}..{hi:g}; got {value:g}")
+        raise OptionsError(f"{name} must be in {lo:g}..{hi:g}; got {value:g}", option=name)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..imageio import INPUT_SUFFIXES, output_name
-from ..options import DEFAULT_MODEL, UpscaleOptions
+from ..options import LoadOptions, UpscaleOptions
 
 MANIFEST_NAME = "sdx4-manifest.jsonl"
 #: Files read as images (by suffix, case-insensitive; imageio owns the list); other files are skipped and reported.
@@ -42,7 +42,7 @@ class BatchJob:
     options: the parameters for every image; `prompt`/`negative_prompt` are the fallback when an image
       has no mapping entry and no sidecar, and `seed` is the BASE seed (None: drawn once per run and
       reused on resume) from which each image's own seed is derived.
-    model/device/dtype/vae_dtype/low_memory/compile: as for `sdx4.load` (not used by the classical methods).
+    load: how the model is loaded (`sdx4.load(job.load)`; not used by the classical methods).
     recursive: also walk sub-folders (hidden files and folders, names starting with ".", are ignored).
     prompts_file: a CSV or JSONL mapping of relative path -> prompt [/ negative prompt].
     """
@@ -50,14 +50,9 @@ class BatchJob:
     input_dir: Path
     output_dir: Path
     options: UpscaleOptions = field(default_factory=UpscaleOptions)
-    model: str = DEFAULT_MODEL
-    device: str = "auto"
-    dtype: str = "auto"
+    load: LoadOptions = field(default_factory=LoadOptions)
     recursive: bool = False
     prompts_file: Path | None = None
-    vae_dtype: str = "fp32"
-    low_memory: bool | None = None  # None: sdx4.load's default (on for the CPU)
-    compile: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_dir", Path(self.input_dir))

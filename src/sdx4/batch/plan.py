@@ -184,7 +184,7 @@ def plan(job: BatchJob, log: Log | None = None) -> BatchPlan:
         recorded = [r["base_seed"] for r in records if isinstance(r.get("base_seed"), int)]
         base_seed = recorded[-1] if recorded else secrets.randbelow(2**32)
 
-    model = job.model if job.options.method == "sd" else None
+    model = job.load.model if job.options.method == "sd" else None
     if model is not None and local_model_missing(model):
         raise BatchError(
             f"model folder {model!r} does not exist (--model takes a folder in diffusers layout or a Hub id)"

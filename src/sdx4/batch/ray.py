@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..options import UpscaleOptions
+from ..options import LoadOptions, UpscaleOptions
 from .job import BatchItem, BatchJob, Log
 from .worker import load_upscaler, run_pipeline
 
@@ -87,17 +87,13 @@ def item_from_json(text: str) -> BatchItem:
 
 
 def job_to_dict(job: BatchJob) -> dict[str, Any]:
-    """Absolute paths: the actors may run with another working directory (or on other machines)."""
+    """Plain JSON-able data; absolute paths: the actors may run with another working directory (or on
+    other machines)."""
     return {
         "input_dir": str(job.input_dir.resolve()),
         "output_dir": str(job.output_dir.resolve()),
         "options": job.options.to_dict(),
-        "model": job.model,
-        "device": job.device,
-        "dtype": job.dtype,
-        "vae_dtype": job.vae_dtype,
-        "low_memory": job.low_memory,
-        "compile": job.compile,
+        "load": asdict(job.load),  # every LoadOptions field, later ones included
     }
 
 
@@ -106,12 +102,7 @@ def job_from_dict(d: dict[str, Any]) -> BatchJob:
         input_dir=Path(d["input_dir"]),
         output_dir=Path(d["output_dir"]),
         options=UpscaleOptions(**d["options"]),
-        model=d["model"],
-        device=d["device"],
-        dtype=d["dtype"],
-        vae_dtype=d["vae_dtype"],
-        low_memory=d["low_memory"],
-        compile=d["compile"],
+        load=LoadOptions(**d["load"]),
     )
 
 
@@ -119,9 +110,9 @@ class UpscaleActor:
     """One Ray actor: loads the model once, then upscales batches of items (rows: {"item": json})."""
 
     def __init__(self, job: dict[str, Any]) -> None:
-        from ..cli.args import _quiet_libraries
+        from ..api import quiet_libraries
 
-        _quiet_libraries()
+        quiet_libraries()
         self.job = job_from_dict(job)
         self.upscaler = load_upscaler(self.job)
 
@@ -161,7 +152,7 @@ def run_ray(
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        gpus = gpus_per_worker(ray, config, job.device)
+        gpus = gpus_per_worker(ray, config, job.load.device)
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         if gpus > cluster_gpus:  # Ray would wait forever for an actor it can never place
             raise RayRunError(

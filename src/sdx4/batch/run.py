@@ -142,12 +142,8 @@ def run_batch(
                 if upscaler is None and job.options.method == "sd":
                     t1 = time.perf_counter()
                     upscaler = load_upscaler(job, distinct_prompts(todo))
-                    info = upscaler.info
-                    say(
-                        f"loaded {job.model} on {info['device']} ({info['unet_dtype']}) in {time.perf_counter() - t1:.1f} s"
-                    )
-                    if info["random_weights"]:
-                        say("warning: this model has RANDOM WEIGHTS (made for tests/benchmarks); its output is noise")
+                    for line in upscaler.describe(time.perf_counter() - t1):
+                        say(line)
                 run_pipeline(todo, upscaler, job.input_dir, job.output_dir, on_record)
     summary.seconds = round(time.perf_counter() - t0, 3)
     return summary

@@ -125,14 +125,6 @@ def load_upscaler(job: BatchJob, prompts: list[str] | None = None) -> Any:
         return None
     from ..api import load
 
-    return load(
-        job.model,
-        device=job.device,
-        dtype=job.dtype,
-        vae_dtype=job.vae_dtype,
-        low_memory=job.low_memory,
-        compile=job.compile,
-        prompts=job.options.text_prompts if prompts is None else prompts,
-    )
+    return load(job.load, prompts=job.options.text_prompts if prompts is None else prompts)
 
 

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print("sdx4: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # anything else: a clear one-line message, exit 1
-        from ..model.errors import ModelConfigError, ModelNotFoundError
+        from ..api import ModelConfigError, ModelNotFoundError
 
         if isinstance(e, (ModelConfigError, ModelNotFoundError, OSError)):
             print(f"sdx4: error: {e}", file=sys.stderr)

@@ -4,14 +4,16 @@ method list of compare/evaluate, exit codes and UsageError. argparse lives only 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from typing import Any
 
 from ..options import (
     DEFAULT_MODEL,
+    DTYPES,
     SCHEDULERS,
+    VAE_DTYPES,
+    LoadOptions,
     OptionsError,
     UpscaleOptions,
     option_defaults,
@@ -39,20 +41,22 @@ def add_sd_option_args(p: argparse.ArgumentParser | Any) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser | Any) -> None:
-    """--model/--device/--dtype/--vae-dtype/--low-memory/--compile: how the model is loaded."""
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local folder in diffusers layout")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    """--model/--device/--dtype/--vae-dtype/--low-memory/--compile: how the model is loaded, defaults read
+    from LoadOptions (`load_options_from_args` builds one)."""
+    d = option_defaults(LoadOptions)
+    p.add_argument("--model", default=d["model"], help="Hub id or local folder in diffusers layout")
+    p.add_argument("--device", default=d["device"], help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument(
         "--dtype",
-        choices=("auto", "fp32", "fp16", "bf16"),
-        default="auto",
+        choices=DTYPES,
+        default=d["dtype"],
         help="UNet/text-encoder precision; auto = fp16 on CUDA, bf16 on CPUs with native bf16, else fp32",
     )
-    p.add_argument("--vae-dtype", choices=("fp32", "bf16"), default="fp32", help="VAE precision (fp16 gives NaN)")
+    p.add_argument("--vae-dtype", choices=VAE_DTYPES, default=d["vae_dtype"], help="VAE precision (fp16 gives NaN)")
     p.add_argument(
         "--low-memory",
         action=argparse.BooleanOptionalAction,
-        default="auto",
+        default="auto",  # LoadOptions' None: argparse shows "auto" in --help
         help="encode the prompts, then drop the text encoder before the UNet is loaded (fp32: -1.3 GB resident; "
         "a new prompt reloads it); auto = on for the CPU, off for GPUs",
     )
@@ -64,33 +68,40 @@ def low_memory_arg(args: argparse.Namespace) -> bool | None:
     return None if args.low_memory == "auto" else bool(args.low_memory)
 
 
-def load_from_args(args: argparse.Namespace, say: Any = None, prompts: list[str] | None = None) -> Any:
-    """sdx4.load() with the arguments of `add_model_args`; a bad --model/--device is a UsageError.
-    `prompts`: encoded before the UNet is loaded (sdx4.load's `prompts`; default: the default ones)."""
-    from .. import api
-    from ..model.errors import ModelPathError
-
-    _quiet_libraries()
-    t0 = time.perf_counter()
+def load_options_from_args(args: argparse.Namespace) -> LoadOptions:
+    """LoadOptions from the arguments of `add_model_args`; a bad value (--device tpu) is a UsageError with
+    LoadOptions' own message. An empty --model is the default model, as sdx4.load has always read it."""
     try:
-        upscaler = api.load(
-            args.model,
+        return LoadOptions(
+            model=args.model or DEFAULT_MODEL,
             device=args.device,
             dtype=args.dtype,
             vae_dtype=args.vae_dtype,
             low_memory=low_memory_arg(args),
             compile=args.compile,
-            prompts=prompts,
         )
-    except ModelPathError as e:
+    except OptionsError as e:
         raise UsageError(str(e)) from None
-    except ValueError as e:  # bad --device / --dtype for this machine
+
+
+def load_from_args(args: argparse.Namespace, say: Any = None, prompts: list[str] | None = None) -> Any:
+    """sdx4.load() with the arguments of `add_model_args`; a bad --model/--device is a UsageError.
+    `prompts`: encoded before the UNet is loaded (sdx4.load's `prompts`; default: the default ones).
+    `say` gets the lines of `Upscaler.describe` (what was loaded, in how long)."""
+    from .. import api
+
+    options = load_options_from_args(args)
+    api.quiet_libraries()
+    t0 = time.perf_counter()
+    try:
+        upscaler = api.load(options, prompts=prompts)
+    except api.ModelPathError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:  # a --device this machine does not have
         raise UsageError(str(e)) from None
     if say is not None:
-        info = upscaler.info
-        say(f"loaded {info['model']} on {info['device']} ({info['unet_dtype']}) in {time.perf_counter() - t0:.1f} s")
-        if info["random_weights"]:
-            say("warning: this model has RANDOM WEIGHTS (made for tests/benchmarks); its output is noise")
+        for line in upscaler.describe(time.perf_counter() - t0):
+            say(line)
     return upscaler
 
 
@@ -115,21 +126,8 @@ def options_from_args(args: argparse.Namespace, **fixed: Any) -> UpscaleOptions:
             values["max_memory"] = parse_size(args.max_memory)
         return UpscaleOptions(**{**values, **fixed})
     except OptionsError as e:
-        raise UsageError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
-
-
-def _quiet_libraries() -> None:
-    """Library progress bars ("Loading weights") and info logs are noise in a CLI."""
-    for name in ("transformers", "diffusers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import diffusers.utils.logging as dl
-        import transformers.utils.logging as tl
-
-        tl.disable_progress_bar()
-        dl.disable_progress_bar()
-    except Exception:  # pragma: no cover - only cosmetics
-        pass
+        flag = f"--{e.option.replace('_', '-')}: " if e.option else ""
+        raise UsageError(f"{flag}{e}") from None
 
 
 def add_method_args(p: argparse.ArgumentParser, default_methods: str) -> None:

@@ -70,11 +70,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from ..batch import run_batch, summary_lines
     from ..batch.job import BatchError, BatchJob
     from ..batch.ray import RayConfig, RayMissingError, RayRunError
+    from ..options import LoadOptions
     from .args import (
         EXIT_FAILURE,
         UsageError,
-        _quiet_libraries,
-        low_memory_arg,
+        load_options_from_args,
         options_from_args,
     )
 
@@ -98,18 +98,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
         input_dir=src,
         output_dir=out,
         options=options,
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        vae_dtype=args.vae_dtype,
-        low_memory=low_memory_arg(args),
-        compile=args.compile,
+        # The classical methods load no model: their model arguments are neither used nor checked (as before).
+        load=load_options_from_args(args) if options.method == "sd" else LoadOptions(),
         recursive=args.recursive,
         prompts_file=Path(args.prompts) if args.prompts else None,
     )
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if options.method == "sd":
-        _quiet_libraries()
+        from ..api import quiet_libraries
+
+        quiet_libraries()
     config = RayConfig(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker)
     try:
         summary = run_batch(job, engine=args.engine, ray_config=config, log=say)
@@ -124,13 +122,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"sdx4: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except ValueError as e:  # the model folder or --device/--dtype (same exit codes as for one file)
-        from ..model.errors import ModelConfigError
+        from ..api import ModelConfigError
 
         if isinstance(e, ModelConfigError):
             raise
         raise UsageError(str(e)) from None
     except Exception as e:
-        from ..model.errors import ModelPathError
+        from ..api import ModelPathError
 
         if isinstance(e, ModelPathError):
             raise UsageError(str(e)) from None

@@ -51,6 +51,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ..options import OptionsError
     from .args import EXIT_FAILURE, EXIT_OK, UsageError
 
     if not 0 < args.port < 65536:
@@ -81,9 +82,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 results_dir=args.results_dir,
             ),
         )
-    except ValueError as e:
-        option = "--" + str(e).split(" ", 1)[0].replace("_", "-")
-        raise UsageError(f"{option}: {e}") from None
+    except OptionsError as e:
+        flag = f"--{e.option.replace('_', '-')}: " if e.option else ""
+        raise UsageError(f"{flag}{e}") from None
 
     say = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
     if not _is_loopback(args.host) and api_key is None:

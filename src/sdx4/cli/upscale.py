@@ -141,7 +141,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
     upscaler = None
     if options.method == "sd":
-        from ..model.errors import ModelNotFoundError
+        from ..api import MemoryBudgetError, ModelNotFoundError
 
         try:
             upscaler = load_from_args(args, say, options.text_prompts)
@@ -149,12 +149,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             print(f"sdx4: error: {e}", file=sys.stderr)
             return EXIT_FAILURE
 
-    if upscaler is not None:  # the memory budget must hold every input, checked before any heavy work
-        from ..engine.budget import MemoryBudgetError, check_memory
-
-        for src in inputs:
+        for src in inputs:  # the memory budget must hold every input, checked before any heavy work
             try:
-                check_memory(upscaler.components, options, *open_image(src).size)
+                upscaler.check(options, open_image(src).size)
             except MemoryBudgetError as e:
                 raise UsageError(f"{src}: --max-memory: {e}") from None
 

@@ -7,11 +7,12 @@ import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+
+from ..options import check_placement
 
 log = logging.getLogger("sdx4")
 
@@ -177,12 +178,7 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", vae_dtype: str 
     unless `vae_dtype` says otherwise: it gives NaN in fp16, so fp16 is refused for it; bf16 is allowed
     (measured in the README).
     """
-    if device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", device):
-        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps; got {device!r}")
-    if dtype not in ("auto", *DTYPES):
-        raise ValueError(f"dtype must be auto, fp32, fp16 or bf16; got {dtype!r}")
-    if vae_dtype not in ("fp32", "bf16"):
-        raise ValueError(f"vae_dtype must be fp32 or bf16 (fp16 decodes to NaN); got {vae_dtype!r}")
+    check_placement(device, dtype, vae_dtype)  # the spelling (OptionsError, a ValueError); the machine below
     if device == "auto":
         if torch.cuda.is_available():
             device = "cuda"

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from ..imageio import LoadedImage, numbered_name, save_image
 from ..metadata import saved_metadata
-from ..options import UpscaleOptions
+from ..options import OptionsError, UpscaleOptions
 
 log = logging.getLogger("sdx4.server")
 
@@ -68,9 +68,9 @@ class QueueSettings:
         for name in ("max_queue", "max_results", "max_result_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+                raise OptionsError(f"{name} must be a positive integer; got {value!r}", option=name)
         if not self.result_ttl_s > 0:
-            raise ValueError(f"result_ttl_s must be > 0; got {self.result_ttl_s!r}")
+            raise OptionsError(f"result_ttl_s must be > 0; got {self.result_ttl_s!r}", option="result_ttl_s")
 
 
 @dataclass(eq=False)

@@ -76,9 +76,9 @@ class ServerSettings:
         for name in ("max_upload_bytes", "max_input_pixels", "max_output_pixels", "max_prompt_chars"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+                raise OptionsError(f"{name} must be a positive integer; got {value!r}", option=name)
         if self.api_key is not None and not self.api_key:
-            raise ValueError("api_key must not be empty (use None for no key)")
+            raise OptionsError("api_key must not be empty (use None for no key)", option="api_key")
 
     def limits(self) -> dict[str, Any]:
         q = self.queue
@@ -160,9 +160,7 @@ def parse_options(fields: dict[str, str], max_prompt_chars: int = 2000) -> Upsca
     try:
         return UpscaleOptions(**values)
     except OptionsError as e:
-        message = str(e)
-        name = message.split(" ", 1)[0]
-        raise ApiError(422, message, name if name in OPTION_NAMES else None) from None
+        raise ApiError(422, str(e), e.option if e.option in OPTION_NAMES else None) from None
 
 
 def short(text: str, n: int = 40) -> str:
