@@ -56,33 +56,3 @@ def test_check_refuses_a_pass_the_budget_cannot_hold_before_any_work(tiny_upscal
     with pytest.raises(MemoryBudgetError):  # scale 8 = two x4 passes: the second pass's input is 4x larger
         tiny_upscaler.check(budget.replace(scale=8), (500, 400))
     tiny_upscaler.check(budget, (500, 400))
-
-
-#: Front-end modules that still reach below the public API (owned by other parts of issue 18).
-KNOWN_BELOW_API = {
-    "cli/__init__.py: from ..speed.allocator import AllocatorError, reexec_with_tcmalloc",
-    "quality/methods.py: from ..engine.classical import upscale_classical",
-}
-
-
-def test_front_ends_use_only_the_public_api():
-    """cli/, batch/, service/ and quality/ import nothing from engine/, model/ or speed/ and never touch
-    `.components`; no module imports another's private name (a leading underscore, dunders aside)."""
-    import ast
-
-    below, private = set(), set()
-    for path in sorted(SRC.rglob("*.py")):
-        rel = path.relative_to(SRC).as_posix()
-        front_end = rel.split("/", 1)[0] in ("cli", "batch", "service", "quality")
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                names = ", ".join(a.name for a in node.names)
-                line = f"{rel}: from {'.' * node.level}{node.module or ''} import {names}"
-                if front_end and node.level == 2 and (node.module or "").split(".")[0] in ("engine", "model", "speed"):
-                    below.add(line)
-                if any(a.name.startswith("_") and not a.name.endswith("__") for a in node.names):
-                    private.add(line)
-            elif front_end and isinstance(node, ast.Attribute) and node.attr == "components":
-                below.add(f"{rel}:{node.lineno}: .components")
-    assert below <= KNOWN_BELOW_API, sorted(below - KNOWN_BELOW_API)
-    assert private == set()

@@ -70,7 +70,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from ..batch import run_batch, summary_lines
     from ..batch.job import BatchError, BatchJob
     from ..batch.ray import RayConfig, RayMissingError, RayRunError
-    from ..options import LoadOptions
     from .args import (
         EXIT_FAILURE,
         UsageError,
@@ -98,8 +97,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         input_dir=src,
         output_dir=out,
         options=options,
-        # The classical methods load no model: their model arguments are neither used nor checked (as before).
-        load=load_options_from_args(args) if options.method == "sd" else LoadOptions(),
+        # Checked for every method: the classical ones load no model, but Ray reserves GPUs by --device.
+        load=load_options_from_args(args),
         recursive=args.recursive,
         prompts_file=Path(args.prompts) if args.prompts else None,
     )
