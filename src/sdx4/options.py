@@ -20,6 +20,30 @@ Method = Literal["sd", "nearest", "bilinear", "bicubic", "lanczos"]
 METHODS: tuple[str, ...] = get_args(Method)
 Scheduler = Literal["ddim", "dpmpp-2m", "euler", "unipc"]
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """A sampler the user can choose: the diffusers class built from the model's own scheduler config
+    (engine/schedulers.py), the extra arguments it gets, and the step count it is usually run at."""
+
+    diffusers_class: str
+    arguments: tuple[tuple[str, object], ...] = ()
+    usual_steps: int = 50
+    paper: str = ""
+
+
+#: The one registry of samplers: a new one is a name in `Scheduler` and an entry here.
+SCHEDULER_SPECS: dict[str, SchedulerSpec] = {
+    "ddim": SchedulerSpec("DDIMScheduler", (), 50, "Song et al. 2021, https://arxiv.org/abs/2010.02502"),
+    "dpmpp-2m": SchedulerSpec(
+        "DPMSolverMultistepScheduler", (("algorithm_type", "dpmsolver++"), ("solver_order", 2)), 20,
+        "Lu et al. 2022, https://arxiv.org/abs/2211.01095",
+    ),
+    "euler": SchedulerSpec("EulerDiscreteScheduler", (), 30, "Karras et al. 2022, https://arxiv.org/abs/2206.00364"),
+    "unipc": SchedulerSpec("UniPCMultistepScheduler", (), 15, "Zhao et al. 2023, https://arxiv.org/abs/2302.04867"),
+}
+assert tuple(SCHEDULER_SPECS) == SCHEDULERS, "every Scheduler name needs a SCHEDULER_SPECS entry, in the same order"
 CLASSICAL_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "sd")
 
 #: The published model on the Hugging Face Hub (the default of every entry point).
