@@ -8,7 +8,7 @@ full-size random VAE and the latents is reported separately and subtracted in th
 modes: untiled (diffusers' vae.decode), tiled (whole-image tensors in RAM, exact), spill (max_bytes = budget:
 whole-image tensors that do not fit in temporary files, exact), estimate (max_bytes = budget, spill=False: sampled
 statistics). --work-factor: how many times the budget counts one tile op's work (the pipeline passes
-sdx4.memory.TILED_DECODE_FACTOR; 1 counts the plan's own bytes).
+sdx4.engine.decode_fit.TILED_DECODE_FACTOR; 1 counts the plan's own bytes).
 Heavy: run under `flock /tmp/sdx4-heavy.lock`.
 """
 

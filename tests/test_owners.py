@@ -22,7 +22,7 @@ from sdx4.imageio import (
     numbered_name,
     output_name,
 )
-from sdx4.options import MAX_SCALE, METHODS, MIN_SCALE, UpscaleOptions
+from sdx4.options import MAX_SCALE, METHODS, MIN_SCALE, LoadOptions, UpscaleOptions
 from sdx4.quality.evaluate import IMAGE_SUFFIXES as EVALUATE_SUFFIXES
 from sdx4.quality.evaluate import list_images
 from sdx4.service.requests import ServerSettings, download_name
@@ -163,5 +163,5 @@ def test_batch_planning_refuses_a_missing_local_model_by_the_same_rule(tmp_path,
     batch_plan = sys.modules["sdx4.batch.plan"]  # (the package's `plan` attribute is the function)
     monkeypatch.setattr(batch_plan, "local_model_missing", lambda m: calls.append(m) or True)
     with pytest.raises(BatchError, match="model folder 'org/name' does not exist"):
-        plan(BatchJob(tmp_path / "in", tmp_path / "out", model="org/name"))
+        plan(BatchJob(tmp_path / "in", tmp_path / "out", load=LoadOptions(model="org/name")))
     assert calls == ["org/name"]  # batch asks the public rule; it keeps no copy of its own
