@@ -22,7 +22,7 @@ from PIL import Image
 
 from ._version import __version__
 from .engine.classical import ALPHA_FILTER, resize, upscale_classical
-from .imageio import LoadedImage, as_loaded, attach_alpha
+from .imageio import LoadedImage, as_loaded, attach_alpha, output_mode, to_output_mode
 from .metadata import classical_metadata, sd_metadata
 from .options import UpscaleOptions
 from .speed import allocator
@@ -42,6 +42,10 @@ class UpscaleResult:
 
     images: list[Image.Image]
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: The input's ICC profile and EXIF (orientation set to 1): writers embed them (`imageio.save_image`'s
+    #: icc_profile= and exif=); the pixels are the input's, never converted between profiles.
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
 
     @property
     def image(self) -> Image.Image:
@@ -68,12 +72,27 @@ def local_model_missing(model: str) -> bool:
     return looks_like_path(model) and not Path(model).expanduser().exists()
 
 
+def make_result(images: list[Image.Image], loaded: LoadedImage, options: UpscaleOptions, metadata: dict[str, Any]) -> UpscaleResult:
+    """The result of upscaling `loaded`: the images in the input's colour mode (grayscale stays grayscale
+    unless options.color_mode is "rgb"), with the input's ICC profile and EXIF to be written with them.
+    They also go in each image's `info`: PIL's own `save` embeds the profile from there (EXIF only when
+    passed, `im.save(path, exif=result.exif)`)."""
+    mode = output_mode(loaded, options.color_mode)
+    images = [to_output_mode(im, mode) for im in images]
+    for im in images:
+        if loaded.icc_profile:
+            im.info["icc_profile"] = loaded.icc_profile
+        if loaded.exif:
+            im.info["exif"] = loaded.exif
+    return UpscaleResult(images=images, metadata=metadata, icc_profile=loaded.icc_profile, exif=loaded.exif)
+
+
 def upscale_classical_result(image: Any, options: UpscaleOptions) -> UpscaleResult:
     """A classical method through the same result type (no model, no torch)."""
     loaded = as_loaded(image)
     t0 = time.perf_counter()
     out = upscale_classical(loaded, options.method, options.scale)
-    return UpscaleResult(images=[out], metadata=classical_metadata(options, loaded, time.perf_counter() - t0))
+    return make_result([out], loaded, options, classical_metadata(options, loaded, time.perf_counter() - t0))
 
 
 def upscale(image: Any, options: UpscaleOptions | None = None, **overrides: Any) -> UpscaleResult:
@@ -220,7 +239,7 @@ class Upscaler:
             seconds=time.perf_counter() - t0,
             timings=timings,
         )
-        return UpscaleResult(images=images, metadata=meta)
+        return make_result(images, loaded, opts, meta)
 
 
 def default_low_memory(device_type: str) -> bool:

@@ -63,6 +63,9 @@ DTYPES: tuple[str, ...] = get_args(DType)
 VaeDType = Literal["fp32", "bf16"]  # fp16 decodes to NaN
 VAE_DTYPES: tuple[str, ...] = get_args(VaeDType)
 
+#: What colour an output has: "auto" = the input's (grayscale stays grayscale), "rgb" = always RGB.
+ColorMode = Literal["auto", "rgb"]
+COLOR_MODES: tuple[str, ...] = get_args(ColorMode)
 ColorFix = Literal["none", "adain", "wavelet"]
 COLOR_FIXES: tuple[str, ...] = get_args(ColorFix)
 TileBlend = Literal["uniform", "gaussian", "feather"]  # == tiling.Blend (no torch import here)
@@ -131,6 +134,9 @@ class UpscaleOptions:
       to cost no more per pixel than the global attention at the limit: 109 px for 128), so decoding time
       stays linear in pixels (global attention's cost grows with the square). 16..1024; the default 128
       keeps attention under ~20% of the decode (docs/tiled-vae.md).
+    color_mode: "auto": a grayscale input (L, LA, 1, 16-bit grey) gives a grayscale output (L or LA): the
+      model works in RGB, and its output is converted back with ITU-R 601 luma, as Pillow's convert("L");
+      colour inputs give RGB. "rgb": every output is RGB (RGBA with alpha), as before.
     """
 
     prompt: str = ""
@@ -151,6 +157,7 @@ class UpscaleOptions:
     tile_blend: TileBlend = "feather"  # measured: fewest seams, closest to untiled (docs/large-images.md)
     max_memory: int | None = None
     vae_attention_window: int = 128
+    color_mode: ColorMode = "auto"
 
     def __post_init__(self) -> None:
         _check_str("prompt", self.prompt)
@@ -175,6 +182,7 @@ class UpscaleOptions:
             _check_int("tile_batch", self.tile_batch, 1, MAX_TILE_BATCH)
         _check_choice("tile_blend", self.tile_blend, TILE_BLENDS)
         _check_int("vae_attention_window", self.vae_attention_window, MIN_ATTENTION_WINDOW, MAX_ATTENTION_WINDOW)
+        _check_choice("color_mode", self.color_mode, COLOR_MODES)
         if self.max_memory is not None:
             if isinstance(self.max_memory, bool) or not isinstance(self.max_memory, int):
                 raise OptionsError(

@@ -29,6 +29,7 @@ from ..options import (
 from .args import (
     UsageError,
     add_model_args,
+    add_output_args,
     add_sd_option_args,
     load_from_args,
     options_from_args,
@@ -70,6 +71,7 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no messages, errors only")
     p.add_argument("--scale", type=int, default=d["scale"], help=f"output = scale x input, an integer {MIN_SCALE}..{MAX_SCALE}")
+    add_output_args(p)
     p.add_argument("--color-fix", choices=COLOR_FIXES, default=d["color_fix"], help="match colours to the bicubic-upscaled input")
     p.add_argument("--max-memory", default=None, metavar="SIZE", help="memory budget, weights included (e.g. 6GiB); default: 60%% of free RAM / 80%% of free GPU memory")
     p.add_argument("--tile-size", type=int, default=d["tile_size"], help="latent tile side in input pixels (default: from --max-memory)")
@@ -159,7 +161,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         opts = options.with_seed()
         result = _run_one(upscaler, src, opts, quiet=args.quiet)
         for image, path in zip(result.images, paths):
-            save_image(image, path, saved_metadata(result.metadata, src.name), overwrite=args.overwrite)
+            save_image(image, path, saved_metadata(result.metadata, src.name), overwrite=args.overwrite,
+                       icc_profile=result.icc_profile, exif=result.exif)
             say(f"{src} -> {path} ({image.width}x{image.height}" + (f", seed {opts.seed})" if opts.method == "sd" else ")"))
     return EXIT_OK
 
