@@ -28,8 +28,9 @@ def _xyz(x: float, y: float, z: float) -> bytes:
     return b"XYZ \0\0\0\0" + b"".join(struct.pack(">i", round(v * 65536)) for v in (x, y, z))
 
 
-def wide_gamut_profile(description: str = "sdx4 test Display P3") -> bytes:
-    """A small ICC v2 RGB display profile with Display P3's primaries (D50-adapted) and gamma 2.2."""
+def wide_gamut_profile(description: str = "sdx4 test Display P3", grey: bool = False) -> bytes:
+    """A small ICC v2 RGB display profile with Display P3's primaries (D50-adapted) and gamma 2.2 (or,
+    grey=True, a GRAY profile with that gamma)."""
     ascii_ = description.encode() + b"\0"
     desc = b"desc\0\0\0\0" + struct.pack(">I", len(ascii_)) + ascii_ + b"\0" * 4 + b"\0" * 4 + b"\0" * 3 + b"\0" * 67
     curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(2.2 * 256))
@@ -37,13 +38,18 @@ def wide_gamut_profile(description: str = "sdx4 test Display P3") -> bytes:
         _tag(b"desc", desc),
         _tag(b"cprt", b"text\0\0\0\0No copyright, test data\0"),
         _tag(b"wtpt", _xyz(0.9642, 1.0, 0.8249)),
-        _tag(b"rXYZ", _xyz(0.5151, 0.2412, -0.0011)),
-        _tag(b"gXYZ", _xyz(0.2920, 0.6922, 0.0419)),
-        _tag(b"bXYZ", _xyz(0.1571, 0.0666, 0.7841)),
-        _tag(b"rTRC", curve),
-        _tag(b"gTRC", curve),
-        _tag(b"bTRC", curve),
     ]
+    if grey:
+        tags.append(_tag(b"kTRC", curve))
+    else:
+        tags += [
+            _tag(b"rXYZ", _xyz(0.5151, 0.2412, -0.0011)),
+            _tag(b"gXYZ", _xyz(0.2920, 0.6922, 0.0419)),
+            _tag(b"bXYZ", _xyz(0.1571, 0.0666, 0.7841)),
+            _tag(b"rTRC", curve),
+            _tag(b"gTRC", curve),
+            _tag(b"bTRC", curve),
+        ]
     offset = 128 + 4 + 12 * len(tags)
     table, body = struct.pack(">I", len(tags)), b""
     for sig, data in tags:
@@ -51,7 +57,8 @@ def wide_gamut_profile(description: str = "sdx4 test Display P3") -> bytes:
         body += data
     size = offset + len(body)
     header = (
-        struct.pack(">I", size) + b"\0" * 4 + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
+        struct.pack(">I", size) + b"\0" * 4 + struct.pack(">I", 0x02100000) + b"mntr"
+        + (b"GRAY" if grey else b"RGB ") + b"XYZ "
         + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + b"acsp" + b"\0" * 24 + struct.pack(">I", 0)
         + b"".join(struct.pack(">i", round(v * 65536)) for v in (0.9642, 1.0, 0.8249)) + b"\0" * 48
     )
@@ -60,6 +67,7 @@ def wide_gamut_profile(description: str = "sdx4 test Display P3") -> bytes:
 
 
 P3 = wide_gamut_profile()
+GREY_PROFILE = wide_gamut_profile("sdx4 test grey gamma 2.2", grey=True)
 
 
 def test_the_test_profile_is_a_wide_gamut_profile_littlecms_reads():
@@ -293,3 +301,77 @@ def test_folder_runs_record_animated_inputs_with_the_reason_and_go_on(tmp_path, 
     assert records["anim.gif"]["status"] != "ok"
     assert "anim.gif: an animated image with 2 frames; animations are not supported yet" in records["anim.gif"]["error"]
     assert not (tmp_path / "out" / "anim_x4_nearest.png").exists()
+
+
+def test_a_grey_profile_stays_with_a_grey_output_and_is_not_put_on_an_rgb_one(tmp_path, rng_image):
+    assert ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(GREY_PROFILE))).strip() == (
+        "sdx4 test grey gamma 2.2")
+    Image.fromarray(rng_image(6, 8)[:, :, 0], "L").save(tmp_path / "g.png", icc_profile=GREY_PROFILE)
+    grey, rgb = (sdx4.upscale(tmp_path / "g.png", method="bicubic", color_mode=m) for m in ("auto", "rgb"))
+    assert grey.icc_profile == GREY_PROFILE and grey.metadata["icc_profile"] is True
+    assert rgb.icc_profile is None and rgb.metadata["icc_profile"] is False  # recorded, not silent
+
+
+# --- 16 bits ----------------------------------------------------------------------------------------------
+
+
+def _grey16(tmp_path, name="g16.png"):
+    a = (np.arange(48, dtype=np.uint16).reshape(6, 8) * 1001 + 7).astype(np.uint16)  # not multiples of 257
+    Image.fromarray(a).save(tmp_path / name)
+    return a
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_grey_keeps_its_16_bits_through_a_classical_filter(tmp_path, suffix):
+    a = _grey16(tmp_path)
+    out = tmp_path / f"out{suffix}"
+    assert cli.main(["upscale", str(tmp_path / "g16.png"), "--method", "nearest", "--bit-depth", "16", "-q",
+                     "-o", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.mode.startswith("I;16")
+        assert np.array_equal(np.asarray(im).astype(np.uint16), np.kron(a, np.ones((4, 4), np.uint16)))
+
+
+def test_16_bit_bicubic_equals_pillow_float_resize_rounded(tmp_path):
+    a = _grey16(tmp_path)
+    result = sdx4.upscale(tmp_path / "g16.png", method="bicubic", bit_depth=16)
+    expected = Image.fromarray(a.astype(np.float32)).resize((32, 24), Image.Resampling.BICUBIC)
+    expected = np.clip(np.rint(np.asarray(expected)), 0, 65535)
+    assert np.array_equal(np.asarray(result.image).astype(np.float64), expected)
+    assert result.metadata["bit_depth"] == 16 and result.metadata["input_mode"] == "I;16"
+    assert "bit_depth" not in sdx4.upscale(tmp_path / "g16.png", method="bicubic").metadata
+
+
+def test_16_bit_output_is_refused_before_work_for_jpeg_webp_and_colour(tmp_path, rng_image, capsys):
+    _grey16(tmp_path)
+    for suffix, fmt in ((".jpg", "JPG"), (".webp", "WEBP")):
+        code = cli.main(["upscale", str(tmp_path / "g16.png"), "--method", "nearest", "--bit-depth", "16",
+                         "-o", str(tmp_path / f"o{suffix}")])
+        assert code == 2 and f"{fmt} holds 8 bits per channel" in capsys.readouterr().err
+        assert not (tmp_path / f"o{suffix}").exists()
+    _photo(rng_image).save(tmp_path / "c.png")
+    assert cli.main(["upscale", str(tmp_path / "c.png"), "--method", "nearest", "--bit-depth", "16"]) == 2
+    assert "c.png: a 16-bit output must be grayscale without alpha" in capsys.readouterr().err
+    with pytest.raises(ImageInputError, match="must be grayscale"):
+        sdx4.upscale(tmp_path / "g16.png", method="nearest", bit_depth=16, color_mode="rgb")
+
+
+def test_bit_depth_is_validated():
+    with pytest.raises(sdx4.OptionsError, match="bit_depth must be 8 or 16; got 12"):
+        sdx4.UpscaleOptions(bit_depth=12)
+    with pytest.raises(sdx4.OptionsError, match="needs scale 4") as e:
+        sdx4.UpscaleOptions(bit_depth=16, scale=2)
+    assert e.value.option == "bit_depth"
+    assert sdx4.UpscaleOptions(bit_depth=16, scale=2, method="lanczos").bit_depth == 16
+
+
+def test_the_sd_method_gives_16_bits_from_its_float_output(tiny_model_dir, tmp_path):
+    a = _grey16(tmp_path)
+    up = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32")
+    kw = dict(steps=1, seed=3, guidance=1.0)
+    deep, flat = up(tmp_path / "g16.png", bit_depth=16, **kw), up(tmp_path / "g16.png", **kw)
+    assert deep.image.mode == "I;16" and flat.image.mode == "L" and deep.image.size == (32, 24)
+    d, f = np.asarray(deep.image).astype(np.float64), np.asarray(flat.image).astype(np.float64)
+    assert np.abs(d / 257 - f).max() <= 1.0  # the same image, within 8-bit rounding
+    assert (d % 257 != 0).mean() > 0.5  # with more than 8 bits of precision
+    assert a.shape == (6, 8)

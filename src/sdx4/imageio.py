@@ -23,7 +23,9 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 METADATA_KEY = "sdx4"
 #: Refuse images whose pixel count suggests a decompression bomb (Pillow's own guard warns at 89 MP).
 MAX_INPUT_PIXELS = 64_000_000
-OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
+#: The output suffixes that hold 16-bit (grayscale) pixels.
+SUFFIXES_16_BIT = (".png", ".tif", ".tiff")
 #: The formats sdx4 reads as inputs: Pillow format name -> the file suffixes that name it. Folder inputs
 #: (batch runs, `sdx4 evaluate`) pick files by these suffixes, case-insensitively; the server picks uploads
 #: by format name (UPLOAD_FORMATS), since a client's file name proves nothing.
@@ -68,6 +70,7 @@ class LoadedImage:
     icc_profile: bytes | None = None
     exif: bytes | None = None  # the input's EXIF with the orientation set to 1 (already applied)
     mode: str = "RGB"  # the input's Pillow mode before normalising ("L", "I;16", "P", "RGBA", ...)
+    grey16: np.ndarray | None = None  # H,W uint16: a 16-bit grey input's own values (rgb holds them in 8 bits)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -119,6 +122,7 @@ def normalise(im: Image.Image, name: str = "image") -> LoadedImage:
     im = ImageOps.exif_transpose(im)
     mode = im.mode
     alpha: Image.Image | None = None
+    grey16: np.ndarray | None = None
     if mode == "P" or mode == "PA":
         im = im.convert("RGBA" if ("transparency" in im.info or mode == "PA") else "RGB")
         mode = im.mode
@@ -129,6 +133,8 @@ def normalise(im: Image.Image, name: str = "image") -> LoadedImage:
         if mode == "I" and a.max(initial=0) <= 255:
             peak = 255.0  # an 8-bit image that was stored as 32-bit integers
         grey = np.clip(np.rint(a / peak * 255.0), 0, 255).astype(np.uint8)
+        if peak == 65535.0:
+            grey16 = np.clip(a, 0, 65535).astype(np.uint16)
         im = Image.fromarray(grey, "L")
         mode = "L"
     if mode in ("RGBA", "LA", "RGBa", "La"):
@@ -145,7 +151,8 @@ def normalise(im: Image.Image, name: str = "image") -> LoadedImage:
     else:
         rgb = im.convert("RGB")  # L, 1, YCbCr, LAB, HSV, RGBX ...
     return LoadedImage(
-        rgb=rgb, alpha=alpha, icc_profile=icc if rgb.mode == "RGB" else None, exif=exif, mode=source_mode
+        rgb=rgb, alpha=alpha, icc_profile=icc if rgb.mode == "RGB" else None, exif=exif, mode=source_mode,
+        grey16=grey16,
     )
 
 
@@ -253,6 +260,34 @@ def output_mode(image: LoadedImage, color_mode: str = "auto") -> str:
     return ("L" if gray else "RGB") + ("A" if image.alpha is not None else "")
 
 
+def check_bit_depth(image: LoadedImage, bit_depth: int, color_mode: str, name: str = "image") -> None:
+    """Refuse, before any work, a 16-bit output Pillow cannot hold: only grey images without alpha."""
+    if bit_depth == 16 and output_mode(image, color_mode) != "L":
+        raise ImageInputError(
+            f"{name}: a 16-bit output must be grayscale without alpha (Pillow holds 16 bits only in grey images); "
+            f"this image gives {output_mode(image, color_mode)}"
+        )
+
+
+def check_output_bit_depth(path: str | os.PathLike[str], bit_depth: int) -> None:
+    """Refuse, before any work, a 16-bit output in a format that holds 8 bits (JPEG, WebP)."""
+    suffix = Path(path).suffix.lower()
+    if bit_depth == 16 and suffix not in SUFFIXES_16_BIT:
+        raise ImageInputError(
+            f"{path}: {suffix.lstrip('.').upper()} holds 8 bits per channel; a 16-bit output needs "
+            + " or ".join(SUFFIXES_16_BIT)
+        )
+
+
+def profile_fits(icc_profile: bytes | None, mode: str) -> bool:
+    """Whether an ICC profile describes images of this mode: a GRAY profile for L/LA/I;16 outputs, an RGB
+    one for RGB/RGBA (its colour space is bytes 16..20 of the header). A grey input written as RGB
+    (color_mode "rgb") cannot carry its grey profile."""
+    if not icc_profile or len(icc_profile) < 20:
+        return False
+    return icc_profile[16:20] == (b"RGB " if mode.startswith("RGB") else b"GRAY")
+
+
 def to_output_mode(upscaled: Image.Image, mode: str) -> Image.Image:
     """An upscaled RGB/RGBA image in `mode` (from output_mode): grey through Pillow's ITU-R 601 luma
     (L = 0.299 R + 0.587 G + 0.114 B), which gives back the grey value exactly where R = G = B."""
@@ -318,6 +353,8 @@ def save_image(
     path = check_output_path(path, overwrite)
     suffix = path.suffix.lower()
     kwargs: dict[str, Any] = {"icc_profile": icc_profile or None, "exif": exif or b""}
+    if image.mode.startswith("I;16"):
+        check_output_bit_depth(path, 16)
     if suffix == ".png":
         fmt = "PNG"
         if metadata is not None:
@@ -329,6 +366,9 @@ def save_image(
         kwargs["quality"] = 95
         if image.mode in ("RGBA", "LA"):
             raise ImageInputError(f"{path}: JPEG cannot hold the alpha channel; write .png or .webp instead")
+    elif suffix in (".tif", ".tiff"):
+        fmt = "TIFF"
+        kwargs["compression"] = "tiff_lzw"  # lossless
     else:
         fmt = "WEBP"
         kwargs["lossless"] = True

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from ..options import (
+    BIT_DEPTHS,
     COLOR_MODES,
     DEFAULT_MODEL,
     DTYPES,
@@ -49,6 +50,13 @@ def add_output_args(p: argparse.ArgumentParser | Any) -> None:
         choices=COLOR_MODES,
         default=d["color_mode"],
         help="auto = grayscale inputs give grayscale outputs, colour inputs RGB; rgb = always RGB",
+    )
+    p.add_argument(
+        "--bit-depth",
+        type=int,
+        choices=BIT_DEPTHS,
+        default=d["bit_depth"],
+        help="bits per channel of the output; 16: grayscale inputs only, PNG or TIFF outputs",
     )
 
 
@@ -130,7 +138,7 @@ def options_from_args(args: argparse.Namespace, **fixed: Any) -> UpscaleOptions:
         scheduler=args.scheduler,
     )
     for name in ("num_images", "method", "scale", "color_fix", "tile_size", "tile_overlap", "tile_batch", "tile_blend",
-                 "vae_attention_window", "color_mode"):
+                 "vae_attention_window", "color_mode", "bit_depth"):
         if hasattr(args, name):
             values[name] = getattr(args, name)
     try:

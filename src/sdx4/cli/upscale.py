@@ -10,6 +10,8 @@ from typing import Any
 from ..imageio import (
     OUTPUT_SUFFIXES,
     ImageInputError,
+    check_bit_depth,
+    check_output_bit_depth,
     check_output_path,
     numbered_name,
     open_image,
@@ -128,7 +130,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     # Check everything before any heavy work: inputs decode, outputs are writable and new.
     for src in inputs:
         try:
-            open_image(src)
+            check_bit_depth(open_image(src), options.bit_depth, options.color_mode, str(src))
         except ImageInputError as e:
             raise UsageError(str(e)) from None
     outputs = output_paths(inputs, args.output, options)
@@ -138,6 +140,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         for p in paths:
             try:
                 check_output_path(p, args.overwrite)
+                check_output_bit_depth(p, options.bit_depth)
             except ImageInputError as e:
                 raise UsageError(str(e)) from None
 
