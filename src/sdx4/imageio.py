@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO
@@ -70,7 +70,7 @@ class LoadedImage:
     icc_profile: bytes | None = None
     exif: bytes | None = None  # the input's EXIF with the orientation set to 1 (already applied)
     mode: str = "RGB"  # the input's Pillow mode before normalising ("L", "I;16", "P", "RGBA", ...)
-    grey16: np.ndarray | None = None  # H,W uint16: a 16-bit grey input's own values (rgb holds them in 8 bits)
+    grey16: np.ndarray | None = field(default=None, compare=False)  # H,W uint16: a 16-bit grey input's own values (rgb holds them in 8 bits)
 
     @property
     def size(self) -> tuple[int, int]:
