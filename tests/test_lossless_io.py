@@ -83,7 +83,7 @@ def _photo(rng_image, h=6, w=8):
     return Image.fromarray(rng_image(h, w), "RGB")
 
 
-@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp"])
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif"])
 def test_cli_outputs_carry_the_input_icc_profile_byte_for_byte_and_pixels_are_not_converted(tmp_path, rng_image, suffix):
     im = _photo(rng_image)
     im.save(tmp_path / "p3.png", icc_profile=P3)
@@ -146,7 +146,7 @@ def _rotated_jpeg(path, rng_image):
     Image.fromarray(arr, "RGB").save(path, exif=exif, quality=95)
 
 
-@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp"])
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp", ".tif"])
 def test_exif_is_kept_with_the_orientation_reset_to_1_since_it_was_applied(tmp_path, rng_image, suffix):
     _rotated_jpeg(tmp_path / "cam.jpg", rng_image)
     out = tmp_path / f"out{suffix}"
