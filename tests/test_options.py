@@ -85,6 +85,7 @@ BAD_VALUES = {
         "seed": -1, "num_images": 17, "method": "magic", "scheduler": "plms", "scale": 1, "color_fix": "sepia",
         "tile_size": 4, "tile_overlap": -1, "tile_batch": 65, "tile_blend": "hard", "max_memory": 2**20,
         "vae_attention_window": 8,
+        "color_mode": "grey", "bit_depth": 12,
     },
     LoadOptions: {
         "model": "", "device": "tpu", "dtype": "fp8", "vae_dtype": "fp16", "low_memory": "yes", "compile": 1,

@@ -22,7 +22,15 @@ from PIL import Image
 
 from ._version import __version__
 from .engine.classical import ALPHA_FILTER, resize, upscale_classical
-from .imageio import LoadedImage, as_loaded, attach_alpha
+from .imageio import (
+    LoadedImage,
+    as_loaded,
+    attach_alpha,
+    check_bit_depth,
+    output_mode,
+    profile_fits,
+    to_output_mode,
+)
 from .metadata import classical_metadata, sd_metadata
 from .options import UpscaleOptions
 from .speed import allocator
@@ -42,6 +50,10 @@ class UpscaleResult:
 
     images: list[Image.Image]
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: The input's ICC profile and EXIF (orientation set to 1): writers embed them (`imageio.save_image`'s
+    #: icc_profile= and exif=); the pixels are the input's, never converted between profiles.
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
 
     @property
     def image(self) -> Image.Image:
@@ -68,12 +80,43 @@ def local_model_missing(model: str) -> bool:
     return looks_like_path(model) and not Path(model).expanduser().exists()
 
 
+def make_result(images: list[Image.Image], loaded: LoadedImage, options: UpscaleOptions, metadata: dict[str, Any]) -> UpscaleResult:
+    """The result of upscaling `loaded`: the images in the input's colour mode (grayscale stays grayscale
+    unless options.color_mode is "rgb"), with the input's ICC profile and EXIF to be written with them.
+    They also go in each image's `info`: PIL's own `save` embeds the profile from there (EXIF only when
+    passed, `im.save(path, exif=result.exif)`)."""
+    mode = output_mode(loaded, options.color_mode)
+    images = [im if im.mode.startswith("I;16") else to_output_mode(im, mode) for im in images]
+    icc = loaded.icc_profile if profile_fits(loaded.icc_profile, mode) else None
+    for im in images:
+        if icc:
+            im.info["icc_profile"] = icc
+        if loaded.exif:
+            im.info["exif"] = loaded.exif
+    return UpscaleResult(images=images, metadata=metadata, icc_profile=icc, exif=loaded.exif)
+
+
+def grey16_classical(loaded: LoadedImage, method: str, scale: int) -> Image.Image:
+    """A 16-bit grey output by a classical filter: the input's own 16-bit values (8-bit ones x 257) resized
+    in float32 (Pillow's mode F), rounded to uint16 (mode I;16)."""
+    import numpy as np
+
+    values = loaded.grey16 if loaded.grey16 is not None else np.asarray(loaded.rgb.convert("L"), np.uint16) * 257
+    w, h = loaded.size
+    out = resize(Image.fromarray(values.astype(np.float32)), (scale * w, scale * h), method)
+    return Image.fromarray(np.clip(np.rint(np.asarray(out)), 0, 65535).astype(np.uint16))
+
+
 def upscale_classical_result(image: Any, options: UpscaleOptions) -> UpscaleResult:
     """A classical method through the same result type (no model, no torch)."""
     loaded = as_loaded(image)
+    check_bit_depth(loaded, options.bit_depth, options.color_mode)
     t0 = time.perf_counter()
-    out = upscale_classical(loaded, options.method, options.scale)
-    return UpscaleResult(images=[out], metadata=classical_metadata(options, loaded, time.perf_counter() - t0))
+    if options.bit_depth == 16:
+        out = grey16_classical(loaded, options.method, options.scale)
+    else:
+        out = upscale_classical(loaded, options.method, options.scale)
+    return make_result([out], loaded, options, classical_metadata(options, loaded, time.perf_counter() - t0))
 
 
 def upscale(image: Any, options: UpscaleOptions | None = None, **overrides: Any) -> UpscaleResult:
@@ -161,6 +204,7 @@ class Upscaler:
         if opts.method != "sd":
             return upscale_classical_result(image, opts)
         loaded = as_loaded(image)
+        check_bit_depth(loaded, opts.bit_depth, opts.color_mode)
         opts = opts.with_seed()
         return self._upscale_sd(loaded, opts, progress)
 
@@ -187,7 +231,12 @@ class Upscaler:
             self._ensure_unet()
             out = upscale_tensor(self.components, to_model_range(pixels), opts, generator, progress, timings,
                                  encode=self.prompt_cache, report=report, release_unet=release)
-            rgb = [Image.fromarray(a.numpy(), "RGB") for a in to_uint8(out)]
+            if opts.bit_depth == 16:  # grey (check_bit_depth): ITU-R 601 luma of the float output
+                x = (out.float() / 2 + 0.5).clamp(0, 1)  # B,3,H,W
+                luma = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]) * 65535  # B,H,W
+                rgb = [Image.fromarray(a.round().to(torch.int32).numpy().astype(np.uint16)) for a in luma]
+            else:
+                rgb = [Image.fromarray(a.numpy(), "RGB") for a in to_uint8(out)]
             reports.append(report)
             passes = 1
         else:
@@ -220,7 +269,7 @@ class Upscaler:
             seconds=time.perf_counter() - t0,
             timings=timings,
         )
-        return UpscaleResult(images=images, metadata=meta)
+        return make_result(images, loaded, opts, meta)
 
 
 def default_low_memory(device_type: str) -> bool:

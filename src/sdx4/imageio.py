@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO
@@ -23,7 +23,9 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 METADATA_KEY = "sdx4"
 #: Refuse images whose pixel count suggests a decompression bomb (Pillow's own guard warns at 89 MP).
 MAX_INPUT_PIXELS = 64_000_000
-OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
+#: The output suffixes that hold 16-bit (grayscale) pixels.
+SUFFIXES_16_BIT = (".png", ".tif", ".tiff")
 #: The formats sdx4 reads as inputs: Pillow format name -> the file suffixes that name it. Folder inputs
 #: (batch runs, `sdx4 evaluate`) pick files by these suffixes, case-insensitively; the server picks uploads
 #: by format name (UPLOAD_FORMATS), since a client's file name proves nothing.
@@ -51,17 +53,33 @@ class ImageInputError(ValueError):
     """An input image cannot be used; the message names the file (or the input) and the problem."""
 
 
+#: Pillow modes of grayscale inputs: their outputs are grayscale too, unless color_mode="rgb".
+GRAY_MODES = ("1", "L", "LA", "La", "I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+#: The EXIF tag of the orientation: reset to 1 (upright) on outputs, since reading applies it.
+EXIF_ORIENTATION = 0x0112
+
+
 @dataclass(frozen=True)
 class LoadedImage:
-    """An input normalised for the model: RGB pixels, optional alpha plane, and the ICC profile."""
+    """An input normalised for the model: RGB pixels, optional alpha plane, and what outputs keep of the
+    input: its ICC profile and EXIF (the pixels are never converted between profiles), and its Pillow mode
+    (a grayscale input gives a grayscale output, see `is_gray`)."""
 
     rgb: Image.Image  # mode "RGB"
     alpha: Image.Image | None  # mode "L", same size, or None
     icc_profile: bytes | None = None
+    exif: bytes | None = None  # the input's EXIF with the orientation set to 1 (already applied)
+    mode: str = "RGB"  # the input's Pillow mode before normalising ("L", "I;16", "P", "RGBA", ...)
+    grey16: np.ndarray | None = field(default=None, compare=False)  # H,W uint16: a 16-bit grey input's own values (rgb holds them in 8 bits)
 
     @property
     def size(self) -> tuple[int, int]:
         return self.rgb.size
+
+    @property
+    def is_gray(self) -> bool:
+        """Whether the input was grayscale (L, LA, 1, I;16, I, F): its RGB planes are equal."""
+        return self.mode in GRAY_MODES
 
 
 def open_image(path: str | os.PathLike[str]) -> LoadedImage:
@@ -75,7 +93,7 @@ def open_image(path: str | os.PathLike[str]) -> LoadedImage:
         with Image.open(path) as im:
             _check_pixels(im.size, str(path))
             im.load()
-            return normalise(im)
+            return normalise(im, str(path))
     except ImageInputError:
         raise
     except UnidentifiedImageError:
@@ -85,14 +103,26 @@ def open_image(path: str | os.PathLike[str]) -> LoadedImage:
 
 
 def normalise(im: Image.Image, name: str = "image") -> LoadedImage:
-    """EXIF orientation applied; any Pillow mode converted to RGB (+ alpha kept separately)."""
+    """EXIF orientation applied; any Pillow mode converted to RGB (+ alpha kept separately).
+
+    Animated images (GIF, WebP, APNG with more than one frame) are refused: upscaling only the first
+    frame would drop the others without a word."""
     _check_pixels(im.size, name)
     if im.width < 1 or im.height < 1:
         raise ImageInputError(f"{name}: empty image ({im.width}x{im.height})")
-    icc = im.info.get("icc_profile")
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:
+        raise ImageInputError(
+            f"{name}: an animated image with {frames} frames; animations are not supported yet "
+            "(only still images are upscaled: export the frame you want, e.g. as PNG)"
+        )
+    icc = im.info.get("icc_profile") or None
+    exif = _exif_upright(im)
+    source_mode = im.mode
     im = ImageOps.exif_transpose(im)
     mode = im.mode
     alpha: Image.Image | None = None
+    grey16: np.ndarray | None = None
     if mode == "P" or mode == "PA":
         im = im.convert("RGBA" if ("transparency" in im.info or mode == "PA") else "RGB")
         mode = im.mode
@@ -103,6 +133,8 @@ def normalise(im: Image.Image, name: str = "image") -> LoadedImage:
         if mode == "I" and a.max(initial=0) <= 255:
             peak = 255.0  # an 8-bit image that was stored as 32-bit integers
         grey = np.clip(np.rint(a / peak * 255.0), 0, 255).astype(np.uint8)
+        if peak == 65535.0:
+            grey16 = np.clip(a, 0, 65535).astype(np.uint16)
         im = Image.fromarray(grey, "L")
         mode = "L"
     if mode in ("RGBA", "LA", "RGBa", "La"):
@@ -118,7 +150,25 @@ def normalise(im: Image.Image, name: str = "image") -> LoadedImage:
         icc = None  # converted to sRGB
     else:
         rgb = im.convert("RGB")  # L, 1, YCbCr, LAB, HSV, RGBX ...
-    return LoadedImage(rgb=rgb, alpha=alpha, icc_profile=icc if rgb.mode == "RGB" else None)
+    return LoadedImage(
+        rgb=rgb, alpha=alpha, icc_profile=icc if rgb.mode == "RGB" else None, exif=exif, mode=source_mode,
+        grey16=grey16,
+    )
+
+
+def _exif_upright(im: Image.Image) -> bytes | None:
+    """The image's EXIF as bytes with the orientation set to 1 (normalise applies it), or None."""
+    try:
+        found = im.getexif()
+        if not len(found):
+            return None
+        exif = Image.Exif()  # a copy: the caller's image (and exif_transpose) still see the orientation
+        exif.load(found.tobytes())
+    except Exception:  # a broken EXIF block: nothing to keep
+        return None
+    if EXIF_ORIENTATION in exif:
+        exif[EXIF_ORIENTATION] = 1
+    return exif.tobytes()
 
 
 def _cmyk_with_profile(im: Image.Image, icc: bytes) -> Image.Image:
@@ -203,6 +253,47 @@ def attach_alpha(rgb: Image.Image, alpha: Image.Image | None) -> Image.Image:
     return out
 
 
+def output_mode(image: LoadedImage, color_mode: str = "auto") -> str:
+    """The Pillow mode of the upscaled `image`: "L"/"LA" for a grayscale input with color_mode "auto",
+    else "RGB"/"RGBA" (the model and the filters work in RGB)."""
+    gray = image.is_gray and color_mode == "auto"
+    return ("L" if gray else "RGB") + ("A" if image.alpha is not None else "")
+
+
+def check_bit_depth(image: LoadedImage, bit_depth: int, color_mode: str, name: str = "image") -> None:
+    """Refuse, before any work, a 16-bit output Pillow cannot hold: only grey images without alpha."""
+    if bit_depth == 16 and output_mode(image, color_mode) != "L":
+        raise ImageInputError(
+            f"{name}: a 16-bit output must be grayscale without alpha (Pillow holds 16 bits only in grey images); "
+            f"this image gives {output_mode(image, color_mode)}"
+        )
+
+
+def check_output_bit_depth(path: str | os.PathLike[str], bit_depth: int) -> None:
+    """Refuse, before any work, a 16-bit output in a format that holds 8 bits (JPEG, WebP)."""
+    suffix = Path(path).suffix.lower()
+    if bit_depth == 16 and suffix not in SUFFIXES_16_BIT:
+        raise ImageInputError(
+            f"{path}: {suffix.lstrip('.').upper()} holds 8 bits per channel; a 16-bit output needs "
+            + " or ".join(SUFFIXES_16_BIT)
+        )
+
+
+def profile_fits(icc_profile: bytes | None, mode: str) -> bool:
+    """Whether an ICC profile describes images of this mode: a GRAY profile for L/LA/I;16 outputs, an RGB
+    one for RGB/RGBA (its colour space is bytes 16..20 of the header). A grey input written as RGB
+    (color_mode "rgb") cannot carry its grey profile."""
+    if not icc_profile or len(icc_profile) < 20:
+        return False
+    return icc_profile[16:20] == (b"RGB " if mode.startswith("RGB") else b"GRAY")
+
+
+def to_output_mode(upscaled: Image.Image, mode: str) -> Image.Image:
+    """An upscaled RGB/RGBA image in `mode` (from output_mode): grey through Pillow's ITU-R 601 luma
+    (L = 0.299 R + 0.587 G + 0.114 B), which gives back the grey value exactly where R = G = B."""
+    return upscaled if upscaled.mode == mode else upscaled.convert(mode)
+
+
 def is_input_image(path: str | os.PathLike[str]) -> bool:
     """Whether a folder input reads this file as an image: by its suffix (INPUT_SUFFIXES), any case."""
     return Path(path).suffix.lower() in INPUT_SUFFIXES
@@ -251,16 +342,19 @@ def save_image(
     *,
     overwrite: bool = False,
     icc_profile: bytes | None = None,
+    exif: bytes | None = None,
 ) -> Path:
     """Write atomically (temp file in the same folder, fsync, rename): never a partial file.
 
-    PNG outputs carry `metadata` as JSON in a text chunk named "sdx4".
+    PNG outputs carry `metadata` as JSON in a text chunk named "sdx4". `icc_profile` and `exif` (the
+    input's, from `UpscaleResult.icc_profile` / `.exif`) are embedded as they are in every format; the
+    pixels are not converted. Without them nothing is embedded, even when `image.info` holds a profile.
     """
     path = check_output_path(path, overwrite)
     suffix = path.suffix.lower()
-    kwargs: dict[str, Any] = {}
-    if icc_profile:
-        kwargs["icc_profile"] = icc_profile
+    kwargs: dict[str, Any] = {"icc_profile": icc_profile or None, "exif": exif or b""}
+    if image.mode.startswith("I;16"):
+        check_output_bit_depth(path, 16)
     if suffix == ".png":
         fmt = "PNG"
         if metadata is not None:
@@ -270,8 +364,11 @@ def save_image(
     elif suffix in (".jpg", ".jpeg"):
         fmt = "JPEG"
         kwargs["quality"] = 95
-        if image.mode == "RGBA":
+        if image.mode in ("RGBA", "LA"):
             raise ImageInputError(f"{path}: JPEG cannot hold the alpha channel; write .png or .webp instead")
+    elif suffix in (".tif", ".tiff"):
+        fmt = "TIFF"
+        kwargs["compression"] = "tiff_lzw"  # lossless
     else:
         fmt = "WEBP"
         kwargs["lossless"] = True

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._version import __version__
-from .imageio import LoadedImage
+from .imageio import LoadedImage, output_mode, profile_fits
 from .options import UpscaleOptions
 
 #: The key every record carries: the sdx4 that wrote it.
@@ -32,6 +32,18 @@ def image_metadata(options: UpscaleOptions, image: LoadedImage) -> dict[str, Any
         "output_size": [options.scale * w, options.scale * h],
         "alpha": image.alpha is not None,
     }
+    if image.is_gray:  # only then: the records of colour inputs keep their keys
+        meta["input_mode"] = image.mode
+        meta["color_mode"] = options.color_mode
+        meta["output_mode"] = output_mode(image, options.color_mode)
+    if options.bit_depth != 8:
+        meta["bit_depth"] = options.bit_depth
+    if image.icc_profile:
+        # True: the input's profile goes with the output, pixels unconverted; False: it could not (a grey
+        # profile on an RGB output, with color_mode "rgb")
+        meta["icc_profile"] = profile_fits(image.icc_profile, output_mode(image, options.color_mode))
+    if image.exif:
+        meta["exif"] = True  # the input's EXIF goes with the output, orientation set to 1
     if options.method != "sd":
         meta["alpha_method"] = options.method  # a classical filter resizes the alpha plane too
     return meta

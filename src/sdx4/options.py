@@ -63,6 +63,11 @@ DTYPES: tuple[str, ...] = get_args(DType)
 VaeDType = Literal["fp32", "bf16"]  # fp16 decodes to NaN
 VAE_DTYPES: tuple[str, ...] = get_args(VaeDType)
 
+#: What colour an output has: "auto" = the input's (grayscale stays grayscale), "rgb" = always RGB.
+ColorMode = Literal["auto", "rgb"]
+COLOR_MODES: tuple[str, ...] = get_args(ColorMode)
+#: Bits per channel of an output: 16 only for grayscale PNG/TIFF outputs.
+BIT_DEPTHS: tuple[int, ...] = (8, 16)
 ColorFix = Literal["none", "adain", "wavelet"]
 COLOR_FIXES: tuple[str, ...] = get_args(ColorFix)
 TileBlend = Literal["uniform", "gaussian", "feather"]  # == tiling.Blend (no torch import here)
@@ -131,6 +136,15 @@ class UpscaleOptions:
       to cost no more per pixel than the global attention at the limit: 109 px for 128), so decoding time
       stays linear in pixels (global attention's cost grows with the square). 16..1024; the default 128
       keeps attention under ~20% of the decode (docs/tiled-vae.md).
+    color_mode: "auto": a grayscale input (L, LA, 1, 16-bit grey) gives a grayscale output (L or LA): the
+      model works in RGB, and its output is converted back with ITU-R 601 luma, as Pillow's convert("L");
+      colour inputs give RGB. "rgb": every output is RGB (RGBA with alpha), as before.
+    bit_depth: 8, or 16 for a 16-bit grayscale output (PNG or TIFF; Pillow holds 16 bits only in grey
+      images, so 16 needs a grayscale input without alpha and color_mode "auto"; JPEG and WebP are
+      refused). What the 16 bits carry: a classical filter resizes the input's own values (16-bit
+      inputs keep their 16 bits) in float; "sd" feeds the model 8-bit pixels (what it was trained on)
+      and keeps the float precision of its decoded output, at scale 4 only (other scales pass 8-bit
+      images between their passes).
     """
 
     prompt: str = ""
@@ -151,6 +165,8 @@ class UpscaleOptions:
     tile_blend: TileBlend = "feather"  # measured: fewest seams, closest to untiled (docs/large-images.md)
     max_memory: int | None = None
     vae_attention_window: int = 128
+    color_mode: ColorMode = "auto"
+    bit_depth: int = 8
 
     def __post_init__(self) -> None:
         _check_str("prompt", self.prompt)
@@ -175,6 +191,14 @@ class UpscaleOptions:
             _check_int("tile_batch", self.tile_batch, 1, MAX_TILE_BATCH)
         _check_choice("tile_blend", self.tile_blend, TILE_BLENDS)
         _check_int("vae_attention_window", self.vae_attention_window, MIN_ATTENTION_WINDOW, MAX_ATTENTION_WINDOW)
+        _check_choice("color_mode", self.color_mode, COLOR_MODES)
+        if isinstance(self.bit_depth, bool) or self.bit_depth not in BIT_DEPTHS:
+            raise OptionsError(f"bit_depth must be 8 or 16; got {self.bit_depth!r}", option="bit_depth")
+        if self.bit_depth == 16 and self.method == "sd" and self.scale != 4:
+            raise OptionsError(
+                f"bit_depth 16 with method sd needs scale 4 (scale {self.scale} passes 8-bit images between its passes)",
+                option="bit_depth",
+            )
         if self.max_memory is not None:
             if isinstance(self.max_memory, bool) or not isinstance(self.max_memory, int):
                 raise OptionsError(

@@ -80,7 +80,8 @@ def write_item(done: Done, output_dir: Path) -> dict[str, Any]:
             for image, rel in zip(done.result.images, item.outputs):
                 target = output_dir / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                save_image(image, target, saved_metadata(meta, item.input), overwrite=True)
+                save_image(image, target, saved_metadata(meta, item.input), overwrite=True,
+                           icc_profile=done.result.icc_profile, exif=done.result.exif)
         except (OSError, ImageInputError) as e:
             error = f"{item.input}: cannot write output ({e})"
         timings["write"] = _secs(t0)

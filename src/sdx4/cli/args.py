@@ -9,6 +9,8 @@ import time
 from typing import Any
 
 from ..options import (
+    BIT_DEPTHS,
+    COLOR_MODES,
     DEFAULT_MODEL,
     DTYPES,
     SCHEDULERS,
@@ -38,6 +40,24 @@ def add_sd_option_args(p: argparse.ArgumentParser | Any) -> None:
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed; None = draw one and report it")
     p.add_argument("--eta", type=float, default=d["eta"], help="DDIM eta, 0..1")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=d["scheduler"], help="sampler (fewer steps: dpmpp-2m 20, unipc 15)")
+
+
+def add_output_args(p: argparse.ArgumentParser | Any) -> None:
+    """What the written images keep of the input (`sdx4 upscale`, files and folders)."""
+    d = option_defaults()
+    p.add_argument(
+        "--color-mode",
+        choices=COLOR_MODES,
+        default=d["color_mode"],
+        help="auto = grayscale inputs give grayscale outputs, colour inputs RGB; rgb = always RGB",
+    )
+    p.add_argument(
+        "--bit-depth",
+        type=int,
+        choices=BIT_DEPTHS,
+        default=d["bit_depth"],
+        help="bits per channel of the output; 16: grayscale inputs only, PNG or TIFF outputs",
+    )
 
 
 def add_model_args(p: argparse.ArgumentParser | Any) -> None:
@@ -118,7 +138,7 @@ def options_from_args(args: argparse.Namespace, **fixed: Any) -> UpscaleOptions:
         scheduler=args.scheduler,
     )
     for name in ("num_images", "method", "scale", "color_fix", "tile_size", "tile_overlap", "tile_batch", "tile_blend",
-                 "vae_attention_window"):
+                 "vae_attention_window", "color_mode", "bit_depth"):
         if hasattr(args, name):
             values[name] = getattr(args, name)
     try:

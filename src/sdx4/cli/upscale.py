@@ -10,6 +10,8 @@ from typing import Any
 from ..imageio import (
     OUTPUT_SUFFIXES,
     ImageInputError,
+    check_bit_depth,
+    check_output_bit_depth,
     check_output_path,
     numbered_name,
     open_image,
@@ -29,6 +31,7 @@ from ..options import (
 from .args import (
     UsageError,
     add_model_args,
+    add_output_args,
     add_sd_option_args,
     load_from_args,
     options_from_args,
@@ -70,6 +73,7 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no messages, errors only")
     p.add_argument("--scale", type=int, default=d["scale"], help=f"output = scale x input, an integer {MIN_SCALE}..{MAX_SCALE}")
+    add_output_args(p)
     p.add_argument("--color-fix", choices=COLOR_FIXES, default=d["color_fix"], help="match colours to the bicubic-upscaled input")
     p.add_argument("--max-memory", default=None, metavar="SIZE", help="memory budget, weights included (e.g. 6GiB); default: 60%% of free RAM / 80%% of free GPU memory")
     p.add_argument("--tile-size", type=int, default=d["tile_size"], help="latent tile side in input pixels (default: from --max-memory)")
@@ -126,7 +130,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     # Check everything before any heavy work: inputs decode, outputs are writable and new.
     for src in inputs:
         try:
-            open_image(src)
+            check_bit_depth(open_image(src), options.bit_depth, options.color_mode, str(src))
         except ImageInputError as e:
             raise UsageError(str(e)) from None
     outputs = output_paths(inputs, args.output, options)
@@ -136,6 +140,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         for p in paths:
             try:
                 check_output_path(p, args.overwrite)
+                check_output_bit_depth(p, options.bit_depth)
             except ImageInputError as e:
                 raise UsageError(str(e)) from None
 
@@ -159,7 +164,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         opts = options.with_seed()
         result = _run_one(upscaler, src, opts, quiet=args.quiet)
         for image, path in zip(result.images, paths):
-            save_image(image, path, saved_metadata(result.metadata, src.name), overwrite=args.overwrite)
+            save_image(image, path, saved_metadata(result.metadata, src.name), overwrite=args.overwrite,
+                       icc_profile=result.icc_profile, exif=result.exif)
             say(f"{src} -> {path} ({image.width}x{image.height}" + (f", seed {opts.seed})" if opts.method == "sd" else ")"))
     return EXIT_OK
 

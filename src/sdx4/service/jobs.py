@@ -302,7 +302,8 @@ class JobManager:
             try:
                 for i, image in enumerate(result.images):
                     name = numbered_name(job.id, i, len(result.images))
-                    files.append(save_image(image, self.results_dir / name, meta))
+                    files.append(save_image(image, self.results_dir / name, meta,
+                                            icc_profile=result.icc_profile, exif=result.exif))
             except BaseException:
                 for f in files:
                     f.unlink(missing_ok=True)
