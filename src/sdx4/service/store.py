@@ -189,7 +189,7 @@ class JobStore:
 # ---- ownership of a results folder ------------------------------------------------------------------
 
 
-def _take_ownership(path: Path, results_dir: Path) -> Any:
+def _take_ownership(path: Path, results_dir: Path, write_pid: bool = True) -> Any:
     """Hold an exclusive flock on `path` for this process's life (the kernel drops it when the process dies,
     even by SIGKILL) and write our pid into it. Another live owner -> FolderInUse."""
     f = open(path, "a+")  # noqa: SIM115 - held open until close()
@@ -209,11 +209,26 @@ def _take_ownership(path: Path, results_dir: Path) -> Any:
                 "give each server its own folder",
                 option="results_dir",
             ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+    if write_pid:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
     return f
+
+
+def folder_in_use(results_dir: str | Path) -> FolderInUse | None:
+    """The error a server starting on `results_dir` would meet now, or None: a check before the model loads."""
+    lock = Path(results_dir) / STORE_DIR / LOCK_NAME
+    if not lock.is_file():
+        return None
+    try:
+        _take_ownership(lock, Path(results_dir), write_pid=False).close()
+    except FolderInUse as e:
+        return e
+    except OSError:
+        return None
+    return None
 
 
 def _owner_gone(folder: Path, min_age_s: float = 60.0) -> bool:
