@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -22,7 +23,13 @@ from sdx4.options import OptionsError, UpscaleOptions
 from sdx4.service.app import create_app
 from sdx4.service.jobs import JobManager, QueueSettings
 from sdx4.service.requests import ServerSettings
-from sdx4.service.store import LOCK_NAME, STORE_DIR, TEMP_PREFIX, JobStore, remove_abandoned_temp_dirs
+from sdx4.service.store import (
+    LOCK_NAME,
+    STORE_DIR,
+    TEMP_PREFIX,
+    JobStore,
+    remove_abandoned_temp_dirs,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 NEAREST = UpscaleOptions(method="nearest")
@@ -31,7 +38,7 @@ NEAREST = UpscaleOptions(method="nearest")
 class Classical:
     """An upscaler without a model (the classical methods): fast, exact, no torch."""
 
-    info = {"model": "none", "max_noise_level": 350}
+    info: ClassVar[dict] = {"model": "none", "max_noise_level": 350}
 
     def __call__(self, image, options, progress=None):
         return sdx4.upscale(image, options)
@@ -247,7 +254,7 @@ def test_sigkill_loses_no_job(tiny_model_dir, tmp_path):
         with httpx.Client(base_url=base, timeout=30) as c:
             finished = [post(c, "a.png", method="nearest"), post(c, "b.png", steps="2", seed="3")]
             for job_id in finished:
-                wait_until(lambda: state(c, job_id)["state"] == "done", what="finished jobs")
+                wait_until(lambda job_id=job_id: state(c, job_id)["state"] == "done", what="finished jobs")
             kept = {job_id: c.get(f"/v1/jobs/{job_id}/result").content for job_id in finished}
             running = post(c, "long.png", steps="6", seed="4")
             queued = [post(c, "q1.png", method="nearest"), post(c, "q2.png", steps="2", seed="5")]
@@ -269,7 +276,7 @@ def test_sigkill_loses_no_job(tiny_model_dir, tmp_path):
                 assert c.get(f"/v1/jobs/{job_id}/result").content == data  # the same bytes
             assert state(c, cancelled)["state"] == "cancelled"
             for job_id in (running, *queued):
-                final = wait_until(lambda: (s := state(c, job_id))["state"] in ("done", "failed", "cancelled") and s,
+                final = wait_until(lambda job_id=job_id: (s := state(c, job_id))["state"] in ("done", "failed", "cancelled") and s,
                                    timeout=300, what=f"{job_id} to finish after the restart")
                 assert final["state"] == "done", final
                 r = c.get(f"/v1/jobs/{job_id}/result")

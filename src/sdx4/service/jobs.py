@@ -40,7 +40,13 @@ from typing import Any, Literal
 from ..imageio import LoadedImage, numbered_name, save_image
 from ..metadata import saved_metadata
 from ..options import OptionsError, UpscaleOptions
-from .store import RESULT_NAME, TEMP_PREFIX, JobStore, StoredJob, remove_abandoned_temp_dirs
+from .store import (
+    RESULT_NAME,
+    TEMP_PREFIX,
+    JobStore,
+    StoredJob,
+    remove_abandoned_temp_dirs,
+)
 
 log = logging.getLogger("sdx4.server")
 
