@@ -289,3 +289,17 @@ def test_sigkill_loses_no_job(tiny_model_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(TIMEOUT)
+
+
+def test_a_worker_that_outlives_close_does_not_crash_on_the_closed_store(tmp_path):
+    store = JobStore(tmp_path / "r")
+    store.close()
+    store.close()  # twice is fine
+    from sdx4.service.store import StoredJob
+
+    store.put(StoredJob(id="f" * 32, state="done", options={}, input_name="x", input_size=(1, 1), files=[], nbytes=0,
+                        metadata=None, error=None, error_kind=None, created=0.0, started=None, finished=None, attempts=1))
+    store.delete("f" * 32)  # no sqlite3.ProgrammingError: the late change is logged, not recorded
+    again = JobStore(tmp_path / "r")
+    assert again.load() == []
+    again.close()

@@ -102,6 +102,7 @@ class JobStore:
         self.inputs.mkdir(parents=True, exist_ok=True)
         self._lock_file = _take_ownership(self.dir / LOCK_NAME, results_dir)
         self._lock = threading.Lock()
+        self._closed = False
         self._db = sqlite3.connect(self.dir / DB_NAME, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -118,6 +119,9 @@ class JobStore:
         )
         updates = ", ".join(f"{c}=excluded.{c}" for c in _COLUMNS[1:])
         with self._lock:
+            if self._closed:  # a worker that outlived close(): its job stays as last recorded
+                log.warning("job %s: %s after the store was closed; not recorded", job.id, job.state)
+                return
             self._db.execute(
                 f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
                 f"ON CONFLICT(id) DO UPDATE SET {updates}",
@@ -126,6 +130,8 @@ class JobStore:
 
     def delete(self, job_id: str) -> None:
         with self._lock:
+            if self._closed:
+                return
             self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         self.drop_input(job_id)
 
@@ -180,6 +186,9 @@ class JobStore:
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             self._db.close()
         if self._lock_file is not None:
             self._lock_file.close()  # releases the flock
