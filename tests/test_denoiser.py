@@ -131,3 +131,50 @@ def test_unet_calls_refuse_a_batch_that_is_not_a_multiple_of_the_prompt_batch():
     calls = UNetCalls(PointwiseUNet(), embeds, labels, None, None)
     with pytest.raises(ValueError, match=r"multiple of 2 \(its prompt batch\); got \(3, 7, 8, 8\)"):
         calls(torch.zeros(3, 7, 8, 8), torch.tensor(1))
+
+
+def test_a_cancel_from_another_thread_stops_a_tiled_step_within_one_unet_call(tiny_upscaler, rng_image):
+    """cancel_check runs before every UNet call: a step of many tiles stops mid-step, not at its end,
+    and the key/value cache the tiles filled is emptied on the way out."""
+    import threading
+
+    from sdx4.speed import kvcache
+
+    unet = tiny_upscaler.components.unet
+    calls: list[int] = []  # the kv-cache entries held at each UNet call
+    reached, cancel = threading.Event(), threading.Event()
+    at_cancel: list[int] = []
+
+    def count(module, args, kwargs):
+        calls.append(kvcache.remembered(unet))
+        if len(calls) == 3:
+            reached.set()
+
+    def canceller() -> None:
+        reached.wait(60)
+        at_cancel.append(len(calls))
+        cancel.set()
+
+    class Stop(Exception):
+        pass
+
+    def check() -> None:
+        if cancel.is_set():
+            raise Stop
+
+    steps_done: list[int] = []
+    hook = unet.register_forward_pre_hook(count, with_kwargs=True)
+    thread = threading.Thread(target=canceller)
+    thread.start()
+    try:
+        with pytest.raises(Stop):
+            tiny_upscaler(rng_image(64, 64), steps=2, seed=1, tile_size=16, tile_batch=1,
+                          progress=lambda i, n: steps_done.append(i), cancel_check=check)
+    finally:
+        hook.remove()
+        thread.join(60)
+    tiles = len(tiling.plan_tiles(64, 64, 16, 4, tiny_upscaler.components.pad_multiple))
+    assert tiles >= 9 and steps_done == []  # stopped inside the first step of many tile calls
+    assert at_cancel and len(calls) - at_cancel[0] <= 1  # at most the call already under way ran after
+    assert max(calls) > 0  # the cache was in use ...
+    assert kvcache.remembered(unet) == 0  # ... and is empty after the cancel

@@ -53,7 +53,8 @@ def test_serve_subprocess_sigterm_cancels_running_job_and_leaves_no_files(tiny_m
             files = {"image": ("a.png", png_bytes((16, 16)), "image/png")}
             r = http.post("/v1/upscale", files=files, data={"steps": "2", "seed": "1"})
             assert r.status_code == 200
-            assert [p.name for p in results.iterdir()] == [r.headers["x-sdx4-job-id"] + ".png"]
+            done_png = r.headers["x-sdx4-job-id"] + ".png"
+            assert [p.name for p in results.iterdir() if p.name != ".sdx4-jobs"] == [done_png]  # + the job store
             long_job = http.post("/v1/jobs", files=files, data={"steps": "500", "guidance": "1"}).json()
             queued = http.post("/v1/jobs", files=files, data={"steps": "2"}).json()
             wait_until(lambda: http.get(f"/v1/jobs/{long_job['id']}").json()["step"] >= 1, what="the long job to run")
@@ -79,9 +80,23 @@ def test_serve_subprocess_sigterm_cancels_running_job_and_leaves_no_files(tiny_m
     assert 1 <= last["step"] < 500  # stopped at a step boundary, long before the end
     name, last = events[queued["id"]][-1]
     assert name == "cancelled" and last["error"] == "the server is shutting down" and last["step"] == 0
-    assert results.is_dir() and list(results.iterdir()) == []  # results removed, no partial or temp file
+    # A given --results-dir keeps the finished result for the next start (docs/server.md "Jobs survive
+    # restarts"); the cancelled jobs wrote nothing, and there is no partial or temp file.
+    assert results.is_dir() and sorted(p.name for p in results.iterdir()) == [".sdx4-jobs", done_png]
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{base}/health", timeout=2.0)
+
+
+def test_serve_refuses_a_results_dir_another_server_holds_before_loading(tmp_path, capsys):
+    from sdx4.service.jobs import JobManager, QueueSettings
+
+    holder = JobManager(object(), QueueSettings(results_dir=str(tmp_path / "r")))
+    try:  # the model folder does not exist: the folder check comes first, before any loading
+        assert main(["serve", "--model", str(tmp_path / "missing"), "--results-dir", str(tmp_path / "r")]) == 1
+    finally:
+        holder.close()
+    err = capsys.readouterr().err
+    assert f"sdx4: error: --results-dir: results_dir '{tmp_path / 'r'}' is in use by another sdx4 server (pid {os.getpid()})" in err
 
 
 def test_serve_usage_errors_exit_2(tmp_path, capsys):

@@ -23,6 +23,12 @@ from server_helpers import (
 from sdx4.service.app import create_app
 from sdx4.service.jobs import QueueSettings
 from sdx4.service.requests import ApiError, ServerSettings, parse_options, safe_name
+from sdx4.service.store import STORE_DIR
+
+
+def results_in(folder: Path) -> list[Path]:
+    """The result files in a results folder (its job store, .sdx4-jobs/, is not a result)."""
+    return [p for p in Path(folder).iterdir() if p.name != STORE_DIR]
 
 FAST = {"steps": "2", "seed": "7"}
 
@@ -101,12 +107,12 @@ def test_job_lifecycle_poll_events_result_delete(client):
     assert res.status_code == 200 and png_metadata(res.content)["seed"] == 5
     assert res.headers["content-disposition"] == 'inline; filename="cat_x4.png"'
     assert client.get(f"/v1/jobs/{job['id']}/result?index=1").status_code == 404
-    files = list(Path(client.app_state.manager.results_dir).iterdir())
+    files = list(results_in(client.app_state.manager.results_dir))
     assert f"{job['id']}.png" in [f.name for f in files]
     d = client.delete(f"/v1/jobs/{job['id']}")
     assert d.status_code == 200 and d.json()["result"] == "deleted"
     assert client.get(f"/v1/jobs/{job['id']}").status_code == 404
-    assert f"{job['id']}.png" not in [f.name for f in Path(client.app_state.manager.results_dir).iterdir()]
+    assert f"{job['id']}.png" not in [f.name for f in results_in(client.app_state.manager.results_dir)]
 
 
 def test_num_images_and_classical_method(client):
@@ -297,7 +303,7 @@ def test_cancel_running_job_stops_at_next_step(upscaler, tmp_path):
         assert final["step"] == 2 and gate.steps_seen == [1, 2]  # step 2 ran, 3..6 never did
         r = c.get(f"/v1/jobs/{job['id']}/result")
         assert r.status_code == 409 and "cancelled" in r.json()["detail"]
-        assert list((tmp_path / "results").iterdir()) == []  # nothing written
+        assert results_in(tmp_path / "results") == []  # nothing written
         assert c.get("/health").json()["jobs"]["cancelled"] == 1
 
 
@@ -337,7 +343,7 @@ def test_shutdown_refuses_new_work_503_and_cancels(upscaler, tmp_path):
         gate.release.set()
         final = wait_state(c, running["id"])
         assert final["state"] == "cancelled" and final["error"] == "the server is shutting down"
-        assert list((tmp_path / "results").iterdir()) == []
+        assert results_in(tmp_path / "results") == []
 
 
 def test_model_failure_fails_job_and_worker_keeps_going(upscaler, tmp_path):
@@ -365,7 +371,7 @@ def test_results_bounded_by_count(upscaler, tmp_path):
             ids.append(r.headers["x-sdx4-job-id"])
         assert c.get(f"/v1/jobs/{ids[0]}").status_code == 404  # the oldest was forgotten
         assert all(c.get(f"/v1/jobs/{i}/result").status_code == 200 for i in ids[1:])
-        assert sorted(p.name for p in (tmp_path / "results").iterdir()) == sorted(f"{i}.png" for i in ids[1:])
+        assert sorted(p.name for p in results_in(tmp_path / "results")) == sorted(f"{i}.png" for i in ids[1:])
 
 
 def test_results_bounded_by_bytes(upscaler, tmp_path):
@@ -374,7 +380,7 @@ def test_results_bounded_by_bytes(upscaler, tmp_path):
         assert c.get(f"/v1/jobs/{a}/result").status_code == 200  # the newest is always kept
         b = post_job(c, {"method": "nearest"}, path="/v1/upscale").headers["x-sdx4-job-id"]
         assert c.get(f"/v1/jobs/{a}").status_code == 404
-        assert [p.name for p in (tmp_path / "results").iterdir()] == [f"{b}.png"]
+        assert [p.name for p in results_in(tmp_path / "results")] == [f"{b}.png"]
         assert c.get("/v1/info").json()["queue"]["result_bytes"] == (tmp_path / "results" / f"{b}.png").stat().st_size
 
 
@@ -387,7 +393,7 @@ def test_results_expire_after_ttl(upscaler, tmp_path):
         assert (tmp_path / "results" / f"{job_id}.png").exists()
         time.sleep(0.7)
         assert c.get(f"/v1/jobs/{job_id}").status_code == 404
-        assert list((tmp_path / "results").iterdir()) == []
+        assert results_in(tmp_path / "results") == []
 
 
 # ---- pure helpers -----------------------------------------------------------------------------------

@@ -192,13 +192,15 @@ class Upscaler:
         options: UpscaleOptions | None = None,
         *,
         progress: Any = None,
+        cancel_check: Any = None,
         **overrides: Any,
     ) -> UpscaleResult:
         """Upscale one image (path, PIL, numpy HWC uint8/float, or tensor CHW) by exactly `scale` (default 4).
 
         `options` (or keyword overrides such as prompt=..., seed=...) set the parameters; a missing
         seed is drawn at random and reported in `result.metadata["seed"]`. `progress(i, n)` is called
-        after each denoising step and may raise to cancel.
+        after each denoising step and may raise to cancel; `cancel_check()` is called before every UNet call
+        (a tiled step makes many) and may raise to cancel within one UNet call.
         """
         opts = _options(options, overrides)
         if opts.method != "sd":
@@ -206,9 +208,9 @@ class Upscaler:
         loaded = as_loaded(image)
         check_bit_depth(loaded, opts.bit_depth, opts.color_mode)
         opts = opts.with_seed()
-        return self._upscale_sd(loaded, opts, progress)
+        return self._upscale_sd(loaded, opts, progress, cancel_check)
 
-    def _upscale_sd(self, loaded: LoadedImage, opts: UpscaleOptions, progress: Any) -> UpscaleResult:
+    def _upscale_sd(self, loaded: LoadedImage, opts: UpscaleOptions, progress: Any, cancel_check: Any = None) -> UpscaleResult:
         import numpy as np
         import torch
 
@@ -230,7 +232,8 @@ class Upscaler:
             report: dict[str, Any] = {}
             self._ensure_unet()
             out = upscale_tensor(self.components, to_model_range(pixels), opts, generator, progress, timings,
-                                 encode=self.prompt_cache, report=report, release_unet=release)
+                                 encode=self.prompt_cache, report=report, release_unet=release,
+                                 cancel_check=cancel_check)
             if opts.bit_depth == 16:  # grey (check_bit_depth): ITU-R 601 luma of the float output
                 x = (out.float() / 2 + 0.5).clamp(0, 1)  # B,3,H,W
                 luma = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]) * 65535  # B,H,W
@@ -248,7 +251,8 @@ class Upscaler:
                     report: dict[str, Any] = {}
                     self._ensure_unet()  # released by the previous pass's decode
                     out = upscale_tensor(self.components, to_model_range(pixels), one, generator, progress, timings,
-                                         encode=self.prompt_cache, report=report, release_unet=release)
+                                         encode=self.prompt_cache, report=report, release_unet=release,
+                                         cancel_check=cancel_check)
                     reports.append(report)
                     return Image.fromarray(to_uint8(out)[0].numpy(), "RGB")
 

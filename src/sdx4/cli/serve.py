@@ -18,7 +18,8 @@ def register(subparsers: Any) -> None:
         help="run the HTTP service and web page",
         description="Serve an HTTP API (OpenAPI at /docs) and a web page at / that upscale images 4x. "
         "One worker owns the model; requests are queued. Stop with Ctrl-C or SIGTERM: queued jobs are "
-        "cancelled, the running one stops at its next step, result files are removed.",
+        "cancelled, the running one stops before its next UNet call; a temporary results folder is removed "
+        "(with --results-dir, jobs and results are kept: a restart serves and runs them).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
@@ -33,7 +34,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MiB (413 above)")
     p.add_argument("--max-input-pixels", type=int, default=1024 * 1024, help="largest input W*H (413 above, checked before decoding)")
     p.add_argument("--max-output-pixels", type=int, default=2048 * 2048, help="largest output 4W*4H*num_images (413 above)")
-    p.add_argument("--results-dir", default=None, help="folder for result PNGs; default: a temporary folder removed at exit")
+    p.add_argument("--results-dir", default=None, help="folder for result PNGs and the job store (jobs survive a restart or a crash on the same folder); "
+                   "default: a temporary folder removed at exit")
     p.add_argument("--result-ttl", type=float, default=3600.0, help="seconds a finished job and its files are kept")
     p.add_argument("--max-results", type=int, default=100, help="finished jobs kept at most (oldest forgotten first)")
     p.add_argument("--max-result-mb", type=float, default=2048.0, help="MiB of result files kept at most (oldest removed first)")
@@ -92,11 +94,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .args import load_from_args
 
+    if args.results_dir is not None:
+        from ..service.store import folder_in_use
+
+        busy = folder_in_use(args.results_dir)  # before minutes of loading
+        if busy is not None:
+            say(f"sdx4: error: --results-dir: {busy}")
+            return EXIT_FAILURE
+
     say(f"loading {args.model} ...")
     upscaler = load_from_args(args, say)  # a bad --model/--device is a usage error (exit 2)
     say(f"open http://{args.host}:{args.port}/ (API docs at /docs)")
     try:
         serve(upscaler, settings, host=args.host, port=args.port, log_level=args.log_level)
+    except OptionsError as e:  # the results folder was taken while the model loaded
+        say(f"sdx4: error: --results-dir: {e}")
+        return EXIT_FAILURE
     except OSError as e:  # e.g. the port is taken
         say(f"sdx4: error: cannot serve on {args.host}:{args.port}: {e}")
         return EXIT_FAILURE

@@ -34,12 +34,17 @@ def unet_in_calls(
     labels: torch.Tensor,
     per_call: int | None,
     pair_half: int | None = None,
+    check: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """The UNet on batch x (B,7,h,w), `per_call` samples per call (None: all at once). Splitting the
     CFG pair halves the working memory for the same FLOPs (the memory plan asks for it when it saves tiles).
     pair_half: with guidance, samples per half of each pair; in one call, the UNet's text-free prefix
-    then runs once per pair when the halves are equal (guidance_prefix)."""
+    then runs once per pair when the halves are equal (guidance_prefix).
+    check: called before every UNet call; it raises to stop the run there (a cancel takes effect within
+    one UNet call, not one step: a tiled step makes many calls)."""
     def call(i: int, j: int) -> torch.Tensor:
+        if check is not None:
+            check()
         return unet(x[i:j], t, encoder_hidden_states=embeds[i:j], class_labels=labels[i:j], return_dict=False)[0]
 
     b = x.shape[0]
@@ -69,11 +74,15 @@ class UNetCalls:
 
     The repeats are made once per k and are the SAME tensors at every step: the UNet's cross-attention
     keys and values are then computed once per k (speed/kvcache.py), not at every step; k = 1 (the
-    untiled call) uses the given tensors themselves.
+    untiled call) uses the given tensors themselves. `check`, when given, is called before every UNet call
+    and raises to stop the run (cancellation between the tiles of a step).
     """
 
-    def __init__(self, unet: Any, embeds: torch.Tensor, labels: torch.Tensor, per_call: int | None, pair_half: int | None) -> None:
-        self.unet, self.per_call, self.pair_half = unet, per_call, pair_half
+    def __init__(
+        self, unet: Any, embeds: torch.Tensor, labels: torch.Tensor, per_call: int | None, pair_half: int | None,
+        check: Callable[[], None] | None = None,
+    ) -> None:
+        self.unet, self.per_call, self.pair_half, self.check = unet, per_call, pair_half, check
         self.batch = embeds.shape[0]
         self.conditioning: dict[int, tuple[torch.Tensor, torch.Tensor]] = {1: (embeds, labels)}
 
@@ -84,7 +93,7 @@ class UNetCalls:
         if k not in self.conditioning:
             embeds, labels = self.conditioning[1]
             self.conditioning[k] = (embeds.repeat(k, 1, 1), labels.repeat(k))  # k*B,77,D and k*B
-        return unet_in_calls(self.unet, x, t, *self.conditioning[k], self.per_call, self.pair_half)  # k*B,4,h,w
+        return unet_in_calls(self.unet, x, t, *self.conditioning[k], self.per_call, self.pair_half, self.check)  # k*B,4,h,w
 
 
 class Tiled:

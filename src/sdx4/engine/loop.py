@@ -45,6 +45,9 @@ log = logging.getLogger("sdx4")
 
 #: progress(step_index_1_based, total_steps). It may raise to cancel: the loop stops at that step.
 ProgressFn = Callable[[int, int], None]
+#: cancel_check() is called before every UNet call (several per step when the step is tiled). It raises to
+#: cancel: the loop stops within one UNet call.
+CancelCheck = Callable[[], None]
 
 
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -83,6 +86,7 @@ def upscale_tensor(
     *,
     report: dict[str, Any] | None = None,
     release_unet: Callable[[], None] | None = None,
+    cancel_check: CancelCheck | None = None,
 ) -> torch.Tensor:
     """1,3,H,W in [-1,1] -> num_images,3,4H,4W in [-1,1] (float32, on CPU). One x4 pass (`options.scale`
     is handled by the caller, see `scale.py`).
@@ -92,6 +96,8 @@ def upscale_tensor(
     `release_unet`, when given (the low-memory policy), is called after the denoising loop when the VAE
     decode would otherwise spill whole-image tensors to disk: it drops the caller's reference to the UNet
     (`components.unet = None`), whose memory then goes to the decode; the caller loads it again next time.
+    `cancel_check`, when given, is called before every UNet call and raises to stop (`progress` is called
+    once per step: with tiles a step is many UNet calls).
     """
     clock = _StageClock(components.placement.device, timings)
     if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
@@ -129,7 +135,8 @@ def upscale_tensor(
     # 5. The denoiser, composed once (denoiser.py): the UNet in the plan's calls <- on overlapping tiles of
     #    the one global latent, merged (halved on CUDA out-of-memory) <- scaled latents + the noised image
     #    <- classifier-free guidance over the [negative x n, positive x n] pairs.
-    unet_calls = UNetCalls(unet, embeds, noise_level, plan.unet_batch, pair_half=n if options.do_guidance else None)
+    unet_calls = UNetCalls(unet, embeds, noise_level, plan.unet_batch, pair_half=n if options.do_guidance else None,
+                           check=cancel_check)
     tiled = Tiled(unet_calls, plan, options.tile_blend, components.pad_multiple)
     denoise: Denoiser = LowResConditioned(tiled, scheduler, image)
     if options.do_guidance:

@@ -1,6 +1,7 @@
 """The HTTP service: a FastAPI app in front of the job queue (`jobs.py`), and its uvicorn runner.
 
     POST /v1/jobs            multipart: image file + options (same names and checks as the CLI) -> 202 {id}
+    GET  /v1/jobs            the jobs, newest first, paged (?limit=, ?before=ID)
     GET  /v1/jobs/{id}       state, step i of n, queue position, metadata once done
     GET  /v1/jobs/{id}/events   the same as server-sent events, pushed on every change
     GET  /v1/jobs/{id}/result   the PNG (its "sdx4" text chunk holds the metadata); ?index=i for num_images > 1
@@ -59,6 +60,7 @@ log = logging.getLogger("sdx4.server")
 STATIC_DIR = Path(__file__).parent / "static"
 SSE_POLL_S = 0.5  # waits wake on every job change; this bounds how late a client disconnect is noticed
 SSE_HEARTBEAT_S = 15.0
+MAX_LIST = 100  # jobs per page of GET /v1/jobs
 
 
 def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI:
@@ -224,6 +226,17 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             status_code=202,
             headers={"Location": f"/v1/jobs/{job_id}"},
         )
+
+    @app.get("/v1/jobs", dependencies=v1, tags=["jobs"])
+    async def list_jobs(limit: str = "20", before: str | None = None) -> dict[str, Any]:
+        """Jobs newest first, `limit` (1..100) per page; the next page: `?before=` the answer's `next`
+        (null on the last page). Each: id, state, created, finished, step, total, progress, input name, error."""
+        if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST:
+            raise ApiError(422, f"limit must be an integer in 1..{MAX_LIST}; got {short(limit)!r}", "limit")
+        try:
+            return manager.list_jobs(int(limit), before)
+        except KeyError:
+            raise ApiError(422, f"before must be the id of a listed job; got {short(before or '')!r} (unknown, deleted or expired)", "before") from None
 
     @app.get("/v1/jobs/{job_id}", dependencies=v1, tags=["jobs"])
     async def get_job(job_id: str) -> dict[str, Any]:

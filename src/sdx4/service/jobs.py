@@ -12,11 +12,20 @@ where CPU/GPU work happens.
 Results are written atomically (`imageio.save_image`) into `results_dir` under random ids; finished
 jobs are forgotten (and their files deleted) after `result_ttl_s`, beyond `max_results` finished jobs,
 or beyond `max_result_bytes` of files, oldest first.
+
+Jobs survive the process (`store.py`): each change of state, the options, the uploaded image and the
+result files are recorded in the results folder. A manager started on a folder an earlier one left
+(killed, crashed, or stopped) serves its finished jobs, runs its queued ones, and re-queues the one that
+was running (once: a job that was running when the server died twice fails with that reason, so a job
+that kills the server cannot kill it forever). Jobs a graceful shutdown cancelled run again too.
+Without `results_dir` the folder is temporary: removed at close, and at start-up the temporary folders
+of dead servers are removed.
 """
 
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import shutil
 import tempfile
@@ -31,11 +40,21 @@ from typing import Any, Literal
 from ..imageio import LoadedImage, numbered_name, save_image
 from ..metadata import saved_metadata
 from ..options import OptionsError, UpscaleOptions
+from .store import (
+    RESULT_NAME,
+    TEMP_PREFIX,
+    JobStore,
+    StoredJob,
+    remove_abandoned_temp_dirs,
+)
 
 log = logging.getLogger("sdx4.server")
 
 State = Literal["queued", "running", "done", "failed", "cancelled"]
 FINISHED: tuple[str, ...] = ("done", "failed", "cancelled")
+#: A job found "running" by a new start was running when the server died; it runs again unless it
+#: has been started this many times already (then it fails with the reason).
+MAX_ATTEMPTS = 2
 
 
 class JobCancelled(Exception):
@@ -96,6 +115,8 @@ class Job:
     version: int = 0  # bumped on every change: server-sent events send a message when it moves
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled"
+    attempts: int = 0  # times a worker started it (recorded: survives restarts)
+    seq: int = 0  # order of submission (listing order)
 
 
 class JobManager:
@@ -105,12 +126,19 @@ class JobManager:
         self.upscaler = upscaler
         self.settings = settings or QueueSettings()
         if self.settings.results_dir is None:
-            self.results_dir = Path(tempfile.mkdtemp(prefix="sdx4-results-"))
+            remove_abandoned_temp_dirs()  # left by servers killed before they could clean up
+            self.results_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
             self._own_dir = True
         else:
             self.results_dir = Path(self.settings.results_dir)
             self.results_dir.mkdir(parents=True, exist_ok=True)
             self._own_dir = False
+        # Raises store.FolderInUse (an OptionsError naming results_dir) when a live server holds the folder.
+        self.store = JobStore(self.results_dir)
+        # Only an upscaler that takes cancel_check (sdx4.Upscaler does) can stop within one UNet call;
+        # any other is stopped at its next step through progress().
+        self._pass_check = _takes(upscaler, "cancel_check")
+        self._seq = 0
         self._cond = threading.Condition()
         self._jobs: dict[str, Job] = {}
         self._queue: collections.deque[Job] = collections.deque()
@@ -122,6 +150,7 @@ class JobManager:
         #: Called (under the lock, from any thread; must not block) whenever any job changes: the
         #: server uses it to wake its waiting requests and event streams instead of polling fast.
         self.on_change: Callable[[], None] | None = None
+        self.recovered = self._recover()
 
     # ---- called from request handlers --------------------------------------------------------
 
@@ -133,24 +162,69 @@ class JobManager:
         return self._stopping
 
     def submit(self, image: LoadedImage, options: UpscaleOptions, input_name: str = "image") -> Job:
+        self._check_room()  # refuse before writing the input file
+        job_id = uuid.uuid4().hex
+        self.store.save_input(job_id, image)  # outside the lock: a big PNG takes a while
+        try:
+            with self._cond:
+                self._check_room()
+                self._seq += 1
+                job = Job(
+                    id=job_id,
+                    options=options.with_seed() if options.method == "sd" else options,
+                    image=image,
+                    input_name=input_name,
+                    input_size=image.size,
+                    seq=self._seq,
+                )
+                self._record(job)
+                self._jobs[job.id] = job
+                self._queue.append(job)
+                self.counters["submitted"] += 1
+                self._bump(job)
+                self._cond.notify_all()
+                return job
+        except BaseException:
+            self.store.drop_input(job_id)
+            raise
+
+    def _check_room(self) -> None:
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down and takes no new jobs")
             if len(self._queue) >= self.settings.max_queue:
                 raise QueueFull(self.settings.max_queue, self._retry_after())
-            job = Job(
-                id=uuid.uuid4().hex,
-                options=options.with_seed() if options.method == "sd" else options,
-                image=image,
-                input_name=input_name,
-                input_size=image.size,
-            )
-            self._jobs[job.id] = job
-            self._queue.append(job)
-            self.counters["submitted"] += 1
-            self._bump(job)
-            self._cond.notify_all()
-            return job
+
+    def list_jobs(self, limit: int = 20, before: str | None = None) -> dict[str, Any]:
+        """Jobs newest first, `limit` of them, starting after job `before` (the previous page's `next`).
+        No file-system paths. KeyError when `before` is not a known job."""
+        with self._cond:
+            self._evict(time.time())
+            jobs = sorted(self._jobs.values(), key=lambda j: j.seq, reverse=True)
+            if before is not None:
+                anchor = self._jobs.get(before)
+                if anchor is None:
+                    raise KeyError(before)
+                jobs = [j for j in jobs if j.seq < anchor.seq]
+            page = jobs[:limit]
+            return {
+                "jobs": [
+                    {
+                        "id": j.id,
+                        "state": j.state,
+                        "created": j.created,
+                        "finished": j.finished,
+                        "step": j.step,
+                        "total": j.total,
+                        "progress": round(j.step / j.total, 4) if j.total else (1.0 if j.state == "done" else 0.0),
+                        "input_name": j.input_name,
+                        "error": j.error,
+                        "url": f"/v1/jobs/{j.id}",
+                    }
+                    for j in page
+                ],
+                "next": page[-1].id if len(jobs) > limit else None,
+            }
 
     def get(self, job_id: str) -> Job | None:
         with self._cond:
@@ -247,14 +321,18 @@ class JobManager:
             self._cond.notify_all()
 
     def close(self, timeout: float = 60.0) -> None:
-        """Stop the worker (waiting up to `timeout` s for the current step) and delete every result file."""
+        """Stop the worker (waiting up to `timeout` s for the current UNet call). A temporary results folder
+        is deleted with every file in it; a given `results_dir` keeps its results and its job store, so that
+        a server started on it again serves them (and runs the jobs this shutdown cancelled)."""
         self.begin_shutdown()
         if self._thread.is_alive():
             self._thread.join(timeout)
         with self._cond:
-            for job in list(self._jobs.values()):
-                self._delete_files(job)
+            if self._own_dir:
+                for job in list(self._jobs.values()):
+                    self._delete_files(job)
             self._jobs.clear()
+            self.store.close()
         if self._own_dir:
             shutil.rmtree(self.results_dir, ignore_errors=True)
 
@@ -272,6 +350,8 @@ class JobManager:
                 self._running = job
                 job.state, job.started = "running", time.time()
                 job.total = job.options.steps if job.options.method == "sd" else 1
+                job.attempts += 1
+                self._record(job)
                 self._bump(job)
                 self.counters["started"] += 1
                 self._cond.notify_all()
@@ -289,12 +369,17 @@ class JobManager:
             if job.cancel.is_set():
                 raise JobCancelled(job.cancel_reason)
 
+        def check() -> None:  # before every UNet call: a cancel stops a tiled step between its tiles
+            if job.cancel.is_set():
+                raise JobCancelled(job.cancel_reason)
+
+        extra = {"cancel_check": check} if self._pass_check else {}
         t0 = time.perf_counter()
         try:
             if job.cancel.is_set():
                 raise JobCancelled(job.cancel_reason)
             assert job.image is not None
-            result = self.upscaler(job.image, job.options, progress=progress)
+            result = self.upscaler(job.image, job.options, progress=progress, **extra)
             if job.cancel.is_set():  # cancelled during decoding: honour it, write nothing
                 raise JobCancelled(job.cancel_reason)
             meta = saved_metadata(result.metadata, job.input_name, job.id)
@@ -342,6 +427,9 @@ class JobManager:
         job.state, job.error, job.error_kind = state, error, kind
         job.finished = time.time()
         job.image = None
+        self._record(job)
+        if kind != "shutdown":  # a job a shutdown cancelled keeps its input: the next start runs it
+            self.store.drop_input(job.id)
         self._bump(job)
         self.counters[state] += 1
         self._cond.notify_all()
@@ -366,6 +454,84 @@ class JobManager:
     def _forget(self, job: Job) -> None:
         self._delete_files(job)
         self._jobs.pop(job.id, None)
+        self.store.delete(job.id)
+
+    def _record(self, job: Job) -> None:
+        self.store.put(StoredJob(
+            id=job.id, state=job.state, options=job.options.to_dict(), input_name=job.input_name,
+            input_size=job.input_size, files=[f.name for f in job.files], nbytes=job.nbytes, metadata=job.metadata,
+            error=job.error, error_kind=job.error_kind, created=job.created, started=job.started,
+            finished=job.finished, attempts=job.attempts,
+        ))
+
+    def _recover(self) -> dict[str, int]:
+        """Take over what an earlier server left in the store: finished jobs are served again (those whose
+        files are gone are forgotten), unfinished ones queued again in their order, the one that was
+        running included (failed instead after MAX_ATTEMPTS starts, or when its input is lost). Result
+        files and inputs no job owns are deleted. Returns counts by outcome (logged)."""
+        counts = {"finished": 0, "requeued": 0, "failed": 0, "dropped": 0, "orphans": 0}
+        with self._cond:
+            for row in self.store.load():
+                try:
+                    options = UpscaleOptions(**row.options)
+                except (TypeError, OptionsError) as e:  # written by another sdx4 version
+                    log.warning("job %s: recorded options no longer valid (%s); forgotten", row.id, e)
+                    self._forget(Job(row.id, UpscaleOptions(), None, row.input_name, row.input_size,
+                                     files=[self.results_dir / f for f in row.files]))
+                    counts["dropped"] += 1
+                    continue
+                self._seq += 1
+                job = Job(
+                    id=row.id, options=options, image=None, input_name=row.input_name, input_size=row.input_size,
+                    state=row.state,  # type: ignore[arg-type]
+                    error=row.error, error_kind=row.error_kind, files=[self.results_dir / f for f in row.files],
+                    nbytes=row.nbytes, metadata=row.metadata, created=row.created, started=row.started,
+                    finished=row.finished, attempts=row.attempts, seq=self._seq,
+                )
+                job.total = options.steps if options.method == "sd" else 1
+                self._jobs[job.id] = job
+                resume = job.state in ("queued", "running") or (job.state == "cancelled" and job.error_kind == "shutdown")
+                if not resume:
+                    if job.state == "done":
+                        job.step = job.total
+                        if not all(f.is_file() for f in job.files):
+                            self._forget(job)
+                            counts["dropped"] += 1
+                            continue
+                    counts["finished"] += 1
+                    continue
+                was_running = job.state == "running"
+                image = self.store.load_input(job.id)
+                if image is None and job.state == "cancelled":
+                    counts["finished"] += 1  # stopped by a shutdown, input gone: it stays cancelled
+                    continue
+                if was_running and job.attempts >= MAX_ATTEMPTS:
+                    why = f"the server stopped while running this job ({job.attempts} times); not run again"
+                elif image is None:
+                    why = "its input image was lost when the server stopped"
+                else:
+                    why = None
+                if why is not None:
+                    self._finish(job, "failed", why, "internal")
+                    counts["failed"] += 1
+                    continue
+                job.state, job.image, job.error, job.error_kind = "queued", image, None, None
+                job.started = job.finished = None
+                self._record(job)
+                self._queue.append(job)
+                counts["requeued"] += 1
+            owned = {f.name for j in self._jobs.values() for f in j.files}
+            for f in self.results_dir.iterdir():
+                if RESULT_NAME.fullmatch(f.name) and f.name not in owned:
+                    f.unlink(missing_ok=True)  # written by a job the store never recorded as done
+                    counts["orphans"] += 1
+            queued = {j.id for j in self._queue}
+            for job_id in self.store.input_ids() - queued:
+                self.store.drop_input(job_id)
+            self._evict(time.time())
+        if any(counts.values()):
+            log.info("results folder %s: %s", self.results_dir, ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+        return counts
 
     def _evict(self, now: float) -> None:
         """Forget finished jobs past the TTL, then the oldest beyond the count and byte bounds; the
@@ -381,3 +547,11 @@ class JobManager:
             oldest = finished.pop(0)
             total -= oldest.nbytes
             self._forget(oldest)
+
+
+def _takes(fn: Any, name: str) -> bool:
+    """Whether `fn` has a parameter called `name` (a `**kwargs` does not count)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
