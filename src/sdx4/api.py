@@ -21,6 +21,10 @@ from typing import Any
 from PIL import Image
 
 from ._version import __version__
+
+# Re-exported for the front ends (cli/, batch/, service/, quality/), which import nothing from the engine
+# or the model: the errors of loading and of the memory plan (none of these modules imports torch).
+from .engine.budget import MemoryBudgetError  # noqa: F401
 from .engine.classical import ALPHA_FILTER, resize, upscale_classical
 from .imageio import (
     LoadedImage,
@@ -32,14 +36,9 @@ from .imageio import (
     to_output_mode,
 )
 from .metadata import classical_metadata, sd_metadata
-from .options import UpscaleOptions
-from .speed import allocator
-
-# Re-exported for the front ends (cli/, batch/, service/, quality/), which import nothing from the engine
-# or the model: the errors of loading and of the memory plan (none of these modules imports torch).
-from .engine.budget import MemoryBudgetError  # noqa: F401
 from .model.errors import ModelConfigError, ModelNotFoundError, ModelPathError  # noqa: F401
-from .options import DEFAULT_MODEL, LoadOptions, option_defaults
+from .options import DEFAULT_MODEL, LoadOptions, UpscaleOptions, option_defaults
+from .speed import allocator
 
 SCALE = 4
 
