@@ -303,3 +303,44 @@ def test_a_fifo_without_a_writer_is_refused_after_the_wait(tmp_path, capsys, mon
     assert cli.main(["upscale", str(fifo)]) == 2
     assert capsys.readouterr().err == f"sdx4: error: {fifo}: nothing was written to it in 0.2 s (a FIFO needs a writer)\n"
     assert files(tmp_path) == ["in.png"]
+
+
+def test_the_model_gets_a_fifo_image_as_it_gets_the_file(tiny_model_dir, img, tmp_path):
+    """A stream is decoded once and handed to the Upscaler in memory: the same output as from the file."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    data = png_bytes(img)
+
+    def writer():
+        with open(fifo, "wb") as f:
+            f.write(data)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    common = ["--model", str(tiny_model_dir), "--steps", "2", "--seed", "3", "-q"]
+    assert cli.main(["upscale", str(fifo), "-o", str(tmp_path / "a.png"), *common]) == 0
+    assert cli.main(["upscale", str(img), "-o", str(tmp_path / "b.png"), *common]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / n)) for n in ("a.png", "b.png"))
+    assert a.shape == (48, 40, 3) and np.array_equal(a, b)
+    assert sdx4.read_metadata(tmp_path / "a.png")["input"] == "pipe.png"
+
+
+@pytest.mark.parametrize("side", ["stdin", "stdout"])
+def test_a_terminal_is_refused_as_stdin_or_stdout(img, tmp_path, side):
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SRC)}
+        argv = [sys.executable, "-m", "sdx4", "upscale", "-" if side == "stdin" else str(img), "-o",
+                str(tmp_path / "o.png") if side == "stdin" else "-", "--method", "bicubic"]
+        r = subprocess.run(argv, env=env, timeout=60, stderr=subprocess.PIPE,
+                           **({"stdin": follower} if side == "stdin" else {"stdout": follower}))
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert r.returncode == 2
+    expected = ("-: stdin is a terminal; pipe an image in" if side == "stdin"
+                else "-o -: stdout is a terminal; redirect it (> out.png) or pipe it to another command")
+    assert r.stderr.decode().startswith(f"sdx4: error: {expected}")
+    assert files(tmp_path) == ["photo.png"]
