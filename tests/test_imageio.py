@@ -160,7 +160,12 @@ def test_classical_methods_equal_pillow_and_are_exactly_4x(method):
 
 
 def test_each_output_suffix_names_the_format_pillow_writes_it_as(tmp_path):
-    from sdx4.imageio import ALPHA_FORMATS, OUTPUT_FORMATS, OUTPUT_SUFFIXES, output_format
+    from sdx4.imageio import (
+        ALPHA_FORMATS,
+        OUTPUT_FORMATS,
+        OUTPUT_SUFFIXES,
+        output_format,
+    )
 
     pillow = Image.registered_extensions()
     assert OUTPUT_SUFFIXES == (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")

@@ -22,7 +22,13 @@ from PIL import Image
 
 import sdx4
 from sdx4 import cli, imageio
-from sdx4.imageio import ImageInputError, ImageOutputError, max_output_bytes, read_limited, save_image
+from sdx4.imageio import (
+    ImageInputError,
+    ImageOutputError,
+    max_output_bytes,
+    read_limited,
+    save_image,
+)
 
 
 @pytest.fixture
@@ -58,7 +64,7 @@ def files(folder: Path) -> list[str]:
 def run(argv, stdin=None, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SRC)}
     return subprocess.run([sys.executable, "-m", "sdx4", *argv], input=stdin, capture_output=True, env=env,
-                          cwd=cwd, timeout=120)
+                          cwd=cwd, timeout=120, check=False)
 
 
 @pytest.mark.parametrize("suffix, fmt", [(".png", "PNG"), (".JPG", "JPEG"), (".jpeg", "JPEG"), (".webp", "WEBP"),
@@ -241,7 +247,7 @@ def test_stdin_to_a_file_and_dev_stdin_from_a_pipe_are_read_once(img, tmp_path):
 def test_process_substitution_is_read_once(img, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SRC)}
     cmd = f'"{sys.executable}" -m sdx4 upscale <(cat "{img}") -o "{tmp_path / "o.png"}" --method bicubic -q'
-    r = subprocess.run(["bash", "-c", cmd], capture_output=True, env=env, timeout=120)
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, env=env, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "o.png").size == (40, 48)
 
@@ -334,7 +340,7 @@ def test_a_terminal_is_refused_as_stdin_or_stdout(img, tmp_path, side):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SRC)}
         argv = [sys.executable, "-m", "sdx4", "upscale", "-" if side == "stdin" else str(img), "-o",
                 str(tmp_path / "o.png") if side == "stdin" else "-", "--method", "bicubic"]
-        r = subprocess.run(argv, env=env, timeout=60, stderr=subprocess.PIPE,
+        r = subprocess.run(argv, env=env, timeout=60, stderr=subprocess.PIPE, check=False,
                            **({"stdin": follower} if side == "stdin" else {"stdout": follower}))
     finally:
         os.close(follower)
