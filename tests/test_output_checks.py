@@ -156,17 +156,20 @@ def test_a_read_only_folder_is_refused(img, tmp_path, capsys, no_model):
     assert f"{folder}: cannot write in the output folder (Permission denied)" in capsys.readouterr().err
 
 
-def test_too_little_disk_space_exits_2_and_removes_the_folders_it_made(img, tmp_path, capsys, monkeypatch, no_model):
+def test_too_little_disk_space_exits_2_and_removes_the_folders_it_made(tmp_path, capsys, monkeypatch, rng_image,
+                                                                      no_model):
     real = imageio.shutil.disk_usage
     monkeypatch.setattr(imageio.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    img = tmp_path / "photo.png"
+    Image.fromarray(rng_image(400, 500)).save(img)  # RGB: 3 bytes per output pixel, +1%, +1 MiB per file
+    need = max_output_bytes((500, 400), 4, 2, channels=3)
+    assert need == 2 * (-(-2000 * 1600 * 3 * 101 // 100) + 2**20) and round(need / 2**20) == 20
     (tmp_path / "kept").mkdir()
     out = tmp_path / "kept" / "new" / "deeper"
     assert cli.main(["upscale", str(img), "-o", f"{out}/", "--num-images", "2"]) == 2
-    need = max_output_bytes((10, 12), 4, 2)
-    assert need == 2 * (40 * 48 * 4 + 2**20)
     assert capsys.readouterr().err == (
-        f"sdx4: error: {out}: 1000 bytes free on its disk, the output(s) may need up to 2 MiB "
-        "(4 bytes per output pixel); free some space or choose another folder with -o\n"
+        f"sdx4: error: {out}: 1000 bytes free on its disk, the output(s) may need up to 20 MiB "
+        "(uncompressed pixels); free some space or choose another folder with -o\n"
     )
     assert files(tmp_path) == ["kept", "photo.png"]  # new/deeper removed, kept (not ours) stays
 
@@ -206,15 +209,17 @@ def test_a_failed_write_in_the_cli_exits_1_naming_the_output(img, tmp_path, caps
     assert files(tmp_path) == ["photo.png"]
 
 
-def test_max_output_bytes_bounds_every_format(tmp_path, rng_image):
-    arr = rng_image(48, 40, channels=4)  # noise: the worst case for every compressor
-    bound = max_output_bytes((10, 12), 4)
+@pytest.mark.parametrize("channels", [3, 4])
+def test_max_output_bytes_bounds_every_format(tmp_path, rng_image, channels):
+    # Noise, the worst case for every compressor; the margin is checked without the 1 MiB for headers.
+    arr = rng_image(600, 500, channels=channels)
+    bound = max_output_bytes((100, 120), 5, channels=channels)
+    assert bound == -(-600 * 500 * channels * 101 // 100) + 2**20
     for suffix in (".png", ".webp", ".tif", ".bmp", ".jpg"):
-        im = Image.fromarray(arr, "RGBA")
-        save_image(im if suffix in (".png", ".webp", ".tif") else im.convert("RGB"), tmp_path / f"o{suffix}",
-                   {"prompt": "x" * 1000})
-        assert (tmp_path / f"o{suffix}").stat().st_size <= bound, suffix
-    assert bound - 2**20 == 40 * 48 * 4
+        if channels == 4 and suffix in (".bmp", ".jpg"):
+            continue
+        out = save_image(Image.fromarray(arr), tmp_path / f"o{suffix}", {"prompt": "x" * 1000})
+        assert out.stat().st_size <= bound - 2**20 + 4096, suffix
 
 
 # -- stdin, stdout, pipes and FIFOs: read once, never reopened ----------------------------------------------

@@ -354,11 +354,13 @@ def check_output_path(path: str | os.PathLike[str], overwrite: bool) -> Path:
     return path
 
 
-def max_output_bytes(size: tuple[int, int], scale: int, count: int = 1) -> int:
-    """An upper bound on the bytes `count` outputs of an input of `size` take on disk: 4 bytes per output pixel
-    (8-bit RGBA, uncompressed) plus 1 MiB per file for headers, metadata and PNG's per-row filter bytes."""
+def max_output_bytes(size: tuple[int, int], scale: int, count: int = 1, channels: int = 4) -> int:
+    """An upper bound on the bytes `count` outputs of an input of `size` take on disk: the uncompressed 8-bit
+    pixels (`channels` bytes per output pixel: 3 RGB, 4 RGBA), 1% more for what a compressor adds to
+    incompressible data (zlib's stored blocks, PNG's per-row filter byte, BMP's row padding), and 1 MiB
+    per file for headers and metadata."""
     w, h = size
-    return count * (w * h * scale * scale * 4 + 2**20)
+    return count * ((w * h * scale * scale * channels * 101 + 99) // 100 + 2**20)
 
 
 def check_output_folders(needs: Mapping[Path, int]) -> None:
@@ -382,7 +384,7 @@ def check_output_folders(needs: Mapping[Path, int]) -> None:
         if need > free:
             raise ImageInputError(
                 f"{folder}: {_size(free)} free on its disk, the output(s) may need up to {_size(need)} "
-                "(4 bytes per output pixel); free some space or choose another folder with -o"
+                "(uncompressed pixels); free some space or choose another folder with -o"
             )
 
 

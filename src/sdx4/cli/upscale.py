@@ -173,6 +173,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         raise UsageError("-o -: stdout is a terminal; redirect it (> out.png) or pipe it to another command")
     sources: list[Path | LoadedImage] = []
     sizes: list[tuple[int, int]] = []
+    channels: list[int] = []  # 3 RGB, 4 with alpha: what an output may take on disk (max_output_bytes)
     for src, paths in zip(inputs, outputs):
         try:
             loaded = read_input(src)
@@ -183,6 +184,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             raise UsageError(str(e)) from None
         sources.append(loaded if src == STDIO or is_stream(src) else src)  # a file is read again when its turn comes
         sizes.append(loaded.size)
+        channels.append(3 if loaded.alpha is None else 4)
 
     created: list[Path] = []  # the folders this run makes: removed again if it fails
     ok = False
@@ -190,7 +192,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         if output_kind(args.output) == "folder":
             _make_folder(Path(args.output), created)
         needs: dict[Path, int] = {}
-        for size, paths in zip(sizes, outputs):
+        for size, nc, paths in zip(sizes, channels, outputs):
             for p in paths:
                 if p == STDIO:
                     continue
@@ -198,7 +200,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
                     check_output_path(p, args.overwrite)
                 except ImageInputError as e:
                     raise UsageError(str(e)) from None
-                needs[p.parent] = needs.get(p.parent, 0) + max_output_bytes(size, options.scale)
+                needs[p.parent] = needs.get(p.parent, 0) + max_output_bytes(size, options.scale, channels=nc)
         try:
             check_output_folders(needs)
         except ImageInputError as e:
