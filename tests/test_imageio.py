@@ -157,3 +157,27 @@ def test_classical_methods_equal_pillow_and_are_exactly_4x(method):
     flt = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}[method]
     rgb = Image.fromarray(arr[:, :, :3]).resize((20, 28), flt)
     assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(rgb))
+
+
+def test_each_output_suffix_names_the_format_pillow_writes_it_as(tmp_path):
+    from sdx4.imageio import (
+        ALPHA_FORMATS,
+        OUTPUT_FORMATS,
+        OUTPUT_SUFFIXES,
+        output_format,
+    )
+
+    pillow = Image.registered_extensions()
+    assert OUTPUT_SUFFIXES == (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+    assert set(ALPHA_FORMATS) == {"PNG", "WEBP", "TIFF"} and set(ALPHA_FORMATS) <= set(OUTPUT_FORMATS)
+    for fmt, suffixes in OUTPUT_FORMATS.items():
+        for suffix in suffixes:
+            assert pillow[suffix] == fmt and output_format(f"a/b{suffix.upper()}") == fmt
+            out = save_image(Image.new("RGB", (3, 2), (9, 8, 7)), tmp_path / f"o{suffix}")
+            with Image.open(out) as im:
+                assert im.format == fmt and im.size == (3, 2)
+    with pytest.raises(ImageInputError, match=r"^o\.gif: output must end in one of \.png, .* \.bmp$"):
+        output_format("o.gif")
+    with pytest.raises(ImageInputError, match="BMP cannot hold the alpha channel; write .png, .webp or .tif instead"):
+        save_image(Image.new("RGBA", (2, 2)), tmp_path / "a.bmp")
+    assert not (tmp_path / "a.bmp").exists()

@@ -7,8 +7,12 @@ No torch here: the classical path and the CLI's validation use this module witho
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import select
+import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +27,23 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 METADATA_KEY = "sdx4"
 #: Refuse images whose pixel count suggests a decompression bomb (Pillow's own guard warns at 89 MP).
 MAX_INPUT_PIXELS = 64_000_000
-OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
+#: The formats sdx4 writes: Pillow format name -> the suffixes that choose it (`-o NAME.ext`), any case.
+#: GIF is not one of them: 256 colours would throw the upscale away.
+OUTPUT_FORMATS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "PNG": (".png",),  # lossless, carries the parameters (METADATA_KEY)
+    "JPEG": (".jpg", ".jpeg"),  # quality 95, no alpha
+    "WEBP": (".webp",),  # lossless
+    "TIFF": (".tif", ".tiff"),  # lossless (deflate)
+    "BMP": (".bmp",),  # uncompressed, no alpha
+})  # fmt: skip
+#: Every suffix of OUTPUT_FORMATS, in its order.
+OUTPUT_SUFFIXES = tuple(suffix for suffixes in OUTPUT_FORMATS.values() for suffix in suffixes)
+#: The output formats that hold an alpha channel; an input with alpha cannot go to the others.
+ALPHA_FORMATS = ("PNG", "WEBP", "TIFF")
+#: A pipe, FIFO, socket or stdin is read once into memory, up to this many bytes; a longer stream is refused.
+MAX_STREAM_BYTES = 256 * 2**20
+#: How long reading a FIFO waits for a writer to open it before giving up, in seconds.
+STREAM_WAIT_S = 30.0
 #: The output suffixes that hold 16-bit (grayscale) pixels.
 SUFFIXES_16_BIT = (".png", ".tif", ".tiff")
 #: The formats sdx4 reads as inputs: Pillow format name -> the file suffixes that name it. Folder inputs
@@ -83,23 +103,88 @@ class LoadedImage:
 
 
 def open_image(path: str | os.PathLike[str]) -> LoadedImage:
-    """Read an image file (PNG, JPEG, WebP, TIFF, ... whatever Pillow reads) and normalise it."""
+    """Read an image file (PNG, JPEG, WebP, TIFF, ... whatever Pillow reads) and normalise it.
+
+    A pipe or FIFO (`/dev/stdin`, `<(cat a.png)`) is read once into memory (`read_stream`), never reopened.
+    """
     path = Path(path)
     if not path.exists():
         raise ImageInputError(f"{path}: no such file")
     if path.is_dir():
         raise ImageInputError(f"{path}: is a directory, not an image")
+    if is_stream(path):
+        return decode_image(read_stream(path), str(path))
+    return _decode(path, str(path))
+
+
+def decode_image(data: bytes, name: str = "image") -> LoadedImage:
+    """An encoded image held in memory (read from stdin or a pipe) -> LoadedImage; errors name `name`."""
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: Path | BinaryIO, name: str) -> LoadedImage:
     try:
-        with Image.open(path) as im:
-            _check_pixels(im.size, str(path))
+        with Image.open(source) as im:
+            _check_pixels(im.size, name)
             im.load()
-            return normalise(im, str(path))
+            return normalise(im, name)
     except ImageInputError:
         raise
     except UnidentifiedImageError:
-        raise ImageInputError(f"{path}: not an image Pillow can read (unknown or corrupt format)") from None
+        raise ImageInputError(f"{name}: not an image Pillow can read (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageInputError(f"{path}: cannot decode image ({e})") from None
+        raise ImageInputError(f"{name}: cannot decode image ({e})") from None
+
+
+def is_stream(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is a pipe, FIFO, socket or device rather than a file: it can be read only once."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def read_stream(path: str | os.PathLike[str], *, limit: int | None = None, wait_s: float | None = None) -> bytes:
+    """Read a pipe or FIFO to its end, once, into memory (at most `limit`, default MAX_STREAM_BYTES).
+
+    A FIFO that no process has opened for writing is waited for `wait_s` seconds (default STREAM_WAIT_S),
+    then refused: a plain open() would block for ever.
+    """
+    wait = STREAM_WAIT_S if wait_s is None else wait_s
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: open() does not wait for a writer
+    except OSError as e:
+        raise ImageInputError(f"{path}: cannot open ({e.strerror or e})") from None
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        # Linux reports a FIFO that never had a writer as neither readable nor hung up: poll waits.
+        if not poller.poll(int(wait * 1000)):
+            raise ImageInputError(f"{path}: nothing was written to it in {wait:g} s (a FIFO needs a writer)")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return read_limited(f, str(path), limit)
+    finally:
+        os.close(fd)
+
+
+def read_limited(f: BinaryIO, name: str, limit: int | None = None) -> bytes:
+    """Read `f` to its end (stdin, a pipe), refusing more than `limit` bytes (default MAX_STREAM_BYTES) and nothing."""
+    limit = MAX_STREAM_BYTES if limit is None else limit
+    data = bytearray()
+    while chunk := f.read(min(2**20, limit + 1 - len(data))):
+        data += chunk
+        if len(data) > limit:
+            raise ImageInputError(f"{name}: more than {_size(limit)} on the stream (the limit for pipes and stdin); "
+                                  "save the image to a file and pass its path")
+    if not data:
+        raise ImageInputError(f"{name}: empty (nothing was written to it)")
+    return bytes(data)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"
 
 
 def normalise(im: Image.Image, name: str = "image") -> LoadedImage:
@@ -321,18 +406,77 @@ def numbered_name(base: str, index: int, count: int, suffix: str = ".png") -> st
     return f"{base}{suffix}" if count == 1 else f"{base}_{index + 1}{suffix}"
 
 
+class ImageOutputError(OSError):
+    """An output cannot be written (no space, no permission, read-only disk); the message names the output
+    the user asked for, never the temp file sdx4 writes first."""
+
+
+def output_format(path: str | os.PathLike[str]) -> str:
+    """The Pillow format an output path asks for by its suffix (OUTPUT_FORMATS), any case; others are refused."""
+    suffix = Path(path).suffix.lower()
+    for fmt, suffixes in OUTPUT_FORMATS.items():
+        if suffix in suffixes:
+            return fmt
+    raise ImageInputError(f"{path}: output must end in one of {', '.join(OUTPUT_SUFFIXES)}")
+
+
+def check_output_alpha(path: str | os.PathLike[str], input_name: str) -> None:
+    """Refuse to send an input with an alpha channel to a format without one (JPEG, BMP), naming both files."""
+    fmt = output_format(path)
+    if fmt not in ALPHA_FORMATS:
+        raise ImageInputError(
+            f"{input_name} has an alpha channel (transparency) that {fmt} cannot hold, so it cannot be written "
+            f"to {path}; name the output .png, .webp or .tif instead"
+        )
+
+
 def check_output_path(path: str | os.PathLike[str], overwrite: bool) -> Path:
     """Refuse a bad output path before any work: unknown suffix, existing file without overwrite."""
     path = Path(path)
-    if path.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ImageInputError(f"{path}: output must end in one of {', '.join(OUTPUT_SUFFIXES)}")
+    output_format(path)
     if path.exists() and not overwrite:
         raise ImageInputError(f"{path}: already exists (pass --overwrite to replace it)")
     if path.exists() and path.is_dir():
         raise ImageInputError(f"{path}: is a directory")
     if not path.parent.exists():
         raise ImageInputError(f"{path.parent}: output folder does not exist")
+    if not path.parent.is_dir():
+        raise ImageInputError(f"{path.parent}: is not a folder, so {path} cannot be written in it")
     return path
+
+
+def max_output_bytes(size: tuple[int, int], scale: int, count: int = 1, channels: int = 4) -> int:
+    """An upper bound on the bytes `count` outputs of an input of `size` take on disk: the uncompressed 8-bit
+    pixels (`channels` bytes per output pixel: 3 RGB, 4 RGBA), 1% more for what a compressor adds to
+    incompressible data (zlib's stored blocks, PNG's per-row filter byte, BMP's row padding), and 1 MiB
+    per file for headers and metadata."""
+    w, h = size
+    return count * ((w * h * scale * scale * channels * 101 + 99) // 100 + 2**20)
+
+
+def check_output_folders(needs: Mapping[Path, int]) -> None:
+    """Before any work: each folder takes a new file (a probe file is created and removed), and each disk has
+    room for what its folders need (bytes, e.g. from max_output_bytes). Errors name the folder."""
+    by_disk: dict[int, tuple[Path, int]] = {}
+    for folder, need in needs.items():
+        if not folder.is_dir():
+            raise ImageInputError(f"{folder}: output folder does not exist")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".sdx4-probe-", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ImageInputError(f"{folder}: cannot write in the output folder ({e.strerror or e})") from None
+        dev = folder.stat().st_dev
+        first, total = by_disk.get(dev, (folder, 0))
+        by_disk[dev] = (first, total + need)
+    for folder, need in by_disk.values():
+        free = shutil.disk_usage(folder).free
+        if need > free:
+            raise ImageInputError(
+                f"{folder}: {_size(free)} free on its disk, the output(s) may need up to {_size(need)} "
+                "(uncompressed pixels); free some space or choose another folder with -o"
+            )
 
 
 def save_image(
@@ -346,45 +490,64 @@ def save_image(
 ) -> Path:
     """Write atomically (temp file in the same folder, fsync, rename): never a partial file.
 
-    PNG outputs carry `metadata` as JSON in a text chunk named "sdx4". `icc_profile` and `exif` (the
-    input's, from `UpscaleResult.icc_profile` / `.exif`) are embedded as they are in every format; the
-    pixels are not converted. Without them nothing is embedded, even when `image.info` holds a profile.
+    The suffix chooses the format (OUTPUT_FORMATS). PNG outputs carry `metadata` as JSON in a text chunk
+    named "sdx4". `icc_profile` and `exif` (the input's, from `UpscaleResult.icc_profile` / `.exif`) are
+    embedded as they are in every format; the pixels are not converted. Without them nothing is embedded,
+    even when `image.info` holds a profile. A write that fails (no space, no permission) raises
+    ImageOutputError naming `path`.
     """
     path = check_output_path(path, overwrite)
-    suffix = path.suffix.lower()
-    kwargs: dict[str, Any] = {"icc_profile": icc_profile or None, "exif": exif or b""}
+    fmt = output_format(path)
+    if "A" in image.getbands() and fmt not in ALPHA_FORMATS:
+        raise ImageInputError(f"{path}: {fmt} cannot hold the alpha channel; write .png, .webp or .tif instead")
     if image.mode.startswith("I;16"):
         check_output_bit_depth(path, 16)
-    if suffix == ".png":
-        fmt = "PNG"
+
+    def write(f: BinaryIO) -> None:
+        write_image(image, f, fmt, metadata, icc_profile=icc_profile, exif=exif)
+
+    return write_atomic(path, write, overwrite=overwrite)
+
+
+def write_image(
+    image: Image.Image,
+    f: BinaryIO,
+    fmt: str = "PNG",
+    metadata: dict[str, Any] | None = None,
+    *,
+    icc_profile: bytes | None = None,
+    exif: bytes | None = None,
+) -> None:
+    """Encode `image` into the open file `f` (a temp file, stdout) as `fmt`, one of OUTPUT_FORMATS.
+    `icc_profile` / `exif`: embedded as given; None embeds none (not even one `image.info` holds)."""
+    kwargs: dict[str, Any] = {"icc_profile": icc_profile or None, "exif": exif or b""}
+    if fmt == "PNG":
         if metadata is not None:
             info = PngImagePlugin.PngInfo()
             info.add_itxt(METADATA_KEY, json.dumps(metadata, sort_keys=True))
             kwargs["pnginfo"] = info
-    elif suffix in (".jpg", ".jpeg"):
-        fmt = "JPEG"
+    elif fmt == "JPEG":
         kwargs["quality"] = 95
-        if image.mode in ("RGBA", "LA"):
-            raise ImageInputError(f"{path}: JPEG cannot hold the alpha channel; write .png or .webp instead")
-    elif suffix in (".tif", ".tiff"):
-        fmt = "TIFF"
-        kwargs["compression"] = "tiff_lzw"  # lossless
-    else:
-        fmt = "WEBP"
+    elif fmt == "WEBP":
         kwargs["lossless"] = True
-    def write(f: BinaryIO) -> None:
-        image.save(f, format=fmt, **kwargs)
-
-    return write_atomic(path, write, overwrite=overwrite)
+    elif fmt == "TIFF":
+        kwargs["compression"] = "tiff_adobe_deflate"
+    elif fmt != "BMP":
+        raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}; got {fmt!r}")
+    image.save(f, format=fmt, **kwargs)
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, overwrite: bool = True) -> Path:
     """Write a file atomically: `write(f)` into a temp file in the same folder, fsync, rename.
 
     A failed or interrupted write leaves nothing behind; the file gets the usual mode (0666 & ~umask).
-    With overwrite=False an output that appeared meanwhile is not replaced.
+    With overwrite=False an output that appeared meanwhile is not replaced. An OSError (no space, no
+    permission, read-only disk) is raised again as ImageOutputError naming `path`, not the temp file.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _output_error(path, e) from None
     try:
         os.fchmod(fd, _default_file_mode())  # mkstemp makes 0600 files; outputs get the usual mode
         with os.fdopen(fd, "wb") as f:
@@ -394,11 +557,20 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, overwrite: bo
         if not overwrite and path.exists():
             raise ImageInputError(f"{path}: already exists (pass --overwrite to replace it)")
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _output_error(path, e) from None
     except BaseException:
         # Interrupted or failed: remove the temp file so nothing partial is left behind.
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _output_error(path: Path, e: OSError) -> ImageOutputError:
+    err = ImageOutputError(f"{path}: cannot write the output ({e.strerror or e})")
+    err.errno = e.errno
+    return err
 
 
 def _default_file_mode() -> int:

@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..imageio import (
-    OUTPUT_SUFFIXES,
     ImageInputError,
+    LoadedImage,
     check_bit_depth,
+    check_output_alpha,
     check_output_bit_depth,
+    check_output_folders,
     check_output_path,
+    decode_image,
+    is_stream,
+    max_output_bytes,
     numbered_name,
     open_image,
+    output_format,
     output_name,
+    read_limited,
     save_image,
+    write_image,
 )
 from ..metadata import saved_metadata
 from ..options import (
@@ -38,7 +48,8 @@ from .args import (
 )
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
+#: `-` as an INPUT is stdin, as -o stdout (one PNG image).
+STDIO = Path("-")
 
 
 def register(sub: Any) -> None:
@@ -64,7 +75,8 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
         "-o",
         "--output",
         metavar="FILE_OR_DIR",
-        help="output file (one input) or folder; default: next to each input as NAME_x4.png",
+        help="output file (one input; .png .jpg .webp .tif .bmp), folder (ends in /, exists, or has no suffix), "
+        "or - for stdout (PNG); default: next to each input as NAME_x4.png. INPUT - reads stdin",
     )
     add_sd_option_args(p)
     p.add_argument("--num-images", type=int, default=d["num_images"], help="images per input")
@@ -89,21 +101,41 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _is_output_file(out: Path) -> bool:
-    """-o names a file when it has an image suffix and is not an existing folder; else a folder."""
-    return out.suffix.lower() in OUTPUT_SUFFIXES and not out.is_dir()
+def output_kind(output: str | None) -> str:
+    """What -o names: "file" (an image suffix, OUTPUT_SUFFIXES), "folder" (ends in /, is a folder, or has no
+    suffix), "stdout" (-), or "beside" (no -o: next to each input). Any other suffix is refused."""
+    if output is None:
+        return "beside"
+    if output == "-":
+        return "stdout"
+    out = Path(output)
+    if output.endswith(("/", os.sep)) or out.is_dir() or out.suffix == "":
+        return "folder"
+    try:
+        output_format(out)
+    except ImageInputError as e:
+        raise UsageError(f"-o {e}; a folder: end it with /") from None
+    return "file"
 
 
 def output_paths(inputs: list[Path], output: str | None, options: UpscaleOptions) -> list[list[Path]]:
-    """For each input, the output path(s): one per generated image."""
+    """For each input, the output path(s): one per generated image (STDIO for -o -)."""
     n = options.num_images
+    kind = output_kind(output)
     out = Path(output) if output else None
-    as_file = out is not None and _is_output_file(out)
-    if as_file and len(inputs) > 1:
+    if kind in ("file", "stdout") and len(inputs) > 1:
         raise UsageError(f"-o {out}: several inputs need an output folder, not a file")
+    if kind == "stdout" and n > 1:
+        raise UsageError(f"-o -: stdout takes one image; --num-images {n} makes {n} (write them to a folder)")
+    if STDIO in inputs and kind not in ("file", "stdout"):
+        raise UsageError("-: an image read from stdin needs -o FILE (or -o - for stdout)")
+    if inputs.count(STDIO) > 1:
+        raise UsageError("-: stdin can be read only once")
     result = []
     for src in inputs:
-        if as_file:  # -o photo.webp: that name, numbered when there are several images
+        if kind == "stdout":
+            names, folder = ["-"], Path()
+        elif kind == "file":  # -o photo.webp: that name, numbered when there are several images
             assert out is not None
             names = [numbered_name(out.stem, i, n, out.suffix) for i in range(n)]
             folder = out.parent
@@ -118,6 +150,16 @@ def output_paths(inputs: list[Path], output: str | None, options: UpscaleOptions
     return result
 
 
+def read_input(src: Path) -> LoadedImage:
+    """Decode one INPUT: a file, a pipe or FIFO (read once into memory), or - (stdin)."""
+    if src != STDIO:
+        return open_image(src)
+    stdin = sys.stdin.buffer
+    if stdin.isatty():
+        raise ImageInputError("-: stdin is a terminal; pipe an image in (sdx4 upscale - -o out.png < photo.png)")
+    return decode_image(read_limited(stdin, "-"), "-")
+
+
 def cmd_upscale(args: argparse.Namespace) -> int:
     from .batch import cmd_batch, is_batch
 
@@ -127,23 +169,87 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     inputs = [Path(p) for p in args.inputs]
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
 
-    # Check everything before any heavy work: inputs decode, outputs are writable and new.
-    for src in inputs:
+    # Check everything before any heavy work: outputs are named right, inputs decode (a pipe, FIFO or
+    # stdin is read here, once, and kept), their alpha fits the output format, folders take the outputs.
+    outputs = output_paths(inputs, args.output, options)
+    to_stdout = outputs[0] == [STDIO]
+    if to_stdout and sys.stdout.isatty():
+        raise UsageError("-o -: stdout is a terminal; redirect it (> out.png) or pipe it to another command")
+    sources: list[Path | LoadedImage] = []
+    sizes: list[tuple[int, int]] = []
+    channels: list[int] = []  # 3 RGB, 4 with alpha: what an output may take on disk (max_output_bytes)
+    for src, paths in zip(inputs, outputs):
         try:
-            check_bit_depth(open_image(src), options.bit_depth, options.color_mode, str(src))
+            loaded = read_input(src)
+            check_bit_depth(loaded, options.bit_depth, options.color_mode, str(src))
+            for p in paths:
+                if loaded.alpha is not None and p != STDIO:
+                    check_output_alpha(p, str(src))
         except ImageInputError as e:
             raise UsageError(str(e)) from None
-    outputs = output_paths(inputs, args.output, options)
-    if args.output and not _is_output_file(Path(args.output)):
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-    for paths in outputs:
-        for p in paths:
-            try:
-                check_output_path(p, args.overwrite)
-                check_output_bit_depth(p, options.bit_depth)
-            except ImageInputError as e:
-                raise UsageError(str(e)) from None
+        sources.append(loaded if src == STDIO or is_stream(src) else src)  # a file is read again when its turn comes
+        sizes.append(loaded.size)
+        channels.append(3 if loaded.alpha is None else 4)
 
+    created: list[Path] = []  # the folders this run makes: removed again if it fails
+    ok = False
+    try:
+        if output_kind(args.output) == "folder":
+            _make_folder(Path(args.output), created)
+        needs: dict[Path, int] = {}
+        for size, nc, paths in zip(sizes, channels, outputs):
+            for p in paths:
+                if p == STDIO:
+                    continue
+                try:
+                    check_output_path(p, args.overwrite)
+                    check_output_bit_depth(p, options.bit_depth)
+                except ImageInputError as e:
+                    raise UsageError(str(e)) from None
+                needs[p.parent] = needs.get(p.parent, 0) + max_output_bytes(size, options.scale, channels=nc)
+        try:
+            check_output_folders(needs)
+        except ImageInputError as e:
+            raise UsageError(str(e)) from None
+
+        stdout = sys.stdout.buffer if to_stdout else None
+        # With -o - the image is the only thing on stdout: any stray print goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
+            code = _upscale_all(args, options, inputs, sources, sizes, outputs, say, stdout)
+        ok = code == EXIT_OK
+        return code
+    finally:
+        if not ok:
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty: outputs already written stay
+
+
+def _make_folder(folder: Path, created: list[Path]) -> None:
+    """mkdir -p, recording in `created` (outermost first) each folder it makes."""
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+    except OSError as e:
+        raise UsageError(f"{folder}: cannot create the output folder ({e.strerror or e})") from None
+
+
+def _upscale_all(
+    args: argparse.Namespace,
+    options: UpscaleOptions,
+    inputs: list[Path],
+    sources: list[Path | LoadedImage],
+    sizes: list[tuple[int, int]],
+    outputs: list[list[Path]],
+    say: Any,
+    stdout: Any,
+) -> int:
     upscaler = None
     if options.method == "sd":
         from ..api import MemoryBudgetError, ModelNotFoundError
@@ -154,23 +260,28 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             print(f"sdx4: error: {e}", file=sys.stderr)
             return EXIT_FAILURE
 
-        for src in inputs:  # the memory budget must hold every input, checked before any heavy work
+        for src, size in zip(inputs, sizes):  # the memory budget must hold every input, checked before any heavy work
             try:
-                upscaler.check(options, open_image(src).size)
+                upscaler.check(options, size)
             except MemoryBudgetError as e:
                 raise UsageError(f"{src}: --max-memory: {e}") from None
 
-    for src, paths in zip(inputs, outputs):
+    for src, source, paths in zip(inputs, sources, outputs):
         opts = options.with_seed()
-        result = _run_one(upscaler, src, opts, quiet=args.quiet)
+        result = _run_one(upscaler, source, src.name, opts, quiet=args.quiet)
         for image, path in zip(result.images, paths):
-            save_image(image, path, saved_metadata(result.metadata, src.name), overwrite=args.overwrite,
-                       icc_profile=result.icc_profile, exif=result.exif)
-            say(f"{src} -> {path} ({image.width}x{image.height}" + (f", seed {opts.seed})" if opts.method == "sd" else ")"))
+            meta = saved_metadata(result.metadata, src.name)
+            if path == STDIO:
+                write_image(image, stdout, "PNG", meta, icc_profile=result.icc_profile, exif=result.exif)
+                stdout.flush()
+            else:
+                save_image(image, path, meta, overwrite=args.overwrite, icc_profile=result.icc_profile, exif=result.exif)
+            say(f"{src} -> {'stdout' if path == STDIO else path} ({image.width}x{image.height}"
+                + (f", seed {opts.seed})" if opts.method == "sd" else ")"))
     return EXIT_OK
 
 
-def _run_one(upscaler: Any, src: Path, opts: UpscaleOptions, quiet: bool) -> Any:
+def _run_one(upscaler: Any, src: Path | LoadedImage, name: str, opts: UpscaleOptions, quiet: bool) -> Any:
     from ..api import upscale_classical_result
 
     if upscaler is None:
@@ -179,7 +290,7 @@ def _run_one(upscaler: Any, src: Path, opts: UpscaleOptions, quiet: bool) -> Any
     if not quiet and sys.stderr.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(total=opts.steps, desc=src.name, unit="step", leave=False)
+        bar = tqdm(total=opts.steps, desc=name, unit="step", leave=False)
 
     def progress(i: int, n: int) -> None:
         if bar is not None:
