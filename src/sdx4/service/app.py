@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -35,6 +36,7 @@ from .._version import __version__
 from ..imageio import LoadedImage
 from ..metadata import service_info
 from ..options import METHODS, UpscaleOptions, option_defaults
+from .guard import Guard, RateLimitedLog, guarded_protocol
 from .jobs import FINISHED, JobManager, QueueFull, ShuttingDown
 from .requests import (
     FORM_OVERHEAD_BYTES,
@@ -44,9 +46,11 @@ from .requests import (
     ApiError,
     Changes,
     ServerSettings,
+    check_cost,
     decode_upload,
     download_name,
     parse_options,
+    public_model_name,
     safe_name,
     short,
 )
@@ -67,8 +71,12 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
     """
     settings = settings or ServerSettings()
     model_info = dict(getattr(upscaler, "info", {}) or {})
+    if not settings.expose_paths and "model" in model_info:
+        model_info["model"] = public_model_name(model_info["model"])
     max_noise_level = int(model_info.get("max_noise_level", 350))
-    manager = JobManager(upscaler, settings.queue)
+    cost_of = getattr(upscaler, "cost", None)  # Upscaler.cost; a stand-in without it costs nothing
+    manager = JobManager(upscaler if settings.expose_paths else _PublicPaths(upscaler), settings.queue)
+    queued_cost: dict[str, float] = {}  # job id -> cost, for the jobs still queued (pruned on each submit)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -90,10 +98,14 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
     )
     app.state.manager = manager
     app.state.settings = settings
+    app.add_middleware(Guard, settings=settings, say=RateLimitedLog())
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail, "field": exc.field}, status_code=exc.status, headers=exc.headers)
+        return JSONResponse({"detail": exc.detail, "field": exc.field, **exc.extra}, status_code=exc.status, headers=exc.headers)
+
+    def job_cost(options: UpscaleOptions, size: tuple[int, int]) -> float:
+        return float(cost_of(options, size).megapixel_steps) if cost_of is not None else 0.0
 
     async def require_key(request: Request) -> None:
         if settings.api_key is None:
@@ -165,14 +177,30 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             if len(data) > settings.max_upload_bytes:
                 raise ApiError(413, too_big, "image")
             name = safe_name(upload.filename)
-            image = await run_in_threadpool(decode_upload, data, settings, options.num_images, name, options.scale)
+            admit = lambda size: check_cost(name, size, job_cost(options, size), settings)  # noqa: E731
+            image = await run_in_threadpool(decode_upload, data, settings, options.num_images, name, options.scale, admit)
             return image, options, name
         finally:
             await form.close()
 
     def submit(image: LoadedImage, options: UpscaleOptions, name: str) -> str:
+        cost = job_cost(options, image.size)
+        for job_id in list(queued_cost):
+            snap = manager.snapshot(job_id)
+            if snap is None or snap["state"] != "queued":
+                del queued_cost[job_id]
+        waiting = sum(queued_cost.values())
+        if queued_cost and waiting + cost > settings.max_queue_cost:
+            raise ApiError(
+                429,
+                f"the queue is full: {waiting:.1f} megapixel-steps waiting, this job {cost:.1f}, the limit is {settings.max_queue_cost:g}",
+                headers={"Retry-After": str(max(1, min(3600, manager.status()["queued"] * 5)))},
+                extra={"limit": settings.max_queue_cost, "queued_cost": round(waiting, 3), "cost": round(cost, 3)},
+            )
         try:
-            return manager.submit(image, options, name).id
+            job_id = manager.submit(image, options, name).id
+            queued_cost[job_id] = cost
+            return job_id
         except QueueFull as e:
             raise ApiError(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
         except ShuttingDown as e:
@@ -361,6 +389,24 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
     return app
 
 
+class _PublicPaths:
+    """The upscaler as the worker sees it, with the model shown by its Hub id or folder name in every
+    result's metadata (job JSON, PNG chunk) rather than its full path (`expose_paths=False`)."""
+
+    def __init__(self, upscaler: Any) -> None:
+        self.upscaler = upscaler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.upscaler, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.upscaler(*args, **kwargs)
+        meta = getattr(result, "metadata", None)
+        if isinstance(meta, dict) and isinstance(meta.get("model"), str) and dataclasses.is_dataclass(result):
+            result = dataclasses.replace(result, metadata={**meta, "model": public_model_name(meta["model"])})
+        return result
+
+
 def _sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
@@ -378,6 +424,8 @@ def serve(upscaler: Any, settings: ServerSettings, host: str = "127.0.0.1", port
 
     import uvicorn
 
+    if not host_is_address(host) and host not in settings.allowed_hosts:
+        settings = dataclasses.replace(settings, allowed_hosts=(*settings.allowed_hosts, host))  # the bound name
     app = create_app(upscaler, settings)
     manager: JobManager = app.state.manager
 
@@ -390,7 +438,7 @@ def serve(upscaler: Any, settings: ServerSettings, host: str = "127.0.0.1", port
                 loop.call_soon_threadsafe(manager.begin_shutdown)
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    config = uvicorn_config(app, settings, host, port, log_level)
     # uvicorn re-raises the signal it caught after a graceful shutdown; a no-op SIGTERM handler makes
     # that a clean exit (status 0) instead of death by signal.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -398,3 +446,32 @@ def serve(upscaler: Any, settings: ServerSettings, host: str = "127.0.0.1", port
         _Server(config).run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def host_is_address(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return host == "localhost"
+
+
+def uvicorn_config(app: Any, settings: ServerSettings, host: str = "127.0.0.1", port: int = 7860, log_level: str = "info") -> Any:
+    """uvicorn's settings for the service: its own limits first (idle keep-alive, the size of a request
+    head, concurrency), and the h11 protocol of guard.py for what it lacks (connections, head timeout)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        http=guarded_protocol(settings, RateLimitedLog()),
+        timeout_keep_alive=max(1, round(settings.keep_alive_s)),
+        limit_concurrency=settings.max_connections + 1,  # guard.py closes connections above the limit first
+        h11_max_incomplete_event_size=16 * 1024,  # a request head over 16 KiB: 400
+        lifespan="on",
+    )
