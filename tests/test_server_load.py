@@ -100,3 +100,125 @@ def test_twenty_clients_every_job_completes_exactly_once(upscaler, tmp_path):
     # responsive throughout: every health probe answered 200, some while a job was running
     assert health and all(code == 200 for code, _ in health)
     assert any(running is not None for _, running in health)
+
+
+# ---- abuse: floods of idle, slow and oversized connections (guard.py, app.uvicorn_config) ------------
+
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+import socket  # noqa: E402
+
+from server_helpers import free_port, wait_until  # noqa: E402
+
+from sdx4.service.app import uvicorn_config  # noqa: E402
+
+
+@contextlib.contextmanager
+def guarded_server(app, settings):
+    """The service as `sdx4 serve` runs it (its uvicorn settings and protocol) on 127.0.0.1, in a thread."""
+    import uvicorn
+
+    config = uvicorn_config(app, settings, "127.0.0.1", free_port(), "warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-guarded", daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, what="uvicorn to start")
+    try:
+        yield config.port
+    finally:
+        server.should_exit = True
+        thread.join(TIMEOUT)
+
+
+def open_idle(port: int, n: int) -> list[socket.socket]:
+    return [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
+
+
+def closed_by_server(s: socket.socket, wait: float) -> bytes | None:
+    """What the server sent before closing (b"" for nothing), or None if it is still open after `wait` s."""
+    s.settimeout(wait)
+    data = b""
+    try:
+        while chunk := s.recv(4096):
+            data += chunk
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def health_ms(port: int) -> float:
+    """Milliseconds for GET /health on a new connection, connect to last byte (a raw socket: no client setup timed)."""
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = closed_by_server(s, 5.0)
+    ms = (time.perf_counter() - t0) * 1000
+    assert answer is not None and answer.startswith(b"HTTP/1.1 200"), answer
+    return ms
+
+
+def post_head(port: int, length: int, body: bytes = b"") -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+              + f"Content-Length: {length}\r\n\r\n".encode() + body)
+    return s
+
+
+def test_idle_flood_is_capped_and_reaped_and_health_stays_fast(upscaler, tmp_path, caplog):
+    settings = ServerSettings(max_connections=30, header_timeout_s=1.0, queue=QueueSettings(results_dir=str(tmp_path / "r")))
+    app = create_app(upscaler, settings)
+    with caplog.at_level(logging.WARNING, "sdx4.server"), guarded_server(app, settings) as port:
+        idle = open_idle(port, 25)
+        time.sleep(0.2)
+        times = [health_ms(port) for _ in range(5)]  # 25 idle connections open
+        assert max(times) < 100, times
+        extra = open_idle(port, 15)  # 40 open: the ones over 30 get a bare 503 and are closed at once
+        refused = [closed_by_server(s, 0.5) for s in extra]
+        assert sum(1 for d in refused if d is not None and d.startswith(b"HTTP/1.1 503")) >= 10, refused
+        reaped = [closed_by_server(s, 3.0) for s in idle]  # no request head within 1 s: closed
+        assert all(d == b"" for d in reaped), reaped
+        times = [health_ms(port) for _ in range(5)]
+        assert max(times) < 100, times
+        for s in idle + extra:
+            s.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "sdx4.server" and r.levelno == logging.WARNING]
+    # one line per kind of refusal at most every 10 s, with the count of the ones not logged
+    assert len([m for m in lines if "refused a connection" in m]) == 1, lines
+    assert len([m for m in lines if "sent no request" in m]) == 1, lines
+
+
+def test_slow_body_408_oversized_stream_413_and_upload_slots_503(upscaler, tmp_path):
+    settings = ServerSettings(max_uploads=2, body_timeout_s=3.0, max_upload_bytes=4000,
+                              queue=QueueSettings(results_dir=str(tmp_path / "r")))
+    app = create_app(upscaler, settings)
+    with guarded_server(app, settings) as port:
+        t0 = time.monotonic()
+        slow = [post_head(port, 5000, b"--x\r\n") for _ in range(2)]  # 2 bytes/s uploads hold both slots
+        time.sleep(0.2)
+        third = post_head(port, 100, b"")  # waits 2 s for a slot (UPLOAD_WAIT_S), then 503
+        answer = closed_by_server(third, 2.5)
+        assert answer is not None and answer.startswith(b"HTTP/1.1 503") and b"retry-after: 5" in answer.lower()
+        assert b"too many uploads at once (the limit is 2)" in answer
+        for s in slow:
+            answer = closed_by_server(s, 3.0)
+            assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer
+            assert b"the request body was not received within 3 s" in answer
+        assert time.monotonic() - t0 < 4.0
+        # Chunked, no Content-Length: the size is counted while streaming and the upload cut off at the limit.
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
+        sent = 0
+        with contextlib.suppress(OSError):
+            for _ in range(200):
+                s.sendall(b"2000\r\n" + bytes(0x2000) + b"\r\n")
+                sent += 0x2000
+        answer = closed_by_server(s, 3.0)
+        assert answer is not None and answer.startswith(b"HTTP/1.1 413"), answer
+        assert b"upload is over the limit of 4000 bytes" in answer
+        assert health_ms(port) < 100  # the slots were given back: a normal upload goes through
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/jobs", files={"image": ("a.png", png_bytes(), "image/png")},
+                       data={"steps": "2", "method": "bicubic"}, timeout=TIMEOUT)
+        assert r.status_code == 202, r.text

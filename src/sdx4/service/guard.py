@@ -6,7 +6,8 @@ before any route. Pure ASGI (no FastAPI), so they run in the order written here:
     Host         an IP literal, a localhost name or an `allowed_hosts` name; else 400 (DNS rebinding)
     Origin       absent, the server's own, or in `allowed_origins`; else 403 (cross-site pages)
     API key      with a key, every path but /health, / and /static/ needs it (the API docs included); else 401
-    body         at most `max_uploads` bodies read at once (503 + Retry-After), each at most the upload
+    body         at most `max_uploads` bodies read at once (others wait up to UPLOAD_WAIT_S, then 503 +
+                 Retry-After), each at most the upload
                  limit (413, counted while streaming) and read within `body_timeout_s` (408)
     headers      nosniff, no referrer, no framing, on every response
 
@@ -46,6 +47,8 @@ SECURITY_HEADERS = {
     "content-security-policy": "frame-ancestors 'none'",
 }
 UPLOAD_RETRY_AFTER_S = 5
+#: How long a request waits for one of the `max_uploads` slots before its 503, and how often it looks.
+UPLOAD_WAIT_S, UPLOAD_POLL_S = 2.0, 0.02
 KEY_MESSAGE = "missing or wrong API key: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
 
 
@@ -164,11 +167,16 @@ class Guard:
         if declared.isdigit() and int(declared) > limit:
             await _json(send, 413, too_big, "image", {"Connection": "close"})
             return
-        if self.uploads >= self.settings.max_uploads:
-            self.say("uploads", f"refused an upload from {client}: {self.uploads} being read, the limit is {self.settings.max_uploads}")
-            await _json(send, 503, f"too many uploads at once (the limit is {self.settings.max_uploads}); retry shortly",
-                        headers={"Retry-After": str(UPLOAD_RETRY_AFTER_S), "Connection": "close"})
-            return
+        # Wait a little for a free slot (a burst of small uploads passes), then refuse. A waiting body
+        # stays in the socket: uvicorn stops reading a connection whose buffer is full.
+        give_up = time.monotonic() + UPLOAD_WAIT_S
+        while self.uploads >= self.settings.max_uploads:
+            if time.monotonic() > give_up:
+                self.say("uploads", f"refused an upload from {client}: {self.uploads} being read, the limit is {self.settings.max_uploads}")
+                await _json(send, 503, f"too many uploads at once (the limit is {self.settings.max_uploads}); retry shortly",
+                            headers={"Retry-After": str(UPLOAD_RETRY_AFTER_S), "Connection": "close"})
+                return
+            await asyncio.sleep(UPLOAD_POLL_S)
         self.uploads += 1
         reading = True
         started = False
