@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import socket
 import threading
 import time
 
@@ -9,12 +12,14 @@ import httpx
 import pytest
 from server_helpers import (
     TIMEOUT,
+    free_port,
     live_server,
     png_bytes,
     png_metadata,
+    wait_until,
 )
 
-from sdx4.service.app import create_app
+from sdx4.service.app import create_app, uvicorn_config
 from sdx4.service.jobs import QueueSettings
 from sdx4.service.requests import ServerSettings
 
@@ -103,15 +108,6 @@ def test_twenty_clients_every_job_completes_exactly_once(upscaler, tmp_path):
 
 
 # ---- abuse: floods of idle, slow and oversized connections (guard.py, app.uvicorn_config) ------------
-
-import contextlib  # noqa: E402
-import logging  # noqa: E402
-import socket  # noqa: E402
-
-from server_helpers import free_port, wait_until  # noqa: E402
-
-from sdx4.service.app import uvicorn_config  # noqa: E402
-
 
 @contextlib.contextmanager
 def guarded_server(app, settings):

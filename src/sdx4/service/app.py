@@ -11,8 +11,10 @@
     GET  /                   the web page (static files, no build step, no CDN)
 
 Request handlers never run the model: they check the request (size, format, pixel counts from the
-image header BEFORE decoding, options), decode in a thread pool, and queue. Errors are JSON
-`{"detail": message, "field": name-or-null}` with 400/401/404/409/413/415/422/429/503."""
+image header BEFORE decoding, options, the job's cost), decode in a thread pool, and queue. Errors are JSON
+`{"detail": message, "field": name-or-null}` with 400/401/403/404/408/409/413/415/422/429/503. Before any
+route, guard.py checks Host, Origin, the API key and the body's size and time, and adds security headers;
+`uvicorn_config` bounds connections (docs/server.md, "Threat model")."""
 
 from __future__ import annotations
 
