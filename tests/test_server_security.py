@@ -38,6 +38,8 @@ def test_pure_host_and_origin_rules():
     assert origin_allowed("http://127.0.0.1:7860", "http", "127.0.0.1:7860", ())
     assert not origin_allowed("http://127.0.0.1:7861", "http", "127.0.0.1:7860", ())
     assert not origin_allowed("null", "http", "127.0.0.1:7860", ())
+    assert origin_allowed("https://up.lan", "http", "up.lan", ())  # behind a TLS proxy
+    assert not origin_allowed("ftp://up.lan", "http", "up.lan", ()) and not origin_allowed("up.lan", "http", "up.lan", ())
     assert origin_allowed("https://tool.example", "http", "127.0.0.1:7860", ("https://tool.example",))
 
 

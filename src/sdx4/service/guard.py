@@ -95,11 +95,13 @@ def host_allowed(host_header: str | None, allowed: tuple[str, ...]) -> bool:
 
 
 def origin_allowed(origin: str, scheme: str, host_header: str | None, allowed: tuple[str, ...]) -> bool:
-    """The server's own origin (scheme://Host), or one listed in `allowed` (`*` allows any)."""
+    """The server's own origin (its host and port are the Host header's: the scheme may differ behind a
+    TLS proxy), or one listed in `allowed` (`*` allows any). "null" (sandboxed frames, files) is never own."""
     origin = origin.strip().lower().rstrip("/")
     if "*" in allowed or origin in allowed:
         return True
-    return host_header is not None and origin == f"{scheme}://{host_header.strip().lower()}"
+    own_scheme, sep, netloc = origin.partition("://")
+    return bool(sep) and own_scheme in ("http", "https", scheme) and host_header is not None and netloc == host_header.strip().lower()
 
 
 def _headers(scope: Scope) -> dict[str, str]:
