@@ -1,8 +1,10 @@
 """What keeps the service usable by its owner only: checks that run on every request and connection,
 before any route. Pure ASGI (no FastAPI), so they run in the order written here:
 
-    connection   at most `max_connections` open (more get a bare 503 and are closed at once: no file
-                 descriptors pile up); one that sends no request head within `header_timeout_s` is closed
+    connection   at most `max_connections` open: above it the connection idle the longest is closed (or,
+                 when all are mid-request, the new one gets a bare 503), so no file descriptors pile up
+                 and idle sockets cannot lock out /health; one that sends no request head within
+                 `header_timeout_s` is closed
     Host         an IP literal, a localhost name or an `allowed_hosts` name; else 400 (DNS rebinding)
     Origin       absent, the server's own, or in `allowed_origins`; else 403 (cross-site pages)
     API key      with a key, every path but /health, / and /static/ needs it (the API docs included); else 401
@@ -253,23 +255,38 @@ class Guard:
 
 
 def guarded_protocol(settings: ServerSettings, say: RateLimitedLog) -> type:
-    """uvicorn's h11 protocol with two limits it lacks: open connections (closed at once above
-    `max_connections`, before they hold a file descriptor for long) and the time to send a request head
-    (uvicorn only times out idle connections AFTER a response)."""
+    """uvicorn's h11 protocol with two limits it lacks: open connections (above `max_connections` the
+    longest-idle one is closed, else the new one) and the time to send a request head (uvicorn only
+    times out idle connections AFTER a response)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class GuardedH11(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _opened = 0.0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self._opened = self.loop.time()
             if len(self.connections) > settings.max_connections:
-                say("connections", f"refused a connection from {(self.client or ('?',))[0]}: "
-                    f"{len(self.connections) - 1} open, the limit is {settings.max_connections}")
-                transport.write(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-                transport.close()
-                return
+                # Make room by closing the connection idle the longest (no request, or between
+                # requests); a flood of idle sockets then cannot lock out /health. If every other
+                # connection is mid-request (bounded by the body and upload limits), refuse this one.
+                idle = [c for c in self.connections if c is not self and getattr(c, "_is_idle", lambda: False)()]
+                if idle:
+                    victim = min(idle, key=lambda c: c._opened)
+                    say("connections", f"closed the oldest idle connection, from {(victim.client or ('?',))[0]}: "
+                        f"{len(self.connections) - 1} open, the limit is {settings.max_connections}")
+                    victim.transport.close()
+                else:
+                    say("connections", f"refused a connection from {(self.client or ('?',))[0]}: "
+                        f"{len(self.connections) - 1} busy, the limit is {settings.max_connections}")
+                    transport.write(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+                    transport.close()
+                    return
             self._head_timer = self.loop.call_later(settings.header_timeout_s, self._head_timeout)
+
+        def _is_idle(self) -> bool:
+            return not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete)
 
         def _head_timeout(self) -> None:
             self._head_timer = None
