@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -220,3 +223,51 @@ def test_slow_body_408_oversized_stream_413_and_upload_slots_503(upscaler, tmp_p
         r = httpx.post(f"http://127.0.0.1:{port}/v1/jobs", files={"image": ("a.png", png_bytes(), "image/png")},
                        data={"steps": "2", "method": "bicubic"}, timeout=TIMEOUT)
         assert r.status_code == 202, r.text
+
+
+SERVER_UNDER_FD_LIMIT = """
+import resource, sys, uvicorn
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+from sdx4.service.app import create_app, uvicorn_config
+from sdx4.service.jobs import QueueSettings
+from sdx4.service.requests import ServerSettings
+
+class StandIn:  # no model: this checks connections only
+    info = {"model": "stand-in"}
+    def __call__(self, image, options, progress=None):
+        raise RuntimeError("not used")
+
+settings = ServerSettings(queue=QueueSettings(results_dir=sys.argv[2]))  # the defaults: 100 connections
+uvicorn.Server(uvicorn_config(create_app(StandIn(), settings), settings, "127.0.0.1", int(sys.argv[1]), "warning")).run()
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX rlimits")
+def test_under_a_256_descriptor_limit_300_idle_connections_leave_health_fast_and_the_log_short(tmp_path):
+    port = free_port()
+    env = {"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", SERVER_UNDER_FD_LIMIT, str(port), str(tmp_path / "r")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    conns: list[socket.socket] = []
+    try:
+        wait_until(lambda: proc.poll() is None and _connectable(port), timeout=60, what="the server to listen")
+        conns = open_idle(port, 300)
+        time.sleep(0.5)
+        times = [health_ms(port) for _ in range(10)]
+        assert max(times) < 100, times
+    finally:
+        for s in conns:
+            s.close()
+        proc.terminate()
+        log_text = proc.communicate(timeout=TIMEOUT)[0].decode(errors="replace")
+    lines = [line for line in log_text.splitlines() if line.strip()]
+    assert "Traceback" not in log_text and "Too many open files" not in log_text, log_text[-2000:]
+    assert len(lines) < 10, lines  # one line for ~210 closed connections, not one each
+
+
+def _connectable(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
