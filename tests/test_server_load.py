@@ -252,8 +252,9 @@ def test_under_a_256_descriptor_limit_300_idle_connections_leave_health_fast_and
     try:
         wait_until(lambda: proc.poll() is None and _connectable(port), timeout=60, what="the server to listen")
         conns = open_idle(port, 300)
-        time.sleep(0.5)
+        time.sleep(1.5)  # the server has taken in the flood (on a busy 2-core machine, that is not instant)
         times = [health_ms(port) for _ in range(10)]
+        print(f"/health with 300 idle connections under a 256-descriptor limit: {sorted(round(t, 1) for t in times)} ms")
         assert max(times) < 100, times
     finally:
         for s in conns:

@@ -474,6 +474,9 @@ def uvicorn_config(app: Any, settings: ServerSettings, host: str = "127.0.0.1", 
         http=guarded_protocol(settings, RateLimitedLog()),
         timeout_keep_alive=max(1, round(settings.keep_alive_s)),
         limit_concurrency=settings.max_connections + 1,  # guard.py closes connections above the limit first
+        # asyncio accepts up to `backlog` sockets in one go before any is seen: a larger backlog lets a
+        # flood take file descriptors past the limit (EMFILE) before the oldest idle ones are closed.
+        backlog=max(16, min(2048, settings.max_connections)),
         h11_max_incomplete_event_size=16 * 1024,  # a request head over 16 KiB: 400
         lifespan="on",
     )
