@@ -139,6 +139,9 @@ def test_serve_api_key_from_env_or_file_and_a_warning_for_argv(monkeypatch, tmp_
     assert "visible" not in capsys.readouterr().err
     assert _captured_settings(monkeypatch, ["--api-key", "on-argv"]).api_key == "on-argv"
     assert "warning: --api-key is visible to every user of this machine (ps, /proc)" in capsys.readouterr().err
+    monkeypatch.delenv("SDX4_API_KEY")
+    assert _captured_settings(monkeypatch, ["--host", "0.0.0.0"]).api_key is None
+    assert "without an API key: anyone who can reach it can use it (set $SDX4_API_KEY or --api-key-file)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

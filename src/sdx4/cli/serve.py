@@ -142,7 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     say = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
     if not _is_loopback(args.host) and api_key is None:
-        say(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it (see --api-key)")
+        say(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it (set $SDX4_API_KEY or --api-key-file)")
 
     from .args import load_from_args
 
