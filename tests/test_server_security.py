@@ -11,7 +11,7 @@ from server_helpers import TIMEOUT, Gate, png_bytes, png_metadata
 from test_server_api import client_for, post_job, wait_state
 
 from sdx4.options import UpscaleOptions
-from sdx4.service.guard import RateLimitedLog, host_allowed, origin_allowed
+from sdx4.service.guard import RateLimitedLog, RefusalLogFilter, host_allowed, origin_allowed
 from sdx4.service.requests import public_model_name
 
 
@@ -158,3 +158,27 @@ def test_rate_limited_log_says_what_it_dropped(caplog):
         say._last["host"] -= 7200  # an hour later
         assert say("host", "refused d")
     assert [r.getMessage() for r in caplog.records] == ["refused a", "other kind", "refused d (2 more like it not logged)"]
+
+
+def test_access_log_keeps_one_refusal_per_status_per_interval():
+    f = RefusalLogFilter(every_s=3600)
+
+    def line(status):
+        return logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                                 ("127.0.0.1:1", "GET", "/v1/info", "1.1", status), None)
+
+    assert [f.filter(line(400)) for _ in range(3)] == [True, False, False]
+    assert f.filter(line(403)) and not f.filter(line(403)) and f.filter(line(503))
+    assert all(f.filter(line(200)) for _ in range(3)) and f.filter(line(404))  # answers that are not refusals all pass
+
+
+def test_the_runner_installs_the_filter_once(upscaler, tmp_path):
+    from sdx4.service.app import create_app, uvicorn_config
+    from sdx4.service.jobs import QueueSettings
+    from sdx4.service.requests import ServerSettings
+
+    settings = ServerSettings(queue=QueueSettings(results_dir=str(tmp_path / "r")))
+    for _ in range(2):
+        uvicorn_config(create_app(upscaler, settings), settings)
+    access = logging.getLogger("uvicorn.access")
+    assert sum(isinstance(x, RefusalLogFilter) for x in access.filters) == 1

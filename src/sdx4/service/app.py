@@ -38,7 +38,7 @@ from .._version import __version__
 from ..imageio import LoadedImage
 from ..metadata import service_info
 from ..options import METHODS, UpscaleOptions, option_defaults
-from .guard import Guard, RateLimitedLog, guarded_protocol
+from .guard import Guard, RateLimitedLog, guarded_protocol, quiet_access_log
 from .jobs import FINISHED, JobManager, QueueFull, ShuttingDown
 from .requests import (
     FORM_OVERHEAD_BYTES,
@@ -465,7 +465,7 @@ def uvicorn_config(app: Any, settings: ServerSettings, host: str = "127.0.0.1", 
     head, concurrency), and the h11 protocol of guard.py for what it lacks (connections, head timeout)."""
     import uvicorn
 
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -480,3 +480,5 @@ def uvicorn_config(app: Any, settings: ServerSettings, host: str = "127.0.0.1", 
         h11_max_incomplete_event_size=16 * 1024,  # a request head over 16 KiB: 400
         lifespan="on",
     )
+    quiet_access_log()  # after Config: it configures uvicorn's loggers
+    return config

@@ -73,6 +73,39 @@ class RateLimitedLog:
         return True
 
 
+class RefusalLogFilter(logging.Filter):
+    """For uvicorn's access log: a refusal (400, 401, 403, 408, 413, 429, 503) is logged once per status
+    every `every_s` seconds, so a flood of refused requests cannot fill the log; every other line passes."""
+
+    REFUSALS = frozenset({400, 401, 403, 408, 413, 429, 503})
+
+    def __init__(self, every_s: float = LOG_EVERY_S) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[int, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        status = args[4] if len(args) >= 5 and isinstance(args[4], int) else None  # uvicorn: client, method, path, version, status
+        if status not in self.REFUSALS:
+            return True
+        now = time.monotonic()
+        if now - self._last.get(status, -self.every_s) < self.every_s:
+            return False
+        self._last[status] = now
+        return True
+
+
+def quiet_access_log(logger: logging.Logger | None = None) -> RefusalLogFilter:
+    """Put one RefusalLogFilter on uvicorn's access logger (replacing an earlier one)."""
+    logger = logger or logging.getLogger("uvicorn.access")
+    for old in [f for f in logger.filters if isinstance(f, RefusalLogFilter)]:
+        logger.removeFilter(old)
+    new = RefusalLogFilter()
+    logger.addFilter(new)
+    return new
+
+
 def host_name(host_header: str) -> str:
     """'Example.com:7860' -> 'example.com', '[::1]:7860' -> '::1'."""
     h = host_header.strip().lower()
