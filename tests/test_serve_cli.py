@@ -115,3 +115,66 @@ def test_serve_parser_defaults_and_no_heavy_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def _captured_settings(monkeypatch, argv):
+    """Run `sdx4 serve ARGV` with the model load and the server replaced: what settings would it serve?"""
+    import sdx4.cli.args
+    import sdx4.service.app
+
+    seen = {}
+    monkeypatch.setattr(sdx4.cli.args, "load_from_args", lambda args, say: object())
+    monkeypatch.setattr(sdx4.service.app, "serve", lambda upscaler, settings, **kw: seen.update(settings=settings, **kw))
+    assert main(["serve", *argv]) == 0
+    return seen["settings"]
+
+
+def test_serve_hardening_flags_reach_the_settings(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("SDX4_API_KEY", raising=False)
+    s = _captured_settings(monkeypatch, [
+        "--max-side", "2048", "--max-aspect", "8", "--max-job-cost", "50", "--max-queue-cost", "200",
+        "--max-connections", "32", "--max-uploads", "2", "--body-timeout", "30", "--header-timeout", "3",
+        "--keep-alive", "2", "--allowed-host", "up.lan", "--allowed-host", "box", "--allow-origin", "https://a.example",
+        "--expose-paths"])
+    assert (s.max_side, s.max_aspect, s.max_job_cost, s.max_queue_cost) == (2048, 8.0, 50.0, 200.0)
+    assert (s.max_connections, s.max_uploads, s.body_timeout_s, s.header_timeout_s, s.keep_alive_s) == (32, 2, 30.0, 3.0, 2.0)
+    assert s.allowed_hosts == ("up.lan", "box") and s.allowed_origins == ("https://a.example",) and s.expose_paths
+    assert s.api_key is None
+    d = _captured_settings(monkeypatch, [])
+    assert (d.max_side, d.max_aspect, d.max_job_cost, d.max_connections, d.expose_paths) == (4096, 16.0, 400.0, 100, False)
+
+
+def test_serve_api_key_from_env_or_file_and_a_warning_for_argv(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("SDX4_API_KEY", "from-env")
+    assert _captured_settings(monkeypatch, []).api_key == "from-env"
+    assert "visible" not in capsys.readouterr().err
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file  \nsecond line ignored\n")
+    assert _captured_settings(monkeypatch, ["--api-key-file", str(key_file)]).api_key == "from-file"
+    assert "visible" not in capsys.readouterr().err
+    assert _captured_settings(monkeypatch, ["--api-key", "on-argv"]).api_key == "on-argv"
+    assert "warning: --api-key is visible to every user of this machine (ps, /proc)" in capsys.readouterr().err
+    monkeypatch.delenv("SDX4_API_KEY")
+    assert _captured_settings(monkeypatch, ["--host", "0.0.0.0"]).api_key is None
+    assert "without an API key: anyone who can reach it can use it (set $SDX4_API_KEY or --api-key-file)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--api-key-file", "MISSING"], "--api-key-file: cannot read MISSING"),
+    (["--api-key", "k", "--api-key-file", "x"], "give --api-key or --api-key-file, not both"),
+    (["--max-aspect", "0.5"], "--max-aspect: max_aspect must be a number >= 1; got 0.5"),
+    (["--body-timeout", "0"], "--body-timeout: body_timeout_s must be a positive number; got 0.0"),
+    (["--max-job-cost", "nan"], "--max-job-cost: max_job_cost must be a positive number; got nan"),
+    (["--max-connections", "0"], "--max-connections: max_connections must be a positive integer; got 0"),
+    (["--allowed-host", ""], "--allowed-host: allowed_hosts: '' is not a host name or origin"),
+])
+def test_serve_hardening_usage_errors_exit_2(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_key_file_is_refused(tmp_path, capsys):
+    (tmp_path / "key").write_text("\n")
+    assert main(["serve", "--api-key-file", str(tmp_path / "key")]) == 2
+    assert f"--api-key-file: {tmp_path / 'key'} is empty" in capsys.readouterr().err

@@ -44,7 +44,7 @@ def client_for(model, tmp_path: Path | None = None, **kw):
         queue_kw["results_dir"] = str(tmp_path / "results")
     settings = ServerSettings(queue=QueueSettings(**queue_kw), **kw)
     app = create_app(model, settings)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:  # Host must be this server's (guard.py)
         client.app_state = app.state
         yield client
 

@@ -185,6 +185,14 @@ class Upscaler:
 
         check_memory(self.components, options, *size)
 
+    def cost(self, options: UpscaleOptions, size: tuple[int, int]) -> Any:
+        """What a `size` = (width, height) input with `options` costs, before any work: a `JobCost` whose
+        `megapixel_steps` is the UNet's work (latent megapixels x samples x steps over every x4 pass,
+        padding and explicit tiles included; engine/budget.py's `job_cost`). Classical methods cost 0."""
+        from .engine.budget import job_cost
+
+        return job_cost(size[0], size[1], options, self.components.pad_multiple)
+
     def __call__(
         self,
         image: Any,

@@ -353,6 +353,69 @@ def overlap_for(plan: MemoryPlan, tile_size: int, multiple: int) -> int:
 
 
 
+# ---- what a job costs (the service's admission) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobCost:
+    """The UNet work of one job, in megapixel-steps: latent megapixels through the UNet, summed over every
+    UNet sample of every denoising step of every x4 pass. 1.0 == one 1000x1000 latent, one sample, one step.
+    The UNet's calls are nearly all of a job's time, and their time grows with these pixels, so this is the
+    number a queue is bounded by (sdx4 serve --max-job-cost, --max-queue-cost).
+    """
+
+    megapixel_steps: float
+    passes: int  # x4 passes (1 for scale 2..4, 2 for scale 5..16); 0 for the classical methods
+    latent_pixels: int  # UNet input pixels of one sample of one step, summed over passes (padding and tile overlap included)
+    samples: int  # UNet batch per tile: num_images x 2 with guidance > 1
+
+    def describe(self) -> dict[str, object]:
+        return {"megapixel_steps": round(self.megapixel_steps, 3), "passes": self.passes,
+                "latent_pixels": self.latent_pixels, "samples": self.samples}
+
+
+def _tile_count(length: int, tile: int, overlap: int, multiple: int) -> int:
+    """How many windows tiling.tile_starts puts along `length` (no torch here)."""
+    if length <= tile:
+        return 1
+    stride = max(multiple, (tile - overlap) // multiple * multiple)
+    return -(-(length - tile) // stride) + 1
+
+
+def pass_work_pixels(width: int, height: int, options: UpscaleOptions, multiple: int) -> int:
+    """Latent pixels one UNet sample sees per step for a width x height pass input: padded to `multiple`,
+    and with an explicit `tile_size`, every tile counted whole (overlaps are UNet work done twice).
+    Without one the budget picks tiles on the machine; the untiled area is counted (a lower bound)."""
+    h, w = -(-height // multiple) * multiple, -(-width // multiple) * multiple
+    if options.tile_size is None or options.tile_size >= max(h, w):
+        return h * w
+    tile = max(multiple, options.tile_size // multiple * multiple)
+    overlap = options.tile_overlap if options.tile_overlap is not None else default_overlap(tile, multiple)
+    th, tw = min(tile, h), min(tile, w)
+    return _tile_count(h, tile, overlap, multiple) * _tile_count(w, tile, overlap, multiple) * th * tw
+
+
+def job_cost(width: int, height: int, options: UpscaleOptions, multiple: int = 8) -> JobCost:
+    """What upscaling a width x height input with `options` costs, before any work: pure arithmetic.
+
+    cost = sum over x4 passes of (work pixels of the pass input) x steps x samples / 1e6, where samples =
+    num_images x (2 with classifier-free guidance). Scale 2..4 is one pass over the input; 5..16 adds a
+    pass over the intermediate image (engine/scale.py's pass_plan). The classical methods cost 0.
+    """
+    from .scale import pass_plan, target_size
+
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be at least 1x1; got {width}x{height}")
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1; got {multiple}")
+    if options.method != "sd":
+        return JobCost(0.0, 0, 0, 0)
+    sizes = [(width, height)] + pass_plan((width, height), target_size((width, height), options.scale))[:-1]
+    pixels = sum(pass_work_pixels(w, h, options, multiple) for w, h in sizes)
+    samples = options.num_images * (2 if options.do_guidance else 1)
+    return JobCost(pixels * options.steps * samples / 1e6, len(sizes), pixels, samples)
+
+
 def full_model_weights_bytes(dtype: str = "fp32", keep_text_encoder: bool = False) -> int:
     """Resident weights of the published model during a run: the UNet (and the text encoder when kept)
     in `dtype`, the VAE in fp32. The CPU default drops the text encoder once prompts are encoded."""

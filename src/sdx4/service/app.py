@@ -12,13 +12,16 @@
     GET  /                   the web page (static files, no build step, no CDN)
 
 Request handlers never run the model: they check the request (size, format, pixel counts from the
-image header BEFORE decoding, options), decode in a thread pool, and queue. Errors are JSON
-`{"detail": message, "field": name-or-null}` with 400/401/404/409/413/415/422/429/503."""
+image header BEFORE decoding, options, the job's cost), decode in a thread pool, and queue. Errors are JSON
+`{"detail": message, "field": name-or-null}` with 400/401/403/404/408/409/413/415/422/429/503. Before any
+route, guard.py checks Host, Origin, the API key and the body's size and time, and adds security headers;
+`uvicorn_config` bounds connections (docs/server.md, "Threat model")."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -36,6 +39,7 @@ from .._version import __version__
 from ..imageio import LoadedImage
 from ..metadata import service_info
 from ..options import METHODS, UpscaleOptions, option_defaults
+from .guard import Guard, RateLimitedLog, guarded_protocol, quiet_access_log
 from .jobs import FINISHED, JobManager, QueueFull, ShuttingDown
 from .requests import (
     FORM_OVERHEAD_BYTES,
@@ -45,9 +49,11 @@ from .requests import (
     ApiError,
     Changes,
     ServerSettings,
+    check_cost,
     decode_upload,
     download_name,
     parse_options,
+    public_model_name,
     safe_name,
     short,
 )
@@ -69,8 +75,12 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
     """
     settings = settings or ServerSettings()
     model_info = dict(getattr(upscaler, "info", {}) or {})
+    if not settings.expose_paths and "model" in model_info:
+        model_info["model"] = public_model_name(model_info["model"])
     max_noise_level = int(model_info.get("max_noise_level", 350))
-    manager = JobManager(upscaler, settings.queue)
+    cost_of = getattr(upscaler, "cost", None)  # Upscaler.cost; a stand-in without it costs nothing
+    manager = JobManager(upscaler if settings.expose_paths else _PublicPaths(upscaler), settings.queue)
+    queued_cost: dict[str, float] = {}  # job id -> cost, for the jobs still queued (pruned on each submit)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -92,10 +102,14 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
     )
     app.state.manager = manager
     app.state.settings = settings
+    app.add_middleware(Guard, settings=settings, say=RateLimitedLog())
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail, "field": exc.field}, status_code=exc.status, headers=exc.headers)
+        return JSONResponse({"detail": exc.detail, "field": exc.field, **exc.extra}, status_code=exc.status, headers=exc.headers)
+
+    def job_cost(options: UpscaleOptions, size: tuple[int, int]) -> float:
+        return float(cost_of(options, size).megapixel_steps) if cost_of is not None else 0.0
 
     async def require_key(request: Request) -> None:
         if settings.api_key is None:
@@ -167,14 +181,30 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             if len(data) > settings.max_upload_bytes:
                 raise ApiError(413, too_big, "image")
             name = safe_name(upload.filename)
-            image = await run_in_threadpool(decode_upload, data, settings, options.num_images, name, options.scale)
+            admit = lambda size: check_cost(name, size, job_cost(options, size), settings)  # noqa: E731
+            image = await run_in_threadpool(decode_upload, data, settings, options.num_images, name, options.scale, admit)
             return image, options, name
         finally:
             await form.close()
 
     def submit(image: LoadedImage, options: UpscaleOptions, name: str) -> str:
+        cost = job_cost(options, image.size)
+        for job_id in list(queued_cost):
+            snap = manager.snapshot(job_id)
+            if snap is None or snap["state"] != "queued":
+                del queued_cost[job_id]
+        waiting = sum(queued_cost.values())
+        if queued_cost and waiting + cost > settings.max_queue_cost:
+            raise ApiError(
+                429,
+                f"the queue is full: {waiting:.1f} megapixel-steps waiting, this job {cost:.1f}, the limit is {settings.max_queue_cost:g}",
+                headers={"Retry-After": str(max(1, min(3600, manager.status()["queued"] * 5)))},
+                extra={"limit": settings.max_queue_cost, "queued_cost": round(waiting, 3), "cost": round(cost, 3)},
+            )
         try:
-            return manager.submit(image, options, name).id
+            job_id = manager.submit(image, options, name).id
+            queued_cost[job_id] = cost
+            return job_id
         except QueueFull as e:
             raise ApiError(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
         except ShuttingDown as e:
@@ -374,6 +404,24 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
     return app
 
 
+class _PublicPaths:
+    """The upscaler as the worker sees it, with the model shown by its Hub id or folder name in every
+    result's metadata (job JSON, PNG chunk) rather than its full path (`expose_paths=False`)."""
+
+    def __init__(self, upscaler: Any) -> None:
+        self.upscaler = upscaler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.upscaler, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.upscaler(*args, **kwargs)
+        meta = getattr(result, "metadata", None)
+        if isinstance(meta, dict) and isinstance(meta.get("model"), str) and dataclasses.is_dataclass(result):
+            result = dataclasses.replace(result, metadata={**meta, "model": public_model_name(meta["model"])})
+        return result
+
+
 def _sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
@@ -391,6 +439,8 @@ def serve(upscaler: Any, settings: ServerSettings, host: str = "127.0.0.1", port
 
     import uvicorn
 
+    if not host_is_address(host) and host not in settings.allowed_hosts:
+        settings = dataclasses.replace(settings, allowed_hosts=(*settings.allowed_hosts, host))  # the bound name
     app = create_app(upscaler, settings)
     manager: JobManager = app.state.manager
 
@@ -403,7 +453,7 @@ def serve(upscaler: Any, settings: ServerSettings, host: str = "127.0.0.1", port
                 loop.call_soon_threadsafe(manager.begin_shutdown)
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    config = uvicorn_config(app, settings, host, port, log_level)
     # uvicorn re-raises the signal it caught after a graceful shutdown; a no-op SIGTERM handler makes
     # that a clean exit (status 0) instead of death by signal.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -411,3 +461,37 @@ def serve(upscaler: Any, settings: ServerSettings, host: str = "127.0.0.1", port
         _Server(config).run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def host_is_address(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return host == "localhost"
+
+
+def uvicorn_config(app: Any, settings: ServerSettings, host: str = "127.0.0.1", port: int = 7860, log_level: str = "info") -> Any:
+    """uvicorn's settings for the service: its own limits first (idle keep-alive, the size of a request
+    head, concurrency), and the h11 protocol of guard.py for what it lacks (connections, head timeout)."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        http=guarded_protocol(settings, RateLimitedLog()),
+        timeout_keep_alive=max(1, round(settings.keep_alive_s)),
+        limit_concurrency=settings.max_connections + 1,  # guard.py closes connections above the limit first
+        # asyncio accepts up to `backlog` sockets in one go before any is seen: a larger backlog lets a
+        # flood take file descriptors past the limit (EMFILE) before the oldest idle ones are closed.
+        backlog=max(16, min(2048, settings.max_connections)),
+        h11_max_incomplete_event_size=16 * 1024,  # a request head over 16 KiB: 400
+        lifespan="on",
+    )
+    quiet_access_log()  # after Config: it configures uvicorn's loggers
+    return config

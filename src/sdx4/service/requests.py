@@ -9,6 +9,7 @@ import re
 import types
 import typing
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,14 +72,40 @@ class ServerSettings:
     max_prompt_chars: int = 2000  # 422 above this (CLIP reads 77 tokens anyway)
     shutdown_timeout_s: float = 60.0  # how long shutdown waits for the running step before leaving
     queue: QueueSettings = field(default_factory=QueueSettings)
+    # What a job may cost (engine/budget.job_cost: UNet megapixel-steps); 413 above, checked from the header.
+    max_side: int = 4096  # input pixels on either side; 413 above (a 100000x1 strip is 0.1 MP but pads to 0.8)
+    max_aspect: float = 16.0  # long side / short side of the input; 422 above
+    max_job_cost: float = 400.0  # one job; the default admits 1 MP at 75 steps with guidance (157) 2.5 times over
+    max_queue_cost: float = 1600.0  # all queued jobs together; 429 + Retry-After above (the count limit is queue.max_queue)
+    # Connections (guard.py): what uvicorn alone does not bound.
+    max_connections: int = 100  # open at once; more get a bare 503 and are closed (keep it under `ulimit -n`)
+    max_uploads: int = 4  # request bodies read at once; 503 + Retry-After above (each holds up to max_upload_bytes)
+    body_timeout_s: float = 120.0  # a request body must arrive within this; 408 (20 MiB at ~1.4 Mbit/s)
+    header_timeout_s: float = 10.0  # a new connection must send its request head within this; else closed
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this (uvicorn's timeout_keep_alive)
+    # Who may call (guard.py).
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides IP addresses and localhost; 400 otherwise ("*": any)
+    allowed_origins: tuple[str, ...] = ()  # Origins besides the server's own; 403 otherwise ("*": any)
+    expose_paths: bool = False  # False: the model is shown by its Hub id or folder name, never a full path
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_input_pixels", "max_output_pixels", "max_prompt_chars"):
+        for name in ("max_upload_bytes", "max_input_pixels", "max_output_pixels", "max_prompt_chars",
+                     "max_side", "max_connections", "max_uploads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionsError(f"{name} must be a positive integer; got {value!r}", option=name)
+        for name in ("max_job_cost", "max_queue_cost", "body_timeout_s", "header_timeout_s", "keep_alive_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+                raise OptionsError(f"{name} must be a positive number; got {value!r}", option=name)
+        if isinstance(self.max_aspect, bool) or not isinstance(self.max_aspect, (int, float)) or not 1 <= self.max_aspect < float("inf"):
+            raise OptionsError(f"max_aspect must be a number >= 1; got {self.max_aspect!r}", option="max_aspect")
         if self.api_key is not None and not self.api_key:
             raise OptionsError("api_key must not be empty (use None for no key)", option="api_key")
+        for name in ("allowed_hosts", "allowed_origins"):
+            bad = [v for v in getattr(self, name) if not isinstance(v, str) or not v.strip() or v != v.strip()]
+            if bad:
+                raise OptionsError(f"{name}: {bad[0]!r} is not a host name or origin", option=name)
 
     def limits(self) -> dict[str, Any]:
         q = self.queue
@@ -92,6 +119,11 @@ class ServerSettings:
             "result_ttl_s": q.result_ttl_s,
             "max_results": q.max_results,
             "max_result_bytes": q.max_result_bytes,
+            "max_side": self.max_side,
+            "max_aspect": self.max_aspect,
+            "max_job_cost": self.max_job_cost,
+            "max_queue_cost": self.max_queue_cost,
+            "cost_unit": "megapixel-steps",
         }
 
 
@@ -120,9 +152,11 @@ class Changes:
 class ApiError(Exception):
     """An HTTP error with a message for people and the offending field (option or "image") for programs."""
 
-    def __init__(self, status: int, detail: str, field: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, detail: str, field: str | None = None, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None):
         super().__init__(detail)
         self.status, self.detail, self.field, self.headers = status, detail, field, headers
+        self.extra = extra or {}  # more fields of the JSON answer, e.g. {"limit": ..., "cost": ...}
 
 
 # ---- pure request checks (tested alone) ------------------------------------------------------------
@@ -197,6 +231,12 @@ def check_header(
             f"{name}: {w}x{h} = {w * h} pixels is over the input limit of {settings.max_input_pixels} pixels",
             "image",
         )
+    if max(w, h) > settings.max_side:
+        raise ApiError(413, f"{name}: {w}x{h} has a side over the limit of {settings.max_side} pixels", "image")
+    if max(w, h) / min(w, h) > settings.max_aspect:
+        raise ApiError(
+            422, f"{name}: {w}x{h} has an aspect ratio of {max(w, h) / min(w, h):.4g}, over the limit of {settings.max_aspect:g}", "image"
+        )
     out = scale * scale * w * h * num_images
     if out > settings.max_output_pixels:
         raise ApiError(
@@ -209,10 +249,14 @@ def check_header(
 
 
 def decode_upload(
-    data: bytes, settings: ServerSettings, num_images: int, name: str = "image", scale: int = 4
+    data: bytes, settings: ServerSettings, num_images: int, name: str = "image", scale: int = 4,
+    admit: Callable[[tuple[int, int]], None] | None = None,
 ) -> LoadedImage:
-    """Checked header -> full decode -> RGB(+alpha) LoadedImage; truncated or corrupt data -> 422."""
+    """Checked header -> `admit(size)` (may raise ApiError) -> full decode -> RGB(+alpha) LoadedImage;
+    truncated or corrupt data -> 422."""
     im = check_header(data, settings, num_images, name, scale)
+    if admit is not None:
+        admit(im.size)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -235,3 +279,27 @@ def download_name(input_name: str, index: int, count: int, scale: int = 4) -> st
     """`my photo.jpg` -> `my_photo_x4.png` (`_2` ... for one of several images); no method tag, as ever."""
     stem = safe_name(input_name).rsplit(".", 1)[0].replace(" ", "_") or "image"
     return output_name(stem, scale, None, index, count)
+
+
+def check_cost(name: str, size: tuple[int, int], cost: float, settings: ServerSettings) -> None:
+    """413 when one job's cost (UNet megapixel-steps, engine/budget.job_cost) is over `max_job_cost`."""
+    if cost > settings.max_job_cost:
+        w, h = size
+        raise ApiError(
+            413,
+            f"{name}: this job ({w}x{h}) costs {cost:.1f} megapixel-steps, over the limit of {settings.max_job_cost:g} "
+            "(fewer steps, guidance <= 1, fewer images or a smaller image cost less)",
+            "image",
+            extra={"limit": settings.max_job_cost, "cost": round(cost, 3), "unit": "megapixel-steps"},
+        )
+
+
+def public_model_name(model: str) -> str:
+    """What the service shows of the model: a Hub id as it is, a local folder by its last name only."""
+    import os
+
+    text = str(model)
+    looks_local = text.startswith(("/", ".", "~")) or "\\" in text or (len(text) > 1 and text[1] == ":") or os.path.exists(text)
+    if not looks_local:
+        return text
+    return re.split(r"[\\/]", text.rstrip("/\\"))[-1] or "model"
