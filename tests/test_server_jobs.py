@@ -185,7 +185,7 @@ def test_list_jobs_newest_first_paged_with_the_api_key_rule(tmp_path):
     settings = ServerSettings(api_key="k3y", queue=QueueSettings(results_dir=str(tmp_path / "results")))
     app = create_app(Classical(), settings)
     key = {"X-API-Key": "k3y"}
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         ids = []
         for i in range(5):
             r = c.post("/v1/jobs", files={"image": (f"p{i}.png", png_bytes(), "image/png")}, data={"method": "nearest"}, headers=key)
