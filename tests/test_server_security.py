@@ -182,8 +182,8 @@ def test_the_runner_installs_the_filter_once(upscaler, tmp_path):
     from sdx4.service.jobs import QueueSettings
     from sdx4.service.requests import ServerSettings
 
-    settings = ServerSettings(queue=QueueSettings(results_dir=str(tmp_path / "r")))
-    for _ in range(2):
+    for i in range(2):  # two apps: each holds its own results folder (the job store locks it)
+        settings = ServerSettings(queue=QueueSettings(results_dir=str(tmp_path / f"r{i}")))
         uvicorn_config(create_app(upscaler, settings), settings)
     access = logging.getLogger("uvicorn.access")
     assert sum(isinstance(x, RefusalLogFilter) for x in access.filters) == 1
