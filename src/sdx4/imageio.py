@@ -596,3 +596,21 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     with Image.open(path) as im:
         text = im.info.get(METADATA_KEY)
     return json.loads(text) if text else {}
+
+
+def open_image_bytes(data: bytes, name: str) -> LoadedImage:
+    """`open_image` for a file's bytes already in memory (a folder run hashes what it reads): the same
+    checks and messages, named by `name`."""
+    import io  # here, not at the top: this function was added at the end to keep merges simple
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            _check_pixels(im.size, name)
+            im.load()
+            return normalise(im)
+    except ImageInputError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageInputError(f"{name}: not an image Pillow can read (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageInputError(f"{name}: cannot decode image ({e})") from None

@@ -37,7 +37,7 @@ from .job import (
     image_seed,
     output_names,
 )
-from .plan import discover, plan, read_manifest, read_prompt_mapping
+from .plan import discover, plan, read_manifest, read_prompt_mapping, scan
 from .run import Manifest, run_batch, summary_lines
 from .worker import run_pipeline
 
@@ -58,5 +58,6 @@ __all__ = [
     "read_prompt_mapping",
     "run_batch",
     "run_pipeline",
+    "scan",
     "summary_lines",
 ]

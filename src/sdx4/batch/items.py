@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import stat
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..imageio import ImageInputError, open_image, save_image
+from ..imageio import ImageInputError, open_image_bytes, save_image
 from ..metadata import manifest_record, saved_metadata
 from ..options import OptionsError
-from .job import BatchItem, Status
+from .job import ESCAPED_KEY, BatchItem, Status, is_escaped, shown_name
+
+#: What a record keeps of the input it read, to tell on resume whether the input changed since. The
+#: mtime goes under "timings": it belongs to the file on disk, not to the job (a copy of the folder has
+#: other mtimes and the same records), so "everything but timings" stays the same on any engine.
+STAMP_KEYS = ("input_bytes", "input_sha256")
 
 
 @dataclass
@@ -22,6 +30,7 @@ class Loaded:
     image: Any = None  # imageio.LoadedImage
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    stamp: dict[str, Any] = field(default_factory=dict)  # STAMP_KEYS and "input_mtime_ns" of what was read
 
 
 @dataclass
@@ -32,17 +41,77 @@ class Done:
     result: Any = None  # api.UpscaleResult
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    stamp: dict[str, Any] = field(default_factory=dict)
+
+
+def read_input(path: Path, name: str) -> tuple[bytes, dict[str, Any]]:
+    """A regular file's bytes and its stamp: size and mtime (ns) before reading, sha256 of what was read.
+
+    Opened non-blocking and checked with fstat before any read, so a FIFO that took an image's place
+    fails at once instead of hanging. Raises ImageInputError naming `name`.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ImageInputError(f"{name}: no such file") from None
+    except OSError as e:
+        raise ImageInputError(f"{name}: cannot open ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)  # before reading: a write during the read then shows as a change on resume
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageInputError(f"{name}: is a directory, not an image")
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageInputError(f"{name}: not a regular file ({file_kind(st.st_mode)})")
+        try:
+            data = f.read()
+        except OSError as e:
+            raise ImageInputError(f"{name}: cannot read ({e.strerror or e})") from None
+    stamp = {
+        "input_bytes": st.st_size,
+        "input_mtime_ns": st.st_mtime_ns,
+        "input_sha256": hashlib.sha256(data).hexdigest(),
+    }
+    return data, stamp
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a regular file, read in chunks (resume re-hashes an input whose size or mtime changed);
+    raises OSError, and never blocks on a FIFO."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, for messages."""
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a folder"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def read_item(item: BatchItem, input_dir: Path) -> Loaded:
     t0 = time.perf_counter()
+    # Named by the relative path, so records do not depend on where the folder is mounted.
+    name = shown_name(item.input)
+    stamp: dict[str, Any] = {}
     try:
-        image = open_image(input_dir / item.input)
+        data, stamp = read_input(input_dir / item.input, name)
+        image = open_image_bytes(data, name)
     except ImageInputError as e:
-        # Named by the relative path, so records do not depend on where the folder is mounted.
-        message = str(e).removeprefix(f"{input_dir / item.input}: ")
-        return Loaded(item, error=f"{item.input}: {message}", timings={"read": _secs(t0)})
-    return Loaded(item, image=image, timings={"read": _secs(t0)})
+        return Loaded(item, error=str(e), timings={"read": _secs(t0)}, stamp=stamp)
+    return Loaded(item, image=image, timings={"read": _secs(t0)}, stamp=stamp)
 
 
 def upscale_item(loaded: Loaded, upscaler: Any) -> Done:
@@ -50,7 +119,7 @@ def upscale_item(loaded: Loaded, upscaler: Any) -> Done:
     from ..api import upscale_classical_result
 
     if loaded.error is not None:
-        return Done(loaded.item, error=loaded.error, timings=loaded.timings)
+        return Done(loaded.item, error=loaded.error, timings=loaded.timings, stamp=loaded.stamp)
     t0 = time.perf_counter()
     opts = loaded.item.options
     try:
@@ -58,13 +127,14 @@ def upscale_item(loaded: Loaded, upscaler: Any) -> Done:
     except (ImageInputError, OptionsError, RuntimeError, ValueError, MemoryError) as e:
         # One image's failure (e.g. out of memory on a huge input) must not stop the batch: it is
         # recorded with its message and reported at the end. Interrupts and bugs still propagate.
-        return Done(loaded.item, error=f"{loaded.item.input}: {type(e).__name__}: {e}", timings=loaded.timings)
+        error = f"{shown_name(loaded.item.input)}: {type(e).__name__}: {printable(str(e))}"
+        return Done(loaded.item, error=error, timings=loaded.timings, stamp=loaded.stamp)
     timings = {
         **loaded.timings,
         "upscale": _secs(t0),
         **{f"stage_{k}": v for k, v in result.metadata.get("timings", {}).items()},
     }
-    return Done(loaded.item, result=result, timings=timings)
+    return Done(loaded.item, result=result, timings=timings, stamp=loaded.stamp)
 
 
 def write_item(done: Done, output_dir: Path) -> dict[str, Any]:
@@ -80,12 +150,12 @@ def write_item(done: Done, output_dir: Path) -> dict[str, Any]:
             for image, rel in zip(done.result.images, item.outputs):
                 target = output_dir / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                save_image(image, target, saved_metadata(meta, item.input), overwrite=True,
+                save_image(image, target, saved_metadata(meta, shown_name(item.input)), overwrite=True,
                            icc_profile=done.result.icc_profile, exif=done.result.exif)
         except (OSError, ImageInputError) as e:
-            error = f"{item.input}: cannot write output ({e})"
+            error = f"{shown_name(item.input)}: cannot write output ({printable(str(e))})"
         timings["write"] = _secs(t0)
-    return make_record(item, "ok" if error is None else "failed", error, meta, timings)
+    return make_record(item, "ok" if error is None else "failed", error, meta, timings, done.stamp)
 
 
 def make_record(
@@ -94,15 +164,25 @@ def make_record(
     error: str | None,
     meta: dict[str, Any] | None = None,
     timings: dict[str, float] | None = None,
+    stamp: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One manifest line. Everything but "timings" is the same for the same job on any engine."""
+    """One manifest line. Everything but "timings" is the same for the same job on any engine.
+
+    Names that are not valid UTF-8 are written escaped (`job.shown_name`) and the record says so
+    (ESCAPED_KEY), so every line is valid UTF-8 JSON. `stamp`: the input's size and sha256 as read
+    (`read_input`), and its mtime under "timings", which resume compares with the file on disk.
+    """
     timings = {**(timings or {}), "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
-    if isinstance(item_or_input, str):  # a file that is not an image
-        return {"input": item_or_input, "status": status, "error": error, "timings": timings}
+    error = None if error is None else printable(error)
+    if isinstance(item_or_input, str):  # a file that is not an image, or an entry that is not read
+        record = {"input": shown_name(item_or_input), "status": status, "error": error, "timings": timings}
+        if is_escaped(item_or_input):
+            record[ESCAPED_KEY] = True
+        return record
     item = item_or_input
-    return manifest_record(
-        input=item.input,
-        outputs=item.outputs if status == "ok" else (),
+    record = manifest_record(
+        input=shown_name(item.input),
+        outputs=[shown_name(out) for out in item.outputs] if status == "ok" else (),
         status=status,
         error=error,
         seed=item.options.seed,
@@ -112,6 +192,25 @@ def make_record(
         result_metadata=meta or {},
         timings=timings,
     )
+    stamp = dict(stamp or {})
+    if "input_mtime_ns" in stamp:
+        record["timings"]["input_mtime_ns"] = stamp.pop("input_mtime_ns")
+    record.update(stamp)
+    if is_escaped(item.input):
+        record[ESCAPED_KEY] = True
+    return record
+
+
+def printable(text: str) -> str:
+    """A message with any undecodable bytes of a file name (surrogates) shown as `\\xNN`: valid UTF-8."""
+    if not is_escaped(text):
+        return text
+    return "".join(
+        f"\\x{ord(ch) - 0xDC00:02x}" if "\udc80" <= ch <= "\udcff"
+        else f"\\u{ord(ch):04x}" if "\ud800" <= ch <= "\udfff"
+        else ch
+        for ch in text
+    )  # fmt: skip
 
 
 def _secs(t0: float) -> float:

@@ -31,6 +31,58 @@ class BatchError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
+# Names the OS allows but UTF-8 does not
+# --------------------------------------------------------------------------------------------------
+
+#: Set (true) on a manifest record whose `input` and `outputs` are shown escaped (see `shown_name`).
+ESCAPED_KEY = "input_escaped"
+_ESCAPE = re.compile(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|\\)")
+
+
+def is_escaped(rel: str) -> bool:
+    """Whether a name is not valid UTF-8: on Linux Python gives its undecodable bytes as surrogates."""
+    return any("\ud800" <= ch <= "\udfff" for ch in rel)
+
+
+def shown_name(rel: str) -> str:
+    """A path as messages and the manifest show it: itself when it is valid UTF-8; otherwise each
+    undecodable byte as `\\xNN` (`caf\\xe9.png` for the bytes b"caf\\xe9.png") and each backslash doubled,
+    so that `real_name(shown_name(rel), True) == rel` (records carry ESCAPED_KEY to say which rule)."""
+    if not is_escaped(rel):
+        return rel
+    out = []
+    for ch in rel:
+        if "\udc80" <= ch <= "\udcff":  # an undecodable byte (surrogateescape)
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif "\ud800" <= ch <= "\udfff":  # a lone surrogate from elsewhere (Windows names)
+            out.append(f"\\u{ord(ch):04x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def real_name(shown: str, escaped: bool) -> str:
+    """The inverse of `shown_name`: the name on disk (with surrogate escapes) of a shown one."""
+    if not escaped:
+        return shown
+
+    def one(m: re.Match[str]) -> str:
+        code = m.group(1)
+        if code == "\\":
+            return "\\"
+        return chr(0xDC00 + int(code[1:], 16)) if code[0] == "x" else chr(int(code[1:], 16))
+
+    return _ESCAPE.sub(one, shown)
+
+
+def record_input(record: dict[str, Any]) -> str:
+    """The real name of a manifest record's input (records of escaped names carry ESCAPED_KEY)."""
+    return real_name(record["input"], bool(record.get(ESCAPED_KEY)))
+
+
+# --------------------------------------------------------------------------------------------------
 # The job and its items
 # --------------------------------------------------------------------------------------------------
 
@@ -90,6 +142,9 @@ class BatchPlan:
     todo: tuple[BatchItem, ...]  # those not done yet with the same parameters
     not_images: tuple[str, ...]  # other files (reported as skipped)
     new_skips: tuple[str, ...]  # of those, the ones the manifest does not list as skipped yet
+    not_read: tuple[tuple[str, str], ...] = ()  # (path, reason): entries never read (plan.scan)
+    new_not_read: tuple[tuple[str, str], ...] = ()  # of those, the ones the manifest does not list yet
+    changed: tuple[str, ...] = ()  # done before, but the input's bytes changed since: redone
 
     @property
     def done(self) -> int:
@@ -101,6 +156,7 @@ class BatchSummary:
     ok: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (input, error)
     skipped: list[str] = field(default_factory=list)  # not images
+    not_read: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), see plan.scan
     already_done: int = 0
     base_seed: int = 0
     seconds: float = 0.0
@@ -111,9 +167,18 @@ class BatchSummary:
 
 
 def image_seed(base_seed: int, rel_path: str) -> int:
-    """The seed of one image: sha256(f"{base_seed}:{rel_path}")[:4] as a big-endian int, 0..2**32-1."""
-    digest = hashlib.sha256(f"{base_seed}:{rel_path}".encode()).digest()
+    """The seed of one image: sha256(f"{base_seed}:{rel_path}")[:4] as a big-endian int, 0..2**32-1.
+
+    rel_path is the real name: a name that is not valid UTF-8 hashes as its bytes on disk."""
+    digest = hashlib.sha256(f"{base_seed}:{rel_path}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:4], "big")
+
+
+def skip_message(rel: str, reason: str | None = None) -> str:
+    """The `error` of a skipped entry's record: not an image (by suffix), or why it is not read."""
+    if reason is None:
+        reason = f"not an image (suffix {Path(rel).suffix or 'none'})"
+    return f"{shown_name(rel)}: {reason}"
 
 
 def output_names(rel_input: str, options: UpscaleOptions) -> tuple[str, ...]:

@@ -6,13 +6,17 @@ import csv
 import json
 import os
 import secrets
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..api import local_model_missing
 from ..imageio import is_input_image
 from ..options import OptionsError
+from .items import file_kind, sha256_file
 from .job import (
+    MANIFEST_NAME,
     SIDECAR_SUFFIX,
     BatchError,
     BatchItem,
@@ -21,30 +25,69 @@ from .job import (
     Log,
     image_seed,
     output_names,
+    record_input,
+    shown_name,
+    skip_message,
 )
 
 
-def discover(input_dir: Path, recursive: bool, exclude: Path | None = None) -> tuple[list[str], list[str]]:
-    """(images, other files) under input_dir as sorted POSIX relative paths.
+@dataclass(frozen=True)
+class Found:
+    """What `scan` found under an input folder: relative POSIX paths (real names), sorted."""
 
-    Hidden files/folders are ignored, and so is `exclude` (an output folder inside the input folder).
-    Prompt sidecars (`name.txt` next to an image `name.*`) are neither images nor "other files".
+    images: list[str]
+    others: list[str]  # regular files that are not images (nor prompt sidecars)
+    not_read: list[tuple[str, str]]  # (path, reason): entries that are never read; folders end in "/"
+
+
+def scan(input_dir: Path, recursive: bool, exclude: Path | None = None) -> Found:
+    """Everything under input_dir, sorted into images, other files, and entries that are not read.
+
+    Hidden files/folders are ignored, and so is `exclude` (the output folder, when inside the input
+    folder). Not read, each with its reason: a sub-folder holding a manifest (the output folder of an
+    earlier run), a link to a folder (not followed), a folder that cannot be listed, a dangling
+    symlink, anything that is not a regular file (FIFO, socket, device: never opened, so never a hang),
+    and an image without read permission. Prompt sidecars (`name.txt` next to an image `name.*`) are
+    neither images nor "other files". Raises BatchError when input_dir itself cannot be listed.
     """
     exclude_resolved = exclude.resolve() if exclude is not None else None
     files: list[str] = []
-    for root, dirs, names in os.walk(input_dir):
+    not_read: list[tuple[str, str]] = []
+    errors: list[OSError] = []
+    for root, dirs, names in os.walk(input_dir, onerror=errors.append):
         root_path = Path(root)
+        rel_root = root_path.relative_to(input_dir)
         if not recursive:
             dirs[:] = []
         else:
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (root_path / d).resolve() != exclude_resolved)
+            kept = []
+            for d in sorted(dirs):
+                path, rel = root_path / d, (rel_root / d).as_posix() + "/"
+                if d.startswith(".") or path.resolve() == exclude_resolved:
+                    continue
+                if path.is_symlink():
+                    not_read.append((rel, "a link to a folder; not followed"))
+                elif os.path.lexists(path / MANIFEST_NAME):
+                    not_read.append((rel, f"the output folder of an earlier sdx4 run, it holds {MANIFEST_NAME}"))
+                else:
+                    kept.append(d)
+            dirs[:] = kept
         for name in names:
             if name.startswith("."):
                 continue
-            rel = (root_path / name).relative_to(input_dir).as_posix()
-            if (root_path / name).is_file():
+            rel = (rel_root / name).as_posix()
+            reason = _not_readable(root_path / name)
+            if reason is None:
                 files.append(rel)
+            else:
+                not_read.append((rel, reason))
+    for e in errors:  # folders os.walk could not list
+        where = Path(e.filename) if e.filename is not None else input_dir
+        if where == input_dir:
+            raise BatchError(f"{shown_name(str(input_dir))}: cannot list the folder: {e.strerror or e}")
+        not_read.append((where.relative_to(input_dir).as_posix() + "/", f"cannot list the folder: {e.strerror or e}"))
     files.sort()
+    not_read.sort()
     images = [f for f in files if is_input_image(f)]
     image_stems = {os.path.splitext(f)[0] for f in images}
     others = [
@@ -53,7 +96,29 @@ def discover(input_dir: Path, recursive: bool, exclude: Path | None = None) -> t
         if not is_input_image(f)
         and not (Path(f).suffix == SIDECAR_SUFFIX and os.path.splitext(f)[0] in image_stems)
     ]
-    return images, others
+    return Found(images, others, not_read)
+
+
+def _not_readable(path: Path) -> str | None:
+    """Why a folder entry (not a folder) will not be read, or None; looks only at its metadata."""
+    try:
+        st = os.stat(path)  # follows links: a link to an image is read like the image
+    except FileNotFoundError:
+        return "a dangling symlink, its target does not exist" if os.path.islink(path) else "vanished while listing"
+    except OSError as e:  # a symlink loop, a name too long, ...
+        return f"cannot stat it: {e.strerror or e}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{file_kind(st.st_mode)}, not a regular file"
+    if is_input_image(path) and not os.access(path, os.R_OK):
+        return "permission denied"
+    return None
+
+
+def discover(input_dir: Path, recursive: bool, exclude: Path | None = None) -> tuple[list[str], list[str]]:
+    """(images, other files) under input_dir as sorted POSIX relative paths (see `scan`, which also
+    lists the entries that are not read)."""
+    found = scan(input_dir, recursive, exclude)
+    return found.images, found.others
 
 
 def read_prompt_mapping(path: Path) -> dict[str, tuple[str, str | None]]:
@@ -166,7 +231,8 @@ def plan(job: BatchJob, log: Log | None = None) -> BatchPlan:
         raise BatchError(f"{out_dir}: exists and is not a folder")
     if out_dir.resolve() == in_dir.resolve():
         raise BatchError(f"{out_dir}: the output folder must differ from the input folder")
-    images, others = discover(in_dir, job.recursive, exclude=out_dir)
+    found = scan(in_dir, job.recursive, exclude=out_dir)
+    images, others = found.images, found.others
 
     mapping = read_prompt_mapping(job.prompts_file) if job.prompts_file is not None else {}
     unknown = sorted(set(mapping) - set(images))
@@ -201,7 +267,7 @@ def plan(job: BatchJob, log: Log | None = None) -> BatchPlan:
         try:
             opts = job.options.replace(prompt=prompt, negative_prompt=negative, seed=image_seed(base_seed, rel))
         except OptionsError as e:
-            raise BatchError(f"{rel}: {e}") from None
+            raise BatchError(f"{shown_name(rel)}: {e}") from None
         items.append(BatchItem(rel, output_names(rel, opts), opts, source, base_seed, model))
 
     owners: dict[str, str] = {}
@@ -209,16 +275,33 @@ def plan(job: BatchJob, log: Log | None = None) -> BatchPlan:
         for out in item.outputs:
             if out in owners:
                 raise BatchError(
-                    f"{in_dir / owners[out]} and {in_dir / item.input} would both write {out_dir / out}; rename one"
+                    f"{shown_name(str(in_dir / owners[out]))} and {shown_name(str(in_dir / item.input))} "
+                    f"would both write {shown_name(str(out_dir / out))}; rename one"
                 )
             owners[out] = item.input
 
     last: dict[str, dict[str, Any]] = {}
     for rec in records:
-        last[rec["input"]] = rec
-    todo = tuple(item for item in items if not _is_done(item, last.get(item.input), out_dir))
-    new_skips = tuple(rel for rel in others if last.get(rel, {}).get("status") != "skipped")
-    return BatchPlan(job, base_seed, tuple(items), todo, tuple(others), new_skips)
+        last[record_input(rec)] = rec
+    todo, changed = [], []
+    for item in items:
+        rec = last.get(item.input)
+        if not _is_done(item, rec, out_dir):
+            todo.append(item)
+        elif rec is not None and input_changed(rec, in_dir / item.input):
+            todo.append(item)
+            changed.append(item.input)
+
+    def recorded(rel: str, error: str) -> bool:
+        rec = last.get(rel, {})
+        return rec.get("status") == "skipped" and rec.get("error") == error
+
+    new_skips = tuple(rel for rel in others if not recorded(rel, skip_message(rel)))
+    new_not_read = tuple((rel, why) for rel, why in found.not_read if not recorded(rel, skip_message(rel, why)))
+    return BatchPlan(
+        job, base_seed, tuple(items), tuple(todo), tuple(others), new_skips,
+        not_read=tuple(found.not_read), new_not_read=new_not_read, changed=tuple(changed),
+    )  # fmt: skip
 
 
 def _is_done(item: BatchItem, last: dict[str, Any] | None, out_dir: Path) -> bool:
@@ -229,3 +312,22 @@ def _is_done(item: BatchItem, last: dict[str, Any] | None, out_dir: Path) -> boo
         and last.get("params") == item.params
         and all((out_dir / out).is_file() for out in item.outputs)
     )
+
+
+def input_changed(record: dict[str, Any], path: Path) -> bool:
+    """Whether the input differs from the bytes `record` was made from.
+
+    Same size and mtime (ns, under "timings") as recorded: unchanged, without reading it. Otherwise the file is hashed
+    again: a touched file with the same bytes is unchanged; other bytes are a change. A record without
+    a stamp (written before sdx4 kept one) counts as unchanged, as it did then.
+    """
+    if "input_sha256" not in record:
+        return False
+    try:
+        st = os.stat(path)
+        mtime_ns = (record.get("timings") or {}).get("input_mtime_ns")
+        if st.st_size == record.get("input_bytes") and st.st_mtime_ns == mtime_ns:
+            return False
+        return sha256_file(path) != record["input_sha256"]
+    except OSError:
+        return True  # gone or unreadable since planning: redo it, and the read will say why

@@ -10,8 +10,19 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .items import make_record
-from .job import TEMP_FILE, BatchError, BatchItem, BatchJob, BatchSummary, Engine, Log
+from .items import make_record, printable
+from .job import (
+    TEMP_FILE,
+    BatchError,
+    BatchItem,
+    BatchJob,
+    BatchSummary,
+    Engine,
+    Log,
+    is_escaped,
+    shown_name,
+    skip_message,
+)
 from .plan import plan
 from .worker import distinct_prompts, load_upscaler, run_pipeline
 
@@ -52,8 +63,11 @@ class Manifest:
             os.fsync(f.fileno())
 
     def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=True, ensure_ascii=False)
+        if is_escaped(line):  # a file name's undecodable bytes slipped into a message: never a reason to stop
+            line = json.dumps(_printable(record), sort_keys=True, ensure_ascii=False)
         self._file.seek(0, os.SEEK_END)
-        self._file.write((json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
+        self._file.write((line + "\n").encode("utf-8"))
         self._file.flush()
         os.fsync(self._file.fileno())
 
@@ -65,6 +79,17 @@ class Manifest:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _printable(value: Any) -> Any:
+    """`value` with every string made valid UTF-8 (`items.printable`), in dicts and lists too."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_printable(v) for v in value]
+    return value
 
 
 def remove_stale_temp_files(output_dir: Path) -> list[Path]:
@@ -104,18 +129,25 @@ def run_batch(
     elif engine != "local":
         raise BatchError(f"engine must be local or ray; got {engine!r}")
     p = plan(job)
-    summary = BatchSummary(already_done=p.done, base_seed=p.base_seed, skipped=list(p.not_images))
+    summary = BatchSummary(
+        already_done=p.done, base_seed=p.base_seed, skipped=list(p.not_images), not_read=list(p.not_read)
+    )
     job.output_dir.mkdir(parents=True, exist_ok=True)
     with Manifest(job.manifest_path) as manifest:
         for path in remove_stale_temp_files(job.output_dir):
-            say(f"removed a partial file left by an interrupted run: {path}")
+            say(f"removed a partial file left by an interrupted run: {shown_name(str(path))}")
         for rel in p.new_skips:
-            manifest.append(make_record(rel, "skipped", f"{rel}: not an image (suffix {Path(rel).suffix or 'none'})"))
+            manifest.append(make_record(rel, "skipped", skip_message(rel)))
+        for rel, reason in p.new_not_read:
+            manifest.append(make_record(rel, "skipped", skip_message(rel, reason)))
         say(
-            f"{len(p.items)} image(s) in {job.input_dir}: {p.done} already done, {len(p.todo)} to do"
+            f"{len(p.items)} image(s) in {shown_name(str(job.input_dir))}: {p.done} already done, {len(p.todo)} to do"
             + (f"; {len(p.not_images)} other file(s) skipped" if p.not_images else "")
+            + (f"; {len(p.not_read)} path(s) not read (listed at the end)" if p.not_read else "")
             + f"; base seed {p.base_seed}"
         )
+        for rel in p.changed:
+            say(f"{shown_name(rel)}: changed since its last run (other bytes); redone")
         todo = list(p.todo) if order is None else list(order(list(p.todo)))
         n = len(todo)
         counter = iter(range(1, n + 1))
@@ -152,10 +184,14 @@ def run_batch(
 def summary_lines(summary: BatchSummary, job: BatchJob) -> Iterator[str]:
     yield (
         f"done in {summary.seconds:.1f} s: {len(summary.ok)} upscaled, {summary.already_done} already done, "
-        f"{len(summary.failed)} failed, {len(summary.skipped)} not images; manifest {job.manifest_path}"
+        f"{len(summary.failed)} failed, {len(summary.skipped)} not images"
+        + (f", {len(summary.not_read)} not read" if summary.not_read else "")
+        + f"; manifest {shown_name(str(job.manifest_path))}"
     )
     for rel in summary.skipped:
-        yield f"  skipped (not an image): {rel}"
+        yield f"  skipped (not an image): {shown_name(rel)}"
+    for rel, reason in summary.not_read:
+        yield f"  skipped ({reason}): {shown_name(rel)}"
     for _rel, error in summary.failed:
         yield f"  failed: {error}"
 
