@@ -84,7 +84,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 DEFAULT_CONFIGS = ("sdx4", "sdx4-fp32", "diffusers-fp32", "diffusers-bf16")
 CUDA_CONFIGS = ("sdx4-fp16", "diffusers-fp16")  # the default configs with --device cuda
 BASELINES = ("diffusers-fp32", "diffusers-bf16", "diffusers-fp16")
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
 #: Where a worker imports sdx4 from unless its config says "src": "baseline" (then --baseline-src).
 OWN_SRC = ROOT / "src"
 

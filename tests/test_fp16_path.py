@@ -161,3 +161,25 @@ def test_fp16_run_is_finite_right_sized_and_close_to_fp32(loaded, rng_image, cas
         diff = np.abs(a - b)
         assert diff.mean() < MEAN_TOL and diff.max() <= MAX_TOL, (case, diff.mean(), diff.max())
         assert a.std() > 5  # not a constant (a NaN decode gives black)
+
+
+def test_the_gpu_check_script_parses_and_its_dry_run_names_every_part(tmp_path):
+    """benchmarks/gpu_check.sh (docs/gpu.md) runs only where a GPU is lent: here, its syntax and its plan."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WHEELS": str(tmp_path / "no-wheels")}
+    r = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    plan = [line for line in r.stderr.splitlines() if line.startswith("+ [")]
+    parts = [line[3:].split(",")[0].split("]")[0] for line in plan]
+    assert parts == ["model", "tests", "parity", "speed-64", "speed-128", "speed-256"], plan
+    assert "-m cuda" in plan[1] and "tests/test_fp16_path.py" in plan[1] and "--device cuda" in plan[2]
+    assert "--size full" in plan[0] and "--steps 20" in plan[3] and "sdx4-fp16-compile,diffusers-fp16-compile" in plan[3]
+    assert all("compile" not in line for line in plan[4:])
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    bad = subprocess.run(["bash", str(script), "--device", "tpu"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "--device must be cpu or cuda; got tpu" in bad.stderr
