@@ -72,7 +72,7 @@ part() {
 [ "$DRY" = 1 ] || mkdir -p "$OUT_DIR"
 
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
-  part install 300 "$PY" -m pip install --no-index --find-links "$WHEELS" "$WHEELS"/sdx4-*.whl diffusers transformers pytest
+  part install 300 "$PY" -m pip install --no-index --find-links "$WHEELS" "$WHEELS"/*.whl  # torch: the machine's own
 else
   echo "(no wheels in $WHEELS: using the installed packages)" >&2
 fi
