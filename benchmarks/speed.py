@@ -73,9 +73,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sdx4-no-prepack": {"kind": "sdx4", "dtype": "auto", "env": {"SDX4_PREPACK": "0"}},
     # the sdx4 of another checkout (--baseline-src), run like "sdx4": a change against the code before it
     "sdx4-baseline": {"kind": "sdx4", "dtype": "auto", "src": "baseline"},
+    # For --device cuda (benchmarks/gpu_check.sh): fp16 as diffusers users run it on a GPU, and the same with
+    # torch.compile on the UNet (in place, default mode, as `sdx4 --compile`). A compiled config takes its FLOP
+    # counts from its eager twin (same work; FlopCounterMode does not see inside compiled graphs).
+    "sdx4-fp16": {"kind": "sdx4", "dtype": "fp16"},
+    "diffusers-fp16": {"kind": "diffusers", "dtype": "fp16"},
+    "sdx4-fp16-compile": {"kind": "sdx4", "dtype": "fp16", "load": {"compile": True}, "flops_from": "sdx4-fp16"},
+    "diffusers-fp16-compile": {"kind": "diffusers", "dtype": "fp16", "compile": True, "flops_from": "diffusers-fp16"},
 }
 DEFAULT_CONFIGS = ("sdx4", "sdx4-fp32", "diffusers-fp32", "diffusers-bf16")
-BASELINES = ("diffusers-fp32", "diffusers-bf16")
+CUDA_CONFIGS = ("sdx4-fp16", "diffusers-fp16")  # the default configs with --device cuda
+BASELINES = ("diffusers-fp32", "diffusers-bf16", "diffusers-fp16")
 #: Where a worker imports sdx4 from unless its config says "src": "baseline" (then --baseline-src).
 OWN_SRC = ROOT / "src"
 
@@ -100,8 +108,9 @@ def cpu_family_model() -> str | None:
     return f"family {fields['CPU family']}, model {fields.get('Model', '?')}" if "CPU family" in fields else None
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, and bf16 capability as the CPU and torch report it (detected, not guessed)."""
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """CPU model, cores, and bf16 capability as the CPU and torch report it (detected, not guessed); the GPU
+    with --device cuda."""
     import torch
 
     from sdx4.model.placement import cpu_bf16_flags, cpu_model_name, resolve_placement
@@ -126,6 +135,10 @@ def machine_info() -> dict[str, Any]:
     info["sdx4_bf16_flags"] = sorted(bf16_flags)
     # what sdx4's dtype="auto" decides from: the flags, then a measurement kept per machine
     info["sdx4_auto_dtype"] = resolve_placement("cpu", "auto").describe()
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / GIB, 1),
+                       "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
     return info
 
 
@@ -140,7 +153,7 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__}
 
 
-def conv_peak(dtype_name: str, channels: int, size: int, reps: int = 5) -> float:
+def conv_peak(dtype_name: str, channels: int, size: int, reps: int = 5, device: str = "cpu") -> float:
     """Achieved GFLOP/s of a 3x3 convolution, batch 2 (the UNet's CFG batch), best of `reps`.
 
     torch's fp32 matmul and its convolutions may run in different libraries (BLAS vs oneDNN); the
@@ -149,33 +162,39 @@ def conv_peak(dtype_name: str, channels: int, size: int, reps: int = 5) -> float
     import torch
     import torch.nn.functional as F
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    dtype = _torch_dtype(dtype_name)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, channels, size, size, generator=g).to(dtype)  # 2,C,S,S
-    w = torch.randn(channels, channels, 3, 3, generator=g).to(dtype) * 0.01  # C,C,3,3
+    x = torch.randn(2, channels, size, size, generator=g).to(device, dtype)  # 2,C,S,S
+    w = torch.randn(channels, channels, 3, 3, generator=g).to(device, dtype) * 0.01  # C,C,3,3
+    sync = _synchronizer(device)
     secs = []
     with torch.no_grad():
         F.conv2d(x, w, padding=1)  # warm-up
         for _ in range(reps):
+            sync()
             t0 = time.perf_counter()
             F.conv2d(x, w, padding=1)
+            sync()
             secs.append(time.perf_counter() - t0)
     flop = 2 * 2 * size * size * channels * channels * 9
     return round(flop / min(secs) / 1e9, 1)
 
 
-def peak_sample(n: int, quick: bool) -> dict[str, dict[str, float]]:
-    """One measurement of both kernels in both dtypes (~10 s at n=4096 on 2 cores)."""
+def peak_sample(n: int, quick: bool, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """One measurement of both kernels in each dtype (~10 s at n=4096 on 2 cores): fp32 and bf16 on the CPU,
+    also fp16 on CUDA."""
     channels, size = (64, 32) if quick else (512, 64)
+    dtypes = ("fp32", "bf16", "fp16") if device == "cuda" else ("fp32", "bf16")
     return {
-        d: {"matmul": matmul_peak(n, d)["gflops"], "conv3x3": conv_peak(d, channels, size)} for d in ("fp32", "bf16")
+        d: {"matmul": matmul_peak(n, d, device=device)["gflops"], "conv3x3": conv_peak(d, channels, size, device=device)}
+        for d in dtypes
     }
 
 
 def summarise_peaks(samples: list[dict[str, dict[str, float]]], n: int) -> dict[str, Any]:
     """Peak per dtype = the best of every sample of either kernel (contention only ever lowers a sample)."""
     out: dict[str, Any] = {}
-    for d in ("fp32", "bf16"):
+    for d in samples[0]:
         mm = max(smp[d]["matmul"] for smp in samples)
         conv = max(smp[d]["conv3x3"] for smp in samples)
         out[d] = {"gflops": max(mm, conv), "matmul_gflops": mm, "conv3x3_gflops": conv, "matmul_n": n,
@@ -183,23 +202,39 @@ def summarise_peaks(samples: list[dict[str, dict[str, float]]], n: int) -> dict[
     return out
 
 
-def matmul_peak(n: int, dtype_name: str, reps: int = 5) -> dict[str, Any]:
+def matmul_peak(n: int, dtype_name: str, reps: int = 5, device: str = "cpu") -> dict[str, Any]:
     """Achieved GFLOP/s of an n^3 matmul (best of `reps`): the practical ceiling for that dtype."""
     import torch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    dtype = _torch_dtype(dtype_name)
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(dtype)
-    b = torch.randn(n, n, generator=g).to(dtype)
-    c = torch.empty(n, n, dtype=dtype)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    c = torch.empty(n, n, dtype=dtype, device=device)
+    sync = _synchronizer(device)
     torch.mm(a, b, out=c)  # warm-up: oneDNN/BLAS kernel selection, page faults
     secs = []
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         torch.mm(a, b, out=c)
+        sync()
         secs.append(time.perf_counter() - t0)
     flop = 2 * n**3
     return {"n": n, "gflops": round(flop / min(secs) / 1e9, 1), "gflops_median": round(flop / statistics.median(secs) / 1e9, 1)}
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _synchronizer(device: str) -> Any:
+    """A function that waits for the device's queued work (CUDA runs asynchronously); a no-op on the CPU."""
+    import torch
+
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
 # ==================================================================================================
@@ -238,7 +273,11 @@ def _rss_mib() -> dict[str, float]:
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     with open("/proc/self/statm") as f:
         now_pages = int(f.read().split()[1])
-    return {"peak_rss_mib": round(peak_kib / 1024, 1), "rss_mib": round(now_pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)}
+    out = {"peak_rss_mib": round(peak_kib / 1024, 1), "rss_mib": round(now_pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # the GPU's high-water mark (tensors torch allocated)
+        out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
 
 
 def flop_mapping() -> dict[Any, Any]:
@@ -268,7 +307,9 @@ def flop_mapping() -> dict[Any, Any]:
 class _Timer:
     """Timestamps of the stages of one call, from forward hooks on the models (both kinds alike)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: Any = None) -> None:
+        # CUDA runs asynchronously: the hooks wait for the queued work, so the stamps are when it finished.
+        self.sync = sync or (lambda: None)
         self.reset()
 
     def reset(self) -> None:
@@ -282,28 +323,36 @@ class _Timer:
 
     def hook_text_encoder(self, module: Any) -> None:
         def post(*_: Any) -> None:
+            self.sync()
             self.text_end = time.perf_counter()
 
         module.register_forward_hook(post)
 
     def hook_unet(self, module: Any) -> None:
         def pre(*_: Any) -> None:
+            self.sync()
             self._unet_t0 = time.perf_counter()
 
         def post(*_: Any) -> None:
+            self.sync()
             self.unet_s += time.perf_counter() - self._unet_t0
             self.unet_calls += 1
 
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
+        # Outside any torch.compile graph of the UNet (a compiled config): dynamo runs the hooks eagerly.
+        import torch
+
+        module.register_forward_pre_hook(torch.compiler.disable(pre))
+        module.register_forward_hook(torch.compiler.disable(post))
 
     def wrap_decode(self, vae: Any) -> None:
         """vae.decode is a method, not forward: wrap it on the instance."""
         original = vae.decode
 
         def decode(*a: Any, **k: Any) -> Any:
+            self.sync()
             self.decode_start = time.perf_counter()
             out = original(*a, **k)
+            self.sync()
             self.decode_end = time.perf_counter()
             return out
 
@@ -311,12 +360,12 @@ class _Timer:
 
 
 class Worker:
-    def __init__(self, name: str, model: str, image_path: str) -> None:
-        self.name, self.cfg = name, CONFIGS[name]
-        self.timer = _Timer()
+    def __init__(self, name: str, model: str, image_path: str, device: str = "cpu") -> None:
+        self.name, self.cfg, self.device = name, CONFIGS[name], device
         t0 = time.perf_counter()
         import torch
 
+        self.timer = _Timer(_synchronizer(device))
         from PIL import Image
 
         self.torch = torch
@@ -336,7 +385,7 @@ class Worker:
         if self.cfg["kind"] == "sdx4":
             import sdx4
 
-            self.up = sdx4.load(model, device="cpu", dtype=self.cfg["dtype"], **self.cfg.get("load", {}))
+            self.up = sdx4.load(model, device=device, dtype=self.cfg["dtype"], **self.cfg.get("load", {}))
             self.unet, self.vae = self.up.components.unet, self.up.components.vae
             text_encoder = self.up.components.text_encoder
             self.option_fields = {f.name for f in dataclasses.fields(UpscaleOptions)}
@@ -345,9 +394,11 @@ class Worker:
         else:
             from diffusers import StableDiffusionUpscalePipeline
 
-            torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[self.cfg["dtype"]]
-            self.pipe = StableDiffusionUpscalePipeline.from_pretrained(model, torch_dtype=torch_dtype)
+            torch_dtype = _torch_dtype(self.cfg["dtype"])
+            self.pipe = StableDiffusionUpscalePipeline.from_pretrained(model, torch_dtype=torch_dtype).to(device)
             self.pipe.set_progress_bar_config(disable=True)
+            if self.cfg.get("compile"):
+                self.pipe.unet.compile()  # in place, default mode: what sdx4's compile=True does
             self.unet, self.vae, text_encoder = self.pipe.unet, self.pipe.vae, self.pipe.text_encoder
             name_of = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
             self.dtypes = {"unet": name_of[self.unet.dtype], "text_encoder": name_of[text_encoder.dtype], "vae": name_of[self.vae.dtype]}
@@ -465,7 +516,7 @@ class Worker:
         }
 
 
-def worker_main(name: str, model: str, image_path: str) -> int:
+def worker_main(name: str, model: str, image_path: str, device: str = "cpu") -> int:
     # The protocol owns the real stdout; anything libraries print goes to stderr (the worker's log).
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
@@ -480,7 +531,7 @@ def worker_main(name: str, model: str, image_path: str) -> int:
         proto.flush()
 
     try:
-        worker = Worker(name, model, image_path)
+        worker = Worker(name, model, image_path, device)
     except Exception as e:
         import traceback
 
@@ -506,7 +557,7 @@ def worker_main(name: str, model: str, image_path: str) -> int:
 class WorkerProcess:
     """The parent's handle on one worker subprocess."""
 
-    def __init__(self, name: str, model: str, image_path: Path, log_dir: Path, src: Path = OWN_SRC) -> None:
+    def __init__(self, name: str, model: str, image_path: Path, log_dir: Path, src: Path = OWN_SRC, device: str = "cpu") -> None:
         self.name = name
         self.log_path = log_dir / f"worker-{name}.log"
         self.log = open(self.log_path, "w")
@@ -517,7 +568,8 @@ class WorkerProcess:
         env.update(cfg.get("env", {}))
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", name, "--model", model, "--image", str(image_path), "--src", str(src)],
+            [sys.executable, __file__, "--worker", name, "--model", model, "--image", str(image_path), "--src", str(src),
+             "--device", device],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
         )
         self.info: dict[str, Any] = {}
@@ -687,6 +739,8 @@ def summarise(
         # The issue's measure: the loop against the measured matmul peak of its dtype.
         "fraction_of_matmul_peak": round(achieved / matmul_peaks[dtype], 3) if matmul_peaks.get(dtype) else None,
         "peak_rss_mib": info["final"]["peak_rss_mib"],
+        "peak_gpu_mib": info["final"].get("peak_gpu_mib"),  # None on the CPU
+        "first_call_s": info.get("first_call_s"),  # the untimed warm-up call (with torch.compile: compiling)
     }
 
 
@@ -736,6 +790,7 @@ def startup_targets(startup: dict[str, Any]) -> list[dict[str, Any]]:
 
 def markdown(report: dict[str, Any]) -> str:
     m, s, p = report["machine"], report["settings"], report["peak"]
+    gpu = bool(m.get("gpu"))  # --device cuda: three more columns
     lines = [
         f"Run {report['date']} on {m['cpu']}, {m['usable_cpus']} cores ({m['torch_threads']} torch threads), "
         f"{m['memory_gib']} GiB; torch {report['versions']['torch']}, diffusers {report['versions']['diffusers']}.",
@@ -744,14 +799,20 @@ def markdown(report: dict[str, Any]) -> str:
         + (f" sdx4 --dtype auto: {m['sdx4_auto_dtype']['dtype_reason']}." if m.get("sdx4_auto_dtype") else ""),
         f"Peak (best of {len(p['fp32']['samples'])} samples spread over the run): fp32 {p['fp32']['gflops']} GFLOP/s "
         f"(matmul {p['fp32']['matmul_n']}^3 {p['fp32']['matmul_gflops']}, 3x3 conv {p['fp32']['conv3x3_gflops']}); "
-        f"bf16 {p['bf16']['gflops']} GFLOP/s (matmul {p['bf16']['matmul_gflops']}, 3x3 conv {p['bf16']['conv3x3_gflops']}).",
+        f"bf16 {p['bf16']['gflops']} GFLOP/s (matmul {p['bf16']['matmul_gflops']}, 3x3 conv {p['bf16']['conv3x3_gflops']})"
+        + (f"; fp16 {p['fp16']['gflops']} GFLOP/s (matmul {p['fp16']['matmul_gflops']}, 3x3 conv {p['fp16']['conv3x3_gflops']})."
+           if "fp16" in p else "."),
+        *([f"Device: {m['gpu']['name']} ({m['gpu']['memory_gib']} GiB, compute capability {m['gpu']['capability']}, "
+           f"CUDA {m['gpu']['cuda']}); the peaks above are the GPU's. GPU memory: peak allocated by torch, per config."]
+          if m.get("gpu") else []),
         f"Model: {s['model_kind']} random weights; input {s['input_size']} -> {s['output_size']} px, {s['steps']} steps, "
         f"guidance {s['guidance']}, {s['reps']} reps (alternating).",
         "",
         "| config | dtypes unet/text/vae | allocator | wall s median (min-max) | vs diffusers fp32 | vs diffusers bf16 "
         "| peak RSS GiB | RSS vs diffusers fp32 | load s | text enc s | denoise s | VAE decode s "
-        "| UNet TFLOP/step | denoise GFLOP/s | % of peak | % of matmul peak | CPU share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| UNet TFLOP/step | denoise GFLOP/s | % of peak | % of matmul peak | CPU share |"
+        + (" vs diffusers fp16 | peak GPU GiB | warm-up call s |" if gpu else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if gpu else ""),
     ]
     for name, c in report["configs"].items():
         d, w, st = c["dtypes"], c["wall_s"], c["stages_s"]
@@ -766,6 +827,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {fmt(c['rss_vs_diffusers_fp32'])} | {st['load']:.1f} | {st['text_encoding']:.2f} | {st['denoising']:.2f} "
             f"| {st['decoding']:.2f} | {c['unet_tflop_per_step']:.3f} | {c['denoising_gflops']:.0f} "
             f"| {of_peak} | {of_mm} | {c['cpu_share']['median']:.2f} |"
+            + (f" {fmt(c.get('time_vs_diffusers_fp16'))} | {(c.get('peak_gpu_mib') or 0) / 1024:.2f} | {c.get('first_call_s') or 0:.1f} |"
+               if gpu else "")
         )
     b = report["configs"].get("sdx4-baseline")
     if b:
@@ -833,16 +896,16 @@ def write_text_atomic(path: Path, text: str) -> None:
 def run_speed(args: argparse.Namespace, out_dir: Path, model: str, model_kind: str, image: Path) -> dict[str, Any]:
     names = args.configs
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    machine = machine_info()
+    machine = machine_info(args.device)
     n = args.matmul_n
     say(f"peak (matmul {n}^3, 3x3 conv)...")
-    peak_samples = [peak_sample(n, args.quick)]
+    peak_samples = [peak_sample(n, args.quick, args.device)]
     workers: dict[str, WorkerProcess] = {}
     try:
         # One at a time, so load times are measured without contention; --quick starts all at once.
         for name in names:
             say(f"starting worker {name}...")
-            workers[name] = WorkerProcess(name, model, image, out_dir, source_for(name, args.baseline_src))
+            workers[name] = WorkerProcess(name, model, image, out_dir, source_for(name, args.baseline_src), args.device)
             if not args.quick:
                 workers[name].wait_ready()
         for name, w in workers.items():
@@ -850,21 +913,27 @@ def run_speed(args: argparse.Namespace, out_dir: Path, model: str, model_kind: s
             say(f"  {name}: import {info['import_s']:.1f} s, load {info['load_s']:.1f} s, dtypes {info['dtypes']}")
         common = {"guidance": args.guidance, "seed": 0}
         flops: dict[str, Any] = {}
-        for name, w in workers.items():
-            # FLOPs first: the first call is the one that runs the text encoder (sdx4 caches embeddings; with
-            # its low-memory load, the default prompts were encoded at load, before the UNet was loaded).
-            flops[name] = f1 = w.ask(cmd="run", steps=1, flops=True, **common)["flops"]
-            # A later call of the same loop may do less (sdx4 computes cross-attention keys and values once per
-            # image, kvcache.py): a 2-step run gives the FLOPs of a call after the first.
-            f2 = w.ask(cmd="run", steps=2, flops=True, **common)["flops"]
-            f1["unet_later_call"] = (f2["unet"] - f1["unet"]) / max(f2["unet_calls"] - f1["unet_calls"], 1)
-            w.ask(cmd="run", steps=1, **common)  # untimed warm-up (kernel selection, allocations)
+        # (a compiled config after its eager twin: it takes the twin's FLOP counts)
+        for name, w in sorted(workers.items(), key=lambda item: "flops_from" in CONFIGS[item[0]]):
+            twin = CONFIGS[name].get("flops_from")
+            if twin:
+                flops[name] = f1 = {**flops[twin], "counted_on": twin}
+            else:
+                # FLOPs first: the first call is the one that runs the text encoder (sdx4 caches embeddings; with
+                # its low-memory load, the default prompts were encoded at load, before the UNet was loaded).
+                flops[name] = f1 = w.ask(cmd="run", steps=1, flops=True, **common)["flops"]
+                # A later call of the same loop may do less (sdx4 computes cross-attention keys and values once per
+                # image, kvcache.py): a 2-step run gives the FLOPs of a call after the first.
+                f2 = w.ask(cmd="run", steps=2, flops=True, **common)["flops"]
+                f1["unet_later_call"] = (f2["unet"] - f1["unet"]) / max(f2["unet_calls"] - f1["unet_calls"], 1)
+            # untimed warm-up (kernel selection, allocations; torch.compile compiles here: its time is reported)
+            w.info["first_call_s"] = round(w.ask(cmd="run", steps=3 if twin else 1, **common)["wall_s"], 3)
             say(f"  {name}: UNet {f1['unet'] / max(f1['unet_calls'], 1) / 1e12:.3f} TFLOP in the first call, "
-                f"{f1['unet_later_call'] / 1e12:.3f} in each later one")
+                f"{f1['unet_later_call'] / 1e12:.3f} in each later one; warm-up call {w.info['first_call_s']:.1f} s")
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for rep in range(args.reps):
             if rep:
-                peak_samples.append(peak_sample(n, args.quick))  # workers are idle now
+                peak_samples.append(peak_sample(n, args.quick, args.device))  # workers are idle now
             for name in rotated(list(names), rep):
                 time.sleep(args.pause)  # let the previous worker's OpenMP threads go idle
                 r = workers[name].ask(cmd="run", steps=args.steps, **common)
@@ -876,9 +945,11 @@ def run_speed(args: argparse.Namespace, out_dir: Path, model: str, model_kind: s
     finally:
         for w in workers.values():
             w.kill()
-    peak_samples.append(peak_sample(n, args.quick))
-    say("startup times (sdx4 --help, bicubic 512 px)...")
-    startup = startup_times(out_dir, reps=1 if args.quick else 5)
+    peak_samples.append(peak_sample(n, args.quick, args.device))
+    startup = None  # the command's start-up is a CPU matter: not measured again on a GPU run
+    if args.device == "cpu":
+        say("startup times (sdx4 --help, bicubic 512 px)...")
+        startup = startup_times(out_dir, reps=1 if args.quick else 5)
     peak_tbl = summarise_peaks(peak_samples, n)
     peaks = {d: v["gflops"] for d, v in peak_tbl.items()}
     matmul_peaks = {d: v["matmul_gflops"] for d, v in peak_tbl.items()}
@@ -896,13 +967,13 @@ def run_speed(args: argparse.Namespace, out_dir: Path, model: str, model_kind: s
         "settings": {
             "model": model, "model_kind": model_kind, "input_size": [args.size, args.size],
             "output_size": [4 * args.size, 4 * args.size], "steps": args.steps, "guidance": args.guidance,
-            "reps": args.reps, "seed": 0, "quick": args.quick,
+            "reps": args.reps, "seed": 0, "quick": args.quick, "device": args.device,
             "baseline_src": str(args.baseline_src) if args.baseline_src else None,
         },
         "peak": peak_tbl,
         "configs": configs,
         "startup": startup,
-        "targets": check_targets(configs) + startup_targets(startup),
+        "targets": check_targets(configs) + (startup_targets(startup) if startup else []),
     }
     return report
 
@@ -920,7 +991,7 @@ def run_schedulers(args: argparse.Namespace, out_dir: Path, model: str, model_ki
     report: dict[str, Any] = {
         "schema": 1,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(),
+        "machine": machine_info(args.device),
         "versions": versions(),
         "settings": {"model": model, "model_kind": model_kind, "input_size": [args.size, args.size],
                      "guidance": args.guidance, "reps": args.reps, "steps": steps, "quick": args.quick},
@@ -931,7 +1002,7 @@ def run_schedulers(args: argparse.Namespace, out_dir: Path, model: str, model_ki
         report["skipped"] = "UpscaleOptions has no `scheduler` field in this sdx4 version"
         say(f"schedulers: skipped ({report['skipped']})")
         return report
-    w = WorkerProcess("sdx4", model, image, out_dir)
+    w = WorkerProcess("sdx4", model, image, out_dir, device=args.device)
     try:
         w.wait_ready()
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in steps}
@@ -969,7 +1040,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--size", type=int, default=64, help="input size in px (square); output is 4x")
     p.add_argument("--guidance", type=float, default=9.0, help="guidance scale")
-    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default=None, help=f"comma-separated, from: {', '.join(CONFIGS)} (default: {','.join(DEFAULT_CONFIGS)})")
     p.add_argument("--out", default="bench-out", help="folder for speed.json / speed.md (schedulers.*)")
     p.add_argument("--model", default=None, help="model folder (diffusers layout); default: the cached random full-size model")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny random model, small matmul")
@@ -977,6 +1048,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scheduler-steps", nargs="*", metavar="NAME=STEPS", help="override step counts for --schedulers")
     p.add_argument("--matmul-n", type=int, default=None, help="matmul size for the peak (default 4096; 512 with --quick)")
     p.add_argument("--pause", type=float, default=1.0, help="seconds of idle between runs")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help=f"where every configuration runs; with cuda the default --configs are {','.join(CUDA_CONFIGS)} "
+        "(add sdx4-fp16-compile,diffusers-fp16-compile for torch.compile)",
+    )
     p.add_argument(
         "--baseline-src",
         type=Path,
@@ -991,10 +1069,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.worker:
         return a
+    if a.configs is None:
+        a.configs = ",".join(CUDA_CONFIGS if a.device == "cuda" else DEFAULT_CONFIGS)
     a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     bad = [c for c in a.configs if c not in CONFIGS]
     if bad or not a.configs:
         p.error(f"--configs: unknown {bad}; choose from {', '.join(CONFIGS)}")
+    for c in a.configs:
+        twin = CONFIGS[c].get("flops_from")
+        if twin and twin not in a.configs:
+            p.error(f"--configs: {c} takes its FLOP counts from {twin}; add {twin}")
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: this torch build sees no CUDA GPU")
     wants_baseline = any(CONFIGS[c].get("src") == "baseline" for c in a.configs)
     if wants_baseline and a.baseline_src is None:
         p.error("--configs: sdx4-baseline needs --baseline-src DIR (another checkout's src folder)")
@@ -1010,7 +1099,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if v < lo:
             p.error(f"{name} must be >= {lo}; got {v}")
     if a.matmul_n is None:
-        a.matmul_n = 512 if a.quick else 4096
+        a.matmul_n = 512 if a.quick else (8192 if a.device == "cuda" else 4096)
     return a
 
 
@@ -1018,7 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(args.src))  # before any sdx4 import: a baseline worker imports its own checkout's
     if args.worker:
-        return worker_main(args.worker, args.model, args.image)
+        return worker_main(args.worker, args.model, args.image, args.device)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
