@@ -189,6 +189,22 @@ def test_an_old_manifest_without_stamps_counts_as_done(tmp_path: Path) -> None:
     assert plan(bicubic_job(src, out)).todo == ()  # as before stamps existed (documented)
 
 
+def test_a_record_from_before_an_option_existed_counts_as_done_with_its_default(tmp_path: Path) -> None:
+    """Options added later (color_mode, bit_depth) are missing from old records: their defaults stand in."""
+    src = make_folder(tmp_path / "in", ["a.png", "b.png"])
+    out = tmp_path / "out"
+    run_batch(bicubic_job(src, out))
+    lines = manifest_lines(out)
+    for r in lines:
+        for key in ("color_mode", "bit_depth"):
+            r["params"].pop(key)
+    (out / "sdx4-manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert plan(bicubic_job(src, out)).todo == ()
+    lines[0]["params"]["scale"] = 2  # a recorded value that differs is still a change
+    (out / "sdx4-manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert [i.input for i in plan(bicubic_job(src, out)).todo] == [lines[0]["input"]]
+
+
 # ---------------------------------------------------------------------------------------------------
 # 3. Output folders of earlier runs inside the input tree are never read
 # ---------------------------------------------------------------------------------------------------

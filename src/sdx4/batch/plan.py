@@ -13,7 +13,7 @@ from typing import Any
 
 from ..api import local_model_missing
 from ..imageio import is_input_image
-from ..options import OptionsError
+from ..options import OptionsError, option_defaults
 from .items import file_kind, sha256_file
 from .job import (
     MANIFEST_NAME,
@@ -305,13 +305,15 @@ def plan(job: BatchJob, log: Log | None = None) -> BatchPlan:
 
 
 def _is_done(item: BatchItem, last: dict[str, Any] | None, out_dir: Path) -> bool:
-    """Done = the last record of this input is ok, has the same parameters, and its outputs exist."""
-    return (
-        last is not None
-        and last.get("status") == "ok"
-        and last.get("params") == item.params
-        and all((out_dir / out).is_file() for out in item.outputs)
-    )
+    """Done = the last record of this input is ok, has the same parameters, and its outputs exist.
+
+    An option added to UpscaleOptions after a record was written is missing from its parameters; the run
+    that wrote it behaved as that option's default does, so the default stands in for it (a new sdx4 does not
+    redo a whole folder because it learned a new option)."""
+    if last is None or last.get("status") != "ok" or not isinstance(last.get("params"), dict):
+        return False
+    recorded = {**option_defaults(), **last["params"]}
+    return recorded == item.params and all((out_dir / out).is_file() for out in item.outputs)
 
 
 def input_changed(record: dict[str, Any], path: Path) -> bool:
