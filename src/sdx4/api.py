@@ -30,7 +30,7 @@ from .speed import allocator
 # Re-exported for the front ends (cli/, batch/, service/, quality/), which import nothing from the engine
 # or the model: the errors of loading and of the memory plan (none of these modules imports torch).
 from .engine.budget import MemoryBudgetError  # noqa: F401
-from .model.errors import ModelConfigError, ModelNotFoundError, ModelPathError  # noqa: F401
+from .model.errors import ModelConfigError, ModelNotFoundError, ModelPathError, NonFiniteOutputError  # noqa: F401
 from .options import DEFAULT_MODEL, LoadOptions, option_defaults
 
 SCALE = 4
