@@ -218,6 +218,18 @@ def test_model_errors_raised_after_loading_are_exit_2_too(tiny_model_dir, tmp_pa
     assert (code, written) == (2, False) and "unet/diffusion_pytorch_model.safetensors: damaged" in err
 
 
+def test_a_damaged_model_in_a_folder_run_is_exit_2_too(damaged, tmp_path, capsys):
+    """Folder runs re-raise the model's error to `main`: the same exit code as for one file."""
+    (damaged / UNET).write_bytes(b"")
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(folder / "a.png")
+    code = cli.main(["upscale", str(folder), "--model", str(damaged), "--device", "cpu", "--dtype", "fp32",
+                     "--steps", "1", "-q", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"sdx4: error: {UNET}: 0 bytes" in err and "Traceback" not in err, err
+
+
 # -- caches --------------------------------------------------------------------------------------------------
 
 
