@@ -75,7 +75,7 @@ class Components:
         return 2 ** (len(config.block_out_channels) - 1)
 
 
-def _load_text_encoder(folder: Path, placement: Placement) -> Any:
+def _load_text_encoder(folder: Path, placement: Placement, empty: Any = None) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .weights import WeightsMismatch, load_transformers_model
@@ -83,7 +83,7 @@ def _load_text_encoder(folder: Path, placement: Placement) -> Any:
     with damaged_model_errors("text_encoder/model.safetensors"):
         try:
             enc = load_transformers_model(
-                CLIPTextModel, CLIPTextConfig, folder / "text_encoder", placement.text_dtype, root=folder
+                CLIPTextModel, CLIPTextConfig, folder / "text_encoder", placement.text_dtype, root=folder, empty=empty
             )
         except WeightsMismatch as e:
             log.debug("text encoder via from_pretrained: %s", e)
@@ -102,10 +102,11 @@ def _place(module: Any, placement: Placement) -> Any:
     return module.eval().requires_grad_(False)
 
 
-def _load_unet(folder: Path, placement: Placement) -> Any:
+def _load_unet(folder: Path, placement: Placement, empty: Any = None) -> Any:
     from diffusers import UNet2DConditionModel
 
-    return _load_diffusers(UNet2DConditionModel, folder, "unet", placement.unet_dtype, placement.channels_last)
+    return _load_diffusers(UNet2DConditionModel, folder, "unet", placement.unet_dtype, placement.channels_last,
+                           empty=empty)
 
 
 def _prepare_unet(unet: Any, placement: Placement, compile: bool) -> tuple[Any, speed.Installed]:
@@ -115,13 +116,15 @@ def _prepare_unet(unet: Any, placement: Placement, compile: bool) -> tuple[Any, 
     return unet, speed.install(unet, placement, compile=compile)
 
 
-def _load_diffusers(cls: Any, folder: Path, subfolder: str, dtype: torch.dtype, channels_last: bool) -> Any:
+def _load_diffusers(
+    cls: Any, folder: Path, subfolder: str, dtype: torch.dtype, channels_last: bool, empty: Any = None
+) -> Any:
     """Streamed tensor by tensor into `dtype` (weights.py); from_pretrained where that does not fit."""
     from .weights import WeightsMismatch, load_diffusers_model
 
     with damaged_model_errors(f"{subfolder}/diffusion_pytorch_model.safetensors"):
         try:
-            return load_diffusers_model(cls, folder / subfolder, dtype, channels_last, root=folder)
+            return load_diffusers_model(cls, folder / subfolder, dtype, channels_last, root=folder, empty=empty)
         except WeightsMismatch as e:
             log.debug("%s via from_pretrained: %s", subfolder, e)
             model, info = cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype, output_loading_info=True)
@@ -166,7 +169,11 @@ def load_components(
     """
     placement = resolve_placement(device, dtype, vae_dtype)
     folder = resolve_model_dir(model)
-    max_noise_level = check_model_folder(folder)  # configs and weight headers, before any heavy work
+    # Configs and weight headers, before any heavy work; the networks come back empty (meta), to be filled.
+    # Popped as they are used: this function keeps no reference to the text encoder (low-memory policy).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*scaling_factor.*")
+        max_noise_level, empty = check_model_folder(folder)
 
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
     from transformers import CLIPTokenizer
@@ -176,7 +183,7 @@ def load_components(
         with damaged_model_errors("tokenizer"):
             tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         check_tokenizer(tokenizer, folder / "tokenizer")
-        text_encoder = _load_text_encoder(folder, placement)
+        text_encoder = _load_text_encoder(folder, placement, empty=empty.pop("text_encoder"))
     check_text_encoder_fits_tokenizer(tokenizer, text_encoder.config)
     text_hidden_size = text_encoder.config.hidden_size
     index = _read_json(folder / "model_index.json")
@@ -204,8 +211,9 @@ def load_components(
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*scaling_factor.*")
-        unet = _load_unet(folder, placement)
-        vae = _load_diffusers(AutoencoderKL, folder, "vae", placement.vae_dtype, placement.channels_last)
+        unet = _load_unet(folder, placement, empty=empty.pop("unet"))
+        vae = _load_diffusers(AutoencoderKL, folder, "vae", placement.vae_dtype, placement.channels_last,
+                              empty=empty.pop("vae"))
     check_components(unet, vae, text_hidden_size, components.max_noise_level)
     components.unet, components.speed = _prepare_unet(unet, placement, compile)
     components.vae = _place(vae, placement)

@@ -234,22 +234,27 @@ def _label(path: Path, root: Path | None) -> str:
 
 
 def load_diffusers_model(
-    cls: Any, folder: Path, dtype: torch.dtype, channels_last: bool = False, root: Path | None = None
+    cls: Any, folder: Path, dtype: torch.dtype, channels_last: bool = False, root: Path | None = None,
+    empty: Any = None,
 ) -> Any:
     """A diffusers model (UNet2DConditionModel, AutoencoderKL) from `folder` in `dtype`; `root`, the model
-    folder, names files in messages."""
+    folder, names files in messages; `empty`: the model already built from its config with meta weights."""
     from accelerate import init_empty_weights
 
     weights = folder / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
         raise WeightsMismatch(f"{weights}: no single safetensors file")
     read_header(weights, _label(weights, root))  # a damaged file is reported before the config is even built
-    with init_empty_weights():
-        model = cls.from_config(cls.load_config(folder))
+    model = empty
+    if model is None:
+        with init_empty_weights():
+            model = cls.from_config(cls.load_config(folder))
     return _stream(model, weights, dtype, channels_last, root).eval()
 
 
-def load_transformers_model(cls: Any, config_cls: Any, folder: Path, dtype: torch.dtype, root: Path | None = None) -> Any:
+def load_transformers_model(
+    cls: Any, config_cls: Any, folder: Path, dtype: torch.dtype, root: Path | None = None, empty: Any = None
+) -> Any:
     """A transformers model (CLIPTextModel) from `folder` in `dtype`."""
     from accelerate import init_empty_weights
 
@@ -257,9 +262,10 @@ def load_transformers_model(cls: Any, config_cls: Any, folder: Path, dtype: torc
     if not weights.is_file():
         raise WeightsMismatch(f"{weights}: no single safetensors file")
     read_header(weights, _label(weights, root))
-    config = config_cls.from_pretrained(folder)
-    with init_empty_weights():
-        model = cls(config)
+    model = empty
+    if model is None:
+        with init_empty_weights():
+            model = cls(config_cls.from_pretrained(folder))
     model = _stream(model, weights, dtype, False, root)
     # Buffers built at construction (position ids) stay as they are; floating ones follow the dtype.
     for name, buf in model.named_buffers():
