@@ -77,6 +77,41 @@ def test_bf16_speedup_is_measured_once_per_machine_and_kept(monkeypatch, tmp_pat
     assert fourth["speedup"] == 0.649 and "could not keep the bf16 measurement" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "kept, why",
+    [
+        ("[1, 2]", "it holds a JSON list, not an object"),
+        ('{"KEY": {"speedup": "fast", "fp32_gflops": 236.0, "bf16_gflops": 153.2}}', "malformed entry"),
+        ('{"KEY": {"speedup": null}}', "malformed entry"),
+        ('{"KEY": {"speedup": -1.0, "fp32_gflops": 236.0, "bf16_gflops": 153.2}}', "malformed entry"),
+        ('{"KEY": [0.649]}', "malformed entry"),
+        ('{"KEY": {"speedup": true, "fp32_gflops": 1, "bf16_gflops": 1}}', "malformed entry"),
+    ],
+)
+def test_a_malformed_precision_cache_is_measured_over_and_rewritten(monkeypatch, tmp_path, caplog, kept, why):
+    """Wrong types in cpu-precision.json are a warning and a new measurement, never a traceback or a
+    decision read from garbage; the file is rewritten with the good entry and keeps other machines'."""
+    import json
+
+    monkeypatch.setenv("SDX4_CACHE", str(tmp_path))
+    monkeypatch.setattr(placement, "cpu_bf16_flags", lambda: {"avx512_bf16"})
+    runs = []
+    monkeypatch.setattr(placement, "measure_bf16_speedup", lambda: runs.append(1) or {"speedup": 1.5, "fp32_gflops": 100.0, "bf16_gflops": 150.0})
+    key = placement.cpu_bf16_speedup()["key"]  # measured once, to learn this machine's key
+    path = tmp_path / "cpu-precision.json"
+    other = {"other machine": {"speedup": 0.7, "fp32_gflops": 1.0, "bf16_gflops": 0.7}}
+    damaged = json.loads(kept.replace('"KEY"', json.dumps(key)))
+    path.write_text(json.dumps({**damaged, **other} if isinstance(damaged, dict) else damaged))
+    with caplog.at_level("WARNING", logger="sdx4"):
+        got = placement.cpu_bf16_speedup()
+        dtype, reason = placement._auto_cpu_dtype()
+    assert (got["speedup"], got["cached"], len(runs)) == (1.5, False, 2) and why in caplog.text
+    assert (dtype, reason.split(":")[0]) == (torch.bfloat16, "bf16")  # the next read is the new measurement
+    rewritten = json.loads(path.read_text())
+    assert rewritten[key] == {"speedup": 1.5, "fp32_gflops": 100.0, "bf16_gflops": 150.0}
+    assert (rewritten.get("other machine") == other["other machine"]) is isinstance(damaged, dict)
+
+
 def test_bf16_speedup_measurement_runs_both_precisions():
     m = placement.measure_bf16_speedup(reps=1)
     assert set(m) == {"speedup", "fp32_gflops", "bf16_gflops"}

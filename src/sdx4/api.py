@@ -36,7 +36,12 @@ from .imageio import (
     to_output_mode,
 )
 from .metadata import classical_metadata, sd_metadata
-from .model.errors import ModelConfigError, ModelNotFoundError, ModelPathError  # noqa: F401
+from .model.errors import (  # noqa: F401
+    ModelConfigError,
+    ModelNotFoundError,
+    ModelPathError,
+    NonFiniteOutputError,
+)
 from .options import DEFAULT_MODEL, LoadOptions, UpscaleOptions, option_defaults
 from .speed import allocator
 

@@ -1,7 +1,9 @@
 """The `sdx4` command line: a thin layer that builds options and calls the same core as the API.
 
-Exit codes: 0 success, 2 bad usage or bad input (the message names the file and the problem),
-1 any other failure. torch is imported only when the diffusion model is needed.
+Exit codes: 0 success, 2 bad usage or bad input (the message names the file and the problem), a
+bad --model included (missing, not diffusers layout, damaged or inconsistent files: ModelPathError,
+ModelConfigError), 1 run-time failures (the Hub unreachable, out of memory, a non-finite output
+image). torch is imported only when the diffusion model is needed.
 """
 
 from __future__ import annotations
@@ -60,14 +62,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdx4: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # anything else: a clear one-line message, exit 1
-        from ..api import ModelConfigError, ModelNotFoundError
+    except Exception as e:  # the model's errors and run-time failures: a clear one-line message
+        from ..api import (
+            ModelConfigError,
+            ModelNotFoundError,
+            ModelPathError,
+            NonFiniteOutputError,
+        )
 
-        if isinstance(e, (ModelConfigError, ModelNotFoundError, OSError)):
+        if isinstance(e, (ModelConfigError, ModelPathError)):  # the user's --model is wrong: exit 2
+            print(f"sdx4: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(e, (ModelNotFoundError, NonFiniteOutputError, OSError, MemoryError)) or _out_of_memory(e):
             print(f"sdx4: error: {e}", file=sys.stderr)
             return EXIT_FAILURE
         raise
     return EXIT_OK
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError, recognised without importing torch."""
+    return any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)
 
 
 if __name__ == "__main__":

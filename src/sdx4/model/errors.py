@@ -8,9 +8,15 @@ class ModelNotFoundError(RuntimeError):
 
 
 class ModelPathError(ModelNotFoundError):
-    """`--model` names a local folder that does not exist or is not in diffusers layout (bad usage)."""
+    """`--model` names a folder that does not exist, or a folder or Hub repo not in diffusers layout (bad usage,
+    exit 2)."""
 
 
 class ModelConfigError(ValueError):
-    """The model's components do not fit together (or one is broken); the message says which."""
+    """The model's components do not fit together, or a file is damaged (truncated, misshapen, NaN weights):
+    the user's model is wrong (exit 2). The message names the file (relative to the model folder), the
+    first bad key or value and what was expected."""
 
+
+class NonFiniteOutputError(RuntimeError):
+    """The decoded image holds NaN or inf (a run-time failure, exit 1): never written as a black image."""

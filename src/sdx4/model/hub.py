@@ -128,7 +128,7 @@ def _hub_snapshot(repo_id: str) -> Path:
         raise ModelNotFoundError(f"could not download model {repo_id!r} from {endpoint}: {e}. {fix}") from e
     missing = missing_parts(folder)
     if missing:
-        raise ModelNotFoundError(f"Hub repo {repo_id!r} is not a diffusers x4 upscaler: missing {', '.join(missing)}")
+        raise ModelPathError(f"Hub repo {repo_id!r} is not a diffusers x4 upscaler: missing {', '.join(missing)}")
     return folder
 
 

@@ -17,6 +17,12 @@ import torch
 
 from .. import speed
 from ..options import DEFAULT_MODEL
+from .checks import (
+    check_fit,
+    check_model_folder,
+    check_text_encoder_fits_tokenizer,
+    damaged_model_errors,
+)
 from .errors import ModelConfigError
 from .hub import resolve_model_dir
 from .placement import Placement, resolve_placement
@@ -69,17 +75,23 @@ class Components:
         return 2 ** (len(config.block_out_channels) - 1)
 
 
-def _load_text_encoder(folder: Path, placement: Placement) -> Any:
+def _load_text_encoder(folder: Path, placement: Placement, empty: Any = None) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .weights import WeightsMismatch, load_transformers_model
 
-    try:
-        enc = load_transformers_model(CLIPTextModel, CLIPTextConfig, folder / "text_encoder", placement.text_dtype)
-    except WeightsMismatch as e:
-        log.debug("text encoder via from_pretrained: %s", e)
-        # transformers 5 loads in the dtype written in the config unless told: always pass ours.
-        enc = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=placement.text_dtype)
+    with damaged_model_errors("text_encoder/model.safetensors"):
+        try:
+            enc = load_transformers_model(
+                CLIPTextModel, CLIPTextConfig, folder / "text_encoder", placement.text_dtype, root=folder, empty=empty
+            )
+        except WeightsMismatch as e:
+            log.debug("text encoder via from_pretrained: %s", e)
+            # transformers 5 loads in the dtype written in the config unless told: always pass ours.
+            enc, info = CLIPTextModel.from_pretrained(
+                folder / "text_encoder", dtype=placement.text_dtype, output_loading_info=True
+            )
+            _check_loading_info(enc, info, "text_encoder")
     return enc.to(placement.device).eval().requires_grad_(False)
 
 
@@ -90,10 +102,11 @@ def _place(module: Any, placement: Placement) -> Any:
     return module.eval().requires_grad_(False)
 
 
-def _load_unet(folder: Path, placement: Placement) -> Any:
+def _load_unet(folder: Path, placement: Placement, empty: Any = None) -> Any:
     from diffusers import UNet2DConditionModel
 
-    return _load_diffusers(UNet2DConditionModel, folder, "unet", placement.unet_dtype, placement.channels_last)
+    return _load_diffusers(UNet2DConditionModel, folder, "unet", placement.unet_dtype, placement.channels_last,
+                           empty=empty)
 
 
 def _prepare_unet(unet: Any, placement: Placement, compile: bool) -> tuple[Any, speed.Installed]:
@@ -103,15 +116,38 @@ def _prepare_unet(unet: Any, placement: Placement, compile: bool) -> tuple[Any, 
     return unet, speed.install(unet, placement, compile=compile)
 
 
-def _load_diffusers(cls: Any, folder: Path, subfolder: str, dtype: torch.dtype, channels_last: bool) -> Any:
+def _load_diffusers(
+    cls: Any, folder: Path, subfolder: str, dtype: torch.dtype, channels_last: bool, empty: Any = None
+) -> Any:
     """Streamed tensor by tensor into `dtype` (weights.py); from_pretrained where that does not fit."""
     from .weights import WeightsMismatch, load_diffusers_model
 
-    try:
-        return load_diffusers_model(cls, folder / subfolder, dtype, channels_last)
-    except WeightsMismatch as e:
-        log.debug("%s via from_pretrained: %s", subfolder, e)
-        return cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype)
+    with damaged_model_errors(f"{subfolder}/diffusion_pytorch_model.safetensors"):
+        try:
+            return load_diffusers_model(cls, folder / subfolder, dtype, channels_last, root=folder, empty=empty)
+        except WeightsMismatch as e:
+            log.debug("%s via from_pretrained: %s", subfolder, e)
+            model, info = cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype, output_loading_info=True)
+            return _check_loading_info(model, info, subfolder)
+
+
+def _check_loading_info(model: Any, info: dict[str, Any], subfolder: str) -> Any:
+    """What from_pretrained did not load is an error here, not random or empty (meta) weights; the values
+    are checked for NaN/inf as the streamed ones are."""
+    from .weights import check_finite
+
+    for kind in ("missing_keys", "mismatched_keys"):
+        keys = sorted(map(str, info.get(kind) or ()))
+        if keys:
+            raise ModelConfigError(
+                f"{subfolder}: the weights do not fit {subfolder}/config.json: {len(keys)} {kind.replace('_', ' ')}, "
+                f"the first {keys[0]}"
+            )
+    for name, t in model.state_dict().items():
+        if t.is_meta:
+            raise ModelConfigError(f"{subfolder}: tensor {name} is missing from the weights")
+        check_finite(name, t, subfolder)
+    return model
 
 
 def load_components(
@@ -133,27 +169,38 @@ def load_components(
     """
     placement = resolve_placement(device, dtype, vae_dtype)
     folder = resolve_model_dir(model)
+    # Configs and weight headers, before any heavy work; the networks come back empty (meta), to be filled.
+    # Popped as they are used: this function keeps no reference to the text encoder (low-memory policy).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*scaling_factor.*")
+        max_noise_level, empty = check_model_folder(folder)
 
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
     from transformers import CLIPTokenizer
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*scaling_factor.*")
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        with damaged_model_errors("tokenizer"):
+            tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         check_tokenizer(tokenizer, folder / "tokenizer")
-        text_encoder = _load_text_encoder(folder, placement)
+        text_encoder = _load_text_encoder(folder, placement, empty=empty.pop("text_encoder"))
+    check_text_encoder_fits_tokenizer(tokenizer, text_encoder.config)
     text_hidden_size = text_encoder.config.hidden_size
     index = _read_json(folder / "model_index.json")
+    with damaged_model_errors("scheduler/scheduler_config.json"):
+        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    with damaged_model_errors("low_res_scheduler/scheduler_config.json"):
+        low_res_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="low_res_scheduler")
     components = Components(
         unet=None,
         vae=None,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
-        low_res_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="low_res_scheduler"),
+        scheduler=scheduler,
+        low_res_scheduler=low_res_scheduler,
         placement=placement,
         model=model,
-        max_noise_level=int(index.get("max_noise_level", 350)),
+        max_noise_level=max_noise_level,
         random_weights=(folder / RANDOM_MARKER).exists() or bool(index.get("_sdx4_random_weights")),
         folder=folder,
         compiled=compile,
@@ -164,8 +211,9 @@ def load_components(
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*scaling_factor.*")
-        unet = _load_unet(folder, placement)
-        vae = _load_diffusers(AutoencoderKL, folder, "vae", placement.vae_dtype, placement.channels_last)
+        unet = _load_unet(folder, placement, empty=empty.pop("unet"))
+        vae = _load_diffusers(AutoencoderKL, folder, "vae", placement.vae_dtype, placement.channels_last,
+                              empty=empty.pop("vae"))
     check_components(unet, vae, text_hidden_size, components.max_noise_level)
     components.unet, components.speed = _prepare_unet(unet, placement, compile)
     components.vae = _place(vae, placement)
@@ -201,25 +249,7 @@ def check_tokenizer(tokenizer: Any, where: Path | str) -> None:
 
 def check_components(unet: Any, vae: Any, text_hidden_size: int, max_noise_level: int) -> None:
     """The components must fit together; the VAE scaling factor is forced to 0.08333 like diffusers."""
-    latent = vae.config.latent_channels
-    if unet.config.in_channels != latent + 3:
-        raise ModelConfigError(
-            f"unet in_channels is {unet.config.in_channels} but the x4 upscaler needs latent channels ({latent}) "
-            f"+ 3 RGB channels = {latent + 3}: unet/config.json and vae/config.json do not match"
-        )
-    if unet.config.out_channels != latent:
-        raise ModelConfigError(f"unet out_channels is {unet.config.out_channels}, expected vae latent channels {latent}")
-    if unet.config.cross_attention_dim != text_hidden_size:
-        raise ModelConfigError(
-            f"unet cross_attention_dim is {unet.config.cross_attention_dim} but the text encoder's hidden size is "
-            f"{text_hidden_size}: unet/config.json and text_encoder/config.json do not match"
-        )
-    classes = unet.config.num_class_embeds
-    if classes is None or classes <= max_noise_level:
-        raise ModelConfigError(
-            f"unet num_class_embeds is {classes}; it must exceed max_noise_level ({max_noise_level}), "
-            "since the noise level is the UNet's class label"
-        )
+    check_fit(unet.config, vae.config, text_hidden_size, max_noise_level)
     if getattr(vae.config, "scaling_factor", None) != VAE_SCALING_FACTOR:
         log.warning(
             "vae scaling_factor is %s; using %s as diffusers does for the x4 upscaler",

@@ -137,14 +137,19 @@ def cpu_bf16_speedup() -> dict[str, Any]:
     key = f"{cpu_model_name()} | {' '.join(sorted(cpu_bf16_flags()))} | torch {torch.__version__} | {torch.get_num_threads()} threads"
     path = cache_root() / _PRECISION_CACHE
     try:
-        known = json.loads(path.read_text()) if path.is_file() else {}
+        known = json.loads(path.read_text()) if path.exists() else {}
     except (OSError, ValueError) as e:
         log.warning("ignoring unreadable %s (%s); measuring bf16 again", path, e)
         known = {}
-    if isinstance(known, dict) and isinstance(known.get(key), dict) and "speedup" in known[key]:
-        return {**known[key], "key": key, "cached": True}
+    if not isinstance(known, dict):
+        log.warning("ignoring %s: it holds a JSON %s, not an object; measuring bf16 again", path, type(known).__name__)
+        known = {}
+    entry = known.get(key)
+    if entry is not None:
+        if _valid_measurement(entry):
+            return {**entry, "key": key, "cached": True}
+        log.warning("ignoring the malformed entry of this machine in %s (%r); measuring bf16 again", path, entry)
     result = {k: round(v, 3) for k, v in measure_bf16_speedup().items()}
-    known = known if isinstance(known, dict) else {}
     known[key] = result
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +159,15 @@ def cpu_bf16_speedup() -> dict[str, Any]:
     except OSError as e:  # a read-only home: measure again next time, same decision thanks to the margin
         log.warning("could not keep the bf16 measurement in %s: %s", path, e)
     return {**result, "key": key, "cached": False}
+
+
+def _valid_measurement(entry: Any) -> bool:
+    """A kept measurement: {"speedup", "fp32_gflops", "bf16_gflops"}, each a positive finite number."""
+    return isinstance(entry, dict) and all(
+        isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool)
+        and math.isfinite(entry[k]) and entry[k] > 0
+        for k in ("speedup", "fp32_gflops", "bf16_gflops")
+    )
 
 
 def _auto_cpu_dtype() -> tuple[torch.dtype, str]:

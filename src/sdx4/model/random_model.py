@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -220,14 +221,44 @@ def cached_random_model(size: Size = "full", cache_dir: str | Path | None = None
     path = root / f"random-{size}-seed{seed}"
     with open(root / f".random-{size}-seed{seed}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (path / RANDOM_MARKER).exists():
+        damage = cached_model_damage(path) if path.exists() else "absent"
+        if damage is None:
             return path
+        if damage != "absent":
+            logging.getLogger("sdx4").warning("rebuilding the cached random model %s: %s", path, damage)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         tmp = path.with_name(path.name + ".partial")
         if tmp.exists():
             shutil.rmtree(tmp)
         build_random_model(tmp, size, seed)
         tmp.rename(path)
     return path
+
+
+def cached_model_damage(path: Path) -> str | None:
+    """Why a cached random model cannot be used (None when it can): its marker, its layout and its weight
+    files' headers are checked (cheap: no tensor is read)."""
+    from .errors import ModelConfigError
+    from .hub import missing_parts
+    from .weights import read_header
+
+    marker = path / RANDOM_MARKER
+    if not path.is_dir() or not marker.is_file():
+        return f"no {RANDOM_MARKER} marker file"
+    try:
+        if not marker.read_text().startswith("RANDOM WEIGHTS ("):
+            return f"{RANDOM_MARKER} is not sdx4's marker"
+        missing = missing_parts(path)
+        if missing:
+            return f"missing {', '.join(missing)}"
+        for rel in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                    "text_encoder/model.safetensors"):
+            if not (path / rel).is_file():
+                return f"missing {rel}"
+            read_header(path / rel, rel)
+    except (OSError, UnicodeDecodeError, ModelConfigError) as e:
+        return str(e)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
