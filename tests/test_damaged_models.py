@@ -132,8 +132,9 @@ def test_one_inf_in_the_text_encoder_is_found(damaged, tmp_path, capsys):
 
 
 def test_weights_beyond_fp16_are_refused_in_fp16_with_the_fix(damaged):
-    from sdx4.model.loading import _load_diffusers
     from diffusers import AutoencoderKL
+
+    from sdx4.model.loading import _load_diffusers
 
     edit_weights(damaged / VAE, lambda s: s["decoder.conv_out.bias"].fill_(1e6))
     with pytest.raises(ModelConfigError, match=f"{VAE}: tensor decoder.conv_out.bias has 3 values beyond the range of float16 .*--dtype fp32"):

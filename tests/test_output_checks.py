@@ -134,7 +134,7 @@ def test_an_unwritable_folder_exits_2_naming_it_not_the_probe(img, tmp_path, cap
     def denied(*a, dir=None, **k):
         raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / ".sdx4-probe-x"))
 
-    monkeypatch.setattr(imageio.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(imageio.write.tempfile, "mkstemp", denied)
     assert cli.main(["upscale", str(img), "-o", str(folder / "o.png")]) == 2
     err = capsys.readouterr().err
     assert err == f"sdx4: error: {folder}: cannot write in the output folder (Permission denied)\n"
@@ -158,8 +158,8 @@ def test_a_read_only_folder_is_refused(img, tmp_path, capsys, no_model):
 
 def test_too_little_disk_space_exits_2_and_removes_the_folders_it_made(tmp_path, capsys, monkeypatch, rng_image,
                                                                       no_model):
-    real = imageio.shutil.disk_usage
-    monkeypatch.setattr(imageio.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    real = imageio.write.shutil.disk_usage
+    monkeypatch.setattr(imageio.write.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     img = tmp_path / "photo.png"
     Image.fromarray(rng_image(400, 500)).save(img)  # RGB: 3 bytes per output pixel, +1%, +1 MiB per file
     need = max_output_bytes((500, 400), 4, 2, channels=3)
@@ -190,7 +190,7 @@ def test_a_failed_write_names_the_output_not_the_temp_file(tmp_path, monkeypatch
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(imageio.os, "fsync", full)
+    monkeypatch.setattr(imageio.write.os, "fsync", full)
     with pytest.raises(ImageOutputError) as e:
         save_image(Image.new("RGB", (4, 4)), out, {})
     assert str(e.value) == f"{out}: cannot write the output (No space left on device)"
@@ -202,7 +202,7 @@ def test_a_failed_write_in_the_cli_exits_1_naming_the_output(img, tmp_path, caps
     def readonly(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(imageio.os, "replace", readonly)  # the disk turned read-only after the checks
+    monkeypatch.setattr(imageio.write.os, "replace", readonly)  # the disk turned read-only after the checks
     out = tmp_path / "o.png"
     assert cli.main(["upscale", str(img), "-o", str(out), "--method", "bicubic", "-q"]) == 1
     assert capsys.readouterr().err == f"sdx4: error: {out}: cannot write the output (Read-only file system)\n"
@@ -310,7 +310,7 @@ def test_a_fifo_with_a_writer_is_read_once(img, tmp_path):
 def test_a_fifo_without_a_writer_is_refused_after_the_wait(tmp_path, capsys, monkeypatch, no_model):
     fifo = tmp_path / "in.png"
     os.mkfifo(fifo)
-    monkeypatch.setattr(imageio, "STREAM_WAIT_S", 0.2)
+    monkeypatch.setattr(imageio.read, "STREAM_WAIT_S", 0.2)  # read_stream reads its module's constant
     assert cli.main(["upscale", str(fifo)]) == 2
     assert capsys.readouterr().err == f"sdx4: error: {fifo}: nothing was written to it in 0.2 s (a FIFO needs a writer)\n"
     assert files(tmp_path) == ["in.png"]

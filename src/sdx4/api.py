@@ -42,7 +42,13 @@ from .model.errors import (  # noqa: F401
     ModelPathError,
     NonFiniteOutputError,
 )
-from .options import DEFAULT_MODEL, LoadOptions, UpscaleOptions, option_defaults
+from .options import (
+    DEFAULT_MODEL,
+    LoadOptions,
+    OptionsError,
+    UpscaleOptions,
+    option_defaults,
+)
 from .speed import allocator
 
 SCALE = 4
@@ -127,7 +133,7 @@ def upscale(image: Any, options: UpscaleOptions | None = None, **overrides: Any)
     """Classical upscaling without a model: `sdx4.upscale(img, method="lanczos")`."""
     opts = _options(options, overrides)
     if opts.method == "sd":
-        raise ValueError("method 'sd' needs the model: use sdx4.load() and call the upscaler it returns")
+        raise OptionsError("method 'sd' needs the model: use sdx4.load() and call the upscaler it returns", option="method")
     return upscale_classical_result(image, opts)
 
 

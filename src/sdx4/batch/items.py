@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..imageio import ImageInputError, open_image_bytes, save_image
+from ..imageio import ImageInputError, decode_image, save_image
 from ..metadata import manifest_record, saved_metadata
 from ..options import OptionsError
 from .job import ESCAPED_KEY, BatchItem, Status, is_escaped, shown_name
@@ -108,7 +108,7 @@ def read_item(item: BatchItem, input_dir: Path) -> Loaded:
     stamp: dict[str, Any] = {}
     try:
         data, stamp = read_input(input_dir / item.input, name)
-        image = open_image_bytes(data, name)
+        image = decode_image(data, name)
     except ImageInputError as e:
         return Loaded(item, error=str(e), timings={"read": _secs(t0)}, stamp=stamp)
     return Loaded(item, image=image, timings={"read": _secs(t0)}, stamp=stamp)

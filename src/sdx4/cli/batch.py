@@ -70,6 +70,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from ..batch import run_batch, summary_lines
     from ..batch.job import BatchError, BatchJob
     from ..batch.ray import RayConfig, RayMissingError, RayRunError
+    from ..imageio import OUTPUT_SUFFIXES
     from .args import (
         EXIT_FAILURE,
         UsageError,
@@ -82,6 +83,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if not args.output:
         raise UsageError(f"{src}: a folder INPUT needs an output folder: -o OUTDIR")
     out = Path(args.output)
+    if args.output == "-" or (out.suffix.lower() in OUTPUT_SUFFIXES and not out.is_dir()):  # one file: a folder INPUT writes many
+        raise UsageError(f"-o {args.output}: a folder INPUT writes a folder of outputs; give -o a folder name (OUTDIR or OUTDIR/)")
     if args.overwrite:
         raise UsageError(
             f"--overwrite does not apply to a folder INPUT: the run resumes and redoes only what changed "

@@ -197,7 +197,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
         if queued_cost and waiting + cost > settings.max_queue_cost:
             raise ApiError(
                 429,
-                f"the queue is full: {waiting:.1f} megapixel-steps waiting, this job {cost:.1f}, the limit is {settings.max_queue_cost:g}",
+                f"the queue is full: {waiting:.3g} megapixel-steps waiting, this job {cost:.3g}, the limit is {settings.max_queue_cost:g}",
                 headers={"Retry-After": str(max(1, min(3600, manager.status()["queued"] * 5)))},
                 extra={"limit": settings.max_queue_cost, "queued_cost": round(waiting, 3), "cost": round(cost, 3)},
             )

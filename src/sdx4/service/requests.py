@@ -287,7 +287,7 @@ def check_cost(name: str, size: tuple[int, int], cost: float, settings: ServerSe
         w, h = size
         raise ApiError(
             413,
-            f"{name}: this job ({w}x{h}) costs {cost:.1f} megapixel-steps, over the limit of {settings.max_job_cost:g} "
+            f"{name}: this job ({w}x{h}) costs {cost:.3g} megapixel-steps, over the limit of {settings.max_job_cost:g} "
             "(fewer steps, guidance <= 1, fewer images or a smaller image cost less)",
             "image",
             extra={"limit": settings.max_job_cost, "cost": round(cost, 3), "unit": "megapixel-steps"},
