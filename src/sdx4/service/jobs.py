@@ -20,6 +20,9 @@ was running (once: a job that was running when the server died twice fails with 
 that kills the server cannot kill it forever). Jobs a graceful shutdown cancelled run again too.
 Without `results_dir` the folder is temporary: removed at close, and at start-up the temporary folders
 of dead servers are removed.
+
+(Longer than the ~500 lines a module should keep to: JobManager is one class whose lock guards the queue,
+the worker's hand-over and the store's records together; cut in two, that lock would be shared across files.)
 """
 
 from __future__ import annotations
