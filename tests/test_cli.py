@@ -181,3 +181,23 @@ def test_load_options_from_args_reads_every_model_argument():
     assert load_options_from_args(args) == sdx4.LoadOptions(model="./m", device="cuda:1", dtype="bf16", vae_dtype="bf16",
                                                             low_memory=False, compile=True)
     assert load_options_from_args(build_parser().parse_args(["upscale", "x.png"])) == sdx4.LoadOptions()
+
+
+def test_max_job_cost_refuses_an_image_over_it_before_any_denoising(tiny_model_dir, img, tmp_path, capsys, monkeypatch):
+    """The service's cost limit on the command line: checked after the model loads, before any UNet call."""
+    import sdx4.engine.loop as loop
+
+    monkeypatch.setattr(loop, "upscale_tensor", lambda *a, **k: pytest.fail("denoised an image over --max-job-cost"))
+    w, h = Image.open(img).size
+    base = ["upscale", str(img), "--model", str(tiny_model_dir), "--steps", "10", "-o", str(tmp_path / "o.png"), "-q"]
+    assert cli.main([*base, "--max-job-cost", "0.001"]) == 2
+    err = capsys.readouterr().err
+    assert f"--max-job-cost: this job ({w}x{h}) costs " in err and "over the limit of 0.001" in err
+    assert not (tmp_path / "o.png").exists()
+    assert cli.main([*base, "--max-job-cost", "-1"]) == 2
+    assert "--max-job-cost must be a positive number of megapixel-steps; got -1" in capsys.readouterr().err
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.open(img).save(folder / "a.png")
+    assert cli.main(["upscale", str(folder), "-o", str(tmp_path / "out"), "--method", "bicubic", "--max-job-cost", "5"]) == 2
+    assert "--max-job-cost applies to image INPUTs" in capsys.readouterr().err

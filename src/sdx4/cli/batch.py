@@ -85,6 +85,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if args.output == "-" or (out.suffix.lower() in OUTPUT_SUFFIXES and not out.is_dir()):  # one file: a folder INPUT writes many
         raise UsageError(f"-o {args.output}: a folder INPUT writes a folder of outputs; give -o a folder name (OUTDIR or OUTDIR/)")
+    if args.max_job_cost is not None:
+        raise UsageError("--max-job-cost applies to image INPUTs; a folder run has no per-image cost limit")
     if args.overwrite:
         raise UsageError(
             f"--overwrite does not apply to a folder INPUT: the run resumes and redoes only what changed "

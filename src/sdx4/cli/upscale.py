@@ -87,6 +87,9 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=int, default=d["scale"], help=f"output = scale x input, an integer {MIN_SCALE}..{MAX_SCALE}")
     add_output_args(p)
     p.add_argument("--color-fix", choices=COLOR_FIXES, default=d["color_fix"], help="match colours to the bicubic-upscaled input")
+    p.add_argument("--max-job-cost", type=float, default=None, metavar="MPS",
+                   help="refuse, before any denoising, an input whose UNet work is over MPS megapixel-steps (padded latent MP x "
+                   "steps x images x 2 with guidance, per x4 pass; the service's --max-job-cost); default: no limit")
     p.add_argument("--max-memory", default=None, metavar="SIZE", help="memory budget, weights included (e.g. 6GiB); default: 60%% of free RAM / 80%% of free GPU memory")
     p.add_argument("--tile-size", type=int, default=d["tile_size"], help="latent tile side in input pixels (default: from --max-memory)")
     p.add_argument("--tile-overlap", type=int, default=d["tile_overlap"], help="tile overlap in input pixels (default: a quarter of the tile, at most 32)")
@@ -166,6 +169,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     if is_batch(args):  # a folder INPUT: the batch runner takes over (manifest, resume, Ray)
         return cmd_batch(args)
     options = options_from_args(args)
+    if args.max_job_cost is not None and not args.max_job_cost > 0:
+        raise UsageError(f"--max-job-cost must be a positive number of megapixel-steps; got {args.max_job_cost:g}")
     inputs = [Path(p) for p in args.inputs]
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
 
@@ -265,6 +270,12 @@ def _upscale_all(
                 upscaler.check(options, size)
             except MemoryBudgetError as e:
                 raise UsageError(f"{src}: --max-memory: {e}") from None
+            cost = upscaler.cost(options, size).megapixel_steps
+            if args.max_job_cost is not None and cost > args.max_job_cost:
+                raise UsageError(
+                    f"{src}: --max-job-cost: this job ({size[0]}x{size[1]}) costs {cost:.3g} megapixel-steps, over the "
+                    f"limit of {args.max_job_cost:g} (fewer steps, guidance <= 1, fewer images or a smaller image cost less)"
+                )
 
     for src, source, paths in zip(inputs, sources, outputs):
         opts = options.with_seed()
