@@ -35,7 +35,7 @@ from .imageio import (
     profile_fits,
     to_output_mode,
 )
-from .metadata import classical_metadata, sd_metadata
+from .metadata import VERSION_KEY, classical_metadata, sd_metadata
 from .model.errors import (  # noqa: F401
     ModelConfigError,
     ModelNotFoundError,
@@ -174,7 +174,7 @@ class Upscaler:
             "max_noise_level": c.max_noise_level,
             **c.placement.describe(),
             "low_memory": self.low_memory,
-            "sdx4_version": __version__,
+            VERSION_KEY: __version__,  # the key metadata.py owns
         }
 
     def describe(self, seconds: float) -> list[str]:
