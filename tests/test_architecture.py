@@ -19,14 +19,14 @@ LAYERS = {
     "sdx4.speed": 1,
     "sdx4.model": 2,
     "sdx4.engine": 3,
-    "sdx4.api": 4, "sdx4": 4,
+    "sdx4.api": 4, "sdx4": 4, "sdx4.train": 4, "sdx4.video": 4,
     "sdx4.quality": 5, "sdx4.batch": 5, "sdx4.service": 5,
     "sdx4.cli": 6, "sdx4.__main__": 6, "sdx4.memory": 6, "sdx4.random_model": 6,
 }  # fmt: skip
 FRONT_ENDS = ("sdx4.cli", "sdx4.batch", "sdx4.service", "sdx4.quality")
 #: What a front end may import besides its own package: the foundations and the public API (the CLI also
 #: the other front ends it dispatches to).
-PUBLIC = ("sdx4.options", "sdx4.imageio", "sdx4.metadata", "sdx4.cache", "sdx4._version", "sdx4.api", "sdx4")
+PUBLIC = ("sdx4.options", "sdx4.imageio", "sdx4.metadata", "sdx4.cache", "sdx4._version", "sdx4.api", "sdx4", "sdx4.train", "sdx4.video")
 #: (importer, imported) pairs allowed across the rule above, each with its reason.
 EXCEPTIONS = {
     # The `sdx4` command restarts itself on tcmalloc before anything is loaded: a property of the process,
