@@ -16,7 +16,7 @@ const FIELDS = ["prompt", "negative_prompt", "method", "scale", "color_fix", "wi
   "steps", "guidance", "noise_level", "seed", "eta", "scheduler"];
 // What only the diffusion model reads; the other methods ignore these fields, so the page disables them.
 const MODEL_ONLY = ["prompt", "negative_prompt", "steps", "guidance", "noise_level", "seed", "eta", "scheduler", "lora"];
-const METHOD_TITLES = { sd: "sd (diffusion model)", realesrgan: "realesrgan (Real-ESRGAN x4plus)" };
+const METHOD_TITLES = { sd: "sd (model)", realesrgan: "realesrgan (GAN)" };
 const ZOOMS = [1, 2, 4];
 
 const state = {
@@ -496,10 +496,12 @@ function applyLoupe() {
   if (!shown || L.zoom === "fit") return;
   const [w, h] = shown.size, z = L.zoom, pane = $("pane-after");
   const vw = pane.clientWidth / z, vh = pane.clientHeight / z;  // the region in view, output pixels
-  L.cx = w <= vw ? w / 2 : clamp(L.cx, vw / 2, w - vw / 2);
-  L.cy = h <= vh ? h / 2 : clamp(L.cy, vh / 2, h - vh / 2);
+  // An image smaller than the view is centred, and keeps the centre asked for (for the next zoom in).
+  L.cx = w <= vw ? clamp(L.cx, 0, w) : clamp(L.cx, vw / 2, w - vw / 2);
+  L.cy = h <= vh ? clamp(L.cy, 0, h) : clamp(L.cy, vh / 2, h - vh / 2);
+  const cx = w <= vw ? w / 2 : L.cx, cy = h <= vh ? h / 2 : L.cy;
   // Whole screen pixels, so 1:1 stays sharp.
-  const tx = Math.round((vw / 2 - L.cx) * z), ty = Math.round((vh / 2 - L.cy) * z);
+  const tx = Math.round((vw / 2 - cx) * z), ty = Math.round((vh / 2 - cy) * z);
   L.x = -tx / z;
   L.y = -ty / z;
   const transform = `translate(${tx}px, ${ty}px) scale(${z})`;
