@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .args import (
     add_method_args,
@@ -33,10 +35,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("hr_dir", metavar="HR_DIR", help="folder of high-resolution images (png, jpg, webp, bmp, tif)")
+    p.add_argument("hr_dir", metavar="HR_DIR", nargs="?", help="folder of high-resolution images (png, jpg, webp, bmp, tif)")
     p.add_argument("-o", "--output", required=True, metavar="REPORT_DIR", help="folder for the report (created if missing)")
     p.add_argument("--scale", type=int, default=4, help="upscaling factor, 2..8 (sd: 4 only); also the border crop")
     add_method_args(p, DEFAULT_METHODS)
+    p.add_argument(
+        "--pairs",
+        nargs=2,
+        metavar=("LR_DIR", "HR_DIR"),
+        help="real-world pairs instead of HR_DIR: files matched by name stem, each HR exactly --scale x its LR; "
+        "also writes report.json and a crop gallery per pair (gallery/NAME.png)",
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib needed)")
     p.add_argument("--no-perceptual", action="store_true", help="do not look for LPIPS")
     p.add_argument("--overwrite", action="store_true", help="replace existing report files")
@@ -66,6 +75,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if "sd" in methods and args.scale != SD_SCALE:
         raise UsageError(f"--scale {args.scale}: method sd upscales by exactly {SD_SCALE}")
     sd_options = sd_options_from_args(args) if "sd" in methods else None
+    if args.pairs is not None:
+        if args.hr_dir is not None:
+            raise UsageError(f"give either HR_DIR ({args.hr_dir}) or --pairs LR_DIR HR_DIR, not both")
+        return cmd_evaluate_pairs(args, methods, sd_options, say)
+    if args.hr_dir is None:
+        raise UsageError("give HR_DIR, or --pairs LR_DIR HR_DIR")
     hr_dir, out_dir = Path(args.hr_dir), Path(args.output)
     if not hr_dir.is_dir():
         raise UsageError(f"{hr_dir}: not a folder")
@@ -102,4 +117,49 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if report.failures:
         print(f"sdx4: {len(report.failures)} file(s) could not be evaluated; see {out_dir / 'report.md'}", file=sys.stderr)
         return EXIT_USAGE
+    return EXIT_OK
+
+
+def cmd_evaluate_pairs(args: argparse.Namespace, methods: tuple[str, ...], sd_options: Any, say: Callable[..., None]) -> int:
+    """`--pairs LR_DIR HR_DIR`: every pair checked (names, sizes, scale) before the model loads."""
+    from ..imageio import ImageInputError
+    from ..quality.evaluate import MATPLOTLIB_MISSING, matplotlib_available
+    from ..quality.methods import MethodRunner
+    from ..quality.pairs import (
+        PAIRS_FILES,
+        check_pairs,
+        evaluate_pairs,
+        match_pairs,
+        write_pairs_report,
+    )
+    from .args import EXIT_OK, UsageError
+
+    lr_dir, hr_dir = (Path(d) for d in args.pairs)
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: exists and is not a folder")
+    existing = [out_dir / n for n in PAIRS_FILES if (out_dir / n).exists()]
+    if existing and not args.overwrite:
+        raise UsageError(f"{existing[0]}: already exists (pass --overwrite to replace the report)")
+    if not args.no_plot and not matplotlib_available():
+        raise UsageError(MATPLOTLIB_MISSING)
+    try:
+        match = match_pairs(lr_dir, hr_dir)
+        check_pairs(match, args.scale)
+    except ImageInputError as e:
+        raise UsageError(str(e)) from None
+    for role, names in (("LR", match.unmatched_lr), ("HR", match.unmatched_hr)):
+        if names:
+            print(f"sdx4: {len(names)} {role} file(s) without a partner, not evaluated: {', '.join(names)}", file=sys.stderr)
+    upscaler = load_upscaler(args, sd_options, quiet=args.quiet) if sd_options is not None else None
+    runner = MethodRunner(sd_options=sd_options, upscaler=upscaler)
+    result = evaluate_pairs(match, methods, runner, args.scale, on_event=say)
+    if sd_options is not None:
+        result.report.settings["sd_options"] = sd_options.to_dict()
+        result.report.settings["model"] = upscaler.info["model"]
+        result.report.settings["random_weights"] = upscaler.info["random_weights"]
+    written = write_pairs_report(result, out_dir, lr_dir, hr_dir, plot=not args.no_plot)
+    for m, v in result.report.means().items():
+        say(f"mean {m}: PSNR-Y {v['psnr_y']:.2f} dB, SSIM-Y {v['ssim_y']:.4f}, {v['seconds']:.4g} s/image")
+    say("wrote " + ", ".join(str(p) for p in written))
     return EXIT_OK
