@@ -207,6 +207,74 @@ def test_the_page_keeps_its_csp_and_every_control_comes_from_v1_info(browser, ap
         assert page.is_disabled("#lora")
         page.select_option("#method", "sd")
         assert page.is_enabled("#lora")
+
+        # What the page sends (seen through the estimate request): the LoRA chosen, width/height when
+        # given (and the file's line follows them), nothing that the method ignores.
+        sent: list[str] = []
+
+        def estimate(route):
+            sent.append(route.request.post_data or "")
+            route.fulfill(
+                json={
+                    "seconds": 1.0,
+                    "peak_bytes": 1,
+                    "output_size": [1, 1],
+                    "summary": f"call {len(sent)}",
+                }
+            )
+
+        page.route("**/v1/estimate", estimate)
+        page.set_input_files("#file", str(ROOT / "examples" / "cat.png"))
+        expect(page.locator("#estimate")).to_have_text(
+            "call 1"
+        )  # one call per burst of changes
+        assert 'name="width"\r\n\r\n64\r\n' in sent[0] and 'name="lora"' not in sent[0]
+        page.select_option("#lora", "sharp")
+        page.fill("#width", "100")
+        expect(page.locator("#estimate")).to_have_text("call 2")
+        expect(page.locator("#file-info")).to_have_text("cat.png · 64×64 → 100×100")
+        # width/height of the estimate are the input's; the output width goes with the job.
+        assert (
+            'name="lora"\r\n\r\nsharp\r\n' in sent[1]
+            and 'name="width"\r\n\r\n64\r\n' in sent[1]
+        )
+        jobs: list[str] = []
+
+        def refuse(route):
+            jobs.append(route.request.post_data_buffer.decode("latin-1"))
+            route.fulfill(
+                status=422,
+                json={"detail": "lora: refused by this test", "option": "lora"},
+            )
+
+        page.route("**/v1/jobs", refuse)
+        page.click("#run")
+        expect(page.locator("#error")).to_have_text(
+            "cat.png: lora: refused by this test"
+        )  # a 4xx detail
+        assert (
+            'name="lora"\r\n\r\nsharp\r\n' in jobs[0]
+            and 'name="width"\r\n\r\n100\r\n' in jobs[0]
+        )
+        assert (
+            'name="steps"\r\n\r\n75\r\n' in jobs[0] and 'filename="cat.png"' in jobs[0]
+        )
+        page.select_option("#method", "lanczos")
+        expect(page.locator("#estimate")).to_have_text("call 3")
+        assert (
+            'name="lora"' not in sent[2]
+            and 'name="steps"' not in sent[2]
+            and 'name="method"\r\n\r\nlanczos' in sent[2]
+        )
+        page.click("#run")
+        expect(page.locator("#error")).to_have_text(
+            "cat.png: lora: refused by this test"
+        )
+        assert (
+            len(jobs) == 2
+            and 'name="lora"' not in jobs[1]
+            and 'name="prompt"' not in jobs[1]
+        )
         assert unexpected(errors) == []
         page.close()
 
@@ -232,6 +300,18 @@ def test_unreadable_files_and_server_errors_are_shown_by_name(browser, app, tmp_
         assert app.state.manager.status()["jobs"]["done"] == 0
         expect(page.locator("#jobs-panel")).to_be_hidden()
         assert page.is_enabled("#run")
+        # Fixed, two images per input: one row, a download for each.
+        page.fill("#num_images", "2")
+        page.fill("#steps", "2")
+        page.click("#run")
+        expect(page.locator("#jobs li[data-state=done]")).to_have_count(1)
+        expect(page.locator("#error")).to_be_hidden()
+        links = page.locator("#jobs a.download")
+        assert links.all_text_contents() == ["PNG 1", "PNG 2"]
+        names = [a.get_attribute("download") for a in links.all()]
+        assert len(set(names)) == 2 and all(
+            n.startswith("cat_x4") and n.endswith(".png") for n in names
+        )
         assert unexpected(errors) == []
         page.close()
 

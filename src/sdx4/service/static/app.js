@@ -137,7 +137,14 @@ function updateRunButton() { $("run").disabled = !state.files.length || !state.i
 
 // ---- files ----------------------------------------------------------------------------------------------
 
+// The output size shown beside each file: width/height when given (one of them keeps the aspect ratio),
+// else scale x the input. The server's own answer is the estimate's `output_size` and the result.
 function outputSize(w, h) {
+  const given = (name) => (offered(name) && !$(name).disabled && $(name).value !== "" ? Number($(name).value) : null);
+  const W = given("width"), H = given("height");
+  if (W && H) return [W, H];
+  if (W) return [W, Math.round((h * W) / w)];
+  if (H) return [Math.round((w * H) / h), H];
   const s = Number($("scale").value) || 4;
   return [Math.round(w * s), Math.round(h * s)];
 }
@@ -212,7 +219,9 @@ async function runEstimate() {
     const fd = new FormData();
     fd.append("width", String(f.w));
     fd.append("height", String(f.h));
-    for (const [k, v] of formFields()) fd.append(k, v);
+    // width/height here are the INPUT's size (the route's contract); the output width/height options
+    // cannot be sent under the same names.
+    for (const [k, v] of formFields()) if (k !== "width" && k !== "height") fd.append(k, v);
     let res;
     try {
       res = await fetch("/v1/estimate", { method: "POST", body: fd, headers: headers(), signal });
