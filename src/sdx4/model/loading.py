@@ -53,9 +53,12 @@ class Components:
     compiled: bool = False  # the UNet is wrapped with torch.compile (a reloaded one is too)
     unet_config: Any = None  # kept while the UNet itself is released (low-memory policy, large decodes)
     speed: speed.Installed | None = None  # the speed tricks on the UNet (`speed.install`), renewed by load_unet
+    source: Any = None  # a single-file checkpoint (single_file.SingleFileModel) the networks are read from
 
     def load_text_encoder(self) -> Any:
         """Load the text encoder again (the low-memory policy drops it between prompts)."""
+        if self.source is not None:
+            return self.source.text_encoder(self.placement)
         if self.folder is None:
             raise RuntimeError("the text encoder was released and the model folder is unknown")
         return _load_text_encoder(self.folder, self.placement)
@@ -63,6 +66,9 @@ class Components:
     def load_unet(self) -> Any:
         """Load the UNet again, placed and prepared as at first (the low-memory policy releases it for
         decodes that would otherwise spill to disk)."""
+        if self.source is not None:
+            unet, self.speed = _prepare_unet(self.source.unet(self.placement), self.placement, self.compiled)
+            return unet
         if self.folder is None:
             raise RuntimeError("the UNet was released and the model folder is unknown")
         unet, self.speed = _prepare_unet(_load_unet(self.folder, self.placement), self.placement, self.compiled)
@@ -168,6 +174,11 @@ def load_components(
     it knows there and drops the text encoder, so that it and the UNet are never in memory together.
     """
     placement = resolve_placement(device, dtype, vae_dtype)
+    from .single_file import load_single_file_components, single_file_path
+
+    single = single_file_path(model)
+    if single is not None:  # x4-upscaler-ema.safetensors / .ckpt: the bundled configs, nothing fetched
+        return load_single_file_components(single, model, placement, compile, before_denoiser)
     folder = resolve_model_dir(model)
     # Configs and weight headers, before any heavy work; the networks come back empty (meta), to be filled.
     # Popped as they are used: this function keeps no reference to the text encoder (low-memory policy).
