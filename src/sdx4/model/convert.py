@@ -238,7 +238,7 @@ def folder_to_single_file(folder: Path, dst: Path, dtype: torch.dtype | None = N
     return dst
 
 
-def single_file_to_folder(src: Path, dst: Path, overwrite: bool = False) -> Path:
+def single_file_to_folder(src: Path, dst: Path, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """One single-file checkpoint -> a diffusers folder (the networks in their stored precision)."""
     from safetensors.torch import save_file
 
@@ -253,7 +253,7 @@ def single_file_to_folder(src: Path, dst: Path, overwrite: bool = False) -> Path
     try:
         for part, weights in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                               ("text_encoder", "model")):
-            module = model.network(part, None)
+            module = model.network(part, dtype)
             (tmp / part).mkdir(parents=True)
             state = {k: v.contiguous() for k, v in module.state_dict().items()}
             save_file(state, str(tmp / part / f"{weights}.safetensors"), metadata={"format": "pt"})
