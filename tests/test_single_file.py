@@ -103,7 +103,8 @@ def test_full_size_original_layout_agrees_with_diffusers_converters_on_meta_tens
     assert "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight" not in shapes
     n = {p: sum(k.startswith(pre) for k in shapes) for p, pre in PREFIXES.items()}
     want = {p: len([k for k in m.state_dict() if not k.endswith("position_ids")]) for p, m in empty.items()}
-    assert n == want and n["text_encoder"] == 4 + 12 * 23, n  # in_proj fuses q, k, v (3 x 2 -> 2 tensors a layer)
+    # one tensor for one, except in_proj: q, k, v (weights and biases: 6 tensors) fused into 2 in each of the 23 layers
+    assert (n["unet"], n["vae"], n["text_encoder"]) == (want["unet"], want["vae"], want["text_encoder"] - 4 * 23) == (687, 204, 280)
     ckpt = Checkpoint(Path("full.safetensors"), shapes, None)
     for p in PREFIXES:  # raises on any missing key or shape
         check_conversion(ckpt, p, configs[p], empty[p], "the bundled configs")
@@ -179,17 +180,19 @@ def test_ckpt_with_state_dict_loads(single, tmp_path, image, folder_image):
 
 
 def test_single_file_to_folder_round_trip(single, tmp_path, image, folder_image, tiny_model_dir):
-    out = run_cli("convert", str(single), str(tmp_path / "back"))
-    assert out.returncode == 0, out.stderr
-    assert f"--model {tmp_path / 'back'}" in out.stderr
+    import sdx4
+    from sdx4.model.errors import ModelPathError
+
+    back = sdx4.convert(str(single), str(tmp_path / "back"))
+    assert back == str(tmp_path / "back")
     from safetensors.torch import load_file
 
     for rel in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         a, b = load_file(tmp_path / "back" / rel), load_file(tiny_model_dir / rel)
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), rel
     assert np.array_equal(_run(tmp_path / "back", image), folder_image)
-    again = run_cli("convert", str(single), str(tmp_path / "back"))
-    assert again.returncode == 2 and "already exists" in again.stderr
+    with pytest.raises(ModelPathError, match="already exists"):
+        sdx4.convert(str(single), str(tmp_path / "back"))
 
 
 def test_cli_convert_folder_to_single_file_in_fp16(tiny_model_dir, tmp_path):
@@ -197,6 +200,9 @@ def test_cli_convert_folder_to_single_file_in_fp16(tiny_model_dir, tmp_path):
 
     out = run_cli("convert", str(tiny_model_dir), str(tmp_path / "t16.safetensors"), "--dtype", "fp16")
     assert out.returncode == 0, out.stderr
+    assert f"use it with --model {tmp_path / 't16.safetensors'}" in out.stderr
+    again = run_cli("convert", str(tiny_model_dir), str(tmp_path / "t16.safetensors"))
+    assert again.returncode == 2 and "already exists" in again.stderr
     with safe_open(str(tmp_path / "t16.safetensors"), framework="pt") as f:
         t = f.get_tensor("model.diffusion_model.input_blocks.0.0.weight")
         assert t.dtype == torch.float16 and t.shape[1] == 7
@@ -233,8 +239,12 @@ def test_refuses_a_stable_diffusion_1_checkpoint(tmp_path):
     })
     msg = _refusal(path)
     assert "Stable Diffusion 1.x" in msg and "4 input channels" in msg and "takes 7" in msg and str(path) in msg
-    out = run_cli("upscale", str(tmp_path / "x.png"), "--model", str(path))
-    assert out.returncode == 2 and "sdx4: error:" in out.stderr and "Traceback" not in out.stderr
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    out = run_cli("upscale", str(tmp_path / "x.png"), "--model", str(path), "--device", "cpu")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"sdx4: error: {path} is a Stable Diffusion 1.x" in out.stderr
 
 
 def test_refuses_a_vae_alone(tmp_path):
@@ -257,8 +267,13 @@ def test_refuses_a_text_file_renamed(tmp_path):
     path = tmp_path / "notes.safetensors"
     path.write_text("these are my notes, not a model\n" * 20)
     assert "a text file, not a single-file checkpoint" in _refusal(path)
-    out = run_cli("convert", str(path), str(tmp_path / "out"))
-    assert out.returncode == 2 and "a text file" in out.stderr and not (tmp_path / "out").exists()
+    from sdx4.model.errors import ModelConfigError
+
+    import sdx4
+
+    with pytest.raises(ModelConfigError, match="a text file"):
+        sdx4.convert(str(path), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*.partial"))
 
 
 def test_refuses_a_tiny_file_without_configs_against_the_published_shapes(single, tmp_path):

@@ -395,6 +395,10 @@ def convert(src: str, dst: str, *, dtype: str | None = None, overwrite: bool = F
     """
     from pathlib import Path
 
+    from .model.errors import ModelPathError
+
+    if Path(dst).expanduser().exists() and not overwrite:  # before torch is even imported
+        raise ModelPathError(f"{dst} already exists; choose another name or pass overwrite=True (--overwrite)")
     from .model.convert import folder_to_single_file, single_file_to_folder
     from .model.hub import resolve_model_dir
     from .model.single_file import single_file_path

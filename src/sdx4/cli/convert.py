@@ -37,7 +37,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .args import EXIT_OK
 
     t0 = time.perf_counter()
-    api.quiet_libraries()
     out = api.convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     if not args.quiet:
         print(f"sdx4: wrote {out} in {time.perf_counter() - t0:.1f} s; use it with --model {out}", file=sys.stderr)
