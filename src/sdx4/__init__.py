@@ -11,7 +11,7 @@ Importing sdx4 does not import torch; loading the model does.
 """
 
 from ._version import __version__
-from .api import Upscaler, UpscaleResult, convert, load, upscale
+from .api import Upscaler, UpscaleResult, convert, download, load, upscale
 from .imageio import ImageInputError, read_metadata
 from .options import METHODS, LoadOptions, OptionsError, UpscaleOptions
 
@@ -28,4 +28,5 @@ __all__ = [
     "METHODS",
     "read_metadata",
     "convert",
+    "download",
 ]

@@ -414,3 +414,16 @@ def convert(src: str, dst: str, *, dtype: str | None = None, overwrite: bool = F
         return str(single_file_to_folder(single, Path(dst).expanduser(), dtype=torch_dtype, overwrite=overwrite))
     folder = resolve_model_dir(src)
     return str(folder_to_single_file(folder, Path(dst).expanduser(), dtype=torch_dtype, overwrite=overwrite))
+
+
+def download(repo_id: str | None = None, variant: str = "fp32", to: str | None = None, progress: bool = True) -> str:
+    """Download the x4 upscaler's files for ONE precision variant (fp32 or fp16) from the Hub into a local
+    folder (default: the sdx4 cache's models/stable-diffusion-x4-upscaler-VARIANT) and return it: pass it
+    to `sdx4.load(...)` / `--model`. Only what the variant needs (no single-file checkpoints, no .bin copies
+    of safetensors files); resumes an interrupted download. Without network: ModelNotFoundError in seconds."""
+    from .model.download import VARIANTS
+    from .model.download import download as fetch
+
+    if variant not in VARIANTS:
+        raise OptionsError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}", option="variant")
+    return str(fetch(repo_id or DEFAULT_MODEL, variant, to, progress=progress))
