@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 #: The file list of stabilityai/stable-diffusion-x4-upscaler as assumed here (the Hub's listing was not
@@ -64,18 +63,32 @@ def test_fp16_takes_the_fp16_safetensors_only():
 
     got = select_files(REPO_FILES, "fp16")
     weights = sorted(f for f in got if f not in CONFIGS)
-    assert weights == ["text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
-                       "vae/diffusion_pytorch_model.fp16.safetensors"]
-    assert not any(f.endswith((".ckpt", ".bin", ".png", ".yaml")) or f.startswith("x4-upscaler-ema") for f in got)
+    assert weights == [
+        "text_encoder/model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ]
+    assert not any(
+        f.endswith((".ckpt", ".bin", ".png", ".yaml"))
+        or f.startswith("x4-upscaler-ema")
+        for f in got
+    )
 
 
 def test_falls_back_to_bin_when_a_repo_has_no_safetensors_and_to_fp32_when_no_fp16():
     from sdx4.model.download import select_files
 
-    files = [f for f in REPO_FILES if not (f.startswith("unet/") and f.endswith(".safetensors"))]
+    files = [
+        f
+        for f in REPO_FILES
+        if not (f.startswith("unet/") and f.endswith(".safetensors"))
+    ]
     files = [f for f in files if f != "vae/diffusion_pytorch_model.fp16.safetensors"]
     got = select_files(files, "fp16")
-    assert "unet/diffusion_pytorch_model.fp16.bin" in got and "vae/diffusion_pytorch_model.safetensors" in got
+    assert (
+        "unet/diffusion_pytorch_model.fp16.bin" in got
+        and "vae/diffusion_pytorch_model.safetensors" in got
+    )
     assert "unet/diffusion_pytorch_model.bin" in select_files(files, "fp32")
 
 
@@ -84,13 +97,20 @@ def test_a_repo_without_the_upscalers_files_is_refused_naming_them():
     from sdx4.model.errors import ModelNotFoundError
 
     files = [f for f in REPO_FILES if not f.startswith(("unet/", "tokenizer/"))]
-    with pytest.raises(ModelNotFoundError, match=r"lacks unet/config.json, tokenizer/\*, unet/diffusion_pytorch_model.safetensors"):
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"lacks unet/config.json, tokenizer/\*, unet/diffusion_pytorch_model.safetensors",
+    ):
         select_files(files, "fp32")
-    with pytest.raises(ValueError, match="variant must be one of fp16, fp32; got 'fp8'"):
+    with pytest.raises(
+        ValueError, match="variant must be one of fp16, fp32; got 'fp8'"
+    ):
         select_files(REPO_FILES, "fp8")
 
 
-def test_download_fetches_the_selection_and_links_fp16_files_under_the_loaders_names(tmp_path, monkeypatch):
+def test_download_fetches_the_selection_and_links_fp16_files_under_the_loaders_names(
+    tmp_path, monkeypatch
+):
     import huggingface_hub
 
     import sdx4
@@ -107,14 +127,25 @@ def test_download_fetches_the_selection_and_links_fp16_files_under_the_loaders_n
 
     monkeypatch.setattr(hub, "_hub_offline", lambda: False)
     monkeypatch.setattr(hub, "_hub_reachable", lambda endpoint, timeout=3.0: True)
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id: list(REPO_FILES))
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id: list(REPO_FILES)
+    )
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     out = Path(sdx4.download(variant="fp16", to=str(tmp_path / "m"), progress=False))
     assert out == tmp_path / "m"
-    assert sorted(fetched) == sorted(__import__("sdx4.model.download", fromlist=["x"]).select_files(REPO_FILES, "fp16"))
+    assert sorted(fetched) == sorted(
+        __import__("sdx4.model.download", fromlist=["x"]).select_files(
+            REPO_FILES, "fp16"
+        )
+    )
     plain = out / "unet" / "diffusion_pytorch_model.safetensors"
-    assert plain.read_text() == "stabilityai/stable-diffusion-x4-upscaler:unet/diffusion_pytorch_model.fp16.safetensors"
-    assert (out / "text_encoder" / "model.safetensors").is_file() and not (out / "x4-upscaler-ema.safetensors").exists()
+    assert (
+        plain.read_text()
+        == "stabilityai/stable-diffusion-x4-upscaler:unet/diffusion_pytorch_model.fp16.safetensors"
+    )
+    assert (out / "text_encoder" / "model.safetensors").is_file() and not (
+        out / "x4-upscaler-ema.safetensors"
+    ).exists()
     assert hub.missing_parts(out) == []
 
 
@@ -127,8 +158,19 @@ def test_bad_variant_is_an_options_error():
 
 
 def test_cli_download_offline_fails_fast_with_the_clear_message(tmp_path):
-    out = run_cli("download", "--variant", "fp16", "--to", str(tmp_path / "m"), env={"HF_HUB_OFFLINE": "1"}, timeout=60)
+    out = run_cli(
+        "download",
+        "--variant",
+        "fp16",
+        "--to",
+        str(tmp_path / "m"),
+        env={"HF_HUB_OFFLINE": "1"},
+        timeout=60,
+    )
     assert out.returncode == 1, out.stderr
-    assert "sdx4: error: cannot download 'stabilityai/stable-diffusion-x4-upscaler': HF_HUB_OFFLINE=1" in out.stderr
+    assert (
+        "sdx4: error: cannot download 'stabilityai/stable-diffusion-x4-upscaler': HF_HUB_OFFLINE=1"
+        in out.stderr
+    )
     assert "--model PATH" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "m").exists()

@@ -22,11 +22,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("src", metavar="SRC", help="single file (.safetensors, .ckpt) or diffusers folder")
-    p.add_argument("dst", metavar="DST", help="diffusers folder to create, or .safetensors file to write")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="precision to write (default: as stored)")
+    p.add_argument(
+        "src",
+        metavar="SRC",
+        help="single file (.safetensors, .ckpt) or diffusers folder",
+    )
+    p.add_argument(
+        "dst",
+        metavar="DST",
+        help="diffusers folder to create, or .safetensors file to write",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default=None,
+        help="precision to write (default: as stored)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
-    p.add_argument("-q", "--quiet", action="store_true", help="no messages, errors only")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no messages, errors only"
+    )
     p.set_defaults(func=cmd_convert)
 
 
@@ -39,5 +54,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = api.convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     if not args.quiet:
-        print(f"sdx4: wrote {out} in {time.perf_counter() - t0:.1f} s; use it with --model {out}", file=sys.stderr)
+        print(
+            f"sdx4: wrote {out} in {time.perf_counter() - t0:.1f} s; use it with --model {out}",
+            file=sys.stderr,
+        )
     return EXIT_OK

@@ -20,12 +20,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--variant", choices=("fp32", "fp16"), default="fp32",
-                   help="fp16: half the download (3.5 -> 1.7 GB); fp32: the full-precision weights")
-    p.add_argument("--to", default=None, metavar="DIR",
-                   help="folder to download into (default: ~/.cache/sdx4/models/stable-diffusion-x4-upscaler-VARIANT)")
+    p.add_argument(
+        "--variant",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="fp16: half the download (3.5 -> 1.7 GB); fp32: the full-precision weights",
+    )
+    p.add_argument(
+        "--to",
+        default=None,
+        metavar="DIR",
+        help="folder to download into (default: ~/.cache/sdx4/models/stable-diffusion-x4-upscaler-VARIANT)",
+    )
     p.add_argument("--repo", default=DEFAULT_MODEL, help="Hub repo in diffusers layout")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the folder on stdout")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bars, only the folder on stdout",
+    )
     p.set_defaults(func=cmd_download)
 
 
@@ -33,8 +46,13 @@ def cmd_download(args: argparse.Namespace) -> int:
     from .. import api
     from .args import EXIT_OK
 
-    folder = api.download(args.repo, variant=args.variant, to=args.to, progress=not args.quiet)
+    folder = api.download(
+        args.repo, variant=args.variant, to=args.to, progress=not args.quiet
+    )
     if not args.quiet:
-        print(f"sdx4: the model is in {folder}; use it with --model {folder}", file=sys.stderr)
+        print(
+            f"sdx4: the model is in {folder}; use it with --model {folder}",
+            file=sys.stderr,
+        )
     print(folder)
     return EXIT_OK

@@ -25,7 +25,13 @@ from typing import Any
 import torch
 
 from .errors import ModelConfigError, ModelPathError
-from .single_file import CONFIG_KEY, PREFIXES, TOKENIZER_FILES, bundled_configs_dir, read_configs_dir
+from .single_file import (
+    CONFIG_KEY,
+    PREFIXES,
+    TOKENIZER_FILES,
+    bundled_configs_dir,
+    read_configs_dir,
+)
 
 _UNET_TOP = {
     "time_embedding.linear_1.": "time_embed.0.",
@@ -52,15 +58,25 @@ def _unet_prefixes(config: dict[str, Any]) -> dict[str, str]:
     out: dict[str, str] = dict(_UNET_TOP)
     for i in range(n):
         for j in range(per):
-            out[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{(per + 1) * i + j + 1}.0."
-            out[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{(per + 1) * i + j + 1}.1."
+            out[f"down_blocks.{i}.resnets.{j}."] = (
+                f"input_blocks.{(per + 1) * i + j + 1}.0."
+            )
+            out[f"down_blocks.{i}.attentions.{j}."] = (
+                f"input_blocks.{(per + 1) * i + j + 1}.1."
+            )
         if i < n - 1:
-            out[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(per + 1) * (i + 1)}.0.op."
+            out[f"down_blocks.{i}.downsamplers.0.conv."] = (
+                f"input_blocks.{(per + 1) * (i + 1)}.0.op."
+            )
         for j in range(per + 1):
             out[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{(per + 1) * i + j}.0."
-            out[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{(per + 1) * i + j}.1."
+            out[f"up_blocks.{i}.attentions.{j}."] = (
+                f"output_blocks.{(per + 1) * i + j}.1."
+            )
         if i < n - 1:
-            out[f"up_blocks.{i}.upsamplers.0.conv."] = f"output_blocks.{(per + 1) * i + per}.{2 if up_attn[i] else 1}.conv."
+            out[f"up_blocks.{i}.upsamplers.0.conv."] = (
+                f"output_blocks.{(per + 1) * i + per}.{2 if up_attn[i] else 1}.conv."
+            )
     out["mid_block.resnets.0."] = "middle_block.0."
     out["mid_block.attentions.0."] = "middle_block.1."
     out["mid_block.resnets.1."] = "middle_block.2."
@@ -71,16 +87,20 @@ def _rename(key: str, prefixes: dict[str, str], part: str) -> tuple[str, str]:
     """The matching (diffusers prefix, original prefix) of `key` (the longest one)."""
     best = max((p for p in prefixes if key.startswith(p)), key=len, default=None)
     if best is None:
-        raise ModelConfigError(f"{part}: tensor {key} has no place in the original layout (an unexpected network)")
+        raise ModelConfigError(
+            f"{part}: tensor {key} has no place in the original layout (an unexpected network)"
+        )
     return best, prefixes[best]
 
 
-def unet_to_original(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+def unet_to_original(
+    state: dict[str, torch.Tensor], config: dict[str, Any]
+) -> dict[str, torch.Tensor]:
     prefixes = _unet_prefixes(config)
     out = {}
     for key, t in state.items():
         hf, sd = _rename(key, prefixes, "unet")
-        rest = key[len(hf):]
+        rest = key[len(hf) :]
         if ".resnets." in hf:
             for a, b in _UNET_RESNET:
                 rest = rest.replace(a, b)
@@ -92,17 +112,36 @@ def _vae_prefixes(config: dict[str, Any]) -> dict[str, str]:
     n, per = len(config["block_out_channels"]), config["layers_per_block"]
     out = {
         p: p
-        for p in ("encoder.conv_in.", "encoder.conv_out.", "decoder.conv_in.", "decoder.conv_out.", "quant_conv.",
-                  "post_quant_conv.")
+        for p in (
+            "encoder.conv_in.",
+            "encoder.conv_out.",
+            "decoder.conv_in.",
+            "decoder.conv_out.",
+            "quant_conv.",
+            "post_quant_conv.",
+        )
     }
-    out.update({"encoder.conv_norm_out.": "encoder.norm_out.", "decoder.conv_norm_out.": "decoder.norm_out."})
+    out.update(
+        {
+            "encoder.conv_norm_out.": "encoder.norm_out.",
+            "decoder.conv_norm_out.": "decoder.norm_out.",
+        }
+    )
     for i in range(n):
         for j in range(per):
-            out[f"encoder.down_blocks.{i}.resnets.{j}."] = f"encoder.down.{i}.block.{j}."
-        out[f"encoder.down_blocks.{i}.downsamplers.0.conv."] = f"encoder.down.{i}.downsample.conv."
+            out[f"encoder.down_blocks.{i}.resnets.{j}."] = (
+                f"encoder.down.{i}.block.{j}."
+            )
+        out[f"encoder.down_blocks.{i}.downsamplers.0.conv."] = (
+            f"encoder.down.{i}.downsample.conv."
+        )
         for j in range(per + 1):
-            out[f"decoder.up_blocks.{i}.resnets.{j}."] = f"decoder.up.{n - 1 - i}.block.{j}."
-        out[f"decoder.up_blocks.{i}.upsamplers.0.conv."] = f"decoder.up.{n - 1 - i}.upsample.conv."
+            out[f"decoder.up_blocks.{i}.resnets.{j}."] = (
+                f"decoder.up.{n - 1 - i}.block.{j}."
+            )
+        out[f"decoder.up_blocks.{i}.upsamplers.0.conv."] = (
+            f"decoder.up.{n - 1 - i}.upsample.conv."
+        )
     for side in ("encoder", "decoder"):
         for k in range(2):
             out[f"{side}.mid_block.resnets.{k}."] = f"{side}.mid.block_{k + 1}."
@@ -110,22 +149,32 @@ def _vae_prefixes(config: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-_VAE_ATTN = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
+_VAE_ATTN = {
+    "group_norm.": "norm.",
+    "to_q.": "q.",
+    "to_k.": "k.",
+    "to_v.": "v.",
+    "to_out.0.": "proj_out.",
+}
 
 
-def vae_to_original(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+def vae_to_original(
+    state: dict[str, torch.Tensor], config: dict[str, Any]
+) -> dict[str, torch.Tensor]:
     prefixes = _vae_prefixes(config)
     out = {}
     for key, t in state.items():
         hf, sd = _rename(key, prefixes, "vae")
-        rest = key[len(hf):]
+        rest = key[len(hf) :]
         if ".resnets." in hf:
             rest = rest.replace("conv_shortcut", "nin_shortcut")
         if ".attentions." in hf:
             head = next(h for h in _VAE_ATTN if rest.startswith(h))
-            rest = _VAE_ATTN[head] + rest[len(head):]
+            rest = _VAE_ATTN[head] + rest[len(head) :]
             if rest.endswith("weight") and head != "group_norm." and t.ndim == 2:
-                t = t.reshape(*t.shape, 1, 1)  # linear -> 1x1 convolution, as the original stores it
+                t = t.reshape(
+                    *t.shape, 1, 1
+                )  # linear -> 1x1 convolution, as the original stores it
         out[sd + rest] = t
     return out
 
@@ -165,15 +214,21 @@ def text_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                     rest = rest.replace(a, b)
                 out[rest] = t
         else:
-            raise ModelConfigError(f"text_encoder: tensor {key} has no place in the OpenCLIP layout")
+            raise ModelConfigError(
+                f"text_encoder: tensor {key} has no place in the OpenCLIP layout"
+            )
     for name, parts in qkv.items():
         if set(parts) != {"q_proj", "k_proj", "v_proj"}:
-            raise ModelConfigError(f"text_encoder: {name} lacks one of q/k/v ({sorted(parts)})")
+            raise ModelConfigError(
+                f"text_encoder: {name} lacks one of q/k/v ({sorted(parts)})"
+            )
         out[name] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
     return out
 
 
-def to_original(states: dict[str, dict[str, torch.Tensor]], configs: dict[str, Any]) -> dict[str, torch.Tensor]:
+def to_original(
+    states: dict[str, dict[str, torch.Tensor]], configs: dict[str, Any]
+) -> dict[str, torch.Tensor]:
     """The three networks' diffusers state dicts -> one original-layout state dict (with the prefixes)."""
     parts = {
         "unet": unet_to_original(states["unet"], configs["unet"]),
@@ -188,7 +243,9 @@ def to_original(states: dict[str, dict[str, torch.Tensor]], configs: dict[str, A
 
 def _check_destination(dst: Path, overwrite: bool) -> None:
     if dst.exists() and not overwrite:
-        raise ModelPathError(f"{dst} already exists; choose another name or remove it first")
+        raise ModelPathError(
+            f"{dst} already exists; choose another name or remove it first"
+        )
     if not dst.parent.is_dir():
         raise ModelPathError(f"{dst}: the folder {dst.parent} does not exist")
 
@@ -209,7 +266,9 @@ def _folder_state(folder: Path, part: str) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in module.state_dict().items()}
 
 
-def folder_to_single_file(folder: Path, dst: Path, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+def folder_to_single_file(
+    folder: Path, dst: Path, dtype: torch.dtype | None = None, overwrite: bool = False
+) -> Path:
     """A diffusers folder -> one .safetensors in the original layout, its configs in the metadata."""
     from safetensors.torch import save_file
 
@@ -226,7 +285,9 @@ def folder_to_single_file(folder: Path, dst: Path, dtype: torch.dtype | None = N
     state = to_original(states, configs)
     del states
     if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        state = {
+            k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()
+        }
     state = {k: v.contiguous() for k, v in state.items()}
     meta = {CONFIG_KEY: json.dumps(configs), "format": "pt"}
     tmp = dst.with_name(dst.name + ".partial")
@@ -238,7 +299,9 @@ def folder_to_single_file(folder: Path, dst: Path, dtype: torch.dtype | None = N
     return dst
 
 
-def single_file_to_folder(src: Path, dst: Path, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+def single_file_to_folder(
+    src: Path, dst: Path, dtype: torch.dtype | None = None, overwrite: bool = False
+) -> Path:
     """One single-file checkpoint -> a diffusers folder (the networks in their stored precision)."""
     from safetensors.torch import save_file
 
@@ -251,23 +314,39 @@ def single_file_to_folder(src: Path, dst: Path, dtype: torch.dtype | None = None
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        for part, weights in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
-                              ("text_encoder", "model")):
+        for part, weights in (
+            ("unet", "diffusion_pytorch_model"),
+            ("vae", "diffusion_pytorch_model"),
+            ("text_encoder", "model"),
+        ):
             module = model.network(part, dtype)
             (tmp / part).mkdir(parents=True)
             state = {k: v.contiguous() for k, v in module.state_dict().items()}
-            save_file(state, str(tmp / part / f"{weights}.safetensors"), metadata={"format": "pt"})
-            (tmp / part / "config.json").write_text(json.dumps(configs[part], indent=2) + "\n")
+            save_file(
+                state,
+                str(tmp / part / f"{weights}.safetensors"),
+                metadata={"format": "pt"},
+            )
+            (tmp / part / "config.json").write_text(
+                json.dumps(configs[part], indent=2) + "\n"
+            )
             del module, state
         for sub in ("scheduler", "low_res_scheduler"):
             (tmp / sub).mkdir()
-            (tmp / sub / "scheduler_config.json").write_text(json.dumps(configs[sub], indent=2) + "\n")
+            (tmp / sub / "scheduler_config.json").write_text(
+                json.dumps(configs[sub], indent=2) + "\n"
+            )
         (tmp / "tokenizer").mkdir()
-        tokenizer = configs.get("tokenizer") or read_configs_dir(bundled_configs_dir())["tokenizer"]
+        tokenizer = (
+            configs.get("tokenizer")
+            or read_configs_dir(bundled_configs_dir())["tokenizer"]
+        )
         for name, text in tokenizer.items():
             if name in TOKENIZER_FILES:
                 (tmp / "tokenizer" / name).write_text(text, encoding="utf-8")
-        (tmp / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2) + "\n")
+        (tmp / "model_index.json").write_text(
+            json.dumps(configs["model_index"], indent=2) + "\n"
+        )
         if dst.exists():
             shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
         tmp.rename(dst)

@@ -174,7 +174,7 @@ def load_components(
     it knows there and drops the text encoder, so that it and the UNet are never in memory together.
     """
     placement = resolve_placement(device, dtype, vae_dtype)
-    from .single_file import load_single_file_components, single_file_path
+    from .single_file import single_file_path
 
     single = single_file_path(model)
     if single is not None:  # x4-upscaler-ema.safetensors / .ckpt: the bundled configs, nothing fetched
@@ -269,3 +269,49 @@ def check_components(unet: Any, vae: Any, text_hidden_size: int, max_noise_level
         )
         vae.register_to_config(scaling_factor=VAE_SCALING_FACTOR)
 
+
+def load_single_file_components(
+    path: Path, model: str, placement: Any, compile: bool, before_denoiser: Any = None
+) -> Any:
+    """`load_components` for a single file: the same order (tokenizer and text encoder, the caller's hook,
+    then UNet and VAE), the same checks, the same Components."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from .checks import max_noise_level as read_max_noise_level
+    from .single_file import load_tokenizer, open_single_file
+
+    source = open_single_file(path)
+    configs = source.configs
+    with damaged_model_errors(f"{path}: tokenizer"):
+        tokenizer = load_tokenizer(configs)
+    check_tokenizer(tokenizer, f"{path} ({source.origin})")
+    text_encoder = source.text_encoder(placement)
+    check_text_encoder_fits_tokenizer(tokenizer, text_encoder.config)
+    text_hidden_size = text_encoder.config.hidden_size
+    components = Components(
+        unet=None,
+        vae=None,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler.from_config(configs["scheduler"]),
+        low_res_scheduler=DDPMScheduler.from_config(configs["low_res_scheduler"]),
+        placement=placement,
+        model=model,
+        max_noise_level=read_max_noise_level(configs["model_index"]),
+        random_weights=bool(configs["model_index"].get("_sdx4_random_weights")),
+        folder=None,
+        compiled=compile,
+        source=source,
+    )
+    del text_encoder
+    if before_denoiser is not None:
+        before_denoiser(components)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*scaling_factor.*")
+        unet = source.unet(placement)
+        vae = source.network("vae", placement.vae_dtype, placement.channels_last)
+    check_components(unet, vae, text_hidden_size, components.max_noise_level)
+    components.unet, components.speed = _prepare_unet(unet, placement, compile)
+    components.vae = _place(vae, placement)
+    components.unet_config = unet.config
+    return components

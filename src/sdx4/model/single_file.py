@@ -31,12 +31,28 @@ from .errors import ModelConfigError, ModelPathError
 log = logging.getLogger("sdx4")
 
 #: Where each network lives in the original layout.
-PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.model."}
+PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.model.",
+}
 #: The safetensors metadata key (and .ckpt dict key) holding the diffusers configs as JSON (sdx4 convert).
 CONFIG_KEY = "sdx4_configs"
 #: The parts of a configs set: JSON objects, plus the tokenizer's files (name -> text) when not the bundled ones.
-CONFIG_PARTS = ("model_index", "unet", "vae", "text_encoder", "scheduler", "low_res_scheduler")
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+CONFIG_PARTS = (
+    "model_index",
+    "unet",
+    "vae",
+    "text_encoder",
+    "scheduler",
+    "low_res_scheduler",
+)
+TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -57,7 +73,11 @@ def read_configs_dir(folder: Path) -> dict[str, Any]:
     }
     from .checks import read_config
 
-    configs: dict[str, Any] = {k: read_config(folder, rel) for k, rel in files.items() if (folder / rel).is_file()}
+    configs: dict[str, Any] = {
+        k: read_config(folder, rel)
+        for k, rel in files.items()
+        if (folder / rel).is_file()
+    }
     if "model_index" not in configs:
         configs["model_index"] = {}
     configs["tokenizer"] = {
@@ -78,20 +98,30 @@ class Checkpoint:
 
     path: Path
     shapes: dict[str, tuple[int, ...]]
-    configs: dict[str, Any] | None  # from the file's metadata, or None (then the bundled ones)
-    _state: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # .ckpt: memory-mapped tensors
-    _header: Any = field(default=None, repr=False)  # .safetensors: (header, data offset)
+    configs: (
+        dict[str, Any] | None
+    )  # from the file's metadata, or None (then the bundled ones)
+    _state: dict[str, torch.Tensor] | None = field(
+        default=None, repr=False
+    )  # .ckpt: memory-mapped tensors
+    _header: Any = field(
+        default=None, repr=False
+    )  # .safetensors: (header, data offset)
 
     @property
     def label(self) -> str:
         return str(self.path)
 
-    def read(self, names: set[str], dtype: torch.dtype | None, channels_last: bool = False) -> dict[str, torch.Tensor]:
+    def read(
+        self, names: set[str], dtype: torch.dtype | None, channels_last: bool = False
+    ) -> dict[str, torch.Tensor]:
         """The tensors `names`, floating ones in `dtype` (None: as stored), each checked for NaN/inf."""
         from .weights import check_finite, read_state_dict
 
         if self._header is not None and dtype is not None:
-            return read_state_dict(self.path, dtype, channels_last, self.label, names, self._header)
+            return read_state_dict(
+                self.path, dtype, channels_last, self.label, names, self._header
+            )
         if self._header is not None:  # as stored: safetensors' own reader
             from safetensors import safe_open
 
@@ -105,8 +135,14 @@ class Checkpoint:
         out = {}
         for name in names:
             src = self._state[name]
-            target = dtype if dtype is not None and src.is_floating_point() else src.dtype
-            fmt = torch.channels_last if channels_last and src.ndim == 4 else torch.contiguous_format
+            target = (
+                dtype if dtype is not None and src.is_floating_point() else src.dtype
+            )
+            fmt = (
+                torch.channels_last
+                if channels_last and src.ndim == 4
+                else torch.contiguous_format
+            )
             out[name] = src.to(target, memory_format=fmt, copy=True)
             check_finite(name, out[name], self.label, source=src)
         return out
@@ -134,7 +170,9 @@ def open_checkpoint(path: Path) -> Checkpoint:
     label = str(path)
     what = _sniff(path)
     if what is not None:
-        raise ModelConfigError(f"{label}: {what}, not a single-file checkpoint (.safetensors or .ckpt)")
+        raise ModelConfigError(
+            f"{label}: {what}, not a single-file checkpoint (.safetensors or .ckpt)"
+        )
     if path.suffix.lower() == ".safetensors":
         from .weights import read_header
 
@@ -147,21 +185,46 @@ def open_checkpoint(path: Path) -> Checkpoint:
         shapes = {k: tuple(v["shape"]) for k, v in header[0].items()}
         configs = _parse_configs(meta.get(CONFIG_KEY), label)
         return Checkpoint(path, shapes, configs, _header=header)
+    import pickle
+    import zipfile
+
+    unreadable = (
+        RuntimeError,
+        ValueError,
+        EOFError,
+        KeyError,
+        TypeError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+    )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
+        try:  # memory-mapped: tensors are read when converted, one network at a time
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(
+                path, map_location="cpu", weights_only=True
+            )  # the legacy (non-zip) format
+    except unreadable as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelConfigError(
             f"{label}: not a readable PyTorch checkpoint ({type(e).__name__}: {msg}); it is truncated, damaged, or "
             "holds Python objects that safe loading (weights_only) refuses"
         ) from None
-    configs = _parse_configs(obj.get(CONFIG_KEY) if isinstance(obj, dict) else None, label)
+    configs = _parse_configs(
+        obj.get(CONFIG_KEY) if isinstance(obj, dict) else None, label
+    )
     while isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise ModelConfigError(f"{label}: holds a {type(obj).__name__}, not a dictionary of tensors")
+        raise ModelConfigError(
+            f"{label}: holds a {type(obj).__name__}, not a dictionary of tensors"
+        )
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    return Checkpoint(path, {k: tuple(v.shape) for k, v in state.items()}, configs, _state=state)
+    return Checkpoint(
+        path, {k: tuple(v.shape) for k, v in state.items()}, configs, _state=state
+    )
 
 
 def _parse_configs(text: Any, label: str) -> dict[str, Any] | None:
@@ -170,10 +233,18 @@ def _parse_configs(text: Any, label: str) -> dict[str, Any] | None:
     try:
         configs = json.loads(text)
     except (TypeError, ValueError) as e:
-        raise ModelConfigError(f"{label}: its {CONFIG_KEY} metadata is not valid JSON ({e})") from None
-    missing = [p for p in CONFIG_PARTS if not isinstance(configs, dict) or not isinstance(configs.get(p), dict)]
+        raise ModelConfigError(
+            f"{label}: its {CONFIG_KEY} metadata is not valid JSON ({e})"
+        ) from None
+    missing = [
+        p
+        for p in CONFIG_PARTS
+        if not isinstance(configs, dict) or not isinstance(configs.get(p), dict)
+    ]
     if missing:
-        raise ModelConfigError(f"{label}: its {CONFIG_KEY} metadata lacks the {', '.join(missing)} config")
+        raise ModelConfigError(
+            f"{label}: its {CONFIG_KEY} metadata lacks the {', '.join(missing)} config"
+        )
     return configs
 
 
@@ -193,7 +264,9 @@ def describe(shapes: dict[str, tuple[int, ...]]) -> str | None:
         family = (
             "Stable Diffusion 1.x (CLIP ViT-L text encoder, cond_stage_model.transformer.*)"
             if any(k.startswith("cond_stage_model.transformer.") for k in shapes)
-            else "Stable Diffusion 2.x (OpenCLIP text encoder)" if has["text_encoder"] else "a diffusion model"
+            else "Stable Diffusion 2.x (OpenCLIP text encoder)"
+            if has["text_encoder"]
+            else "a diffusion model"
         )
         kind = {4: "", 9: " inpainting", 5: " depth-to-image"}.get(unet_in[1], "")
         return (
@@ -203,10 +276,24 @@ def describe(shapes: dict[str, tuple[int, ...]]) -> str | None:
     if has["unet"] and "model.diffusion_model.label_emb.weight" not in shapes:
         return "is a diffusion model without the noise-level embedding (model.diffusion_model.label_emb.weight)"
     if not has["unet"]:
-        vae_like = [k for k in shapes if k.startswith(("encoder.", "decoder.", "first_stage_model.", "quant_conv", "post_quant_conv"))]
+        vae_like = [
+            k
+            for k in shapes
+            if k.startswith(
+                (
+                    "encoder.",
+                    "decoder.",
+                    "first_stage_model.",
+                    "quant_conv",
+                    "post_quant_conv",
+                )
+            )
+        ]
         if vae_like and len(vae_like) == len(shapes):
             return "is a VAE alone (encoder/decoder weights only), not the whole x4 upscaler"
-        if has["text_encoder"] and all(k.startswith("cond_stage_model.") for k in shapes):
+        if has["text_encoder"] and all(
+            k.startswith("cond_stage_model.") for k in shapes
+        ):
             return "is a text encoder alone (cond_stage_model.*), not the whole x4 upscaler"
         return f"holds no UNet (no model.diffusion_model.* tensors; the first key is {next(iter(shapes))})"
     missing = [p for name, p in PREFIXES.items() if not has[name]]
@@ -219,7 +306,9 @@ def describe(shapes: dict[str, tuple[int, ...]]) -> str | None:
 # Converting with diffusers' converters
 
 
-def to_diffusers(part: str, state: dict[str, Any], config: dict[str, Any], module: Any) -> dict[str, Any]:
+def to_diffusers(
+    part: str, state: dict[str, Any], config: dict[str, Any], module: Any
+) -> dict[str, Any]:
     """Original-layout tensors (with their prefix) -> the diffusers network's state dict (diffusers' converters)."""
     from diffusers.loaders import single_file_utils as sfu
 
@@ -228,17 +317,27 @@ def to_diffusers(part: str, state: dict[str, Any], config: dict[str, Any], modul
     elif part == "vae":
         out = sfu.convert_ldm_vae_checkpoint(state, config)
     else:
-        out = sfu.convert_open_clip_checkpoint(module, state, prefix=PREFIXES["text_encoder"])
-        if not hasattr(module, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+        out = sfu.convert_open_clip_checkpoint(
+            module, state, prefix=PREFIXES["text_encoder"]
+        )
+        if not hasattr(
+            module, "text_model"
+        ):  # transformers >= 5.6 flattened CLIPTextModel
             out = {k.removeprefix("text_model."): v for k, v in out.items()}
     return {k: v for k, v in out.items() if v is not None}
 
 
 def _meta_state(ckpt: Checkpoint, prefix: str) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(s, device="meta") for k, s in ckpt.shapes.items() if k.startswith(prefix)}
+    return {
+        k: torch.empty(s, device="meta")
+        for k, s in ckpt.shapes.items()
+        if k.startswith(prefix)
+    }
 
 
-def check_conversion(ckpt: Checkpoint, part: str, config: dict[str, Any], module: Any, origin: str) -> None:
+def check_conversion(
+    ckpt: Checkpoint, part: str, config: dict[str, Any], module: Any, origin: str
+) -> None:
     """The converted file must give every tensor of `module` in its shape (checked on meta tensors)."""
     converted = to_diffusers(part, _meta_state(ckpt, PREFIXES[part]), config, module)
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -248,7 +347,9 @@ def check_conversion(ckpt: Checkpoint, part: str, config: dict[str, Any], module
                 f"{ckpt.label}: the {part} tensor {name} has shape {tuple(converted[name].shape)} where {origin} "
                 f"gives {shape}: not the x4 upscaler's architecture"
             )
-    missing = [k for k in expected if k not in converted and not k.endswith("position_ids")]
+    missing = [
+        k for k in expected if k not in converted and not k.endswith("position_ids")
+    ]
     if missing:
         raise ModelConfigError(
             f"{ckpt.label}: {len(missing)} {part} tensors that {origin} needs are missing (under {PREFIXES[part]}), "
@@ -263,9 +364,13 @@ class SingleFileModel:
     ckpt: Checkpoint
     configs: dict[str, Any]
     origin: str  # where the configs came from, for messages
-    empty: dict[str, Any]  # the networks built from the configs with meta weights, popped as they are filled
+    empty: dict[
+        str, Any
+    ]  # the networks built from the configs with meta weights, popped as they are filled
 
-    def network(self, part: str, dtype: torch.dtype, channels_last: bool = False) -> Any:
+    def network(
+        self, part: str, dtype: torch.dtype, channels_last: bool = False
+    ) -> Any:
         """The UNet, VAE or text encoder with its weights read, converted and assigned."""
         from .weights import assign_weights
 
@@ -273,14 +378,25 @@ class SingleFileModel:
         if module is None:  # a second time (low-memory policy) or another conversion
             module = build_empty(part, self.configs[part])
         names = {k for k in self.ckpt.shapes if k.startswith(PREFIXES[part])}
-        state = self.ckpt.read(names, dtype, channels_last if part != "text_encoder" else False)
+        state = self.ckpt.read(
+            names, dtype, channels_last if part != "text_encoder" else False
+        )
         converted = to_diffusers(part, state, self.configs[part], module)
         del state
         expected = module.state_dict()
-        converted = {k: v.contiguous() if v.ndim != 4 else v for k, v in converted.items() if k in expected}
-        for name, buf in expected.items():  # buffers built at construction (position ids)
+        converted = {
+            k: v.contiguous() if v.ndim != 4 else v
+            for k, v in converted.items()
+            if k in expected
+        }
+        for (
+            name,
+            buf,
+        ) in expected.items():  # buffers built at construction (position ids)
             if name not in converted:
-                converted[name] = buf if not buf.is_meta else _rebuild_buffer(module, name)
+                converted[name] = (
+                    buf if not buf.is_meta else _rebuild_buffer(module, name)
+                )
         return assign_weights(module, converted).eval()
 
     def text_encoder(self, placement: Any) -> Any:
@@ -312,7 +428,11 @@ def build_empty(part: str, config: dict[str, Any]) -> Any:
             return UNet2DConditionModel.from_config(config)
         if part == "vae":
             return AutoencoderKL.from_config(config)
-        return CLIPTextModel(CLIPTextConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")}))
+        return CLIPTextModel(
+            CLIPTextConfig.from_dict(
+                {k: v for k, v in config.items() if not k.startswith("_")}
+            )
+        )
 
 
 def open_single_file(path: Path) -> SingleFileModel:
@@ -324,12 +444,19 @@ def open_single_file(path: Path) -> SingleFileModel:
     if ckpt.configs is not None:
         configs, origin = ckpt.configs, f"the configs in {path.name}'s metadata"
     else:
-        configs, origin = read_configs_dir(bundled_configs_dir()), "the x4 upscaler's configs (bundled with sdx4)"
+        configs, origin = (
+            read_configs_dir(bundled_configs_dir()),
+            "the x4 upscaler's configs (bundled with sdx4)",
+        )
     for sub in ("scheduler", "low_res_scheduler"):
         check_scheduler_config(configs[sub], f"{origin}: {sub}")
     empty = {part: build_empty(part, configs[part]) for part in PREFIXES}
-    check_fit(empty["unet"].config, empty["vae"].config, empty["text_encoder"].config.hidden_size,
-              max_noise_level(configs["model_index"]))
+    check_fit(
+        empty["unet"].config,
+        empty["vae"].config,
+        empty["text_encoder"].config.hidden_size,
+        max_noise_level(configs["model_index"]),
+    )
     for part in PREFIXES:
         check_conversion(ckpt, part, configs[part], empty[part], origin)
     return SingleFileModel(ckpt, configs, origin, empty)
@@ -357,54 +484,7 @@ def single_file_path(model: str) -> Path | None:
     if not p.exists():
         raise ModelPathError(f"model file {model!r} does not exist")
     if not p.is_file():
-        raise ModelPathError(f"model {model!r} is a folder, not a single-file checkpoint")
+        raise ModelPathError(
+            f"model {model!r} is a folder, not a single-file checkpoint"
+        )
     return p
-
-
-def load_single_file_components(
-    path: Path, model: str, placement: Any, compile: bool, before_denoiser: Any = None
-) -> Any:
-    """`load_components` for a single file: the same order (tokenizer and text encoder, the caller's hook,
-    then UNet and VAE), the same checks, the same Components."""
-    import warnings
-
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    from .checks import check_text_encoder_fits_tokenizer, damaged_model_errors
-    from .loading import Components, _place, _prepare_unet, check_components, check_tokenizer
-
-    source = open_single_file(path)
-    configs = source.configs
-    with damaged_model_errors(f"{path}: tokenizer"):
-        tokenizer = load_tokenizer(configs)
-    check_tokenizer(tokenizer, f"{path} ({source.origin})")
-    text_encoder = source.text_encoder(placement)
-    check_text_encoder_fits_tokenizer(tokenizer, text_encoder.config)
-    text_hidden_size = text_encoder.config.hidden_size
-    components = Components(
-        unet=None,
-        vae=None,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=DDIMScheduler.from_config(configs["scheduler"]),
-        low_res_scheduler=DDPMScheduler.from_config(configs["low_res_scheduler"]),
-        placement=placement,
-        model=model,
-        max_noise_level=max_noise_level(configs["model_index"]),
-        random_weights=bool(configs["model_index"].get("_sdx4_random_weights")),
-        folder=None,
-        compiled=compile,
-        source=source,
-    )
-    del text_encoder
-    if before_denoiser is not None:
-        before_denoiser(components)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*scaling_factor.*")
-        unet = source.unet(placement)
-        vae = source.network("vae", placement.vae_dtype, placement.channels_last)
-    check_components(unet, vae, text_hidden_size, components.max_noise_level)
-    components.unet, components.speed = _prepare_unet(unet, placement, compile)
-    components.vae = _place(vae, placement)
-    components.unet_config = unet.config
-    return components
