@@ -260,7 +260,7 @@ def test_ckpt_with_state_dict_loads(single, tmp_path, image, folder_image):
     from safetensors import safe_open
 
     with safe_open(str(single), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         meta = f.metadata()
     path = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": state, "sdx4_configs": meta["sdx4_configs"]}, path)
@@ -403,7 +403,7 @@ def test_refuses_a_tiny_file_without_configs_against_the_published_shapes(
     from safetensors.torch import save_file
 
     with safe_open(str(single), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     save_file(
         state, str(tmp_path / "bare.safetensors")
     )  # no sdx4_configs: the bundled full-size ones apply
@@ -416,7 +416,7 @@ def test_refuses_nan_weights_naming_the_file_and_key(single, tmp_path):
     from safetensors.torch import save_file
 
     with safe_open(str(single), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         meta = f.metadata()
     key = "model.diffusion_model.input_blocks.0.0.weight"
     state[key][0, 0, 0, 0] = float("nan")
