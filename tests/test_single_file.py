@@ -431,3 +431,31 @@ def test_missing_single_file_is_a_path_error():
 
     with pytest.raises(ModelPathError, match="does not exist"):
         sdx4.load("no-such-x4-upscaler-ema.safetensors", device="cpu")
+
+
+def test_extra_tensors_of_the_original_file_are_ignored_with_a_warning(
+    single, tmp_path, image, folder_image, caplog
+):
+    """The published file also holds a 24th text layer, text_projection and the diffusion schedule's buffers:
+    the model still loads (and gives the same image); unused converted tensors are named in a warning."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(single), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        meta = f.metadata()
+    pre = "cond_stage_model.model.transformer.resblocks."
+    for k in [k for k in state if k.startswith(pre + "1.")]:
+        state[k.replace(pre + "1.", pre + "2.")] = state[
+            k
+        ].clone()  # one layer more than the config's 2
+    state["cond_stage_model.model.text_projection"] = torch.zeros(32, 32)
+    state["betas"] = torch.linspace(0.0001, 0.02, 1000)
+    save_file(state, str(tmp_path / "extra.safetensors"), metadata=meta)
+    with caplog.at_level("WARNING", logger="sdx4"):
+        out = _run(tmp_path / "extra.safetensors", image)
+    assert np.array_equal(out, folder_image)
+    assert (
+        "ignoring 16 text_encoder tensors" in caplog.text
+        and "encoder.layers.2." in caplog.text
+    )

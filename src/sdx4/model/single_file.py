@@ -355,6 +355,16 @@ def check_conversion(
             f"{ckpt.label}: {len(missing)} {part} tensors that {origin} needs are missing (under {PREFIXES[part]}), "
             f"the first {missing[0]}; the file is incomplete or another model"
         )
+    unused = sorted(k for k in converted if k not in expected)
+    if unused:  # e.g. text layers beyond the config's count: read by nothing
+        log.warning(
+            "%s: ignoring %d %s tensors that %s does not use, the first %s",
+            ckpt.label,
+            len(unused),
+            part,
+            origin,
+            unused[0],
+        )
 
 
 @dataclass
@@ -372,12 +382,17 @@ class SingleFileModel:
         self, part: str, dtype: torch.dtype, channels_last: bool = False
     ) -> Any:
         """The UNet, VAE or text encoder with its weights read, converted and assigned."""
+        from diffusers.loaders import single_file_utils as sfu
+
         from .weights import assign_weights
 
         module = self.empty.pop(part, None)
         if module is None:  # a second time (low-memory policy) or another conversion
             module = build_empty(part, self.configs[part])
-        names = {k for k in self.ckpt.shapes if k.startswith(PREFIXES[part])}
+        # The original text tower's 24th layer and text_projection: diffusers' converter drops them, not read.
+        names = {k for k in self.ckpt.shapes if k.startswith(PREFIXES[part])} - set(
+            sfu.SD_2_TEXT_ENCODER_KEYS_TO_IGNORE
+        )
         state = self.ckpt.read(
             names, dtype, channels_last if part != "text_encoder" else False
         )
