@@ -11,7 +11,7 @@ Importing sdx4 does not import torch; loading the model does.
 """
 
 from ._version import __version__
-from .api import Upscaler, UpscaleResult, load, upscale
+from .api import Upscaler, UpscaleResult, convert, download, load, upscale
 from .imageio import ImageInputError, read_metadata
 from .options import METHODS, LoadOptions, OptionsError, UpscaleOptions
 
@@ -27,4 +27,6 @@ __all__ = [
     "ImageInputError",
     "METHODS",
     "read_metadata",
+    "convert",
+    "download",
 ]

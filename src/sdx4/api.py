@@ -383,3 +383,47 @@ def quiet_libraries() -> None:
         dl.disable_progress_bar()
     except Exception:  # pragma: no cover - only cosmetics
         pass
+
+
+def convert(src: str, dst: str, *, dtype: str | None = None, overwrite: bool = False) -> str:
+    """Convert the x4 upscaler between a diffusers folder and ONE single file in the original layout.
+
+    `src` a single file (.safetensors / .ckpt) -> `dst` a new diffusers folder; `src` a diffusers folder (or a
+    Hub id in the cache) -> `dst` a new `.safetensors` that diffusers' `from_single_file` and sdx4 load (it
+    carries its configs in its metadata). dtype: None keeps the stored precision, or fp32 | fp16 | bf16.
+    Returns `dst`. Nothing partial is left on failure; an existing `dst` is refused unless `overwrite`.
+    """
+    from pathlib import Path
+
+    from .model.errors import ModelPathError
+
+    if Path(dst).expanduser().exists() and not overwrite:  # before torch is even imported
+        raise ModelPathError(f"{dst} already exists; choose another name or pass overwrite=True (--overwrite)")
+    from .model.convert import folder_to_single_file, single_file_to_folder
+    from .model.hub import resolve_model_dir
+    from .model.single_file import single_file_path
+
+    dtypes = {None: None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+    if dtype not in dtypes:
+        raise OptionsError(f"dtype must be fp32, fp16, bf16 or None (as stored); got {dtype!r}", option="dtype")
+    import torch
+
+    torch_dtype = getattr(torch, dtypes[dtype]) if dtype else None
+    single = single_file_path(src)
+    if single is not None:
+        return str(single_file_to_folder(single, Path(dst).expanduser(), dtype=torch_dtype, overwrite=overwrite))
+    folder = resolve_model_dir(src)
+    return str(folder_to_single_file(folder, Path(dst).expanduser(), dtype=torch_dtype, overwrite=overwrite))
+
+
+def download(repo_id: str | None = None, variant: str = "fp32", to: str | None = None, progress: bool = True) -> str:
+    """Download the x4 upscaler's files for ONE precision variant (fp32 or fp16) from the Hub into a local
+    folder (default: the sdx4 cache's models/stable-diffusion-x4-upscaler-VARIANT) and return it: pass it
+    to `sdx4.load(...)` / `--model`. Only what the variant needs (no single-file checkpoints, no .bin copies
+    of safetensors files); resumes an interrupted download. Without network: ModelNotFoundError in seconds."""
+    from .model.download import VARIANTS
+    from .model.download import download as fetch
+
+    if variant not in VARIANTS:
+        raise OptionsError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}", option="variant")
+    return str(fetch(repo_id or DEFAULT_MODEL, variant, to, progress=progress))

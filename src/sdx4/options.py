@@ -239,7 +239,8 @@ class UpscaleOptions:
 class LoadOptions:
     """How the model is loaded: which one, where it runs and in which precision (`sdx4.load(LoadOptions(...))`).
 
-    model: a Hub id or a local folder in diffusers layout (default: the published model).
+    model: a Hub id or a local folder in diffusers layout (default: the published model), or a single-file
+      checkpoint in the original layout (x4-upscaler-ema.safetensors / .ckpt; model/single_file.py).
     device: auto | cpu | cuda | cuda:N | mps; auto = CUDA, else Apple MPS, else the CPU. Whether this
       machine has the device is checked when the model loads.
     dtype: precision of the UNet and text encoder: auto | fp32 | fp16 | bf16; auto = fp16 on CUDA, bf16 on

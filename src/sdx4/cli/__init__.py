@@ -17,7 +17,8 @@ from .args import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 #: Modules that add a subcommand, in the order `--help` lists them: each has `register(subparsers)` which adds
 #: a parser whose `func(args)` returns an exit code. They must not import torch at import time (`sdx4 --help`
 #: stays fast).
-COMMAND_MODULES: tuple[str, ...] = ("sdx4.cli.upscale", "sdx4.cli.compare", "sdx4.cli.evaluate", "sdx4.cli.serve")
+COMMAND_MODULES: tuple[str, ...] = ("sdx4.cli.upscale", "sdx4.cli.compare", "sdx4.cli.evaluate", "sdx4.cli.serve",
+                                    "sdx4.cli.convert", "sdx4.cli.download")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,8 @@ def runs_model(args: argparse.Namespace) -> bool:
         return args.method == "sd"
     if hasattr(args, "methods"):  # compare, evaluate
         return "sd" in {m.strip() for m in str(args.methods).split(",")}
+    if args.command in ("convert", "download"):
+        return False  # no diffusion run: the allocator does not matter
     return True  # serve
 
 

@@ -64,7 +64,7 @@ def add_model_args(p: argparse.ArgumentParser | Any) -> None:
     """--model/--device/--dtype/--vae-dtype/--low-memory/--compile: how the model is loaded, defaults read
     from LoadOptions (`load_options_from_args` builds one)."""
     d = option_defaults(LoadOptions)
-    p.add_argument("--model", default=d["model"], help="Hub id or local folder in diffusers layout")
+    p.add_argument("--model", default=d["model"], help="Hub id, local folder in diffusers layout, or single-file checkpoint (.safetensors, .ckpt)")
     p.add_argument("--device", default=d["device"], help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument(
         "--dtype",

@@ -68,7 +68,10 @@ def resolve_model_dir(model: str = DEFAULT_MODEL) -> Path:
                 f"(with {', '.join(COMPONENTS)}), or a Hub id such as {DEFAULT_MODEL!r}."
             )
         if not local.is_dir():
-            raise ModelPathError(f"model {model!r} is a file; --model needs a folder in diffusers layout")
+            raise ModelPathError(
+                f"model {model!r} is a file; --model needs a folder in diffusers layout or a single-file checkpoint "
+                "(.safetensors or .ckpt)"
+            )
         missing = missing_parts(local)
         if missing:
             raise ModelPathError(

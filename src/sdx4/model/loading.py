@@ -53,9 +53,12 @@ class Components:
     compiled: bool = False  # the UNet is wrapped with torch.compile (a reloaded one is too)
     unet_config: Any = None  # kept while the UNet itself is released (low-memory policy, large decodes)
     speed: speed.Installed | None = None  # the speed tricks on the UNet (`speed.install`), renewed by load_unet
+    source: Any = None  # a single-file checkpoint (single_file.SingleFileModel) the networks are read from
 
     def load_text_encoder(self) -> Any:
         """Load the text encoder again (the low-memory policy drops it between prompts)."""
+        if self.source is not None:
+            return self.source.text_encoder(self.placement)
         if self.folder is None:
             raise RuntimeError("the text encoder was released and the model folder is unknown")
         return _load_text_encoder(self.folder, self.placement)
@@ -63,6 +66,9 @@ class Components:
     def load_unet(self) -> Any:
         """Load the UNet again, placed and prepared as at first (the low-memory policy releases it for
         decodes that would otherwise spill to disk)."""
+        if self.source is not None:
+            unet, self.speed = _prepare_unet(self.source.unet(self.placement), self.placement, self.compiled)
+            return unet
         if self.folder is None:
             raise RuntimeError("the UNet was released and the model folder is unknown")
         unet, self.speed = _prepare_unet(_load_unet(self.folder, self.placement), self.placement, self.compiled)
@@ -168,6 +174,11 @@ def load_components(
     it knows there and drops the text encoder, so that it and the UNet are never in memory together.
     """
     placement = resolve_placement(device, dtype, vae_dtype)
+    from .single_file import single_file_path
+
+    single = single_file_path(model)
+    if single is not None:  # x4-upscaler-ema.safetensors / .ckpt: the bundled configs, nothing fetched
+        return load_single_file_components(single, model, placement, compile, before_denoiser)
     folder = resolve_model_dir(model)
     # Configs and weight headers, before any heavy work; the networks come back empty (meta), to be filled.
     # Popped as they are used: this function keeps no reference to the text encoder (low-memory policy).
@@ -258,3 +269,49 @@ def check_components(unet: Any, vae: Any, text_hidden_size: int, max_noise_level
         )
         vae.register_to_config(scaling_factor=VAE_SCALING_FACTOR)
 
+
+def load_single_file_components(
+    path: Path, model: str, placement: Any, compile: bool, before_denoiser: Any = None
+) -> Any:
+    """`load_components` for a single file: the same order (tokenizer and text encoder, the caller's hook,
+    then UNet and VAE), the same checks, the same Components."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from .checks import max_noise_level as read_max_noise_level
+    from .single_file import load_tokenizer, open_single_file
+
+    source = open_single_file(path)
+    configs = source.configs
+    with damaged_model_errors(f"{path}: tokenizer"):
+        tokenizer = load_tokenizer(configs)
+    check_tokenizer(tokenizer, f"{path} ({source.origin})")
+    text_encoder = source.text_encoder(placement)
+    check_text_encoder_fits_tokenizer(tokenizer, text_encoder.config)
+    text_hidden_size = text_encoder.config.hidden_size
+    components = Components(
+        unet=None,
+        vae=None,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler.from_config(configs["scheduler"]),
+        low_res_scheduler=DDPMScheduler.from_config(configs["low_res_scheduler"]),
+        placement=placement,
+        model=model,
+        max_noise_level=read_max_noise_level(configs["model_index"]),
+        random_weights=bool(configs["model_index"].get("_sdx4_random_weights")),
+        folder=None,
+        compiled=compile,
+        source=source,
+    )
+    del text_encoder
+    if before_denoiser is not None:
+        before_denoiser(components)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*scaling_factor.*")
+        unet = source.unet(placement)
+        vae = source.network("vae", placement.vae_dtype, placement.channels_last)
+    check_components(unet, vae, text_hidden_size, components.max_noise_level)
+    components.unet, components.speed = _prepare_unet(unet, placement, compile)
+    components.vae = _place(vae, placement)
+    components.unet_config = unet.config
+    return components
