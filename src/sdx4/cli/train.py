@@ -14,8 +14,14 @@ from .args import EXIT_OK, UsageError
 #: TrainOptions field -> (flag, help). The defaults come from the dataclass.
 FLAGS: dict[str, tuple[str, str]] = {
     "rank": ("--rank", "LoRA rank"),
-    "alpha": ("--alpha", "LoRA alpha (the update is scaled by alpha/rank); default: the rank"),
-    "targets": ("--targets", f"modules LoRA adapts: {', '.join(TARGET_PRESETS)} or a comma-separated list (to_q,conv1)"),
+    "alpha": (
+        "--alpha",
+        "LoRA alpha (the update is scaled by alpha/rank); default: the rank",
+    ),
+    "targets": (
+        "--targets",
+        f"modules LoRA adapts: {', '.join(TARGET_PRESETS)} or a comma-separated list (to_q,conv1)",
+    ),
     "learning_rate": ("--lr", "AdamW learning rate"),
     "lr_schedule": ("--lr-schedule", "constant or cosine (after the warm-up)"),
     "warmup_steps": ("--warmup-steps", "linear learning-rate warm-up steps"),
@@ -23,21 +29,42 @@ FLAGS: dict[str, tuple[str, str]] = {
     "batch_size": ("--batch-size", "crops per micro-batch"),
     "grad_accumulation": ("--grad-accumulation", "micro-batches per optimizer step"),
     "max_grad_norm": ("--max-grad-norm", "clip gradients to this norm (0 = off)"),
-    "precision": ("--precision", f"{', '.join(PRECISIONS)}: auto = bf16 on CUDA, the measured choice on a CPU"),
+    "precision": (
+        "--precision",
+        f"{', '.join(PRECISIONS)}: auto = bf16 on CUDA, the measured choice on a CPU",
+    ),
     "crop": ("--crop", "high-res crop side in pixels (the low-res input is crop/4)"),
-    "degradation": ("--degradation", "bicubic (as the model was trained) or realistic (blur, noise, JPEG)"),
-    "max_noise_level": ("--max-noise-level", "low-res noise levels are drawn from [0, this); default: the model's 350"),
+    "degradation": (
+        "--degradation",
+        "bicubic (as the model was trained) or realistic (blur, noise, JPEG)",
+    ),
+    "max_noise_level": (
+        "--max-noise-level",
+        "low-res noise levels are drawn from [0, this); default: the model's 350",
+    ),
     "seed": ("--seed", "seed of every random draw"),
     "workers": ("--workers", "data-loader worker processes"),
-    "checkpoint_every": ("--checkpoint-every", "steps between checkpoints (0 = only at the end)"),
+    "checkpoint_every": (
+        "--checkpoint-every",
+        "steps between checkpoints (0 = only at the end)",
+    ),
     "keep_checkpoints": ("--keep-checkpoints", "checkpoints kept"),
     "val_every": ("--val-every", "steps between validations (0 = none)"),
-    "val_count": ("--val-count", "images of HR_DIR held out for validation without --val-dir (default: 1 from 8 images)"),
+    "val_count": (
+        "--val-count",
+        "images of HR_DIR held out for validation without --val-dir (default: 1 from 8 images)",
+    ),
     "val_steps": ("--val-steps", "DDIM steps of a validation upscale"),
 }
 BOOL_FLAGS = {
-    "gradient_checkpointing": ("--gradient-checkpointing", "recompute activations in the backward pass (less memory)"),
-    "pad_small": ("--pad-small", "pad images smaller than the crop (reflect) instead of refusing them"),
+    "gradient_checkpointing": (
+        "--gradient-checkpointing",
+        "recompute activations in the backward pass (less memory)",
+    ),
+    "pad_small": (
+        "--pad-small",
+        "pad images smaller than the crop (reflect) instead of refusing them",
+    ),
 }
 
 
@@ -54,13 +81,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("hr_dir", metavar="HR_DIR", help="folder of high-res training images (prompts from NAME.txt)")
-    p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run folder (new or empty; or --resume)")
-    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
-    p.add_argument("--pairs", metavar="LR_DIR", help="real low-res images matched to HR_DIR by name (exactly 1/4 the size)")
-    p.add_argument("--captions", metavar="FILE", help="prompts: CSV (path,prompt) or JSONL ({path, prompt})")
-    p.add_argument("--val-dir", metavar="DIR", help="held-out high-res images for validation")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local folder in diffusers layout")
+    p.add_argument(
+        "hr_dir",
+        metavar="HR_DIR",
+        help="folder of high-res training images (prompts from NAME.txt)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="RUN_DIR",
+        help="run folder (new or empty; or --resume)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in RUN_DIR from its last checkpoint",
+    )
+    p.add_argument(
+        "--pairs",
+        metavar="LR_DIR",
+        help="real low-res images matched to HR_DIR by name (exactly 1/4 the size)",
+    )
+    p.add_argument(
+        "--captions",
+        metavar="FILE",
+        help="prompts: CSV (path,prompt) or JSONL ({path, prompt})",
+    )
+    p.add_argument(
+        "--val-dir", metavar="DIR", help="held-out high-res images for validation"
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="Hub id or local folder in diffusers layout",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
     types = {"alpha": float, "learning_rate": float, "max_grad_norm": float}
@@ -68,8 +123,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         kind = types.get(name, str if isinstance(defaults[name], str) else int)
         p.add_argument(flag, dest=name, type=kind, default=defaults[name], help=text)
     for name, (flag, text) in BOOL_FLAGS.items():
-        p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=defaults[name], help=text)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages, errors only")
+        p.add_argument(
+            flag,
+            dest=name,
+            action=argparse.BooleanOptionalAction,
+            default=defaults[name],
+            help=text,
+        )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bar or messages, errors only",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -96,7 +162,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         load = LoadOptions(model=args.model or DEFAULT_MODEL, device=args.device)
     except OptionsError as e:
         raise UsageError(str(e)) from None
-    say = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
+    say = (
+        (lambda line: None)
+        if args.quiet
+        else (lambda line: print(line, file=sys.stderr))
+    )
     bar = None
 
     def progress(event: dict) -> None:
@@ -106,28 +176,51 @@ def cmd_train(args: argparse.Namespace) -> int:
         if bar is None:
             from tqdm import tqdm
 
-            bar = tqdm(total=event["steps"], initial=event["step"] - 1, unit="step", file=sys.stderr, dynamic_ncols=True)
-        bar.set_postfix(loss=f"{event['loss']:.4g}", lr=f"{event['lr']:.3g}", refresh=False)
+            bar = tqdm(
+                total=event["steps"],
+                initial=event["step"] - 1,
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+        bar.set_postfix(
+            loss=f"{event['loss']:.4g}", lr=f"{event['lr']:.3g}", refresh=False
+        )
         bar.update(1)
 
     api.quiet_libraries()
     try:
         result = train(
-            Path(args.hr_dir), Path(args.output), options, load=load, pairs=args.pairs, captions=args.captions,
-            val_dir=args.val_dir, resume=args.resume, metrics={"psnr_y": psnr_y, "ssim_y": ssim_y},
-            progress=progress, say=say,
+            Path(args.hr_dir),
+            Path(args.output),
+            options,
+            load=load,
+            pairs=args.pairs,
+            captions=args.captions,
+            val_dir=args.val_dir,
+            resume=args.resume,
+            metrics={"psnr_y": psnr_y, "ssim_y": ssim_y},
+            progress=progress,
+            say=say,
         )
     except (TrainInputError, OptionsError) as e:
-        raise UsageError(_flag_message(e) if isinstance(e, OptionsError) else str(e)) from None
+        raise UsageError(
+            _flag_message(e) if isinstance(e, OptionsError) else str(e)
+        ) from None
     except api.ModelPathError as e:
         raise UsageError(str(e)) from None
     except CheckpointError as e:
-        print(f"sdx4: error: {e.strerror}; resume with --resume once fixed", file=sys.stderr)
+        print(
+            f"sdx4: error: {e.strerror}; resume with --resume once fixed",
+            file=sys.stderr,
+        )
         return 1
     finally:
         if bar is not None:
             bar.close()
     for note in result.notes:
         say(note)
-    say(f"wrote {result.lora} ({result.steps} steps, final loss {result.final_loss if result.final_loss is not None else 'n/a'})")
+    say(
+        f"wrote {result.lora} ({result.steps} steps, final loss {result.final_loss if result.final_loss is not None else 'n/a'})"
+    )
     return EXIT_OK

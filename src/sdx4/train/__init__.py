@@ -14,7 +14,14 @@ from typing import Any
 from .errors import CheckpointError, TrainInputError
 from .options import PRECISIONS, TARGET_PRESETS, TrainOptions
 
-__all__ = ["TrainOptions", "TrainInputError", "CheckpointError", "TARGET_PRESETS", "PRECISIONS", "train"]
+__all__ = [
+    "PRECISIONS",
+    "TARGET_PRESETS",
+    "CheckpointError",
+    "TrainInputError",
+    "TrainOptions",
+    "train",
+]
 
 
 def train(*args: Any, **kwargs: Any) -> Any:

@@ -44,7 +44,11 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     if root.is_dir():
         for p in root.iterdir():
-            if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit():
+            if (
+                p.is_dir()
+                and p.name.startswith(PREFIX)
+                and p.name[len(PREFIX) :].isdigit()
+            ):
                 found.append((int(p.name[len(PREFIX) :]), p))
     return sorted(found)
 
@@ -54,7 +58,11 @@ def rng_states() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "numpy": (
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            *np_state[2:],
+        ),
         "python": random.getstate(),
     }
 
@@ -69,7 +77,13 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, samples: int, unet: torch.nn.Module, optimizer: Any, lr_scheduler: Any, scaler: Any,
+    run_dir: Path,
+    step: int,
+    samples: int,
+    unet: torch.nn.Module,
+    optimizer: Any,
+    lr_scheduler: Any,
+    scaler: Any,
     keep: int,
 ) -> Path:
     """Write checkpoint `step` atomically and keep the newest `keep`. Out of disk (or any OSError): the
@@ -78,7 +92,9 @@ def save_checkpoint(
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
         return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    )
     try:
         save_tensors(tmp / "lora.safetensors", trainable_state(unet))
         state = {
@@ -97,9 +113,16 @@ def save_checkpoint(
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         last = list_checkpoints(run_dir)
-        kept = f"the last good checkpoint ({last[-1][1].name}) is kept" if last else "no earlier checkpoint exists"
+        kept = (
+            f"the last good checkpoint ({last[-1][1].name}) is kept"
+            if last
+            else "no earlier checkpoint exists"
+        )
         why = "out of disk space" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise CheckpointError(e.errno, f"cannot write checkpoint step {step} in {final.parent}: {why}; {kept}") from None
+        raise CheckpointError(
+            e.errno,
+            f"cannot write checkpoint step {step} in {final.parent}: {why}; {kept}",
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -108,7 +131,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, unet: torch.nn.Module, optimizer: Any, lr_scheduler: Any, scaler: Any) -> Resumed:
+def load_checkpoint(
+    path: Path, unet: torch.nn.Module, optimizer: Any, lr_scheduler: Any, scaler: Any
+) -> Resumed:
     """Restore everything `save_checkpoint` wrote (weights_only: a checkpoint cannot run code)."""
     from safetensors.torch import load_file
 

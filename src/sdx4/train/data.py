@@ -37,7 +37,9 @@ class Example:
 @dataclass(frozen=True)
 class DataSet:
     examples: tuple[Example, ...]
-    skipped: tuple[tuple[str, str], ...]  # (file, why) for images that could not be read
+    skipped: tuple[
+        tuple[str, str], ...
+    ]  # (file, why) for images that could not be read
     fingerprint: str  # sha256 of names, sizes and mtimes of every file used
 
     @property
@@ -52,7 +54,10 @@ def list_images(folder: Path, what: str) -> list[Path]:
         raise TrainInputError(f"{folder}: is not a folder ({what})", path=folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and is_input_image(p))
     if not files:
-        raise TrainInputError(f"{folder}: holds no images ({what}); expected PNG, JPEG, WebP or TIFF files", path=folder)
+        raise TrainInputError(
+            f"{folder}: holds no images ({what}); expected PNG, JPEG, WebP or TIFF files",
+            path=folder,
+        )
     return files
 
 
@@ -64,12 +69,17 @@ def read_captions(path: Path) -> dict[str, str]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise TrainInputError(f"{path}: cannot read the captions file ({e})", path=path) from None
+        raise TrainInputError(
+            f"{path}: cannot read the captions file ({e})", path=path
+        ) from None
     rows: list[dict[str, str]] = []
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or {"path", "prompt"} - set(reader.fieldnames):
-            raise TrainInputError(f"{path}: a CSV captions file needs the header path,prompt; got {reader.fieldnames}", path=path)
+            raise TrainInputError(
+                f"{path}: a CSV captions file needs the header path,prompt; got {reader.fieldnames}",
+                path=path,
+            )
         rows = list(reader)
     elif path.suffix.lower() == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
@@ -78,12 +88,24 @@ def read_captions(path: Path) -> dict[str, str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise TrainInputError(f"{path} line {n}: not JSON ({e.msg})", path=path) from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("path"), str) or not isinstance(obj.get("prompt"), str):
-                raise TrainInputError(f'{path} line {n}: needs {{"path": "...", "prompt": "..."}}', path=path)
+                raise TrainInputError(
+                    f"{path} line {n}: not JSON ({e.msg})", path=path
+                ) from None
+            if (
+                not isinstance(obj, dict)
+                or not isinstance(obj.get("path"), str)
+                or not isinstance(obj.get("prompt"), str)
+            ):
+                raise TrainInputError(
+                    f'{path} line {n}: needs {{"path": "...", "prompt": "..."}}',
+                    path=path,
+                )
             rows.append(obj)
     else:
-        raise TrainInputError(f"{path}: captions must be a .csv or .jsonl file; got {path.suffix or 'no suffix'}", path=path)
+        raise TrainInputError(
+            f"{path}: captions must be a .csv or .jsonl file; got {path.suffix or 'no suffix'}",
+            path=path,
+        )
     return {Path(r["path"]).name: r["prompt"] or "" for r in rows}
 
 
@@ -101,7 +123,10 @@ def scan(
     if mapping:
         unknown = sorted(set(mapping) - {f.name for f in files})
         if unknown:
-            raise TrainInputError(f"{captions}: {len(unknown)} name(s) match no image in {hr_dir}, e.g. {unknown[0]}", path=captions)
+            raise TrainInputError(
+                f"{captions}: {len(unknown)} name(s) match no image in {hr_dir}, e.g. {unknown[0]}",
+                path=captions,
+            )
     lr_files: dict[str, Path] = {}
     if pairs is not None:
         lr_files = {p.stem: p for p in list_images(pairs, "low-res pairs")}
@@ -146,8 +171,12 @@ def scan(
             )
         if skipped:
             why.append(f"{len(skipped)} unreadable ({skipped[0][1]})")
-        raise TrainInputError(f"{hr_dir}: no usable {what}: {'; '.join(why)}", path=hr_dir)
-    return DataSet(tuple(examples), tuple(skipped), fingerprint(files, lr_files.values(), captions))
+        raise TrainInputError(
+            f"{hr_dir}: no usable {what}: {'; '.join(why)}", path=hr_dir
+        )
+    return DataSet(
+        tuple(examples), tuple(skipped), fingerprint(files, lr_files.values(), captions)
+    )
 
 
 def fingerprint(*groups: object) -> str:
@@ -165,15 +194,23 @@ def split(data: DataSet, count: int) -> tuple[DataSet, DataSet]:
     """Hold the last `count` examples (sorted by name) out for validation."""
     if count >= len(data.examples):
         raise TrainInputError(
-            f"cannot hold out {count} validation image(s): only {len(data.examples)} usable training image(s)", path=None
+            f"cannot hold out {count} validation image(s): only {len(data.examples)} usable training image(s)",
+            path=None,
         )
-    keep, held = data.examples[: len(data.examples) - count], data.examples[len(data.examples) - count :]
-    return DataSet(keep, data.skipped, data.fingerprint), DataSet(held, (), data.fingerprint)
+    keep, held = (
+        data.examples[: len(data.examples) - count],
+        data.examples[len(data.examples) - count :],
+    )
+    return DataSet(keep, data.skipped, data.fingerprint), DataSet(
+        held, (), data.fingerprint
+    )
 
 
 def sample_seed(seed: int, index: int, stream: int) -> int:
     """A 63-bit seed for sample `index` of a run: stream 0 the data (numpy), 1 the noise (torch.Generator)."""
-    return int(np.random.SeedSequence([seed, index, stream]).generate_state(1, np.uint64)[0]) & (2**63 - 1)
+    return int(
+        np.random.SeedSequence([seed, index, stream]).generate_state(1, np.uint64)[0]
+    ) & (2**63 - 1)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -200,13 +237,17 @@ def pad_to(image: np.ndarray, side: int) -> np.ndarray:
 
 def bicubic_down(image: Image.Image) -> Image.Image:
     """Antialiased bicubic /4 (Pillow's resize filters scale their support when reducing)."""
-    return image.resize((image.width // SCALE, image.height // SCALE), Image.Resampling.BICUBIC)
+    return image.resize(
+        (image.width // SCALE, image.height // SCALE), Image.Resampling.BICUBIC
+    )
 
 
 def realistic_down(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Blur (sigma 0.2-2 px), bicubic /4, Gaussian noise (0-8/255), JPEG (quality 40-95): a light version of
     Real-ESRGAN's first-order degradation, for low-res inputs that are not clean downsamples."""
-    blurred = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.2, 2.0))))
+    blurred = image.filter(
+        ImageFilter.GaussianBlur(radius=float(rng.uniform(0.2, 2.0)))
+    )
     small = np.asarray(bicubic_down(blurred), dtype=np.float32)
     small = small + rng.normal(0.0, float(rng.uniform(0.0, 8.0)), size=small.shape)
     noisy = Image.fromarray(np.clip(np.rint(small), 0, 255).astype(np.uint8))
@@ -216,7 +257,9 @@ def realistic_down(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.open(buf).convert("RGB")
 
 
-def make_sample(example: Example, options: TrainOptions, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def make_sample(
+    example: Example, options: TrainOptions, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """A random crop of `example` and its low-res input: (crop,crop,3) and (crop/4,crop/4,3) uint8."""
     hr = np.asarray(open_image(example.hr).rgb)
     lr = np.asarray(open_image(example.lr).rgb) if example.lr is not None else None
@@ -245,7 +288,9 @@ def _pad_exact(image: np.ndarray, h: int, w: int) -> np.ndarray:
     return pad_to(image, max(h, w))[:h, :w]
 
 
-def center_sample(example: Example, options: TrainOptions) -> tuple[np.ndarray, np.ndarray]:
+def center_sample(
+    example: Example, options: TrainOptions
+) -> tuple[np.ndarray, np.ndarray]:
     """The validation sample of `example`: its centre crop (at most the crop size) and its low-res input
     (the pair's, or bicubic /4: validation is deterministic)."""
     hr = np.asarray(open_image(example.hr).rgb)
@@ -260,5 +305,7 @@ def center_sample(example: Example, options: TrainOptions) -> tuple[np.ndarray, 
     y, x = (h - c) // 2 // SCALE * SCALE, (w - c) // 2 // SCALE * SCALE
     crop = np.ascontiguousarray(hr[y : y + c, x : x + c])
     if lr is not None:
-        return crop, np.array(lr[y // SCALE : (y + c) // SCALE, x // SCALE : (x + c) // SCALE])
+        return crop, np.array(
+            lr[y // SCALE : (y + c) // SCALE, x // SCALE : (x + c) // SCALE]
+        )
     return crop, np.array(bicubic_down(Image.fromarray(crop)))

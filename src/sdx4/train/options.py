@@ -26,8 +26,22 @@ DEGRADATIONS: tuple[str, ...] = get_args(Degradation)
 #: ".name" suffix). This UNet is mostly convolutions, so attention alone adapts little (OSEDiff also targets
 #: the resnets' convolutions, proj_in/out and the feed-forward layers).
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
-EXTRA_TARGETS = ("time_emb_proj", "conv_in", "conv_out", "downsamplers.0.conv", "upsamplers.0.conv")
+CONV_TARGETS = (
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+)
+EXTRA_TARGETS = (
+    "time_emb_proj",
+    "conv_in",
+    "conv_out",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+)
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "attn": ATTENTION_TARGETS,
     "attn+conv": ATTENTION_TARGETS + CONV_TARGETS,
@@ -107,7 +121,10 @@ class TrainOptions:
         _choice("precision", self.precision, PRECISIONS)
         _int("crop", self.crop, MIN_CROP, MAX_CROP)
         if self.crop % 4:
-            raise OptionsError(f"crop must be a multiple of 4 (the low-res input is crop/4); got {self.crop}", option="crop")
+            raise OptionsError(
+                f"crop must be a multiple of 4 (the low-res input is crop/4); got {self.crop}",
+                option="crop",
+            )
         _bool("pad_small", self.pad_small)
         _choice("degradation", self.degradation, DEGRADATIONS)
         if self.max_noise_level is not None:
@@ -125,11 +142,17 @@ class TrainOptions:
     def target_modules(self) -> tuple[str, ...]:
         """The module-name suffixes LoRA adapts (a preset expanded, or the explicit list)."""
         if not isinstance(self.targets, str):
-            raise OptionsError(f"targets must be a string; got {self.targets!r}", option="targets")
+            raise OptionsError(
+                f"targets must be a string; got {self.targets!r}", option="targets"
+            )
         if self.targets in TARGET_PRESETS:
             return TARGET_PRESETS[self.targets]
         names = tuple(n.strip() for n in self.targets.split(","))
-        bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", n)]
+        bad = [
+            n
+            for n in names
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", n)
+        ]
         if not names or bad:
             raise OptionsError(
                 f"targets must be one of {', '.join(TARGET_PRESETS)} or a comma-separated list of module names "
@@ -156,16 +179,27 @@ class TrainOptions:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     #: Fields that may change when a run is resumed: they do not change the weights.
-    RUN_ONLY_FIELDS = ("workers", "checkpoint_every", "keep_checkpoints", "val_every", "val_count", "val_steps")
+    RUN_ONLY_FIELDS = (
+        "workers",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "val_every",
+        "val_count",
+        "val_steps",
+    )
 
     def recipe(self) -> dict[str, object]:
         """The fields that decide the weights (a resumed run must keep them)."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.RUN_ONLY_FIELDS}
+        return {
+            k: v for k, v in self.to_dict().items() if k not in self.RUN_ONLY_FIELDS
+        }
 
 
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise OptionsError(f"{name} must be one of {', '.join(choices)}; got {value!r}", option=name)
+        raise OptionsError(
+            f"{name} must be one of {', '.join(choices)}; got {value!r}", option=name
+        )
 
 
 def _bool(name: str, value: object) -> None:
@@ -175,7 +209,9 @@ def _bool(name: str, value: object) -> None:
 
 def _int(name: str, value: object, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise OptionsError(f"{name} must be an integer in {lo}..{hi}; got {value!r}", option=name)
+        raise OptionsError(
+            f"{name} must be an integer in {lo}..{hi}; got {value!r}", option=name
+        )
     if not lo <= value <= hi:
         raise OptionsError(f"{name} must be in {lo}..{hi}; got {value}", option=name)
 
@@ -183,7 +219,15 @@ def _int(name: str, value: object, lo: int, hi: int) -> None:
 def _float(name: str, value: object, lo: float, hi: float) -> None:
     import math
 
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise OptionsError(f"{name} must be a number in {lo:g}..{hi:g}; got {value!r}", option=name)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+    ):
+        raise OptionsError(
+            f"{name} must be a number in {lo:g}..{hi:g}; got {value!r}", option=name
+        )
     if not lo <= value <= hi:
-        raise OptionsError(f"{name} must be in {lo:g}..{hi:g}; got {value:g}", option=name)
+        raise OptionsError(
+            f"{name} must be in {lo:g}..{hi:g}; got {value:g}", option=name
+        )

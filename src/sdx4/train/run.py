@@ -73,46 +73,86 @@ def check_run_dir(run_dir: Path, resume: bool, record: dict[str, Any]) -> int:
                 path=run_dir,
             )
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise TrainInputError(f"{run_dir}: is not empty and holds no training run: choose an empty or new folder", path=run_dir)
+            raise TrainInputError(
+                f"{run_dir}: is not empty and holds no training run: choose an empty or new folder",
+                path=run_dir,
+            )
         return 0
     if not run_file.is_file():
-        raise TrainInputError(f"{run_dir}: nothing to resume (no {RUN_FILE}); start the run without --resume", path=run_dir)
+        raise TrainInputError(
+            f"{run_dir}: nothing to resume (no {RUN_FILE}); start the run without --resume",
+            path=run_dir,
+        )
     try:
         old = json.loads(run_file.read_text())
     except (OSError, ValueError) as e:
-        raise TrainInputError(f"{run_file}: cannot read it ({e})", path=run_file) from None
+        raise TrainInputError(
+            f"{run_file}: cannot read it ({e})", path=run_file
+        ) from None
     old_recipe = TrainOptions(**old["options"]).recipe()
     new_recipe = TrainOptions(**record["options"]).recipe()
-    changed = [f"{k} ({old_recipe[k]!r} -> {new_recipe[k]!r})" for k in old_recipe if old_recipe[k] != new_recipe[k]]
+    changed = [
+        f"{k} ({old_recipe[k]!r} -> {new_recipe[k]!r})"
+        for k in old_recipe
+        if old_recipe[k] != new_recipe[k]
+    ]
     if changed:
         raise TrainInputError(
             f"{run_dir}: the run was started with other settings; a resumed run must keep them: {', '.join(changed)}",
             path=run_dir,
         )
-    for key, what in (("model", "base model"), ("fingerprint", "training images (names, sizes, times)")):
+    for key, what in (
+        ("model", "base model"),
+        ("fingerprint", "training images (names, sizes, times)"),
+    ):
         if old.get(key) != record[key]:
-            raise TrainInputError(f"{run_dir}: the {what} changed since the run started; choose another folder", path=run_dir)
+            raise TrainInputError(
+                f"{run_dir}: the {what} changed since the run started; choose another folder",
+                path=run_dir,
+            )
     found = list_checkpoints(run_dir)
     return found[-1][0] if found else 0
 
 
 def check_inputs(
-    hr_dir: Path, run_dir: Path, options: TrainOptions, load: LoadOptions, *, pairs: Path | None, captions: Path | None,
-    val_dir: Path | None, resume: bool,
+    hr_dir: Path,
+    run_dir: Path,
+    options: TrainOptions,
+    load: LoadOptions,
+    *,
+    pairs: Path | None,
+    captions: Path | None,
+    val_dir: Path | None,
+    resume: bool,
 ) -> tuple[Inputs, dict[str, Any]]:
     """Every check a run needs, before the model is loaded."""
     if not isinstance(options, TrainOptions):
         raise TypeError(f"options must be a TrainOptions; got {type(options).__name__}")
     if load.compile:
-        raise OptionsError("compile: training runs the plain diffusers UNet (torch.compile is not used)", option="compile")
+        raise OptionsError(
+            "compile: training runs the plain diffusers UNet (torch.compile is not used)",
+            option="compile",
+        )
     if load.dtype != "auto":
-        raise OptionsError("dtype: training sets the precision with TrainOptions.precision (--precision)", option="dtype")
+        raise OptionsError(
+            "dtype: training sets the precision with TrainOptions.precision (--precision)",
+            option="dtype",
+        )
     dataset = data_mod.scan(hr_dir, options, pairs=pairs, captions=captions)
     val = None
     if val_dir is not None:
-        val = data_mod.scan(val_dir, options.replace(pad_small=True), captions=None, what="validation images")
+        val = data_mod.scan(
+            val_dir,
+            options.replace(pad_small=True),
+            captions=None,
+            what="validation images",
+        )
     else:
-        count = options.val_count if options.val_count is not None else (1 if len(dataset.examples) >= 8 else 0)
+        count = (
+            options.val_count
+            if options.val_count is not None
+            else (1 if len(dataset.examples) >= 8 else 0)
+        )
         if count and options.val_every:
             dataset, val = data_mod.split(dataset, count)
     record = {
@@ -158,15 +198,22 @@ def train(
     say = say or (lambda line: log.info("%s", line))
     hr_dir, run_dir = Path(hr_dir), Path(run_dir)
     inputs, record = check_inputs(
-        hr_dir, run_dir, options, load, pairs=None if pairs is None else Path(pairs),
-        captions=None if captions is None else Path(captions), val_dir=None if val_dir is None else Path(val_dir),
+        hr_dir,
+        run_dir,
+        options,
+        load,
+        pairs=None if pairs is None else Path(pairs),
+        captions=None if captions is None else Path(captions),
+        val_dir=None if val_dir is None else Path(val_dir),
         resume=resume,
     )
     for name, why in inputs.train.skipped:
         say(f"skipped {name}: {why}")
     from .loop import run_training
 
-    return run_training(inputs, record, run_dir, options, load, resume, metrics or {}, progress, say)
+    return run_training(
+        inputs, record, run_dir, options, load, resume, metrics or {}, progress, say
+    )
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

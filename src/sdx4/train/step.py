@@ -76,7 +76,9 @@ def stack(draws: list[Draws]) -> Draws:
     )
 
 
-def batch_loss(model: StepModel, hr: torch.Tensor, lr: torch.Tensor, embeds: torch.Tensor, d: Draws) -> torch.Tensor:
+def batch_loss(
+    model: StepModel, hr: torch.Tensor, lr: torch.Tensor, embeds: torch.Tensor, d: Draws
+) -> torch.Tensor:
     """The recipe's loss on one micro-batch. hr: B,H,W,3 uint8; lr: B,H/4,W/4,3 uint8; embeds: B,77,D."""
     dev = model.device
     t, level = d.timestep.to(dev), d.noise_level.to(dev)  # B, B
@@ -86,7 +88,9 @@ def batch_loss(model: StepModel, hr: torch.Tensor, lr: torch.Tensor, embeds: tor
     with torch.no_grad():
         image = to_model_range(hr).to(dev, model.vae.dtype)  # B,3,H,W
         posterior = model.vae.encode(image).latent_dist
-        latents = posterior.mean + posterior.std * d.vae_noise.to(dev, posterior.mean.dtype)  # B,4,H/4,W/4
+        latents = posterior.mean + posterior.std * d.vae_noise.to(
+            dev, posterior.mean.dtype
+        )  # B,4,H/4,W/4
         latents = (latents * model.vae.config.scaling_factor).float()
 
         # 2. Forward diffusion at t (the model's own schedule) and the target: v (or eps for such a model).
@@ -98,10 +102,14 @@ def batch_loss(model: StepModel, hr: torch.Tensor, lr: torch.Tensor, embeds: tor
             target = noise
 
         # 3. The low-res conditioning, noise-augmented at `level` (the UNet's class label), as at inference.
-        low = model.low_res_scheduler.add_noise(to_model_range(lr).to(dev), d.low_res_noise.to(dev), level)
+        low = model.low_res_scheduler.add_noise(
+            to_model_range(lr).to(dev), d.low_res_noise.to(dev), level
+        )
         unet_input = torch.cat([noisy, low], dim=1)  # B,7,h,w  (latents first)
 
     # 4. The UNet (only the LoRA weights get gradients) and the loss in fp32.
     with model.autocast():
-        pred = model.unet(unet_input, t, encoder_hidden_states=embeds.to(dev), class_labels=level).sample
+        pred = model.unet(
+            unet_input, t, encoder_hidden_states=embeds.to(dev), class_labels=level
+        ).sample
     return F.mse_loss(pred.float(), target.float())

@@ -26,14 +26,29 @@ COLUMNS = ("bicubic", "base", "LoRA", "high-res")
 
 class Validator:
     def __init__(
-        self, model: StepModel, components: Any, embeds: dict[str, torch.Tensor], examples: tuple[data_mod.Example, ...],
-        options: TrainOptions, run_dir: Path, metrics: dict[str, Callable[[Any, Any], float]],
+        self,
+        model: StepModel,
+        components: Any,
+        embeds: dict[str, torch.Tensor],
+        examples: tuple[data_mod.Example, ...],
+        options: TrainOptions,
+        run_dir: Path,
+        metrics: dict[str, Callable[[Any, Any], float]],
     ) -> None:
-        self.model, self.components, self.embeds, self.options = model, components, embeds, options
+        self.model, self.components, self.embeds, self.options = (
+            model,
+            components,
+            embeds,
+            options,
+        )
         self.run_dir, self.metrics = run_dir, metrics
-        self.samples = [data_mod.center_sample(e, options) for e in examples]  # (hr, lr) uint8
+        self.samples = [
+            data_mod.center_sample(e, options) for e in examples
+        ]  # (hr, lr) uint8
         self.prompts = [e.prompt for e in examples]
-        self.base: list[Image.Image] | None = None  # the base model's outputs: the same at every validation
+        self.base: list[Image.Image] | None = (
+            None  # the base model's outputs: the same at every validation
+        )
         self.results: list[dict[str, Any]] = []
 
     def truncate(self, step: int) -> None:
@@ -48,11 +63,17 @@ class Validator:
 
         out = []
         for (_, lr), prompt in zip(self.samples, self.prompts):
-            opts = UpscaleOptions(prompt=prompt, steps=self.options.val_steps, seed=self.options.seed)
-            image = torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 127.5 - 1  # 1,3,h,w
+            opts = UpscaleOptions(
+                prompt=prompt, steps=self.options.val_steps, seed=self.options.seed
+            )
+            image = (
+                torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 127.5 - 1
+            )  # 1,3,h,w
             generator = torch.Generator("cpu").manual_seed(self.options.seed)
             with self.model.autocast():
-                up = upscale_tensor(self.components, image, opts, generator, encode=self._encode)  # 1,3,4h,4w
+                up = upscale_tensor(
+                    self.components, image, opts, generator, encode=self._encode
+                )  # 1,3,4h,4w
             out.append(Image.fromarray(to_uint8(up)[0].numpy(), "RGB"))
         return out
 
@@ -70,14 +91,25 @@ class Validator:
         finally:
             unet.train()
         hr = [Image.fromarray(h) for h, _ in self.samples]
-        bicubic = [Image.fromarray(lr).resize(h.size, Image.Resampling.BICUBIC) for h, (_, lr) in zip(hr, self.samples)]
+        bicubic = [
+            Image.fromarray(lr).resize(h.size, Image.Resampling.BICUBIC)
+            for h, (_, lr) in zip(hr, self.samples)
+        ]
         record: dict[str, Any] = {"step": step, "images": len(hr)}
         for name, fn in self.metrics.items():
-            for label, images in (("bicubic", bicubic), ("base", self.base), ("lora", tuned)):
-                record[f"{label}_{name}"] = float(np.mean([fn(r, t) for r, t in zip(hr, images)]))
+            for label, images in (
+                ("bicubic", bicubic),
+                ("base", self.base),
+                ("lora", tuned),
+            ):
+                record[f"{label}_{name}"] = float(
+                    np.mean([fn(r, t) for r, t in zip(hr, images)])
+                )
         folder = self.run_dir / VAL_DIR
         folder.mkdir(exist_ok=True)
-        grid = make_grid([list(row) for row in zip(bicubic, self.base, tuned, hr)], COLUMNS)
+        grid = make_grid(
+            [list(row) for row in zip(bicubic, self.base, tuned, hr)], COLUMNS
+        )
         path = folder / f"step-{step:07d}.png"
         import io
 
@@ -91,7 +123,11 @@ class Validator:
         return record
 
     def describe(self, record: dict[str, Any]) -> str:
-        scores = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith(("bicubic_", "base_", "lora_")))
+        scores = ", ".join(
+            f"{k} {v:.4g}"
+            for k, v in record.items()
+            if k.startswith(("bicubic_", "base_", "lora_"))
+        )
         return f"validation at step {record['step']}: {scores or 'no metrics'}; grid {record['grid']}"
 
 
@@ -118,11 +154,17 @@ def plot_curves(run_dir: Path) -> tuple[Path | None, list[str]]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return None, ['no loss plot: matplotlib is not installed (pip install -e ".[train]")']
+        return None, [
+            'no loss plot: matplotlib is not installed (pip install -e ".[train]")'
+        ]
     steps = read_log(run_dir / LOG_FILE)
     vals = read_log(run_dir / VAL_LOG_FILE)
-    scores = sorted({k for r in vals for k in r if k.startswith(("bicubic_", "base_", "lora_"))})
-    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(11 if scores else 6, 4), squeeze=False)
+    scores = sorted(
+        {k for r in vals for k in r if k.startswith(("bicubic_", "base_", "lora_"))}
+    )
+    fig, axes = plt.subplots(
+        1, 2 if scores else 1, figsize=(11 if scores else 6, 4), squeeze=False
+    )
     ax = axes[0][0]
     x = [r["step"] for r in steps]
     y = [r["loss"] for r in steps]
@@ -135,7 +177,9 @@ def plot_curves(run_dir: Path) -> tuple[Path | None, list[str]]:
     if scores:
         ax2 = axes[0][1]
         for key in scores:
-            ax2.plot([r["step"] for r in vals], [r[key] for r in vals], marker="o", label=key)
+            ax2.plot(
+                [r["step"] for r in vals], [r[key] for r in vals], marker="o", label=key
+            )
         ax2.set_xlabel("step")
         ax2.set_title("validation")
         ax2.legend(fontsize="small")
