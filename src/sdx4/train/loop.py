@@ -16,9 +16,9 @@ from .._version import __version__
 from ..options import LoadOptions, OptionsError
 from . import data as data_mod
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from .files import LOG_FILE, LORA_FILE, RUN_FILE, Inputs, TrainResult, truncate_log
 from .lora_file import add_lora, save_lora, write_bytes_atomic
 from .options import TrainOptions
-from .run import LOG_FILE, LORA_FILE, RUN_FILE, Inputs, TrainResult, truncate_log
 from .step import StepModel, batch_loss, draw, stack
 
 

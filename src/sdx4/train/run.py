@@ -11,52 +11,21 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from .._version import __version__
 from ..options import LoadOptions, OptionsError
 from . import data as data_mod
 from .errors import TrainInputError
+from .files import RUN_FILE, Inputs, TrainResult
 from .options import TrainOptions
 
 log = logging.getLogger("sdx4")
 
-RUN_FILE = "run.json"
-LOG_FILE = "log.jsonl"
-VAL_LOG_FILE = "validation.jsonl"
-LORA_FILE = "lora.safetensors"
-PLOT_FILE = "curves.png"
-
 #: reference image, test image -> score (the CLI passes sdx4.quality's PSNR-Y and SSIM-Y: a layer above).
 Metric = Callable[[Any, Any], float]
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    lora: Path
-    steps: int
-    resumed_from: int  # 0 for a fresh run
-    final_loss: float | None
-    skipped: tuple[tuple[str, str], ...] = ()
-    validation: list[dict[str, Any]] = field(default_factory=list)
-    plot: Path | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """The checked inputs of a run (before any heavy work)."""
-
-    train: data_mod.DataSet
-    val: data_mod.DataSet | None
-    resume_step: int  # the checkpoint to resume from (0: none)
 
 
 def check_run_dir(run_dir: Path, resume: bool, record: dict[str, Any]) -> int:
@@ -214,30 +183,3 @@ def train(
     return run_training(
         inputs, record, run_dir, options, load, resume, metrics or {}, progress, say
     )
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keep the lines of steps <= `step` (a resumed run writes the later ones again)."""
-    from .lora_file import write_bytes_atomic
-
-    if path.is_file():
-        kept = [r for r in read_log(path) if r.get("step", 0) <= step]
-        write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-
-
-def smoothed(values: list[float], beta: float = 0.9) -> np.ndarray:
-    out, avg = [], None
-    for v in values:
-        avg = v if avg is None else beta * avg + (1 - beta) * v
-        out.append(avg)
-    return np.asarray(out)
-
-
-def time_now() -> float:
-    return time.perf_counter()

@@ -15,9 +15,9 @@ from PIL import Image, ImageDraw
 
 from ..options import UpscaleOptions
 from . import data as data_mod
+from .files import LOG_FILE, PLOT_FILE, VAL_LOG_FILE, read_log, smoothed, truncate_log
 from .lora_file import write_bytes_atomic
 from .options import TrainOptions
-from .run import LOG_FILE, PLOT_FILE, VAL_LOG_FILE, read_log, smoothed, truncate_log
 from .step import StepModel
 
 VAL_DIR = "validation"
