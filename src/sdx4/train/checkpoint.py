@@ -53,6 +53,19 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def remove_partial(run_dir: Path) -> list[Path]:
+    """Remove what a killed run left half-written: temporary checkpoint folders and temporary files (their
+    names start with "." and end with ".tmp"). Returns what was removed."""
+    removed = []
+    for folder in (run_dir, run_dir / CHECKPOINTS):
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if p.name.startswith(".") and p.name.endswith(".tmp"):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                    removed.append(p)
+    return removed
+
+
 def rng_states() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {

@@ -15,7 +15,7 @@ import torch
 from .._version import __version__
 from ..options import LoadOptions, OptionsError
 from . import data as data_mod
-from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_dir, load_checkpoint, remove_partial, save_checkpoint
 from .files import LOG_FILE, LORA_FILE, RUN_FILE, Inputs, TrainResult, truncate_log
 from .lora_file import add_lora, save_lora, write_bytes_atomic
 from .options import TrainOptions
@@ -179,6 +179,8 @@ def run_training(
     scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    for p in remove_partial(run_dir):
+        say(f"removed {p.name}, left half-written by the interrupted run")
     start, samples = 0, 0
     if inputs.resume_step:
         resumed = load_checkpoint(
