@@ -194,3 +194,53 @@ def test_diffusers_load_lora_weights_reads_our_file_to_the_same_unet_output(
     adapter = json.loads(meta["lora_adapter_metadata"])
     assert adapter["unet.r"] == 4 and adapter["unet.lora_alpha"] == 8.0
     assert meta["sdx4_base_model"] == str(tiny_model_dir) and meta["sdx4_steps"] == "0"
+
+
+def test_pairs_a_validation_folder_and_loader_workers_run_end_to_end(
+    tiny_model_dir, tmp_path
+):
+    from sdx4.quality.metrics import psnr_y
+
+    hr, lr, val = tmp_path / "hr", tmp_path / "lr", tmp_path / "val"
+    for folder in (hr, lr, val):
+        folder.mkdir()
+    for i in range(2):
+        big = np.random.RandomState(i).randint(0, 256, (48, 48, 3), dtype=np.uint8)
+        Image.fromarray(big).save(hr / f"p{i}.png")
+        Image.fromarray(big[::4, ::4].copy()).save(
+            lr / f"p{i}.png"
+        )  # a real "low-res" pair: 12x12
+    Image.fromarray(
+        np.random.RandomState(7).randint(0, 256, (40, 40, 3), dtype=np.uint8)
+    ).save(val / "v.png")
+    options = TrainOptions(
+        steps=2,
+        crop=32,
+        precision="fp32",
+        val_every=2,
+        val_steps=2,
+        workers=1,
+        checkpoint_every=0,
+    )
+    result = train(
+        hr,
+        tmp_path / "run",
+        options,
+        load=fp32(tiny_model_dir),
+        pairs=lr,
+        val_dir=val,
+        metrics={"psnr_y": psnr_y},
+    )
+    assert result.steps == 2 and result.lora.is_file()
+    (record,) = result.validation
+    assert (
+        record["images"] == 1
+        and np.isfinite(record["lora_psnr_y"])
+        and np.isfinite(record["bicubic_psnr_y"])
+    )
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (
+        run["pairs"] == str(lr)
+        and run["val_dir"] == str(val)
+        and run["status"] == "done"
+    )
