@@ -235,3 +235,14 @@ def test_out_of_disk_while_checkpointing_keeps_the_last_good_checkpoint(
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "step-0000001"
     ]  # no partial folder
+
+
+def test_the_data_fingerprint_changes_with_an_image_or_a_prompt_sidecar(tmp_path):
+    hr = write_images(tmp_path / "hr", [(32, 32)] * 2)
+    first = data_mod.scan(hr, TrainOptions(crop=32)).fingerprint
+    assert data_mod.scan(hr, TrainOptions(crop=32)).fingerprint == first
+    (hr / "im0.txt").write_text("a new prompt")
+    with_prompt = data_mod.scan(hr, TrainOptions(crop=32)).fingerprint
+    assert with_prompt != first
+    write_images(hr, [(32, 32), (36, 32)])  # im1 changes size
+    assert data_mod.scan(hr, TrainOptions(crop=32)).fingerprint != with_prompt

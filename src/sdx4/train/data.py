@@ -174,8 +174,13 @@ def scan(
         raise TrainInputError(
             f"{hr_dir}: no usable {what}: {'; '.join(why)}", path=hr_dir
         )
+    sidecars = [
+        f.with_suffix(".txt") for f in files if f.with_suffix(".txt").is_file()
+    ]  # prompts shape the run
     return DataSet(
-        tuple(examples), tuple(skipped), fingerprint(files, lr_files.values(), captions)
+        tuple(examples),
+        tuple(skipped),
+        fingerprint(files, lr_files.values(), sidecars, captions),
     )
 
 
