@@ -150,6 +150,11 @@ def run_training(
             option="crop",
         )
 
+    if (
+        not val_examples
+    ):  # training only encodes: the VAE decoder (~0.2 GB fp32 on the real model) can go
+        components.vae.decoder = None
+        components.vae.post_quant_conv = None
     unet = components.unet
     params = add_lora(unet, options, options.seed)
     unet.train()
