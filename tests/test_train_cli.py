@@ -55,6 +55,9 @@ def test_the_command_trains_validates_and_writes_its_files(
     r = run_cli(*args, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stderr and "lora.safetensors" in r.stderr
+    assert (
+        "loss=" in r.stderr and "step" in r.stderr
+    )  # the progress bar (tqdm: loss, rate, ETA)
     names = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
     assert {
         "lora.safetensors",
