@@ -18,7 +18,7 @@ from .args import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 #: a parser whose `func(args)` returns an exit code. They must not import torch at import time (`sdx4 --help`
 #: stays fast).
 COMMAND_MODULES: tuple[str, ...] = ("sdx4.cli.upscale", "sdx4.cli.compare", "sdx4.cli.evaluate", "sdx4.cli.serve",
-                                    "sdx4.cli.convert", "sdx4.cli.download")
+                                    "sdx4.cli.convert", "sdx4.cli.download", "sdx4.cli.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
