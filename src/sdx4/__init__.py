@@ -14,6 +14,9 @@ from ._version import __version__
 from .api import Upscaler, UpscaleResult, load, upscale
 from .imageio import ImageInputError, read_metadata
 from .options import METHODS, LoadOptions, OptionsError, UpscaleOptions
+from .api import estimate_classical, preset_options  # noqa: E402
+from .engine.estimate import Estimate  # noqa: E402  (no torch there)
+from .options import PRESETS  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -27,4 +30,8 @@ __all__ = [
     "ImageInputError",
     "METHODS",
     "read_metadata",
+    "Estimate",
+    "PRESETS",
+    "preset_options",
+    "estimate_classical",
 ]
