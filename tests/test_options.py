@@ -86,9 +86,11 @@ BAD_VALUES = {
         "tile_size": 4, "tile_overlap": -1, "tile_batch": 65, "tile_blend": "hard", "max_memory": 2**20,
         "vae_attention_window": 8,
         "color_mode": "grey", "bit_depth": 12,
+        "preset": "turbo",
     },
     LoadOptions: {
         "model": "", "device": "tpu", "dtype": "fp8", "vae_dtype": "fp16", "low_memory": "yes", "compile": 1,
+        "weight_cache": "no",
     },
 }  # fmt: skip
 

@@ -385,6 +385,7 @@ def load(
     low_memory: bool | None = None,
     compile: bool = False,
     prompts: Sequence[str] | None = None,
+    weight_cache: bool = True,
 ) -> Upscaler:
     """Load the x4 upscaler from a Hub id (default: the published model) or a local diffusers folder.
 
@@ -398,7 +399,8 @@ def load(
     they come. Ignored when the text encoder is kept (the GPU default): it encodes on the first call.
     """
     if isinstance(model, LoadOptions):
-        given = {"device": device, "dtype": dtype, "vae_dtype": vae_dtype, "low_memory": low_memory, "compile": compile}
+        given = {"device": device, "dtype": dtype, "vae_dtype": vae_dtype, "low_memory": low_memory, "compile": compile,
+                 "weight_cache": weight_cache}
         defaults = option_defaults(LoadOptions)
         extra = [name for name, value in given.items() if value != defaults[name]]
         if extra:
@@ -414,6 +416,7 @@ def load(
             vae_dtype=vae_dtype,
             low_memory=low_memory,
             compile=compile,
+            weight_cache=weight_cache,
         )
     return _load(options, prompts)
 
@@ -446,6 +449,7 @@ def _load(options: LoadOptions, prompts: Sequence[str] | None) -> Upscaler:
         vae_dtype=options.vae_dtype,
         compile=options.compile,
         before_denoiser=encode_first,
+        weight_cache=options.weight_cache,
     )
     return made[0]
 

@@ -275,6 +275,8 @@ class LoadOptions:
     low_memory: drop the text encoder once the prompts are encoded, reload it for a new prompt;
       None = by device: on for the CPU (RAM limits the image size there), off for GPUs.
     compile: torch.compile the UNet (opt-in: a slow first call; see README).
+    weight_cache: keep the weights converted to their dtype and layout in the cache folder at the first
+      start and map them at later starts (the fast start; SDX4_WEIGHT_CACHE=0 also turns it off).
 
     Later fields (LoRA weights, a single-file checkpoint, ...) go here with their defaults: `to_dict()` and
     `LoadOptions(**d)` carry every field through Ray and the batch job unchanged.
@@ -286,6 +288,7 @@ class LoadOptions:
     vae_dtype: VaeDType = "fp32"
     low_memory: bool | None = None
     compile: bool = False
+    weight_cache: bool = True
 
     def __post_init__(self) -> None:
         _check_str("model", self.model)
@@ -296,6 +299,8 @@ class LoadOptions:
             raise OptionsError(f"low_memory must be True, False or None (by device); got {self.low_memory!r}", option="low_memory")
         if not isinstance(self.compile, bool):
             raise OptionsError(f"compile must be True or False; got {self.compile!r}", option="compile")
+        if not isinstance(self.weight_cache, bool):
+            raise OptionsError(f"weight_cache must be True or False; got {self.weight_cache!r}", option="weight_cache")
 
     def replace(self, **changes: object) -> LoadOptions:
         """A copy with some fields changed (validated again)."""

@@ -94,6 +94,9 @@ def add_model_args(p: argparse.ArgumentParser | Any) -> None:
         "a new prompt reloads it); auto = on for the CPU, off for GPUs",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call; see README)")
+    p.add_argument("--no-weight-cache", dest="weight_cache", action="store_false",
+                   help="read and convert the weights at every start instead of mapping the converted copy kept in "
+                   "the cache folder (also SDX4_WEIGHT_CACHE=0; `sdx4 cache info` shows it)")
 
 
 def low_memory_arg(args: argparse.Namespace) -> bool | None:
@@ -112,6 +115,7 @@ def load_options_from_args(args: argparse.Namespace) -> LoadOptions:
             vae_dtype=args.vae_dtype,
             low_memory=low_memory_arg(args),
             compile=args.compile,
+            weight_cache=getattr(args, "weight_cache", True),
         )
     except OptionsError as e:
         raise UsageError(str(e)) from None

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..cache import CALIBRATION_FILE  # the cache folder's names live there (sdx4 cache info / clear)
 from ..options import PRESETS, UpscaleOptions
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sdx4")
 
-CALIBRATION_FILE = "estimate-calibration.json"
 #: UNet calibration sides, in multiples of the UNet's pad multiple (8 for the published model: 16 and 32 px).
 UNET_SIDES = (2, 4)
 #: VAE calibration sides in latent pixels (decoded to 4x: 32 and 64 px).

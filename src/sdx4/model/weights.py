@@ -217,11 +217,22 @@ def assign_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> t
     return module
 
 
-def _stream(module: torch.nn.Module, weights: Path, dtype: torch.dtype, channels_last: bool, root: Path | None) -> Any:
+def _stream(module: torch.nn.Module, weights: Path, dtype: torch.dtype, channels_last: bool, root: Path | None,
+            cache: bool = False) -> Any:
+    """Read `weights` into `module`; with `cache`, from the converted copy kept in the cache folder when there
+    is a valid one (weight_cache.py: mapped, not read), else streamed and then kept there."""
     label, config_label = _label(weights, root), _label(weights.with_name("config.json"), root)
     header = read_header(weights, label)
     names = check_against_module(module, header[0], label, config_label)
+    if cache:
+        from . import weight_cache
+
+        kept = weight_cache.read(weights, dtype, channels_last, module)
+        if kept is not None:
+            return assign_weights(module, {k: v for k, v in kept.items() if k in names})
     state = read_state_dict(weights, dtype, channels_last, label, names, header)
+    if cache:
+        weight_cache.write(weights, dtype, channels_last, state)
     return assign_weights(module, state)
 
 
@@ -235,7 +246,7 @@ def _label(path: Path, root: Path | None) -> str:
 
 def load_diffusers_model(
     cls: Any, folder: Path, dtype: torch.dtype, channels_last: bool = False, root: Path | None = None,
-    empty: Any = None,
+    empty: Any = None, cache: bool = False,
 ) -> Any:
     """A diffusers model (UNet2DConditionModel, AutoencoderKL) from `folder` in `dtype`; `root`, the model
     folder, names files in messages; `empty`: the model already built from its config with meta weights."""
@@ -249,11 +260,12 @@ def load_diffusers_model(
     if model is None:
         with init_empty_weights():
             model = cls.from_config(cls.load_config(folder))
-    return _stream(model, weights, dtype, channels_last, root).eval()
+    return _stream(model, weights, dtype, channels_last, root, cache).eval()
 
 
 def load_transformers_model(
-    cls: Any, config_cls: Any, folder: Path, dtype: torch.dtype, root: Path | None = None, empty: Any = None
+    cls: Any, config_cls: Any, folder: Path, dtype: torch.dtype, root: Path | None = None, empty: Any = None,
+    cache: bool = False,
 ) -> Any:
     """A transformers model (CLIPTextModel) from `folder` in `dtype`."""
     from accelerate import init_empty_weights
@@ -266,7 +278,7 @@ def load_transformers_model(
     if model is None:
         with init_empty_weights():
             model = cls(config_cls.from_pretrained(folder))
-    model = _stream(model, weights, dtype, False, root)
+    model = _stream(model, weights, dtype, False, root, cache)
     # Buffers built at construction (position ids) stay as they are; floating ones follow the dtype.
     for name, buf in model.named_buffers():
         if buf.is_floating_point() and buf.dtype != dtype:
