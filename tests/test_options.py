@@ -121,10 +121,10 @@ def test_a_bad_size_names_max_memory_and_err_option_survives_pickling():
 def test_load_options_defaults_are_those_of_sdx4_load():
     assert option_defaults(LoadOptions) == {
         "model": DEFAULT_MODEL, "device": "auto", "dtype": "auto", "vae_dtype": "fp32", "low_memory": None,
-        "compile": False,
+        "compile": False, "weight_cache": True,
     }  # fmt: skip
     load = inspect.signature(sdx4.load).parameters
-    for name in ("device", "dtype", "vae_dtype", "low_memory", "compile"):
+    for name in ("device", "dtype", "vae_dtype", "low_memory", "compile", "weight_cache"):
         assert load[name].default == option_defaults(LoadOptions)[name], name
     with pytest.raises(dataclasses.FrozenInstanceError):
         LoadOptions().device = "cpu"  # type: ignore[misc]

@@ -87,6 +87,13 @@ def test_the_key_changes_when_the_model_file_changes(cache, model):
     assert len(_entries(cache)) == 4  # a new UNet entry; the VAE's and text encoder's are reused
 
 
+def _read(path, module):
+    import torch
+
+    return weight_cache.read(path, torch.float32, True, weights.read_header,
+                             lambda h, where: weights.check_against_module(module, h, where, "the module", warn=False))
+
+
 def _vae_entry(model):
     import torch
     from accelerate import init_empty_weights
@@ -123,10 +130,10 @@ def test_a_damaged_entry_is_found_and_removed(cache, model, caplog, how):
     import torch
 
     vae, empty, (data, sidecar) = _vae_entry(model)
-    assert weight_cache.read(vae, torch.float32, True, empty) is not None
+    assert _read(vae, empty) is not None
     _damage(data, sidecar, how)
     with caplog.at_level(logging.WARNING, logger="sdx4"):
-        assert weight_cache.read(vae, torch.float32, True, empty) is None
+        assert _read(vae, empty) is None
     assert any(f"weight cache: rebuilding {data.name}" in r.getMessage() for r in caplog.records)
     assert not data.exists() and not sidecar.exists()  # removed, so the next start writes it again
 
@@ -179,7 +186,7 @@ def test_concurrent_writers_leave_one_valid_entry(cache, model):
 
     with init_empty_weights():
         empty = AutoencoderKL.from_config(AutoencoderKL.load_config(model / "vae"))
-    kept = weight_cache.read(vae, torch.float32, True, empty)
+    kept = _read(vae, empty)
     assert kept is not None and set(kept) == set(state)
     cl = torch.channels_last
     assert all(torch.equal(kept[k], state[k]) for k in state)

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +83,17 @@ def sample_hash(path: Path, size: int | None = None) -> str:
     return h.hexdigest()
 
 
-def read(weights: Path, dtype: torch.dtype, channels_last: bool, module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+def read(
+    weights: Path, dtype: torch.dtype, channels_last: bool, read_header: Callable[[Path], tuple[dict[str, Any], int]],
+    check_header: Callable[[dict[str, Any], str], object],
+) -> dict[str, torch.Tensor] | None:
     """The kept state dict of `weights` in this dtype and layout, memory-mapped (None: no valid entry; a
-    damaged one is removed, to be rebuilt)."""
+    damaged one is removed, to be rebuilt). `read_header(path)` reads and checks a safetensors header against
+    the file's size, `check_header(header, label)` compares its names and shapes with the module (weights.py
+    passes both: this module does not import it)."""
     from safetensors.torch import load_file
 
     from .errors import ModelConfigError
-    from .weights import check_against_module, read_header
 
     key = entry_key(weights, dtype, channels_last)
     data, sidecar = entry_paths(key)
@@ -108,7 +113,7 @@ def read(weights: Path, dtype: torch.dtype, channels_last: bool, module: torch.n
         for name in nhwc & set(header):
             n, h, w, c = header[name]["shape"]
             header[name] = {**header[name], "shape": [n, c, h, w]}
-        check_against_module(module, header, str(data), "the module", warn=False)  # names and shapes
+        check_header(header, str(data))  # names and shapes, as the model's own file
         state = load_file(data)  # mapped lazily: no byte is read or copied here
     except (OSError, ValueError, ModelConfigError) as e:
         log.warning("weight cache: rebuilding %s (%s)", data.name, e)

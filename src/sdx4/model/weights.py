@@ -227,7 +227,8 @@ def _stream(module: torch.nn.Module, weights: Path, dtype: torch.dtype, channels
     if cache:
         from . import weight_cache
 
-        kept = weight_cache.read(weights, dtype, channels_last, module)
+        kept = weight_cache.read(weights, dtype, channels_last, read_header,
+                                 lambda h, where: check_against_module(module, h, where, "the module", warn=False))
         if kept is not None:
             return assign_weights(module, {k: v for k, v in kept.items() if k in names})
     state = read_state_dict(weights, dtype, channels_last, label, names, header)
