@@ -47,20 +47,44 @@ pipe(prompt="", image=img, num_inference_steps=int(sys.argv[2]), generator=torch
 
 def child(args: list[str], env: dict[str, str]) -> tuple[float, str]:
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, check=False
+    )
     wall = time.perf_counter() - t0
     if r.returncode != 0:
-        raise SystemExit(f"child failed ({r.returncode}): {' '.join(args[:3])}\n{r.stderr[-3000:]}")
+        raise SystemExit(
+            f"child failed ({r.returncode}): {' '.join(args[:3])}\n{r.stderr[-3000:]}"
+        )
     return wall, r.stdout
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="model folder; default: the cached random full-size model")
-    p.add_argument("--quick", action="store_true", help="smoke test: tiny random model, 2 steps, 1 rep")
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions of each cached/cold start")
-    p.add_argument("--steps", type=int, default=10, help="steps of the whole-process run")
-    p.add_argument("--size", type=int, default=64, help="input px of the whole-process run")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model folder; default: the cached random full-size model",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: tiny random model, 2 steps, 1 rep",
+    )
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=3,
+        help="timed repetitions of each cached/cold start",
+    )
+    p.add_argument(
+        "--steps", type=int, default=10, help="steps of the whole-process run"
+    )
+    p.add_argument(
+        "--size", type=int, default=64, help="input px of the whole-process run"
+    )
     p.add_argument("--dtype", default="auto", help="sdx4's --dtype")
     p.add_argument("--out", default="bench-out", help="folder for load.json / load.md")
     a = p.parse_args(argv)
@@ -73,15 +97,29 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "weight-cache"
     shutil.rmtree(cache, ignore_errors=True)
-    precision = Path(os.environ.get("SDX4_CACHE") or Path.home() / ".cache" / "sdx4") / "cpu-precision.json"
+    precision = (
+        Path(os.environ.get("SDX4_CACHE") or Path.home() / ".cache" / "sdx4")
+        / "cpu-precision.json"
+    )
     cache.mkdir()
-    if precision.exists():  # the machine's bf16 choice, so that no run measures it again
+    if (
+        precision.exists()
+    ):  # the machine's bf16 choice, so that no run measures it again
         shutil.copy(precision, cache / precision.name)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SDX4_CACHE": str(cache), "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    load = lambda extra: json.loads(child(["-c", LOAD, model, a.dtype], {**env, **extra})[1])  # noqa: E731
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "SDX4_CACHE": str(cache),
+        "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    load = lambda extra: json.loads(
+        child(["-c", LOAD, model, a.dtype], {**env, **extra})[1]
+    )
 
     cold = [load({"SDX4_WEIGHT_CACHE": "0"}) for _ in range(a.reps)]
-    build = load({})  # the first start with the cache on: streams, then writes the converted copies
+    build = load(
+        {}
+    )  # the first start with the cache on: streams, then writes the converted copies
     cached = [load({}) for _ in range(a.reps)]
     from sdx4.cache import cache_info
 
@@ -91,28 +129,68 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from PIL import Image
 
-    Image.fromarray(np.random.RandomState(0).randint(0, 256, (a.size, a.size, 3), dtype=np.uint8)).save(img)
-    run = ["-m", "sdx4", "upscale", str(img), "--model", model, "--dtype", a.dtype, "--steps", str(a.steps),
-           "--seed", "0", "-o", str(out / "load-sdx4.png"), "--overwrite", "-q"]
+    Image.fromarray(
+        np.random.RandomState(0).randint(0, 256, (a.size, a.size, 3), dtype=np.uint8)
+    ).save(img)
+    run = [
+        "-m",
+        "sdx4",
+        "upscale",
+        str(img),
+        "--model",
+        model,
+        "--dtype",
+        a.dtype,
+        "--steps",
+        str(a.steps),
+        "--seed",
+        "0",
+        "-o",
+        str(out / "load-sdx4.png"),
+        "--overwrite",
+        "-q",
+    ]
     sdx4_wall = [child(run, env)[0] for _ in range(a.reps)]
-    diff_wall = [child(["-c", DIFFUSERS, model, str(a.steps), str(a.size), str(out / "load-diffusers.png")], env)[0]
-                 for _ in range(a.reps)]
-    med = lambda xs: round(statistics.median(xs), 3)  # noqa: E731
+    diff_wall = [
+        child(
+            [
+                "-c",
+                DIFFUSERS,
+                model,
+                str(a.steps),
+                str(a.size),
+                str(out / "load-diffusers.png"),
+            ],
+            env,
+        )[0]
+        for _ in range(a.reps)
+    ]
+    med = lambda xs: round(statistics.median(xs), 3)
     report = {
-        "model": model, "quick": a.quick, "dtype": cold[0]["unet_dtype"], "reps": a.reps,
-        "load_cold_s": med([c["load_s"] for c in cold]), "load_building_cache_s": round(build["load_s"], 3),
-        "load_cached_s": med([c["load_s"] for c in cached]), "import_s": med([c["import_s"] for c in cached]),
-        "weight_cache_bytes": disk, "process_sdx4_s": med(sdx4_wall), "process_diffusers_fp32_s": med(diff_wall),
-        "run": {"steps": a.steps, "size": a.size}, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "model": model,
+        "quick": a.quick,
+        "dtype": cold[0]["unet_dtype"],
+        "reps": a.reps,
+        "load_cold_s": med([c["load_s"] for c in cold]),
+        "load_building_cache_s": round(build["load_s"], 3),
+        "load_cached_s": med([c["load_s"] for c in cached]),
+        "import_s": med([c["import_s"] for c in cached]),
+        "weight_cache_bytes": disk,
+        "process_sdx4_s": med(sdx4_wall),
+        "process_diffusers_fp32_s": med(diff_wall),
+        "run": {"steps": a.steps, "size": a.size},
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     shutil.rmtree(cache, ignore_errors=True)
     (out / "load.json").write_text(json.dumps(report, indent=1))
-    md = (f"| | seconds |\n|---|---:|\n| sdx4.load, cold (SDX4_WEIGHT_CACHE=0) | {report['load_cold_s']:.2f} |\n"
-          f"| sdx4.load, first start (builds the cache) | {report['load_building_cache_s']:.2f} |\n"
-          f"| sdx4.load, cached | {report['load_cached_s']:.2f} |\n"
-          f"| whole process, sdx4 upscale {a.steps} steps {a.size} px (cached) | {report['process_sdx4_s']:.2f} |\n"
-          f"| whole process, diffusers fp32, same run | {report['process_diffusers_fp32_s']:.2f} |\n\n"
-          f"Weight cache on disk: {disk / 2**30:.2f} GiB ({report['dtype']} UNet/text encoder, fp32 VAE).\n")
+    md = (
+        f"| | seconds |\n|---|---:|\n| sdx4.load, cold (SDX4_WEIGHT_CACHE=0) | {report['load_cold_s']:.2f} |\n"
+        f"| sdx4.load, first start (builds the cache) | {report['load_building_cache_s']:.2f} |\n"
+        f"| sdx4.load, cached | {report['load_cached_s']:.2f} |\n"
+        f"| whole process, sdx4 upscale {a.steps} steps {a.size} px (cached) | {report['process_sdx4_s']:.2f} |\n"
+        f"| whole process, diffusers fp32, same run | {report['process_diffusers_fp32_s']:.2f} |\n\n"
+        f"Weight cache on disk: {disk / 2**30:.2f} GiB ({report['dtype']} UNet/text encoder, fp32 VAE).\n"
+    )
     (out / "load.md").write_text(md)
     print(md)
     return 0

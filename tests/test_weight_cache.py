@@ -38,18 +38,27 @@ def model(tiny_model_dir, tmp_path):
 
 
 def _entries(cache):
-    return sorted((cache / "weights").glob("*.safetensors")) if (cache / "weights").is_dir() else []
+    return (
+        sorted((cache / "weights").glob("*.safetensors"))
+        if (cache / "weights").is_dir()
+        else []
+    )
 
 
 def _no_streaming(monkeypatch):
     """Make reading the model's own files an error: a load must come from the cache."""
+
     def refuse(*a, **k):
-        raise AssertionError("streamed from the model's files, not mapped from the cache")
+        raise AssertionError(
+            "streamed from the model's files, not mapped from the cache"
+        )
 
     monkeypatch.setattr(weights, "read_state_dict", refuse)
 
 
-def test_cached_load_maps_the_weights_and_gives_bit_identical_images(cache, model, rng_image, monkeypatch):
+def test_cached_load_maps_the_weights_and_gives_bit_identical_images(
+    cache, model, rng_image, monkeypatch
+):
     image = rng_image(16, 16)
     plain = _load(model, weight_cache=False)
     expected = _run(plain, image)
@@ -64,10 +73,14 @@ def test_cached_load_maps_the_weights_and_gives_bit_identical_images(cache, mode
     assert second.components.speed.as_dict() == plain.components.speed.as_dict()
     w = second.components.vae.decoder.conv_in.weight
     assert w.is_contiguous(memory_format=__import__("torch").channels_last)
-    assert np.array_equal(w.detach().numpy(), plain.components.vae.decoder.conv_in.weight.detach().numpy())
+    assert np.array_equal(
+        w.detach().numpy(), plain.components.vae.decoder.conv_in.weight.detach().numpy()
+    )
     for side in (cache / "weights").glob("*.json"):
         meta = json.loads(side.read_text())
-        assert meta["finite_checked"] is True and meta["key"]["sdx4"] == sdx4.__version__
+        assert (
+            meta["finite_checked"] is True and meta["key"]["sdx4"] == sdx4.__version__
+        )
         assert meta["size"] == side.with_suffix(".safetensors").stat().st_size
 
 
@@ -81,17 +94,28 @@ def test_the_key_changes_when_the_model_file_changes(cache, model):
     _load(model)
     assert len(_entries(cache)) == 3
     st = unet.stat()
-    os.utime(unet, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the model was replaced (same size)
+    os.utime(
+        unet, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9)
+    )  # the model was replaced (same size)
     assert weight_cache.entry_key(unet, torch.float32, True) != key
     _load(model)
-    assert len(_entries(cache)) == 4  # a new UNet entry; the VAE's and text encoder's are reused
+    assert (
+        len(_entries(cache)) == 4
+    )  # a new UNet entry; the VAE's and text encoder's are reused
 
 
 def _read(path, module):
     import torch
 
-    return weight_cache.read(path, torch.float32, True, weights.read_header,
-                             lambda h, where: weights.check_against_module(module, h, where, "the module", warn=False))
+    return weight_cache.read(
+        path,
+        torch.float32,
+        True,
+        weights.read_header,
+        lambda h, where: weights.check_against_module(
+            module, h, where, "the module", warn=False
+        ),
+    )
 
 
 def _vae_entry(model):
@@ -104,7 +128,11 @@ def _vae_entry(model):
     weight_cache.write(vae, torch.float32, True, state)
     with init_empty_weights():
         empty = AutoencoderKL.from_config(AutoencoderKL.load_config(model / "vae"))
-    return vae, empty, weight_cache.entry_paths(weight_cache.entry_key(vae, torch.float32, True))
+    return (
+        vae,
+        empty,
+        weight_cache.entry_paths(weight_cache.entry_key(vae, torch.float32, True)),
+    )
 
 
 def _damage(data, sidecar, how):
@@ -127,15 +155,19 @@ def _damage(data, sidecar, how):
 
 @pytest.mark.parametrize("how", ["truncate", "overwrite", "sidecar", "other key"])
 def test_a_damaged_entry_is_found_and_removed(cache, model, caplog, how):
-    import torch
 
     vae, empty, (data, sidecar) = _vae_entry(model)
     assert _read(vae, empty) is not None
     _damage(data, sidecar, how)
     with caplog.at_level(logging.WARNING, logger="sdx4"):
         assert _read(vae, empty) is None
-    assert any(f"weight cache: rebuilding {data.name}" in r.getMessage() for r in caplog.records)
-    assert not data.exists() and not sidecar.exists()  # removed, so the next start writes it again
+    assert any(
+        f"weight cache: rebuilding {data.name}" in r.getMessage()
+        for r in caplog.records
+    )
+    assert (
+        not data.exists() and not sidecar.exists()
+    )  # removed, so the next start writes it again
 
 
 def test_a_truncated_entry_is_rebuilt_by_the_next_load(cache, model, rng_image):
@@ -144,11 +176,15 @@ def test_a_truncated_entry_is_rebuilt_by_the_next_load(cache, model, rng_image):
     image = rng_image(16, 16)
     expected = _run(_load(model), image)
     unet = model / "unet" / "diffusion_pytorch_model.safetensors"
-    data, sidecar = weight_cache.entry_paths(weight_cache.entry_key(unet, torch.float32, True))
+    data, sidecar = weight_cache.entry_paths(
+        weight_cache.entry_key(unet, torch.float32, True)
+    )
     size = data.stat().st_size
     _damage(data, sidecar, "truncate")
     assert np.array_equal(_run(_load(model), image), expected)
-    assert data.stat().st_size == size and json.loads(sidecar.read_text())["size"] == size  # rebuilt whole
+    assert (
+        data.stat().st_size == size and json.loads(sidecar.read_text())["size"] == size
+    )  # rebuilt whole
 
 
 def test_opt_out_by_environment(cache, model, monkeypatch):
@@ -164,9 +200,21 @@ def test_no_weight_cache_flag_reaches_load_options():
     from sdx4.cli import build_parser
     from sdx4.cli.args import load_options_from_args
 
-    assert load_options_from_args(build_parser().parse_args(["upscale", "x.png"])).weight_cache is True
-    assert load_options_from_args(build_parser().parse_args(["upscale", "x.png", "--no-weight-cache"])).weight_cache is False
-    with pytest.raises(sdx4.OptionsError, match="weight_cache must be True or False; got 'no'"):
+    assert (
+        load_options_from_args(
+            build_parser().parse_args(["upscale", "x.png"])
+        ).weight_cache
+        is True
+    )
+    assert (
+        load_options_from_args(
+            build_parser().parse_args(["upscale", "x.png", "--no-weight-cache"])
+        ).weight_cache
+        is False
+    )
+    with pytest.raises(
+        sdx4.OptionsError, match="weight_cache must be True or False; got 'no'"
+    ):
         sdx4.LoadOptions(weight_cache="no")
 
 
@@ -175,7 +223,12 @@ def test_concurrent_writers_leave_one_valid_entry(cache, model):
 
     vae = model / "vae" / "diffusion_pytorch_model.safetensors"
     state = weights.read_state_dict(vae, torch.float32, True)
-    threads = [threading.Thread(target=weight_cache.write, args=(vae, torch.float32, True, state)) for _ in range(4)]
+    threads = [
+        threading.Thread(
+            target=weight_cache.write, args=(vae, torch.float32, True, state)
+        )
+        for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -190,15 +243,24 @@ def test_concurrent_writers_leave_one_valid_entry(cache, model):
     assert kept is not None and set(kept) == set(state)
     cl = torch.channels_last
     assert all(torch.equal(kept[k], state[k]) for k in state)
-    assert all(kept[k].is_contiguous(memory_format=cl) == state[k].is_contiguous(memory_format=cl) for k in state if state[k].ndim == 4)
+    assert all(
+        kept[k].is_contiguous(memory_format=cl)
+        == state[k].is_contiguous(memory_format=cl)
+        for k in state
+        if state[k].ndim == 4
+    )
 
 
 def test_cache_info_and_clear(cache, model, capsys):
     from sdx4.cli import main
 
     _load(model)
-    (cache / "estimate-calibration.json").write_text("{}")  # a measurement: clear removes it too
-    (cache / "random-full-seed0").mkdir()  # what the benchmarks keep there is not sdx4's to clear
+    (cache / "estimate-calibration.json").write_text(
+        "{}"
+    )  # a measurement: clear removes it too
+    (
+        cache / "random-full-seed0"
+    ).mkdir()  # what the benchmarks keep there is not sdx4's to clear
     (cache / "random-full-seed0" / "x").write_text("keep")
     assert main(["cache", "info"]) == 0
     out = capsys.readouterr().out
@@ -207,7 +269,9 @@ def test_cache_info_and_clear(cache, model, capsys):
     assert str(model / "unet" / "diffusion_pytorch_model.safetensors") in out
     assert main(["cache", "info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert len(info["weights"]) == 3 and info["weights_bytes"] == sum(p.stat().st_size for p in _entries(cache))
+    assert len(info["weights"]) == 3 and info["weights_bytes"] == sum(
+        p.stat().st_size for p in _entries(cache)
+    )
     assert main(["cache", "clear", "--weights"]) == 0
     assert _entries(cache) == [] and (cache / "estimate-calibration.json").exists()
     assert "cleared the converted weights" in capsys.readouterr().out

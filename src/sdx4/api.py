@@ -172,6 +172,7 @@ class Upscaler:
         self.text_encode_seconds: float | None = None
         self._calibration: Any = None  # engine/estimate.Calibration, measured or read from the cache at first use
         self._classical_cost: dict[str, float] = {}  # method -> measured seconds per output pixel
+        self._unet_warm = False  # the UNet has run in this process (its weights are packed): estimates know it
 
     def encode_prompts(self, prompts: list[str]) -> None:
         """Encode these prompts now, in one go (the cache keeps the last 32): with the low-memory policy
@@ -186,6 +187,7 @@ class Upscaler:
         if self.components.unet is None:
             self.components.unet = self.components.load_unet()
             self.unet_loads += 1
+            self._unet_warm = False
 
     @property
     def info(self) -> dict[str, Any]:
@@ -234,7 +236,8 @@ class Upscaler:
             from .engine.estimate import cached_calibration
 
             self._ensure_unet()
-            self._calibration, _cached = cached_calibration(self.components)
+            self._calibration, cached = cached_calibration(self.components)
+            self._unet_warm = self._unet_warm or not cached  # measuring ran the UNet
         return self._calibration
 
     def estimate(self, image_or_size: Any, options: UpscaleOptions | None = None, **overrides: Any) -> Any:
@@ -257,7 +260,8 @@ class Upscaler:
         missing = self.prompt_cache.missing(opts.text_prompts)
         encode_s = cal.text_s if cal.text_s is not None else (self.text_encode_seconds or 0.0)
         reload_s = (self.text_load_seconds or 0.0) if self.components.text_encoder is None else 0.0
-        return estimate_sd(self.components, opts, size, cal, TextCost(len(missing), encode_s, reload_s))
+        return estimate_sd(self.components, opts, size, cal, TextCost(len(missing), encode_s, reload_s),
+                           warm=self._unet_warm)
 
     def __call__(
         self,
@@ -335,6 +339,7 @@ class Upscaler:
         if loaded.alpha is not None:
             alpha = resize(loaded.alpha, rgb[0].size, ALPHA_FILTER)
         images = [attach_alpha(im, alpha) for im in rgb]
+        self._unet_warm = True
         meta = sd_metadata(
             opts,
             loaded,

@@ -22,9 +22,13 @@ def register(sub: Any) -> None:
     )
     what = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
     info = what.add_parser("info", help="list the entries and their disk use")
-    info.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    info.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of lines"
+    )
     clear = what.add_parser("clear", help="remove them (rebuilt at the next start)")
-    clear.add_argument("--weights", action="store_true", help="remove only the converted weights")
+    clear.add_argument(
+        "--weights", action="store_true", help="remove only the converted weights"
+    )
     p.set_defaults(func=cmd_cache)
 
 
@@ -35,8 +39,10 @@ def _gib(n: int) -> str:
 def cmd_cache(args: argparse.Namespace) -> int:
     if args.cache_command == "clear":
         freed = clear_cache(weights_only=args.weights)
-        print(f"cleared {'the converted weights' if args.weights else 'the sdx4 cache'} in {cache_info()['folder']}: "
-              f"{_gib(freed)} freed")
+        print(
+            f"cleared {'the converted weights' if args.weights else 'the sdx4 cache'} in {cache_info()['folder']}: "
+            f"{_gib(freed)} freed"
+        )
         return EXIT_OK
     info = cache_info()
     if args.json:
@@ -44,9 +50,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"cache folder: {info['folder']}")
     entries = info["weights"]
-    print(f"converted weights: {len(entries)} entries, {_gib(int(info['weights_bytes']))}")  # type: ignore[call-overload]
+    print(
+        f"converted weights: {len(entries)} entries, {_gib(int(info['weights_bytes']))}"
+    )  # type: ignore[call-overload]
     for e in entries:  # type: ignore[attr-defined]
-        print(f"  {e['file']}  {_gib(int(e['bytes']))}  {e['dtype']}  {e['source']}  (written {e['written']})")
+        print(
+            f"  {e['file']}  {_gib(int(e['bytes']))}  {e['dtype']}  {e['source']}  (written {e['written']})"
+        )
     for name in info["files"]:  # type: ignore[attr-defined]
         print(f"measurement: {name}")
     print(f"total: {_gib(int(info['total_bytes']))}")  # type: ignore[call-overload]

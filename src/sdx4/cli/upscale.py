@@ -291,7 +291,7 @@ def _upscale_all(
     for src, source, paths, size in zip(inputs, sources, outputs, sizes):
         opts = options.with_seed()
         estimate = None
-        if upscaler is not None:
+        if upscaler is not None and not args.quiet:  # the line and the progress bar's time left
             estimate = upscaler.estimate(size, opts)
             say(f"{src}: {estimate.summary}")
         result = _run_one(upscaler, source, src.name, opts, quiet=args.quiet, estimate=estimate)

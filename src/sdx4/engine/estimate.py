@@ -26,7 +26,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..cache import CALIBRATION_FILE  # the cache folder's names live there (sdx4 cache info / clear)
+from ..cache import (
+    CALIBRATION_FILE,  # the cache folder's names live there (sdx4 cache info / clear)
+)
 from ..options import PRESETS, UpscaleOptions
 
 if TYPE_CHECKING:
@@ -48,7 +50,10 @@ class Calibration:
     each costs unet_call_s + unet_px_s x px x samples (measured on guidance pairs, as runs make them). VAE:
     decoding one latent of px pixels costs vae_fixed_s + vae_px_s x px + vae_pair_s x px x min(px, window^2)
     (its mid-block attention: global up to the window, windowed beyond). text_s: encoding one prompt (None:
-    the text encoder was not loaded when measured)."""
+    the text encoder was not loaded when measured). Once per run: new_shape_s, what the first UNet call and
+    the first decode of a shape not run before cost beyond later ones (oneDNN builds its kernels per shape),
+    and release_s, handing freed memory back between the loop and the decode (budget.release_memory). Once
+    per process: first_call_s, the first UNet call's extra cost (each layer packs its weight, prepack.py)."""
 
     unet_call_s: float
     unet_px_s: float
@@ -57,6 +62,9 @@ class Calibration:
     vae_pair_s: float
     text_s: float | None = None
     measured_s: float = 0.0  # what measuring took
+    new_shape_s: float = 0.0
+    release_s: float = 0.0
+    first_call_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -65,7 +73,7 @@ class Calibration:
     def from_dict(cls, d: Any) -> Calibration:
         """A kept calibration; ValueError when it is malformed (then it is measured again)."""
         if not isinstance(d, dict):
-            raise ValueError(f"expected an object, got {type(d).__name__}")
+            raise ValueError(f"expected an object, got {type(d).__name__}")  # noqa: TRY004  (callers catch ValueError)
         names = [f.name for f in dataclasses.fields(cls)]
         values = {}
         for name in names:
@@ -73,7 +81,12 @@ class Calibration:
             if name == "text_s" and v is None:
                 values[name] = None
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or v < 0
+            ):
                 raise ValueError(f"{name} is {v!r}, expected a finite number >= 0")
             values[name] = float(v)
         if values["unet_px_s"] <= 0 or values["vae_px_s"] <= 0:
@@ -104,8 +117,12 @@ class Estimate:
     step_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"seconds": round(self.seconds, 3), "peak_bytes": int(self.peak_bytes),
-                "output_size": list(self.output_size), "summary": self.summary}
+        return {
+            "seconds": round(self.seconds, 3),
+            "peak_bytes": int(self.peak_bytes),
+            "output_size": list(self.output_size),
+            "summary": self.summary,
+        }
 
 
 # ---- formatting (no torch) -------------------------------------------------------------------------------
@@ -138,7 +155,9 @@ def faster_preset(options: UpscaleOptions) -> str | None:
     return name if int(PRESETS[name]["steps"]) < options.steps else None  # type: ignore[call-overload]
 
 
-def summary_line(seconds: float, peak_bytes: int, options: UpscaleOptions, tiles: int, passes: int) -> str:
+def summary_line(
+    seconds: float, peak_bytes: int, options: UpscaleOptions, tiles: int, passes: int
+) -> str:
     text = f"{'' if seconds < 0.1 else 'about '}{format_seconds(seconds)}, peak {format_bytes(peak_bytes)}"
     if options.method != "sd":
         return f"{text}: {options.method} filter, no model"
@@ -152,14 +171,25 @@ def summary_line(seconds: float, peak_bytes: int, options: UpscaleOptions, tiles
 # ---- classical filters (no torch) ------------------------------------------------------------------------
 
 
-def classical_estimate(size: tuple[int, int], options: UpscaleOptions, seconds_per_pixel: float) -> Estimate:
+def classical_estimate(
+    size: tuple[int, int], options: UpscaleOptions, seconds_per_pixel: float
+) -> Estimate:
     """A classical filter: seconds = output pixels x the measured cost per output pixel; memory = the
     input and output images (RGBA, 8 bits) held at once."""
     w, h = size
     out = (w * options.scale, h * options.scale)
     seconds = out[0] * out[1] * seconds_per_pixel
     peak = 4 * (w * h + out[0] * out[1])
-    return Estimate(seconds, peak, 0, 0, 0, out, summary_line(seconds, peak, options, 0, 0), {"resize": seconds})
+    return Estimate(
+        seconds,
+        peak,
+        0,
+        0,
+        0,
+        out,
+        summary_line(seconds, peak, options, 0, 0),
+        {"resize": seconds},
+    )
 
 
 def measure_classical(method: str) -> float:
@@ -188,15 +218,23 @@ def calibration_key(components: Components) -> str:
     from .._version import __version__
     from ..model.placement import cpu_model_name
 
-    unet_config = components.unet.config if components.unet is not None else components.unet_config
+    unet_config = (
+        components.unet.config
+        if components.unet is not None
+        else components.unet_config
+    )
     configs = {"unet": dict(unet_config), "vae": dict(components.vae.config)}
-    digest = hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(
+        json.dumps(configs, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
     p = components.placement.describe()
     tricks = components.speed.as_dict() if components.speed is not None else {}
     packed = "prepacked" if tricks.get("prepacked_layers") else "plain"
-    return (f"model {digest} | {p['device']} | unet {p['unet_dtype']} | vae {p['vae_dtype']} | torch {torch.__version__} | "
-            f"{torch.get_num_threads()} threads | {cpu_model_name()} | {packed}{' compiled' if components.compiled else ''}"
-            f" | sdx4 {__version__}")
+    return (
+        f"model {digest} | {p['device']} | unet {p['unet_dtype']} | vae {p['vae_dtype']} | torch {torch.__version__} | "
+        f"{torch.get_num_threads()} threads | {cpu_model_name()} | {packed}{' compiled' if components.compiled else ''}"
+        f" | sdx4 {__version__}"
+    )
 
 
 def _best_time(fn: Any, reps: int, sync: Any) -> float:
@@ -229,28 +267,46 @@ def measure_calibration(components: Components, reps: int = 2) -> Calibration:
     t_start = time.perf_counter()
     c = components
     device, dtype = c.placement.device, c.placement.unet_dtype
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = (
+        (lambda: torch.cuda.synchronize(device))
+        if device.type == "cuda"
+        else (lambda: None)
+    )
     unet, vae = c.unet, c.vae
     cfg = unet.config
     m = c.pad_multiple
     g = torch.Generator("cpu").manual_seed(0)
-    embeds = torch.zeros(2, c.tokenizer.model_max_length, cfg.cross_attention_dim, dtype=dtype, device=device)  # 2,77,D
+    embeds = torch.zeros(
+        2,
+        c.tokenizer.model_max_length,
+        cfg.cross_attention_dim,
+        dtype=dtype,
+        device=device,
+    )  # 2,77,D
     labels = torch.tensor([20, 20], device=device)
     calls = UNetCalls(unet, embeds, labels, None, pair_half=1)
     t = torch.tensor(500, device=device)
-    points = []
+    points: list[tuple[float, float]] = []
+    firsts: list[float] = []  # extra time of each shape's first call
     try:
         with torch.no_grad():
             for k in UNET_SIDES:
                 side = k * m
-                x = torch.randn(1, cfg.in_channels, side, side, generator=g).to(device, dtype).repeat(2, 1, 1, 1)  # 2,7,s,s
+                x = (
+                    torch.randn(1, cfg.in_channels, side, side, generator=g)
+                    .to(device, dtype)
+                    .repeat(2, 1, 1, 1)
+                )  # 2,7,s,s
                 if c.placement.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                calls(x, t)  # warm-up: oneDNN builds kernels per shape (and packs the weights on the first call)
-                sync()
-                points.append((side * side * 2, _best_time(lambda: calls(x, t), reps, sync)))  # 2 samples per call
+                # warm-up: oneDNN builds kernels per shape (and the weights are packed on the first call)
+                first = _best_time(lambda x=x: calls(x, t), 1, sync)
+                best = _best_time(lambda x=x: calls(x, t), reps, sync)
+                points.append((side * side * 2, best))  # 2 samples per call
+                firsts.append(max(0.0, first - best))
     finally:
-        speed.reset(unet)  # the key/value cache holds the calibration's embeddings: not the next image's
+        # the key/value cache holds the calibration's embeddings: not the next image's
+        speed.reset(unet)
     unet_call_s, unet_px_s = _line(*points[0], *points[1])
 
     vae_dtype = c.placement.vae_dtype
@@ -259,26 +315,54 @@ def measure_calibration(components: Components, reps: int = 2) -> Calibration:
     with torch.no_grad():
         for side in VAE_SIDES:
             z = torch.randn(1, lc, side, side, generator=g).to(device, vae_dtype)
-            decode_latents(vae, z)  # warm-up, per shape
-            sync()
-            vae_points.append((side * side, _best_time(lambda: decode_latents(vae, z), reps, sync)))
+            first = _best_time(
+                lambda z=z: decode_latents(vae, z), 1, sync
+            )  # warm-up, per shape
+            best = _best_time(lambda z=z: decode_latents(vae, z), reps, sync)
+            vae_points.append((side * side, best))
+        vae_new_shape = max(0.0, first - best)
         channels = vae.config.block_out_channels[-1]
-        q = torch.randn(1, 1, ATTENTION_TOKENS, channels, generator=g).to(device, vae_dtype)
+        q = torch.randn(1, 1, ATTENTION_TOKENS, channels, generator=g).to(
+            device, vae_dtype
+        )
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
-        attn = _best_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), reps, sync)
+        attn = _best_time(
+            lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q),
+            reps,
+            sync,
+        )
     vae_pair_s = attn / ATTENTION_TOKENS**2
     # The timed decodes include their (small) global attention: take it out of the line's points.
     (p1, t1), (p2, t2) = vae_points
-    vae_fixed_s, vae_px_s = _line(p1, max(t1 - vae_pair_s * p1 * p1, 0.0), p2, max(t2 - vae_pair_s * p2 * p2, 1e-9))
+    vae_fixed_s, vae_px_s = _line(
+        p1,
+        max(t1 - vae_pair_s * p1 * p1, 0.0),
+        p2,
+        max(t2 - vae_pair_s * p2 * p2, 1e-9),
+    )
 
+    from .budget import release_memory
+
+    release_s = _best_time(release_memory, 1, sync)
     text_s = None
     if c.text_encoder is not None:
         from .prompts import encode_prompt
 
         with torch.no_grad():
             text_s = _best_time(lambda: encode_prompt(c, ""), 1, sync)
-    return Calibration(unet_call_s, unet_px_s, vae_fixed_s, vae_px_s, vae_pair_s, text_s,
-                       measured_s=time.perf_counter() - t_start)
+    return Calibration(
+        unet_call_s,
+        unet_px_s,
+        vae_fixed_s,
+        vae_px_s,
+        vae_pair_s,
+        text_s,
+        measured_s=time.perf_counter() - t_start,
+        new_shape_s=firsts[-1]
+        + vae_new_shape,  # the second shape's: the weights were packed by then
+        release_s=release_s,
+        first_call_s=max(0.0, firsts[0] - firsts[-1]),
+    )
 
 
 def cached_calibration(components: Components) -> tuple[Calibration, bool]:
@@ -299,7 +383,11 @@ def cached_calibration(components: Components) -> tuple[Calibration, bool]:
         try:
             return Calibration.from_dict(known[key]), True
         except ValueError as e:
-            log.warning("ignoring the malformed calibration of this machine in %s (%s); measuring again", path, e)
+            log.warning(
+                "ignoring the malformed calibration of this machine in %s (%s); measuring again",
+                path,
+                e,
+            )
     cal = measure_calibration(components)
     known[key] = cal.as_dict()
     try:
@@ -323,7 +411,12 @@ class TextCost:
 
 
 def estimate_sd(
-    components: Components, options: UpscaleOptions, size: tuple[int, int], cal: Calibration, text: TextCost
+    components: Components,
+    options: UpscaleOptions,
+    size: tuple[int, int],
+    cal: Calibration,
+    text: TextCost,
+    warm: bool = True,
 ) -> Estimate:
     """The estimate of a diffusion run on a size = (width, height) input (see the module's formula)."""
     from .budget import plan_for
@@ -346,16 +439,49 @@ def estimate_sd(
         lh, lw = -(-ph // m) * m, -(-pw // m) * m  # padded latent
         plan = plan_for(components, per_pass, lh, lw)
         th, tw = min(plan.tile_size, lh), min(plan.tile_size, lw)
-        calls = plan.tiles * samples if plan.unet_batch else -(-plan.tiles // plan.tile_batch)
+        calls = (
+            plan.tiles * samples
+            if plan.unet_batch
+            else -(-plan.tiles // plan.tile_batch)
+        )
         step = calls * cal.unet_call_s + plan.tiles * samples * cal.unet_px_s * th * tw
         if i == 0:
             step_seconds = step
         denoise += repeats * options.steps * step
         px = lh * lw
-        decode += repeats * n * (cal.vae_fixed_s + cal.vae_px_s * px + cal.vae_pair_s * px * min(px, window))
+        decode += (
+            repeats
+            * n
+            * (
+                cal.vae_fixed_s
+                + cal.vae_px_s * px
+                + cal.vae_pair_s * px * min(px, window)
+            )
+        )
         peak, tiles = max(peak, plan.estimate_bytes), plan.tiles
-    text_s = text.prompts_to_encode * text.encode_s + (text.reload_s if text.prompts_to_encode else 0.0)
-    seconds = text_s + denoise + decode
-    parts = {"text_encoding": text_s, "denoising": denoise, "decoding": decode}
-    return Estimate(seconds, peak, options.steps, tiles, len(sizes), out,
-                    summary_line(seconds, peak, options, tiles, len(sizes)), parts, step_seconds)
+    text_s = text.prompts_to_encode * text.encode_s + (
+        text.reload_s if text.prompts_to_encode else 0.0
+    )
+    # once per pass: new shapes and the memory handed back; once per process: the weights packed
+    passes = repeats * len(sizes)
+    overhead = passes * (cal.new_shape_s + cal.release_s) + (
+        0.0 if warm else cal.first_call_s
+    )
+    seconds = text_s + denoise + decode + overhead
+    parts = {
+        "text_encoding": text_s,
+        "denoising": denoise,
+        "decoding": decode,
+        "overhead": overhead,
+    }
+    return Estimate(
+        seconds,
+        peak,
+        options.steps,
+        tiles,
+        len(sizes),
+        out,
+        summary_line(seconds, peak, options, tiles, len(sizes)),
+        parts,
+        step_seconds,
+    )

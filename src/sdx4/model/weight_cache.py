@@ -42,7 +42,12 @@ _NHWC_KEY = "sdx4_nhwc"
 
 def enabled(requested: bool = True) -> bool:
     """Whether to use the weight cache: asked for, and not turned off by SDX4_WEIGHT_CACHE=0."""
-    return requested and os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return requested and os.environ.get(ENV, "1").strip().lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+    )
 
 
 def entry_key(weights: Path, dtype: torch.dtype, channels_last: bool) -> dict[str, Any]:
@@ -52,7 +57,9 @@ def entry_key(weights: Path, dtype: torch.dtype, channels_last: bool) -> dict[st
     src = weights.resolve()
     st = src.stat()
     config = weights.with_name("config.json")
-    config_hash = hashlib.sha256(config.read_bytes()).hexdigest()[:16] if config.is_file() else ""
+    config_hash = (
+        hashlib.sha256(config.read_bytes()).hexdigest()[:16] if config.is_file() else ""
+    )
     return {
         "source": str(src),
         "source_size": st.st_size,
@@ -84,7 +91,10 @@ def sample_hash(path: Path, size: int | None = None) -> str:
 
 
 def read(
-    weights: Path, dtype: torch.dtype, channels_last: bool, read_header: Callable[[Path], tuple[dict[str, Any], int]],
+    weights: Path,
+    dtype: torch.dtype,
+    channels_last: bool,
+    read_header: Callable[[Path], tuple[dict[str, Any], int]],
     check_header: Callable[[dict[str, Any], str], object],
 ) -> dict[str, torch.Tensor] | None:
     """The kept state dict of `weights` in this dtype and layout, memory-mapped (None: no valid entry; a
@@ -102,10 +112,16 @@ def read(
     try:
         meta = json.loads(sidecar.read_text())
         size = data.stat().st_size
-        if not isinstance(meta, dict) or meta.get("key") != key or not meta.get("finite_checked"):
+        if (
+            not isinstance(meta, dict)
+            or meta.get("key") != key
+            or not meta.get("finite_checked")
+        ):
             raise ValueError("its sidecar does not match this model")
         if meta.get("size") != size:
-            raise ValueError(f"{size} bytes, {meta.get('size')} written (truncated or replaced)")
+            raise ValueError(
+                f"{size} bytes, {meta.get('size')} written (truncated or replaced)"
+            )
         if meta.get("sample_sha256") != sample_hash(data, size):
             raise ValueError("its sampled hash differs from the one written (damaged)")
         header, _ = read_header(data)  # lengths and offsets against the file's size
@@ -120,7 +136,9 @@ def read(
         remove_entry(data, sidecar)
         return None
     for name in nhwc:
-        state[name] = state[name].permute(0, 3, 1, 2)  # N,H,W,C bytes -> an N,C,H,W channels-last view
+        state[name] = state[name].permute(
+            0, 3, 1, 2
+        )  # N,H,W,C bytes -> an N,C,H,W channels-last view
     return state
 
 
@@ -131,7 +149,12 @@ def _metadata(path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
-def write(weights: Path, dtype: torch.dtype, channels_last: bool, state: dict[str, torch.Tensor]) -> Path | None:
+def write(
+    weights: Path,
+    dtype: torch.dtype,
+    channels_last: bool,
+    state: dict[str, torch.Tensor],
+) -> Path | None:
     """Keep `state` (already converted and checked for NaN/inf by read_state_dict) as an entry; atomic.
     Returns the data file, or None when it could not be written (a read-only or full disk: a warning)."""
     from safetensors.torch import save_file
@@ -140,8 +163,14 @@ def write(weights: Path, dtype: torch.dtype, channels_last: bool, state: dict[st
     data, sidecar = entry_paths(key)
     tensors, nhwc = {}, []
     for name, t in state.items():
-        if t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-            tensors[name] = t.permute(0, 2, 3, 1)  # contiguous NHWC: the same bytes, no copy
+        if (
+            t.ndim == 4
+            and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last)
+        ):
+            tensors[name] = t.permute(
+                0, 2, 3, 1
+            )  # contiguous NHWC: the same bytes, no copy
             nhwc.append(name)
         else:
             tensors[name] = t.contiguous()
@@ -154,8 +183,14 @@ def write(weights: Path, dtype: torch.dtype, channels_last: bool, state: dict[st
         data.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, tmp_data, metadata={_NHWC_KEY: json.dumps(nhwc)})
         size = tmp_data.stat().st_size
-        side = {"key": key, "size": size, "sample_sha256": sample_hash(tmp_data, size), "finite_checked": True,
-                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tensors": len(tensors)}
+        side = {
+            "key": key,
+            "size": size,
+            "sample_sha256": sample_hash(tmp_data, size),
+            "finite_checked": True,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "tensors": len(tensors),
+        }
         tmp_side.write_text(json.dumps(side, indent=1))
         os.replace(tmp_data, data)
         os.replace(tmp_side, sidecar)

@@ -215,8 +215,10 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
                 if manager.snapshot(known) is None:
                     del estimated[known]
             if estimate_of is not None:
-                with contextlib.suppress(Exception):  # an estimate is only a hint: never a reason to refuse a job
+                try:
                     estimated[job_id] = round(float(estimate_of(image.size, options).seconds), 3)
+                except ValueError as e:  # a plan that cannot fit: the job reports it when it runs; no estimate
+                    log.info("no time estimate for job %s: %s", job_id, e)
             return job_id
         except QueueFull as e:
             raise ApiError(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
