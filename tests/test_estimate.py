@@ -478,3 +478,54 @@ def test_v1_estimate_needs_the_api_key_and_jobs_carry_their_estimate(up, tmp_pat
         assert snap["estimate_seconds"] == pytest.approx(
             round(up.estimate((16, 8), steps=2, seed=1).seconds, 3), rel=0.05
         )
+
+
+def test_once_per_run_and_once_per_process_costs(tiny_upscaler):
+    from sdx4.engine.estimate import TextCost, estimate_sd
+
+    cal = est_mod.Calibration(
+        0.01,
+        1e-5,
+        0.001,
+        2e-5,
+        1e-9,
+        None,
+        0.5,
+        new_shape_s=0.3,
+        release_s=0.2,
+        first_call_s=4.0,
+    )
+    none = TextCost(0, 0.0, 0.0)
+    opts = UpscaleOptions(steps=3)
+    warm = estimate_sd(tiny_upscaler.components, opts, (16, 16), cal, none, warm=True)
+    cold = estimate_sd(tiny_upscaler.components, opts, (16, 16), cal, none, warm=False)
+    assert warm.parts["overhead"] == pytest.approx(
+        0.5
+    )  # one pass: a new shape + memory handed back
+    assert cold.seconds - warm.seconds == pytest.approx(
+        4.0
+    )  # the first UNet call packs the weights
+    two = estimate_sd(
+        tiny_upscaler.components, opts.replace(scale=8), (16, 16), cal, none, warm=True
+    )
+    assert two.parts["overhead"] == pytest.approx(1.0)  # two x4 passes
+    step = 3 * (
+        0.01 + 1e-5 * 16 * 16 * 2
+    )  # 3 steps, one call of a guidance pair on a 16x16 latent
+    assert warm.parts["denoising"] == pytest.approx(
+        step
+    ) and warm.step_seconds == pytest.approx(step / 3)
+    assert warm.parts["decoding"] == pytest.approx(
+        0.001 + 2e-5 * 256 + 1e-9 * 256 * 256
+    )
+
+
+def test_an_upscaler_is_warm_after_a_run(tiny_upscaler, rng_image):
+    up = sdx4.Upscaler(tiny_upscaler.components, low_memory=False)
+    up._calibration = est_mod.Calibration(
+        0.01, 1e-5, 0.001, 2e-5, 1e-9, None, 0.5, first_call_s=4.0
+    )
+    before = up.estimate((16, 16), steps=2)
+    up(rng_image(16, 16), steps=2, seed=0)
+    after = up.estimate((16, 16), steps=2)
+    assert before.seconds - after.seconds == pytest.approx(4.0)
