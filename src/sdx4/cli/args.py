@@ -94,7 +94,7 @@ def add_model_args(p: argparse.ArgumentParser | Any) -> None:
         "a new prompt reloads it); auto = on for the CPU, off for GPUs",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call; see README)")
-    p.add_argument("--no-weight-cache", dest="weight_cache", action="store_false",
+    p.add_argument("--no-weight-cache", dest="weight_cache", action="store_false", default=argparse.SUPPRESS,
                    help="read and convert the weights at every start instead of mapping the converted copy kept in "
                    "the cache folder (also SDX4_WEIGHT_CACHE=0; `sdx4 cache info` shows it)")
 
