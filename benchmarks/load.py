@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| sdx4.load, cached | {report['load_cached_s']:.2f} |\n"
         f"| whole process, sdx4 upscale {a.steps} steps {a.size} px (cached) | {report['process_sdx4_s']:.2f} |\n"
         f"| whole process, diffusers fp32, same run | {report['process_diffusers_fp32_s']:.2f} |\n\n"
-        f"Weight cache on disk: {disk / 2**30:.2f} GiB ({report['dtype']} UNet/text encoder, fp32 VAE).\n"
+        f"Weight cache on disk: {disk / 2**30:.2f} GiB = {disk / 2**20:.1f} MiB ({report['dtype']} UNet/text encoder, fp32 VAE).\n"
     )
     (out / "load.md").write_text(md)
     print(md)
