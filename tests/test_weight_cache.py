@@ -115,6 +115,7 @@ def _read(path, module):
         lambda h, where: weights.check_against_module(
             module, h, where, "the module", warn=False
         ),
+        weights.map_tensors,
     )
 
 
@@ -278,3 +279,42 @@ def test_cache_info_and_clear(cache, model, capsys):
     assert main(["cache", "clear"]) == 0
     assert not (cache / "estimate-calibration.json").exists()
     assert (cache / "random-full-seed0" / "x").read_text() == "keep"
+
+
+def test_each_mapped_tensor_is_unmapped_when_freed(cache, model):
+    import gc
+
+    import torch
+
+    vae = model / "vae" / "diffusion_pytorch_model.safetensors"
+    data = weight_cache.write(
+        vae, torch.float32, True, weights.read_state_dict(vae, torch.float32, True)
+    )
+    header, base = weights.read_header(data)
+    state = weights.map_tensors(data, header, base)
+
+    def maps() -> int:
+        with open("/proc/self/maps") as f:
+            return sum(str(data) in line for line in f)
+
+    n = maps()
+    assert (
+        n
+        >= len(
+            [
+                k
+                for k, v in header.items()
+                if v["data_offsets"][0] != v["data_offsets"][1]
+            ]
+        )
+        > 10
+    )
+    name = next(iter(state))
+    del state[name]
+    gc.collect()
+    assert (
+        maps() == n - 1
+    )  # freed alone (one map of the whole file would stay while any tensor lives)
+    state.clear()
+    gc.collect()
+    assert maps() == 0

@@ -11,12 +11,17 @@ Importing sdx4 does not import torch; loading the model does.
 """
 
 from ._version import __version__
-from .api import Upscaler, UpscaleResult, load, upscale
+from .api import (
+    Upscaler,
+    UpscaleResult,
+    estimate_classical,
+    load,
+    preset_options,
+    upscale,
+)
+from .engine.estimate import Estimate  # no torch there
 from .imageio import ImageInputError, read_metadata
-from .options import METHODS, LoadOptions, OptionsError, UpscaleOptions
-from .api import estimate_classical, preset_options  # noqa: E402
-from .engine.estimate import Estimate  # noqa: E402  (no torch there)
-from .options import PRESETS  # noqa: E402
+from .options import METHODS, PRESETS, LoadOptions, OptionsError, UpscaleOptions
 
 __all__ = [
     "__version__",

@@ -248,7 +248,12 @@ class Upscaler:
         The diffusion model's costs come from `calibrate()` (measured once per machine and model, then read
         from the cache folder) and the memory plan's tiles; the classical filters from a timed small resize.
         Raises OptionsError for bad options and MemoryBudgetError when the run cannot fit max_memory."""
-        from .engine.estimate import TextCost, classical_estimate, estimate_sd, measure_classical
+        from .engine.estimate import (
+            TextCost,
+            classical_estimate,
+            estimate_sd,
+            measure_classical,
+        )
 
         opts = _options(options, overrides)
         size = _size_of(image_or_size)

@@ -38,7 +38,7 @@ class Explicit(argparse.Action):
         setattr(namespace, self.dest, values)
         explicit = set(getattr(namespace, "_explicit", set()))
         explicit.add(self.dest)
-        setattr(namespace, "_explicit", explicit)
+        namespace._explicit = explicit
 
 
 def add_sd_option_args(p: argparse.ArgumentParser | Any) -> None:

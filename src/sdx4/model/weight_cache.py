@@ -3,8 +3,9 @@
 Streaming a model's safetensors into the target dtype and layout (weights.py) reads and converts every
 tensor at each start. The first start keeps the result: one safetensors file per component in the target
 dtype, 4-D kernels stored in their channels-last (NHWC) order, under `<cache>/weights/` ($SDX4_CACHE or
-~/.cache/sdx4). Later starts map that file (safetensors' lazy memory map: nothing is read until used,
-nothing is copied: a channels-last kernel is a permuted VIEW of the mapped bytes) and assign the tensors
+~/.cache/sdx4). Later starts map that file, one private memory map per tensor (weights.map_tensors:
+nothing is read until used, nothing is copied: a channels-last kernel is a permuted VIEW of the mapped
+bytes; a tensor's pages go back when it is freed, e.g. once prepack has packed it) and assign the tensors
 to the empty module, so the speed tricks (prepack) read them from the page cache.
 
 An entry is keyed by what made it: the weight file (resolved path, size, modification time), its config,
@@ -96,13 +97,12 @@ def read(
     channels_last: bool,
     read_header: Callable[[Path], tuple[dict[str, Any], int]],
     check_header: Callable[[dict[str, Any], str], object],
+    map_tensors: Callable[[Path, dict[str, Any], int], dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor] | None:
     """The kept state dict of `weights` in this dtype and layout, memory-mapped (None: no valid entry; a
     damaged one is removed, to be rebuilt). `read_header(path)` reads and checks a safetensors header against
-    the file's size, `check_header(header, label)` compares its names and shapes with the module (weights.py
-    passes both: this module does not import it)."""
-    from safetensors.torch import load_file
-
+    the file's size, `check_header(header, label)` compares its names and shapes with the module,
+    `map_tensors(path, header, base)` maps each tensor (weights.py passes them: this module does not import it)."""
     from .errors import ModelConfigError
 
     key = entry_key(weights, dtype, channels_last)
@@ -124,13 +124,16 @@ def read(
             )
         if meta.get("sample_sha256") != sample_hash(data, size):
             raise ValueError("its sampled hash differs from the one written (damaged)")
-        header, _ = read_header(data)  # lengths and offsets against the file's size
-        nhwc = set(json.loads(_metadata(data).get(_NHWC_KEY, "[]")))
+        header, base = read_header(data)  # lengths and offsets against the file's size
+        nhwc = set(meta.get("nhwc", []))
+        as_module = dict(header)
         for name in nhwc & set(header):
             n, h, w, c = header[name]["shape"]
-            header[name] = {**header[name], "shape": [n, c, h, w]}
-        check_header(header, str(data))  # names and shapes, as the model's own file
-        state = load_file(data)  # mapped lazily: no byte is read or copied here
+            as_module[name] = {**header[name], "shape": [n, c, h, w]}
+        check_header(as_module, str(data))  # names and shapes, as the model's own file
+        state = map_tensors(
+            data, header, base
+        )  # mapped lazily: no byte is read or copied here
     except (OSError, ValueError, ModelConfigError) as e:
         log.warning("weight cache: rebuilding %s (%s)", data.name, e)
         remove_entry(data, sidecar)
@@ -140,13 +143,6 @@ def read(
             0, 3, 1, 2
         )  # N,H,W,C bytes -> an N,C,H,W channels-last view
     return state
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
 
 
 def write(
@@ -190,6 +186,7 @@ def write(
             "finite_checked": True,
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "tensors": len(tensors),
+            "nhwc": nhwc,
         }
         tmp_side.write_text(json.dumps(side, indent=1))
         os.replace(tmp_data, data)

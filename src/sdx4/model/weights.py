@@ -172,6 +172,32 @@ def read_state_dict(
     return out
 
 
+def map_tensors(path: Path, header: dict[str, Any], base: int) -> dict[str, torch.Tensor]:
+    """name -> tensor, each in a private (copy-on-write) memory map of its own pages of `path`: nothing is read
+    until used, nothing is copied, and a tensor's pages go back when it is freed. (One map of the whole file,
+    as safetensors' load_file makes, lives while any tensor of it does: every page the speed tricks read
+    while packing the UNet's weights would stay resident beside the packed copies.) `header`: read_header's."""
+    import mmap
+
+    grain = mmap.ALLOCATIONGRANULARITY
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            src = ST_DTYPES.get(info["dtype"])
+            if src is None:
+                raise ValueError(f"tensor {name} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            if end == begin:
+                out[name] = torch.empty(info["shape"], dtype=src)
+                continue
+            start = base + begin
+            at = start // grain * grain  # maps start on the allocation grain
+            view = mmap.mmap(f.fileno(), start + (end - begin) - at, access=mmap.ACCESS_COPY, offset=at)
+            # frombuffer keeps the map alive as long as the tensor (it is unmapped when the tensor is freed)
+            out[name] = torch.frombuffer(view, dtype=src, count=(end - begin) // src.itemsize, offset=start - at).reshape(info["shape"])
+    return out
+
+
 def check_against_module(
     module: torch.nn.Module, header: dict[str, Any], label: str, config_label: str, warn: bool = True
 ) -> set[str]:
@@ -228,7 +254,8 @@ def _stream(module: torch.nn.Module, weights: Path, dtype: torch.dtype, channels
         from . import weight_cache
 
         kept = weight_cache.read(weights, dtype, channels_last, read_header,
-                                 lambda h, where: check_against_module(module, h, where, "the module", warn=False))
+                                 lambda h, where: check_against_module(module, h, where, "the module", warn=False),
+                                 map_tensors)
         if kept is not None:
             return assign_weights(module, {k: v for k, v in kept.items() if k in names})
     state = read_state_dict(weights, dtype, channels_last, label, names, header)
