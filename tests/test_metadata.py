@@ -69,6 +69,7 @@ def test_sd_metadata_keys_in_order_with_rounded_times():
     assert list(meta) == [
         "sdx4_version", "method", "scale", "input_size", "output_size", "alpha",
         "prompt", "negative_prompt", "seed", "steps", "guidance", "noise_level", "eta", "num_images", "scheduler",
+        "preset",
         "model", "random_weights", "max_noise_level", "device", "unet_dtype", "text_encoder_dtype", "vae_dtype",
         "low_memory",
         "passes", "color_fix", "tiling", "vae_decode", "tiling_options", "allocator", "seconds", "timings",

@@ -86,9 +86,11 @@ BAD_VALUES = {
         "tile_size": 4, "tile_overlap": -1, "tile_batch": 65, "tile_blend": "hard", "max_memory": 2**20,
         "vae_attention_window": 8,
         "color_mode": "grey", "bit_depth": 12,
+        "preset": "turbo",
     },
     LoadOptions: {
         "model": "", "device": "tpu", "dtype": "fp8", "vae_dtype": "fp16", "low_memory": "yes", "compile": 1,
+        "weight_cache": "no",
     },
 }  # fmt: skip
 
@@ -119,10 +121,10 @@ def test_a_bad_size_names_max_memory_and_err_option_survives_pickling():
 def test_load_options_defaults_are_those_of_sdx4_load():
     assert option_defaults(LoadOptions) == {
         "model": DEFAULT_MODEL, "device": "auto", "dtype": "auto", "vae_dtype": "fp32", "low_memory": None,
-        "compile": False,
+        "compile": False, "weight_cache": True,
     }  # fmt: skip
     load = inspect.signature(sdx4.load).parameters
-    for name in ("device", "dtype", "vae_dtype", "low_memory", "compile"):
+    for name in ("device", "dtype", "vae_dtype", "low_memory", "compile", "weight_cache"):
         assert load[name].default == option_defaults(LoadOptions)[name], name
     with pytest.raises(dataclasses.FrozenInstanceError):
         LoadOptions().device = "cpu"  # type: ignore[misc]

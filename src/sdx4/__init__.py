@@ -11,9 +11,19 @@ Importing sdx4 does not import torch; loading the model does.
 """
 
 from ._version import __version__
-from .api import Upscaler, UpscaleResult, convert, download, load, upscale
+from .api import (
+    Upscaler,
+    UpscaleResult,
+    convert,
+    download,
+    estimate_classical,
+    load,
+    preset_options,
+    upscale,
+)
+from .engine.estimate import Estimate  # no torch there
 from .imageio import ImageInputError, read_metadata
-from .options import METHODS, LoadOptions, OptionsError, UpscaleOptions
+from .options import METHODS, PRESETS, LoadOptions, OptionsError, UpscaleOptions
 
 __all__ = [
     "__version__",
@@ -29,4 +39,8 @@ __all__ = [
     "read_metadata",
     "convert",
     "download",
+    "Estimate",
+    "PRESETS",
+    "preset_options",
+    "estimate_classical",
 ]

@@ -26,6 +26,7 @@ from ._version import __version__
 # or the model: the errors of loading and of the memory plan (none of these modules imports torch).
 from .engine.budget import MemoryBudgetError  # noqa: F401
 from .engine.classical import ALPHA_FILTER, resize, upscale_classical
+from .engine.estimate import Estimate, format_seconds  # noqa: F401  (no torch there; for the front ends)
 from .imageio import (
     LoadedImage,
     as_loaded,
@@ -76,7 +77,22 @@ class UpscaleResult:
 
 def _options(options: UpscaleOptions | None, overrides: dict[str, Any]) -> UpscaleOptions:
     base = options if options is not None else UpscaleOptions()
+    if overrides.get("preset") is not None:  # the preset's values, under the other keywords given
+        explicit = {k: v for k, v in overrides.items() if k != "preset"}
+        return preset_options(str(overrides["preset"]), base, **explicit)
     return base.replace(**overrides) if overrides else base
+
+
+def preset_options(preset: str, options: UpscaleOptions | None = None, **explicit: Any) -> UpscaleOptions:
+    """`options` (default: the defaults) with a preset's values (options.PRESETS: fast, balanced, reference)
+    for every field not given in `explicit`; `explicit` wins: `sdx4.preset_options("fast", steps=25)` runs
+    dpmpp-2m with 25 steps. The preset's name is recorded (`options.preset`, the metadata's "preset")."""
+    from .options import PRESETS
+
+    if preset not in PRESETS:
+        raise OptionsError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}", option="preset")
+    base = options if options is not None else UpscaleOptions()
+    return base.replace(**{**PRESETS[preset], **explicit, "preset": preset})
 
 
 def local_model_missing(model: str) -> bool:
@@ -150,6 +166,13 @@ class Upscaler:
         self.prompt_cache = PromptCache(components, low_memory=self.low_memory)
         #: Times the UNet was loaded again after the low-memory policy released it for a large decode.
         self.unet_loads = 0
+        #: Measured while loading (`sdx4.load`): the seconds to load the text encoder and to encode one prompt
+        #: (None: not measured); estimates use them when a prompt is not cached.
+        self.text_load_seconds: float | None = None
+        self.text_encode_seconds: float | None = None
+        self._calibration: Any = None  # engine/estimate.Calibration, measured or read from the cache at first use
+        self._classical_cost: dict[str, float] = {}  # method -> measured seconds per output pixel
+        self._unet_warm = False  # the UNet has run in this process (its weights are packed): estimates know it
 
     def encode_prompts(self, prompts: list[str]) -> None:
         """Encode these prompts now, in one go (the cache keeps the last 32): with the low-memory policy
@@ -164,6 +187,7 @@ class Upscaler:
         if self.components.unet is None:
             self.components.unet = self.components.load_unet()
             self.unet_loads += 1
+            self._unet_warm = False
 
     @property
     def info(self) -> dict[str, Any]:
@@ -203,6 +227,46 @@ class Upscaler:
         from .engine.budget import job_cost
 
         return job_cost(size[0], size[1], options, self.components.pad_multiple)
+
+    def calibrate(self) -> Any:
+        """This machine's time calibration for this model (engine/estimate.py): read from the cache folder,
+        or measured now with the loaded model (~1-2 s for the full-size model on a CPU) and kept there.
+        Called by the first `estimate`; the service calls it before it serves (never during a run)."""
+        if self._calibration is None:
+            from .engine.estimate import cached_calibration
+
+            self._ensure_unet()
+            self._calibration, cached = cached_calibration(self.components)
+            self._unet_warm = self._unet_warm or not cached  # measuring ran the UNet
+        return self._calibration
+
+    def estimate(self, image_or_size: Any, options: UpscaleOptions | None = None, **overrides: Any) -> Any:
+        """How long a call with these options will take and its peak memory, before any work: an
+        `Estimate` (seconds, peak_bytes, steps, tiles, passes, output_size, summary, parts).
+
+        `image_or_size`: a (width, height) pair, or anything a call takes (path, PIL, array, tensor).
+        The diffusion model's costs come from `calibrate()` (measured once per machine and model, then read
+        from the cache folder) and the memory plan's tiles; the classical filters from a timed small resize.
+        Raises OptionsError for bad options and MemoryBudgetError when the run cannot fit max_memory."""
+        from .engine.estimate import (
+            TextCost,
+            classical_estimate,
+            estimate_sd,
+            measure_classical,
+        )
+
+        opts = _options(options, overrides)
+        size = _size_of(image_or_size)
+        if opts.method != "sd":
+            if opts.method not in self._classical_cost:
+                self._classical_cost[opts.method] = measure_classical(opts.method)
+            return classical_estimate(size, opts, self._classical_cost[opts.method])
+        cal = self.calibrate()
+        missing = self.prompt_cache.missing(opts.text_prompts)
+        encode_s = cal.text_s if cal.text_s is not None else (self.text_encode_seconds or 0.0)
+        reload_s = (self.text_load_seconds or 0.0) if self.components.text_encoder is None else 0.0
+        return estimate_sd(self.components, opts, size, cal, TextCost(len(missing), encode_s, reload_s),
+                           warm=self._unet_warm)
 
     def __call__(
         self,
@@ -280,6 +344,7 @@ class Upscaler:
         if loaded.alpha is not None:
             alpha = resize(loaded.alpha, rgb[0].size, ALPHA_FILTER)
         images = [attach_alpha(im, alpha) for im in rgb]
+        self._unet_warm = True
         meta = sd_metadata(
             opts,
             loaded,
@@ -292,6 +357,27 @@ class Upscaler:
             timings=timings,
         )
         return make_result(images, loaded, opts, meta)
+
+
+def _size_of(image_or_size: Any) -> tuple[int, int]:
+    """(width, height) of a size pair or of an image a call takes; a bad size names the value."""
+    if isinstance(image_or_size, (tuple, list)) and len(image_or_size) == 2:
+        w, h = image_or_size
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (w, h)):
+            raise OptionsError(f"size must be (width, height), two positive integers; got {tuple(image_or_size)!r}",
+                               option="size")
+        return int(w), int(h)
+    return as_loaded(image_or_size).size
+
+
+def estimate_classical(size: tuple[int, int], options: UpscaleOptions | None = None, **overrides: Any) -> Any:
+    """The `Estimate` of a classical filter (no model): `sdx4.estimate_classical((w, h), method="lanczos")`."""
+    from .engine.estimate import classical_estimate, measure_classical
+
+    opts = _options(options, overrides)
+    if opts.method == "sd":
+        raise OptionsError("method 'sd' needs the model: use sdx4.load() and its upscaler's estimate()", option="method")
+    return classical_estimate(_size_of(size), opts, measure_classical(opts.method))
 
 
 def default_low_memory(device_type: str) -> bool:
@@ -309,6 +395,7 @@ def load(
     low_memory: bool | None = None,
     compile: bool = False,
     prompts: Sequence[str] | None = None,
+    weight_cache: bool = True,
 ) -> Upscaler:
     """Load the x4 upscaler from a Hub id (default: the published model) or a local diffusers folder.
 
@@ -322,7 +409,8 @@ def load(
     they come. Ignored when the text encoder is kept (the GPU default): it encodes on the first call.
     """
     if isinstance(model, LoadOptions):
-        given = {"device": device, "dtype": dtype, "vae_dtype": vae_dtype, "low_memory": low_memory, "compile": compile}
+        given = {"device": device, "dtype": dtype, "vae_dtype": vae_dtype, "low_memory": low_memory, "compile": compile,
+                 "weight_cache": weight_cache}
         defaults = option_defaults(LoadOptions)
         extra = [name for name, value in given.items() if value != defaults[name]]
         if extra:
@@ -338,6 +426,7 @@ def load(
             vae_dtype=vae_dtype,
             low_memory=low_memory,
             compile=compile,
+            weight_cache=weight_cache,
         )
     return _load(options, prompts)
 
@@ -350,10 +439,16 @@ def _load(options: LoadOptions, prompts: Sequence[str] | None) -> Upscaler:
     first = UpscaleOptions().text_prompts if prompts is None else check_prompts(prompts)  # checked before loading
     made: list[Upscaler] = []
 
+    t0 = time.perf_counter()
+
     def encode_first(components: Any) -> None:
         up = Upscaler(components, low_memory=options.low_memory)
+        up.text_load_seconds = time.perf_counter() - t0  # tokenizer and text encoder: what a reload costs
         if up.low_memory:
+            t1 = time.perf_counter()
             up.encode_prompts(first)
+            if first:
+                up.text_encode_seconds = (time.perf_counter() - t1) / len(set(first))
             up.prompt_cache.drop_encoder()  # also when every prompt was already cached (or none given)
         made.append(up)
 
@@ -364,6 +459,7 @@ def _load(options: LoadOptions, prompts: Sequence[str] | None) -> Upscaler:
         vae_dtype=options.vae_dtype,
         compile=options.compile,
         before_denoiser=encode_first,
+        weight_cache=options.weight_cache,
     )
     return made[0]
 

@@ -81,6 +81,7 @@ def sd_metadata(
         eta=options.eta,
         num_images=options.num_images,
         scheduler=options.scheduler,
+        preset=options.preset,  # None, or the preset the options were made from (UpscaleOptions.from_preset)
         **model_info,
     )
     meta.update(

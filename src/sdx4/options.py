@@ -46,6 +46,17 @@ SCHEDULER_SPECS: dict[str, SchedulerSpec] = {
 assert tuple(SCHEDULER_SPECS) == SCHEDULERS, "every Scheduler name needs a SCHEDULER_SPECS entry, in the same order"
 CLASSICAL_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "sd")
 
+#: Named, tested combinations of sampler and steps (`--preset`, `UpscaleOptions.from_preset`). "reference" is
+#: diffusers' default (and sdx4's); the others reach similar images in fewer UNet steps. A preset sets only the
+#: options the user did not set; its time on a machine is measured by benchmarks/estimate.py (README, Speed).
+Preset = Literal["fast", "balanced", "reference"]
+PRESETS: dict[str, dict[str, object]] = {
+    "fast": {"scheduler": "dpmpp-2m", "steps": 20},
+    "balanced": {"scheduler": "dpmpp-2m", "steps": 30},
+    "reference": {"scheduler": "ddim", "steps": 75},
+}
+assert tuple(PRESETS) == get_args(Preset), "every Preset name needs a PRESETS entry, in the same order"
+
 #: The published model on the Hugging Face Hub (the default of every entry point).
 DEFAULT_MODEL = "stabilityai/stable-diffusion-x4-upscaler"
 #: The low-res scheduler of the published model was trained with noise levels up to 350.
@@ -139,6 +150,10 @@ class UpscaleOptions:
     color_mode: "auto": a grayscale input (L, LA, 1, 16-bit grey) gives a grayscale output (L or LA): the
       model works in RGB, and its output is converted back with ITU-R 601 luma, as Pillow's convert("L");
       colour inputs give RGB. "rgb": every output is RGB (RGBA with alpha), as before.
+    preset: the name of the preset these options were made from (fast, balanced, reference; None: none),
+      recorded in the metadata. Setting the field alone changes no other field: build options with
+      `UpscaleOptions.from_preset(name, **explicit)` (or pass `preset=` to an Upscaler call or the
+      service's form), where the fields you give win over the preset's.
     bit_depth: 8, or 16 for a 16-bit grayscale output (PNG or TIFF; Pillow holds 16 bits only in grey
       images, so 16 needs a grayscale input without alpha and color_mode "auto"; JPEG and WebP are
       refused). What the 16 bits carry: a classical filter resizes the input's own values (16-bit
@@ -167,6 +182,7 @@ class UpscaleOptions:
     vae_attention_window: int = 128
     color_mode: ColorMode = "auto"
     bit_depth: int = 8
+    preset: Preset | None = None
 
     def __post_init__(self) -> None:
         _check_str("prompt", self.prompt)
@@ -192,6 +208,8 @@ class UpscaleOptions:
         _check_choice("tile_blend", self.tile_blend, TILE_BLENDS)
         _check_int("vae_attention_window", self.vae_attention_window, MIN_ATTENTION_WINDOW, MAX_ATTENTION_WINDOW)
         _check_choice("color_mode", self.color_mode, COLOR_MODES)
+        if self.preset is not None:
+            _check_choice("preset", self.preset, tuple(PRESETS))
         if isinstance(self.bit_depth, bool) or self.bit_depth not in BIT_DEPTHS:
             raise OptionsError(f"bit_depth must be 8 or 16; got {self.bit_depth!r}", option="bit_depth")
         if self.bit_depth == 16 and self.method == "sd" and self.scale != 4:
@@ -234,6 +252,15 @@ class UpscaleOptions:
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_preset(cls, preset: str | None, **explicit: object) -> UpscaleOptions:
+        """Options from a preset (PRESETS): its values for the fields not in `explicit`, `explicit` for the
+        rest (explicit values win, also when they equal a default). None: no preset, `cls(**explicit)`."""
+        if preset is None:
+            return cls(**explicit)  # type: ignore[arg-type]
+        _check_choice("preset", preset, tuple(PRESETS))
+        return cls(**{**PRESETS[preset], **explicit, "preset": preset})  # type: ignore[arg-type]
+
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -249,6 +276,8 @@ class LoadOptions:
     low_memory: drop the text encoder once the prompts are encoded, reload it for a new prompt;
       None = by device: on for the CPU (RAM limits the image size there), off for GPUs.
     compile: torch.compile the UNet (opt-in: a slow first call; see README).
+    weight_cache: keep the weights converted to their dtype and layout in the cache folder at the first
+      start and map them at later starts (the fast start; SDX4_WEIGHT_CACHE=0 also turns it off).
 
     Later fields (LoRA weights, a single-file checkpoint, ...) go here with their defaults: `to_dict()` and
     `LoadOptions(**d)` carry every field through Ray and the batch job unchanged.
@@ -260,6 +289,7 @@ class LoadOptions:
     vae_dtype: VaeDType = "fp32"
     low_memory: bool | None = None
     compile: bool = False
+    weight_cache: bool = True
 
     def __post_init__(self) -> None:
         _check_str("model", self.model)
@@ -270,6 +300,8 @@ class LoadOptions:
             raise OptionsError(f"low_memory must be True, False or None (by device); got {self.low_memory!r}", option="low_memory")
         if not isinstance(self.compile, bool):
             raise OptionsError(f"compile must be True or False; got {self.compile!r}", option="compile")
+        if not isinstance(self.weight_cache, bool):
+            raise OptionsError(f"weight_cache must be True or False; got {self.weight_cache!r}", option="weight_cache")
 
     def replace(self, **changes: object) -> LoadOptions:
         """A copy with some fields changed (validated again)."""

@@ -18,7 +18,8 @@ from .args import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 #: a parser whose `func(args)` returns an exit code. They must not import torch at import time (`sdx4 --help`
 #: stays fast).
 COMMAND_MODULES: tuple[str, ...] = ("sdx4.cli.upscale", "sdx4.cli.compare", "sdx4.cli.evaluate", "sdx4.cli.serve",
-                                    "sdx4.cli.convert", "sdx4.cli.download", "sdx4.cli.train")
+                                    "sdx4.cli.convert", "sdx4.cli.download", "sdx4.cli.train",
+                                    "sdx4.cli.cache")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +41,8 @@ def runs_model(args: argparse.Namespace) -> bool:
     """Whether this command runs the diffusion model (then the C allocator matters: sdx4.allocator)."""
     if args.command == "upscale":
         return args.method == "sd"
+    if args.command == "cache":
+        return False
     if hasattr(args, "methods"):  # compare, evaluate
         return "sd" in {m.strip() for m in str(args.methods).split(",")}
     if args.command in ("convert", "download"):

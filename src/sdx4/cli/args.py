@@ -13,6 +13,7 @@ from ..options import (
     COLOR_MODES,
     DEFAULT_MODEL,
     DTYPES,
+    PRESETS,
     SCHEDULERS,
     VAE_DTYPES,
     LoadOptions,
@@ -29,17 +30,29 @@ class UsageError(Exception):
     """Bad usage or bad input: reported as `sdx4: error: ...` with exit code 2."""
 
 
+class Explicit(argparse.Action):
+    """Store the value and remember that the user gave this flag (`args._explicit`): a --preset sets only
+    the options the user did not give, also when a given value equals the default."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        setattr(namespace, self.dest, values)
+        explicit = set(getattr(namespace, "_explicit", set()))
+        explicit.add(self.dest)
+        namespace._explicit = explicit
+
+
 def add_sd_option_args(p: argparse.ArgumentParser | Any) -> None:
     """The diffusion options (prompt ... scheduler), defaults read from UpscaleOptions."""
     d = option_defaults()
     p.add_argument("--prompt", default=d["prompt"], help="text describing the image")
     p.add_argument("--negative-prompt", default=d["negative_prompt"], help="text describing what to avoid")
-    p.add_argument("--steps", type=int, default=d["steps"], help="denoising steps")
+    p.add_argument("--steps", type=int, default=d["steps"], action=Explicit, help="denoising steps")
     p.add_argument("--guidance", type=float, default=d["guidance"], help="guidance scale (<= 1: no guidance, 2x faster)")
     p.add_argument("--noise-level", type=int, default=d["noise_level"], help="noise added to the input, 0..350")
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed; None = draw one and report it")
     p.add_argument("--eta", type=float, default=d["eta"], help="DDIM eta, 0..1")
-    p.add_argument("--scheduler", choices=SCHEDULERS, default=d["scheduler"], help="sampler (fewer steps: dpmpp-2m 20, unipc 15)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=d["scheduler"], action=Explicit,
+                   help="sampler (fewer steps: dpmpp-2m 20, unipc 15)")
 
 
 def add_output_args(p: argparse.ArgumentParser | Any) -> None:
@@ -81,6 +94,9 @@ def add_model_args(p: argparse.ArgumentParser | Any) -> None:
         "a new prompt reloads it); auto = on for the CPU, off for GPUs",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call; see README)")
+    p.add_argument("--no-weight-cache", dest="weight_cache", action="store_false", default=argparse.SUPPRESS,
+                   help="read and convert the weights at every start instead of mapping the converted copy kept in "
+                   "the cache folder (also SDX4_WEIGHT_CACHE=0; `sdx4 cache info` shows it)")
 
 
 def low_memory_arg(args: argparse.Namespace) -> bool | None:
@@ -99,6 +115,7 @@ def load_options_from_args(args: argparse.Namespace) -> LoadOptions:
             vae_dtype=args.vae_dtype,
             low_memory=low_memory_arg(args),
             compile=args.compile,
+            weight_cache=getattr(args, "weight_cache", True),
         )
     except OptionsError as e:
         raise UsageError(str(e)) from None
@@ -144,6 +161,12 @@ def options_from_args(args: argparse.Namespace, **fixed: Any) -> UpscaleOptions:
     try:
         if getattr(args, "max_memory", None) is not None:
             values["max_memory"] = parse_size(args.max_memory)
+        if getattr(args, "preset", None) is not None:  # the preset's values for the flags not given
+            given = getattr(args, "_explicit", set())
+            for name in PRESETS[args.preset]:
+                if name not in given:
+                    values.pop(name, None)
+            return UpscaleOptions.from_preset(args.preset, **{**values, **fixed})
         return UpscaleOptions(**{**values, **fixed})
     except OptionsError as e:
         flag = f"--{e.option.replace('_', '-')}: " if e.option else ""

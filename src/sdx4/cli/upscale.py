@@ -34,6 +34,7 @@ from ..options import (
     MAX_SCALE,
     METHODS,
     MIN_SCALE,
+    PRESETS,
     TILE_BLENDS,
     UpscaleOptions,
     option_defaults,
@@ -102,6 +103,12 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
         metavar="PX",
         help="VAE attention is global up to PX x PX input pixels, windowed beyond (linear time); 16..1024",
     )
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="a tested sampler and step count: " + ", ".join(
+                       f"{k} = {v['scheduler']} {v['steps']} steps" for k, v in PRESETS.items())
+                   + "; sets only what --scheduler/--steps do not (default: the options as given, = reference)")
+    p.add_argument("--estimate-only", "--dry-run", dest="estimate_only", action="store_true",
+                   help="print each input's time and peak-memory estimate and exit, without denoising or writing")
 
 
 def output_kind(output: str | None) -> str:
@@ -167,6 +174,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from .batch import cmd_batch, is_batch
 
     if is_batch(args):  # a folder INPUT: the batch runner takes over (manifest, resume, Ray)
+        if args.estimate_only:
+            raise UsageError("--estimate-only takes image files, not a folder")
         return cmd_batch(args)
     options = options_from_args(args)
     if args.max_job_cost is not None and not args.max_job_cost > 0:
@@ -195,6 +204,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         sources.append(loaded if src == STDIO or is_stream(src) else src)  # a file is read again when its turn comes
         sizes.append(loaded.size)
         channels.append(3 if loaded.alpha is None else 4)
+    if args.estimate_only:  # nothing is written, no folder made
+        return _estimate_only(args, options, inputs, sizes, say)
 
     created: list[Path] = []  # the folders this run makes: removed again if it fails
     ok = False
@@ -277,9 +288,13 @@ def _upscale_all(
                     f"limit of {args.max_job_cost:g} (fewer steps, guidance <= 1, fewer images or a smaller image cost less)"
                 )
 
-    for src, source, paths in zip(inputs, sources, outputs):
+    for src, source, paths, size in zip(inputs, sources, outputs, sizes):
         opts = options.with_seed()
-        result = _run_one(upscaler, source, src.name, opts, quiet=args.quiet)
+        estimate = None
+        if upscaler is not None and not args.quiet:  # the line and the progress bar's time left
+            estimate = upscaler.estimate(size, opts)
+            say(f"{src}: {estimate.summary}")
+        result = _run_one(upscaler, source, src.name, opts, quiet=args.quiet, estimate=estimate)
         for image, path in zip(result.images, paths):
             meta = saved_metadata(result.metadata, src.name)
             if path == STDIO:
@@ -292,8 +307,43 @@ def _upscale_all(
     return EXIT_OK
 
 
-def _run_one(upscaler: Any, src: Path | LoadedImage, name: str, opts: UpscaleOptions, quiet: bool) -> Any:
-    from ..api import upscale_classical_result
+def _estimate_only(args: argparse.Namespace, options: UpscaleOptions, inputs: list[Path], sizes: list[tuple[int, int]],
+                   say: Any) -> int:
+    """--estimate-only: one line per input on stdout (the model is loaded when the method needs it, to
+    measure this machine once; nothing is denoised or written)."""
+    from .. import api
+
+    upscaler = None
+    if options.method == "sd":
+        upscaler = load_from_args(args, say, options.text_prompts)
+    for src, size in zip(inputs, sizes):
+        try:
+            if upscaler is None:
+                est = api.estimate_classical(size, options)
+            else:
+                upscaler.check(options, size)
+                est = upscaler.estimate(size, options)
+        except api.MemoryBudgetError as e:
+            raise UsageError(f"{src}: --max-memory: {e}") from None
+        w, h = est.output_size
+        print(f"{src} ({size[0]}x{size[1]} -> {w}x{h}): {est.summary}")
+    return EXIT_OK
+
+
+def eta_seconds(done: int, total: int, elapsed: float, step_estimate: float, after_loop: float) -> float:
+    """Seconds left after `done` of `total` steps took `elapsed` s: the measured step time blended with the
+    estimate's (the estimate counts as 2 steps of evidence, so the first noisy steps do not swing it), for
+    the steps left, plus the estimate of what follows the loop (the decode)."""
+    prior = 2.0
+    step = (elapsed + prior * step_estimate) / (done + prior)
+    return max(0, total - done) * step + after_loop
+
+
+def _run_one(upscaler: Any, src: Path | LoadedImage, name: str, opts: UpscaleOptions, quiet: bool,
+             estimate: Any = None) -> Any:
+    import time
+
+    from ..api import format_seconds, upscale_classical_result
 
     if upscaler is None:
         return upscale_classical_result(src, opts)
@@ -302,11 +352,20 @@ def _run_one(upscaler: Any, src: Path | LoadedImage, name: str, opts: UpscaleOpt
         from tqdm import tqdm
 
         bar = tqdm(total=opts.steps, desc=name, unit="step", leave=False)
+    clock = {"t0": time.perf_counter(), "prev": time.perf_counter(), "base": 0, "last": 0}
 
     def progress(i: int, n: int) -> None:
+        now = time.perf_counter()
+        if i <= clock["last"]:  # a new x4 pass runs its own loop: its steps are timed from the last one
+            clock.update(t0=clock["prev"], base=i - 1)
+        clock.update(prev=now, last=i)
         if bar is not None:
             bar.total = n
             bar.update(i - bar.n)
+            if estimate is not None:
+                left = eta_seconds(i - clock["base"], n - clock["base"], now - clock["t0"], estimate.step_seconds,
+                                   estimate.parts.get("decoding", 0.0))
+                bar.set_postfix_str(f"about {format_seconds(left)} left")
 
     try:
         return upscaler(src, opts, progress=progress)

@@ -96,6 +96,11 @@ class PromptCache:
                 self._entries.popitem(last=False)
             return out
 
+    def missing(self, prompts: list[str]) -> list[str]:
+        """The prompts of `prompts` not cached now (each once): what a call would have to encode."""
+        with self._lock:
+            return [p for p in dict.fromkeys(prompts) if p not in self._entries]
+
     def drop_encoder(self) -> None:
         """Drop the text encoder now (if loaded) and give its memory back; a new prompt loads it again."""
         with self._lock:

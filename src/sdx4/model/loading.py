@@ -54,6 +54,7 @@ class Components:
     unet_config: Any = None  # kept while the UNet itself is released (low-memory policy, large decodes)
     speed: speed.Installed | None = None  # the speed tricks on the UNet (`speed.install`), renewed by load_unet
     source: Any = None  # a single-file checkpoint (single_file.SingleFileModel) the networks are read from
+    weight_cache: bool = False  # weights read through the cache folder's converted copies (weight_cache.py)
 
     def load_text_encoder(self) -> Any:
         """Load the text encoder again (the low-memory policy drops it between prompts)."""
@@ -61,7 +62,7 @@ class Components:
             return self.source.text_encoder(self.placement)
         if self.folder is None:
             raise RuntimeError("the text encoder was released and the model folder is unknown")
-        return _load_text_encoder(self.folder, self.placement)
+        return _load_text_encoder(self.folder, self.placement, cache=self.weight_cache)
 
     def load_unet(self) -> Any:
         """Load the UNet again, placed and prepared as at first (the low-memory policy releases it for
@@ -71,7 +72,8 @@ class Components:
             return unet
         if self.folder is None:
             raise RuntimeError("the UNet was released and the model folder is unknown")
-        unet, self.speed = _prepare_unet(_load_unet(self.folder, self.placement), self.placement, self.compiled)
+        unet, self.speed = _prepare_unet(_load_unet(self.folder, self.placement, cache=self.weight_cache), self.placement,
+                                         self.compiled)
         return unet
 
     @property
@@ -81,7 +83,7 @@ class Components:
         return 2 ** (len(config.block_out_channels) - 1)
 
 
-def _load_text_encoder(folder: Path, placement: Placement, empty: Any = None) -> Any:
+def _load_text_encoder(folder: Path, placement: Placement, empty: Any = None, cache: bool = False) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .weights import WeightsMismatch, load_transformers_model
@@ -89,7 +91,8 @@ def _load_text_encoder(folder: Path, placement: Placement, empty: Any = None) ->
     with damaged_model_errors("text_encoder/model.safetensors"):
         try:
             enc = load_transformers_model(
-                CLIPTextModel, CLIPTextConfig, folder / "text_encoder", placement.text_dtype, root=folder, empty=empty
+                CLIPTextModel, CLIPTextConfig, folder / "text_encoder", placement.text_dtype, root=folder, empty=empty,
+                cache=cache,
             )
         except WeightsMismatch as e:
             log.debug("text encoder via from_pretrained: %s", e)
@@ -108,11 +111,11 @@ def _place(module: Any, placement: Placement) -> Any:
     return module.eval().requires_grad_(False)
 
 
-def _load_unet(folder: Path, placement: Placement, empty: Any = None) -> Any:
+def _load_unet(folder: Path, placement: Placement, empty: Any = None, cache: bool = False) -> Any:
     from diffusers import UNet2DConditionModel
 
     return _load_diffusers(UNet2DConditionModel, folder, "unet", placement.unet_dtype, placement.channels_last,
-                           empty=empty)
+                           empty=empty, cache=cache)
 
 
 def _prepare_unet(unet: Any, placement: Placement, compile: bool) -> tuple[Any, speed.Installed]:
@@ -123,14 +126,16 @@ def _prepare_unet(unet: Any, placement: Placement, compile: bool) -> tuple[Any, 
 
 
 def _load_diffusers(
-    cls: Any, folder: Path, subfolder: str, dtype: torch.dtype, channels_last: bool, empty: Any = None
+    cls: Any, folder: Path, subfolder: str, dtype: torch.dtype, channels_last: bool, empty: Any = None,
+    cache: bool = False,
 ) -> Any:
     """Streamed tensor by tensor into `dtype` (weights.py); from_pretrained where that does not fit."""
     from .weights import WeightsMismatch, load_diffusers_model
 
     with damaged_model_errors(f"{subfolder}/diffusion_pytorch_model.safetensors"):
         try:
-            return load_diffusers_model(cls, folder / subfolder, dtype, channels_last, root=folder, empty=empty)
+            return load_diffusers_model(cls, folder / subfolder, dtype, channels_last, root=folder, empty=empty,
+                                        cache=cache)
         except WeightsMismatch as e:
             log.debug("%s via from_pretrained: %s", subfolder, e)
             model, info = cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype, output_loading_info=True)
@@ -163,6 +168,7 @@ def load_components(
     vae_dtype: str = "fp32",
     compile: bool = False,
     before_denoiser: Callable[[Components], None] | None = None,
+    weight_cache: bool = True,
 ) -> Components:
     """Find, load, check and place every component of the x4 upscaler.
 
@@ -172,7 +178,12 @@ def load_components(
     The tokenizer and text encoder are loaded first; `before_denoiser(components)` then runs with
     `unet` and `vae` still None, before those are loaded: the low-memory policy encodes the prompts
     it knows there and drops the text encoder, so that it and the UNet are never in memory together.
+    `weight_cache`: read the weights through the converted copies kept in the cache folder (weight_cache.py;
+    made at the first start; off also with SDX4_WEIGHT_CACHE=0).
     """
+    from . import weight_cache as kept
+
+    cache = kept.enabled(weight_cache)
     placement = resolve_placement(device, dtype, vae_dtype)
     from .single_file import single_file_path
 
@@ -194,7 +205,7 @@ def load_components(
         with damaged_model_errors("tokenizer"):
             tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         check_tokenizer(tokenizer, folder / "tokenizer")
-        text_encoder = _load_text_encoder(folder, placement, empty=empty.pop("text_encoder"))
+        text_encoder = _load_text_encoder(folder, placement, empty=empty.pop("text_encoder"), cache=cache)
     check_text_encoder_fits_tokenizer(tokenizer, text_encoder.config)
     text_hidden_size = text_encoder.config.hidden_size
     index = _read_json(folder / "model_index.json")
@@ -215,6 +226,7 @@ def load_components(
         random_weights=(folder / RANDOM_MARKER).exists() or bool(index.get("_sdx4_random_weights")),
         folder=folder,
         compiled=compile,
+        weight_cache=cache,
     )
     del text_encoder  # the caller's hook may drop it: no second reference here
     if before_denoiser is not None:
@@ -222,9 +234,9 @@ def load_components(
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*scaling_factor.*")
-        unet = _load_unet(folder, placement, empty=empty.pop("unet"))
+        unet = _load_unet(folder, placement, empty=empty.pop("unet"), cache=cache)
         vae = _load_diffusers(AutoencoderKL, folder, "vae", placement.vae_dtype, placement.channels_last,
-                              empty=empty.pop("vae"))
+                              empty=empty.pop("vae"), cache=cache)
     check_components(unet, vae, text_hidden_size, components.max_noise_level)
     components.unet, components.speed = _prepare_unet(unet, placement, compile)
     components.vae = _place(vae, placement)

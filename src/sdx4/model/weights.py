@@ -172,6 +172,32 @@ def read_state_dict(
     return out
 
 
+def map_tensors(path: Path, header: dict[str, Any], base: int) -> dict[str, torch.Tensor]:
+    """name -> tensor, each in a private (copy-on-write) memory map of its own pages of `path`: nothing is read
+    until used, nothing is copied, and a tensor's pages go back when it is freed. (One map of the whole file,
+    as safetensors' load_file makes, lives while any tensor of it does: every page the speed tricks read
+    while packing the UNet's weights would stay resident beside the packed copies.) `header`: read_header's."""
+    import mmap
+
+    grain = mmap.ALLOCATIONGRANULARITY
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            src = ST_DTYPES.get(info["dtype"])
+            if src is None:
+                raise ValueError(f"tensor {name} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            if end == begin:
+                out[name] = torch.empty(info["shape"], dtype=src)
+                continue
+            start = base + begin
+            at = start // grain * grain  # maps start on the allocation grain
+            view = mmap.mmap(f.fileno(), start + (end - begin) - at, access=mmap.ACCESS_COPY, offset=at)
+            # frombuffer keeps the map alive as long as the tensor (it is unmapped when the tensor is freed)
+            out[name] = torch.frombuffer(view, dtype=src, count=(end - begin) // src.itemsize, offset=start - at).reshape(info["shape"])
+    return out
+
+
 def check_against_module(
     module: torch.nn.Module, header: dict[str, Any], label: str, config_label: str, warn: bool = True
 ) -> set[str]:
@@ -217,11 +243,24 @@ def assign_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> t
     return module
 
 
-def _stream(module: torch.nn.Module, weights: Path, dtype: torch.dtype, channels_last: bool, root: Path | None) -> Any:
+def _stream(module: torch.nn.Module, weights: Path, dtype: torch.dtype, channels_last: bool, root: Path | None,
+            cache: bool = False) -> Any:
+    """Read `weights` into `module`; with `cache`, from the converted copy kept in the cache folder when there
+    is a valid one (weight_cache.py: mapped, not read), else streamed and then kept there."""
     label, config_label = _label(weights, root), _label(weights.with_name("config.json"), root)
     header = read_header(weights, label)
     names = check_against_module(module, header[0], label, config_label)
+    if cache:
+        from . import weight_cache
+
+        kept = weight_cache.read(weights, dtype, channels_last, read_header,
+                                 lambda h, where: check_against_module(module, h, where, "the module", warn=False),
+                                 map_tensors)
+        if kept is not None:
+            return assign_weights(module, {k: v for k, v in kept.items() if k in names})
     state = read_state_dict(weights, dtype, channels_last, label, names, header)
+    if cache:
+        weight_cache.write(weights, dtype, channels_last, state)
     return assign_weights(module, state)
 
 
@@ -235,7 +274,7 @@ def _label(path: Path, root: Path | None) -> str:
 
 def load_diffusers_model(
     cls: Any, folder: Path, dtype: torch.dtype, channels_last: bool = False, root: Path | None = None,
-    empty: Any = None,
+    empty: Any = None, cache: bool = False,
 ) -> Any:
     """A diffusers model (UNet2DConditionModel, AutoencoderKL) from `folder` in `dtype`; `root`, the model
     folder, names files in messages; `empty`: the model already built from its config with meta weights."""
@@ -249,11 +288,12 @@ def load_diffusers_model(
     if model is None:
         with init_empty_weights():
             model = cls.from_config(cls.load_config(folder))
-    return _stream(model, weights, dtype, channels_last, root).eval()
+    return _stream(model, weights, dtype, channels_last, root, cache).eval()
 
 
 def load_transformers_model(
-    cls: Any, config_cls: Any, folder: Path, dtype: torch.dtype, root: Path | None = None, empty: Any = None
+    cls: Any, config_cls: Any, folder: Path, dtype: torch.dtype, root: Path | None = None, empty: Any = None,
+    cache: bool = False,
 ) -> Any:
     """A transformers model (CLIPTextModel) from `folder` in `dtype`."""
     from accelerate import init_empty_weights
@@ -266,7 +306,7 @@ def load_transformers_model(
     if model is None:
         with init_empty_weights():
             model = cls(config_cls.from_pretrained(folder))
-    model = _stream(model, weights, dtype, False, root)
+    model = _stream(model, weights, dtype, False, root, cache)
     # Buffers built at construction (position ids) stay as they are; floating ones follow the dtype.
     for name, buf in model.named_buffers():
         if buf.is_floating_point() and buf.dtype != dtype:

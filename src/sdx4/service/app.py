@@ -7,6 +7,7 @@
     GET  /v1/jobs/{id}/result   the PNG (its "sdx4" text chunk holds the metadata); ?index=i for num_images > 1
     DELETE /v1/jobs/{id}     cancel (a running job stops at its next step) or forget a finished one
     POST /v1/upscale         synchronous: the same form, answers with the PNG
+    POST /v1/estimate        form: width, height + options -> {seconds, peak_bytes, output_size, summary}
     GET  /v1/info            model, device, dtype, limits, version
     GET  /health             200 while serving, 503 while shutting down
     GET  /                   the web page (static files, no build step, no CDN)
@@ -52,6 +53,7 @@ from .requests import (
     check_cost,
     decode_upload,
     download_name,
+    parse_estimate,
     parse_options,
     public_model_name,
     safe_name,
@@ -81,12 +83,17 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
     cost_of = getattr(upscaler, "cost", None)  # Upscaler.cost; a stand-in without it costs nothing
     manager = JobManager(upscaler if settings.expose_paths else _PublicPaths(upscaler), settings.queue)
     queued_cost: dict[str, float] = {}  # job id -> cost, for the jobs still queued (pruned on each submit)
+    estimate_of = getattr(upscaler, "estimate", None)  # Upscaler.estimate; a stand-in without it: classical only
+    estimated: dict[str, float] = {}  # job id -> estimated seconds (pruned on each submit)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.loop = asyncio.get_running_loop()
         app.state.changes = Changes(app.state.loop)
         manager.on_change = app.state.changes.poke
+        calibrate = getattr(upscaler, "calibrate", None)
+        if calibrate is not None:  # time estimates: measured (once per machine) before the worker owns the model
+            await run_in_threadpool(calibrate)
         manager.start()
         log.info("serving %s; results in %s", model_info.get("model", "model"), manager.results_dir)
         try:
@@ -204,6 +211,14 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
         try:
             job_id = manager.submit(image, options, name).id
             queued_cost[job_id] = cost
+            for known in list(estimated):
+                if manager.snapshot(known) is None:
+                    del estimated[known]
+            if estimate_of is not None:
+                try:
+                    estimated[job_id] = round(float(estimate_of(image.size, options).seconds), 3)
+                except ValueError as e:  # a plan that cannot fit: the job reports it when it runs; no estimate
+                    log.info("no time estimate for job %s: %s", job_id, e)
             return job_id
         except QueueFull as e:
             raise ApiError(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
@@ -218,6 +233,8 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
 
     def _public(snap: dict[str, Any]) -> dict[str, Any]:
         snap = dict(snap)
+        if snap.get("id") in estimated:
+            snap["estimate_seconds"] = estimated[snap["id"]]
         if snap["state"] == "done":
             n = snap["num_images"]
             snap["result_urls"] = [f"/v1/jobs/{snap['id']}/result" + (f"?index={i}" if i else "") for i in range(n)]
@@ -368,6 +385,45 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             stopping = manager.stopping
             raise ApiError(503 if stopping else 409, f"job {job_id} was cancelled: {snap['error']}")
         return await result_response(job_id, 0, "attachment")
+
+    @app.post("/v1/estimate", dependencies=v1, tags=["jobs"])
+    async def estimate(request: Request) -> dict[str, Any]:
+        """How long an upscale of a width x height input with these options would take and its peak memory,
+        before any work (form fields: width, height and any /v1/upscale option) -> {"seconds", "peak_bytes",
+        "output_size": [w, h], "summary"}."""
+        try:
+            form = await request.form(max_files=0, max_fields=len(OPTION_NAMES) + 2)
+        except Exception as e:  # starlette raises HTTPException(400) on a malformed body
+            raise ApiError(400, f"malformed form body: {getattr(e, 'detail', e)}") from None
+        try:
+            fields: dict[str, str] = {}
+            for key, value in form.multi_items():
+                if key not in OPTION_NAMES and key not in ("width", "height"):
+                    raise ApiError(422, f"unknown field {short(key)!r}; allowed: width, height, {', '.join(OPTION_NAMES)}", key)
+                if not isinstance(value, str):
+                    raise ApiError(422, f"{key}: expected a text field, got a file", key)
+                if key in fields:
+                    raise ApiError(422, f"{key}: given more than once", key)
+                fields[key] = value
+        finally:
+            await form.close()
+        size, options = parse_estimate(fields, settings)
+        if options.noise_level > max_noise_level:
+            raise ApiError(422, f"noise_level must be in 0..{max_noise_level}; got {options.noise_level}", "noise_level")
+        from .. import api
+
+        try:
+            if options.method != "sd":
+                est = await run_in_threadpool(api.estimate_classical, size, options)
+            elif estimate_of is None:
+                raise ApiError(501, "this service's model gives no time estimates")
+            else:
+                est = await run_in_threadpool(estimate_of, size, options)
+        except api.MemoryBudgetError as e:
+            raise ApiError(422, str(e), "max_memory") from None
+        except api.OptionsError as e:
+            raise ApiError(422, str(e), e.option if e.option in OPTION_NAMES else None) from None
+        return est.as_dict()
 
     @app.get("/v1/info", dependencies=v1, tags=["service"])
     async def info() -> dict[str, Any]:

@@ -171,7 +171,9 @@ def parse_options(fields: dict[str, str], max_prompt_chars: int = 2000) -> Upsca
     for name, raw in fields.items():
         kind, choices = OPTION_KINDS[name]
         text = raw.strip()
-        if kind == "string":
+        if kind == "string" and choices and name in NULLABLE_OPTIONS and text == "":
+            values[name] = None  # e.g. an empty preset field: no preset
+        elif kind == "string":
             if len(raw) > max_prompt_chars:
                 raise ApiError(422, f"{name} is {len(raw)} characters; the limit is {max_prompt_chars}", name)
             values[name] = text if choices else raw  # free text is kept as typed
@@ -192,9 +194,34 @@ def parse_options(fields: dict[str, str], max_prompt_chars: int = 2000) -> Upsca
                 raise ApiError(422, f"{name} must be true or false; got {short(raw)!r}", name)
             values[name] = text.lower() in ("true", "1")
     try:
+        if values.get("preset") is not None:  # the preset's values for the fields not sent (sent ones win)
+            return UpscaleOptions.from_preset(values.pop("preset"), **values)
         return UpscaleOptions(**values)
     except OptionsError as e:
         raise ApiError(422, str(e), e.option if e.option in OPTION_NAMES else None) from None
+
+
+#: The fields of POST /v1/estimate besides the option fields: the input's size in pixels.
+ESTIMATE_SIZE_FIELDS = ("width", "height")
+
+
+def parse_estimate(fields: dict[str, str], settings: ServerSettings) -> tuple[tuple[int, int], UpscaleOptions]:
+    """POST /v1/estimate's form: width and height (required, integers in 1..max_side) and any option field
+    (parse_options); 422 naming the field otherwise."""
+    size = []
+    for name in ESTIMATE_SIZE_FIELDS:
+        raw = fields.get(name)
+        if raw is None:
+            raise ApiError(422, f"{name}: missing; send the input's width and height in pixels", name)
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ApiError(422, f"{name} must be an integer; got {short(raw)!r}", name) from None
+        if not 1 <= value <= settings.max_side:
+            raise ApiError(422, f"{name} must be in 1..{settings.max_side}; got {value}", name)
+        size.append(value)
+    options = parse_options({k: v for k, v in fields.items() if k not in ESTIMATE_SIZE_FIELDS}, settings.max_prompt_chars)
+    return (size[0], size[1]), options
 
 
 def short(text: str, n: int = 40) -> str:
