@@ -13,7 +13,7 @@ Importing sdx4 does not import torch; loading the model does.
 from ._version import __version__
 from .api import Upscaler, UpscaleResult, load, upscale
 from .imageio import ImageInputError, read_metadata
-from .options import METHODS, LoadOptions, OptionsError, UpscaleOptions
+from .options import METHODS, LoadOptions, LoraSpec, OptionsError, UpscaleOptions
 
 __all__ = [
     "__version__",
@@ -24,6 +24,7 @@ __all__ = [
     "UpscaleOptions",
     "LoadOptions",
     "OptionsError",
+    "LoraSpec",
     "ImageInputError",
     "METHODS",
     "read_metadata",

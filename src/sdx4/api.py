@@ -37,6 +37,7 @@ from .imageio import (
 )
 from .metadata import VERSION_KEY, classical_metadata, sd_metadata
 from .model.errors import (  # noqa: F401
+    LoraError,
     ModelConfigError,
     ModelNotFoundError,
     ModelPathError,
@@ -45,6 +46,7 @@ from .model.errors import (  # noqa: F401
 from .options import (
     DEFAULT_MODEL,
     LoadOptions,
+    LoraSpec,
     OptionsError,
     UpscaleOptions,
     option_defaults,
@@ -175,6 +177,7 @@ class Upscaler:
             **c.placement.describe(),
             "low_memory": self.low_memory,
             VERSION_KEY: __version__,  # the key metadata.py owns
+            **({"loras": [lora.record() for lora in c.loras]} if getattr(c, "loras", ()) else {}),
         }
 
     def describe(self, seconds: float) -> list[str]:
@@ -184,6 +187,8 @@ class Upscaler:
         lines = [f"loaded {info['model']} on {info['device']} ({info['unet_dtype']}) in {seconds:.1f} s"]
         if info["random_weights"]:
             lines.append("warning: this model has RANDOM WEIGHTS (made for tests/benchmarks); its output is noise")
+        for lora in info.get("loras", ()):
+            lines.append(f"merged LoRA {lora['name']} (sha256 {lora['sha256']}) at scale {lora['scale']:g}")
         return lines
 
     def check(self, options: UpscaleOptions, size: tuple[int, int]) -> None:
@@ -309,6 +314,7 @@ def load(
     low_memory: bool | None = None,
     compile: bool = False,
     prompts: Sequence[str] | None = None,
+    loras: Sequence[Any] = (),
 ) -> Upscaler:
     """Load the x4 upscaler from a Hub id (default: the published model) or a local diffusers folder.
 
@@ -320,9 +326,12 @@ def load(
     default prompt and negative prompt, ""); the text encoder is then dropped, so that it and the UNet are
     never in memory together (fp32, measured: peak 3.76 -> 2.81 GiB). Other prompts load it again when
     they come. Ignored when the text encoder is kept (the GPU default): it encodes on the first call.
+    loras: LoRA files merged into the UNet (`LoadOptions.loras`): "path.safetensors:0.8" strings, (path, scale)
+    pairs or `LoraSpec`s, e.g. `sdx4.load(loras=["style.safetensors:0.8"])`.
     """
     if isinstance(model, LoadOptions):
-        given = {"device": device, "dtype": dtype, "vae_dtype": vae_dtype, "low_memory": low_memory, "compile": compile}
+        given = {"device": device, "dtype": dtype, "vae_dtype": vae_dtype, "low_memory": low_memory, "compile": compile,
+                 "loras": loras if isinstance(loras, str) else tuple(loras)}
         defaults = option_defaults(LoadOptions)
         extra = [name for name, value in given.items() if value != defaults[name]]
         if extra:
@@ -338,6 +347,7 @@ def load(
             vae_dtype=vae_dtype,
             low_memory=low_memory,
             compile=compile,
+            loras=loras if isinstance(loras, str) else tuple(loras),  # a lone string: LoadOptions says so
         )
     return _load(options, prompts)
 
@@ -364,6 +374,7 @@ def _load(options: LoadOptions, prompts: Sequence[str] | None) -> Upscaler:
         vae_dtype=options.vae_dtype,
         compile=options.compile,
         before_denoiser=encode_first,
+        loras=options.loras,
     )
     return made[0]
 

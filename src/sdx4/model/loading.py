@@ -53,6 +53,7 @@ class Components:
     compiled: bool = False  # the UNet is wrapped with torch.compile (a reloaded one is too)
     unet_config: Any = None  # kept while the UNet itself is released (low-memory policy, large decodes)
     speed: speed.Installed | None = None  # the speed tricks on the UNet (`speed.install`), renewed by load_unet
+    loras: tuple[Any, ...] = ()  # the LoRAs merged into the UNet (model/lora.py `Lora`), merged again by load_unet
 
     def load_text_encoder(self) -> Any:
         """Load the text encoder again (the low-memory policy drops it between prompts)."""
@@ -65,7 +66,8 @@ class Components:
         decodes that would otherwise spill to disk)."""
         if self.folder is None:
             raise RuntimeError("the UNet was released and the model folder is unknown")
-        unet, self.speed = _prepare_unet(_load_unet(self.folder, self.placement), self.placement, self.compiled)
+        unet, self.speed = _prepare_unet(_load_unet(self.folder, self.placement), self.placement, self.compiled,
+                                         self.loras)
         return unet
 
     @property
@@ -109,10 +111,15 @@ def _load_unet(folder: Path, placement: Placement, empty: Any = None) -> Any:
                            empty=empty)
 
 
-def _prepare_unet(unet: Any, placement: Placement, compile: bool) -> tuple[Any, speed.Installed]:
-    """Place a checked UNet, then put the speed tricks on it (`sdx4.speed.install`, one door); returns the
-    UNet and what was installed on it."""
+def _prepare_unet(unet: Any, placement: Placement, compile: bool, loras: tuple[Any, ...] = ()) -> tuple[Any, speed.Installed]:
+    """Place a checked UNet, merge the LoRAs into its weights (model/lora.py: no peft layer is left), then put
+    the speed tricks on it (`sdx4.speed.install`, one door): they see the merged weights. Returns the UNet
+    and what was installed on it."""
     unet = _place(unet, placement)
+    if loras:
+        from .lora import merge_loras
+
+        merge_loras(unet, loras)
     return unet, speed.install(unet, placement, compile=compile)
 
 
@@ -157,6 +164,7 @@ def load_components(
     vae_dtype: str = "fp32",
     compile: bool = False,
     before_denoiser: Callable[[Components], None] | None = None,
+    loras: tuple[Any, ...] = (),
 ) -> Components:
     """Find, load, check and place every component of the x4 upscaler.
 
@@ -166,6 +174,8 @@ def load_components(
     The tokenizer and text encoder are loaded first; `before_denoiser(components)` then runs with
     `unet` and `vae` still None, before those are loaded: the low-memory policy encodes the prompts
     it knows there and drops the text encoder, so that it and the UNet are never in memory together.
+    `loras` (`options.LoraSpec`s) are read and checked against the UNet's config before any weight is read,
+    and merged into the UNet's weights before the speed tricks go on (model/lora.py).
     """
     placement = resolve_placement(device, dtype, vae_dtype)
     folder = resolve_model_dir(model)
@@ -174,6 +184,13 @@ def load_components(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*scaling_factor.*")
         max_noise_level, empty = check_model_folder(folder)
+    read_loras: tuple[Any, ...] = ()
+    if loras:
+        from .lora import check_fits, read_lora
+
+        read_loras = tuple(read_lora(spec) for spec in loras)
+        for lora in read_loras:
+            check_fits(empty["unet"], lora)  # the empty (meta) UNet: before any weight is read
 
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
     from transformers import CLIPTokenizer
@@ -204,6 +221,7 @@ def load_components(
         random_weights=(folder / RANDOM_MARKER).exists() or bool(index.get("_sdx4_random_weights")),
         folder=folder,
         compiled=compile,
+        loras=read_loras,
     )
     del text_encoder  # the caller's hook may drop it: no second reference here
     if before_denoiser is not None:
@@ -215,7 +233,7 @@ def load_components(
         vae = _load_diffusers(AutoencoderKL, folder, "vae", placement.vae_dtype, placement.channels_last,
                               empty=empty.pop("vae"))
     check_components(unet, vae, text_hidden_size, components.max_noise_level)
-    components.unet, components.speed = _prepare_unet(unet, placement, compile)
+    components.unet, components.speed = _prepare_unet(unet, placement, compile, read_loras)
     components.vae = _place(vae, placement)
     components.unet_config = unet.config
     return components
