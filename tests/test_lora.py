@@ -21,7 +21,13 @@ import sdx4
 from sdx4.model.errors import LoraError, ModelConfigError
 from sdx4.options import LoadOptions, LoraSpec, OptionsError
 
-RUN = dict(prompt="a photo of a cat", steps=2, seed=7, guidance=9.0, noise_level=20)
+RUN = {
+    "prompt": "a photo of a cat",
+    "steps": 2,
+    "seed": 7,
+    "guidance": 9.0,
+    "noise_level": 20,
+}
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +329,7 @@ def test_load_takes_loras_as_strings_pairs_or_specs_but_not_beside_load_options(
 
 def _no_weights_read(monkeypatch):
     """Fail the test if the model's weights start loading: the LoRA must be refused before."""
-    import sdx4.model.loading as loading
+    from sdx4.model import loading
 
     def boom(*a, **k):
         raise AssertionError("model weights were read before the LoRA was checked")
@@ -441,3 +447,141 @@ def test_kohya_keys_diffusers_cannot_convert_are_a_lora_error(
     assert "diffusers cannot read its keys" in _refused(
         tiny_model_dir, path, monkeypatch
     )
+
+
+# --- the command line, folders and Ray ---------------------------------------------------------------------
+
+
+def _cli(*args: str) -> list[str]:
+    return [*args, "--device", "cpu", "--dtype", "fp32", "--steps", "1", "--seed", "3"]
+
+
+def test_cli_upscale_with_lora_records_it_in_the_png(
+    tiny_model_dir, loras, tmp_path, capsys
+):
+    from sdx4.cli import main
+
+    src = tmp_path / "in.png"
+    Image.fromarray(
+        np.random.RandomState(1).randint(0, 256, (16, 20, 3), dtype=np.uint8)
+    ).save(src)
+    out = tmp_path / "out.png"
+    argv = _cli("upscale", str(src), "--model", str(tiny_model_dir), "-o", str(out),
+                "--lora", f"{loras['mixed']}:0.5", "--lora", str(loras["kohya"]))  # fmt: skip
+    assert main(argv) == 0
+    meta = sdx4.read_metadata(out)
+    assert [(r["name"], r["scale"]) for r in meta["loras"]] == [
+        ("style.safetensors", 0.5),
+        ("style_kohya.safetensors", 1.0),
+    ]
+    assert (
+        meta["loras"][0]["sha256"]
+        == hashlib.sha256(loras["mixed"].read_bytes()).hexdigest()[:12]
+    )
+    assert "merged LoRA style.safetensors" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_lora_that_does_not_fit_with_exit_2_and_no_output(
+    tiny_model_dir, loras, tmp_path, capsys
+):
+    from sdx4.cli import main
+
+    src = tmp_path / "in.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(src)
+    sd = load_file(loras["peft"])
+    sd["unet.mid_block.resnets.9.conv1.lora_A.weight"] = torch.zeros(4, 8, 3, 3)
+    bad = tmp_path / "bad.safetensors"
+    save_file(sd, bad)
+    out = tmp_path / "out.png"
+    assert (
+        main(
+            _cli(
+                "upscale",
+                str(src),
+                "--model",
+                str(tiny_model_dir),
+                "-o",
+                str(out),
+                "--lora",
+                str(bad),
+            )
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("sdx4: error: LoRA ") and str(bad) in err
+    assert (
+        "mid_block.resnets.9.conv1.lora_A.weight names no layer" in err
+        and "Traceback" not in err
+    )
+    assert not out.exists()
+    missing = tmp_path / "nope.safetensors"
+    assert (
+        main(
+            _cli(
+                "upscale",
+                str(src),
+                "--model",
+                str(tiny_model_dir),
+                "-o",
+                str(out),
+                "--lora",
+                f"{missing}:2",
+            )
+        )
+        == 2
+    )
+    assert (
+        f"sdx4: error: loras: {missing} does not exist or is not a file"
+        in capsys.readouterr().err
+    )
+
+
+def test_folder_run_records_loras_and_redoes_images_when_they_change(
+    tiny_model_dir, loras, tmp_path, capsys
+):
+    from _batch_util import make_folder, records
+
+    from sdx4.cli import main
+
+    src = make_folder(tmp_path / "in", ["a.png"])
+    out = tmp_path / "out"
+    argv = _cli(
+        "upscale", str(src), "-o", str(out), "--model", str(tiny_model_dir), "-q"
+    )
+    assert main([*argv, "--lora", f"{loras['other']}:0.5"]) == 0
+    [rec] = records(out)
+    assert (
+        rec["status"] == "ok"
+        and rec["loras"][0]["name"] == "other.safetensors"
+        and rec["loras"][0]["scale"] == 0.5
+    )
+    assert rec["params"]["loras"] == [{"path": str(loras["other"]), "scale": 0.5}]
+    assert sdx4.read_metadata(out / "a_x4.png")["loras"] == rec["loras"]
+    assert main([*argv, "--lora", f"{loras['other']}:0.5"]) == 0
+    assert len(records(out)) == 1  # same LoRAs: done
+    assert main([*argv, "--lora", f"{loras['other']}:0.25"]) == 0
+    assert [r["params"]["loras"][0]["scale"] for r in records(out)] == [
+        0.5,
+        0.25,
+    ]  # another scale: redone
+
+
+def test_ray_job_and_items_carry_the_loras(tmp_path, loras):
+    from sdx4.batch.job import BatchItem, BatchJob
+    from sdx4.batch.ray import item_from_json, item_to_json, job_from_dict, job_to_dict
+    from sdx4.options import UpscaleOptions
+
+    load = LoadOptions(model="m", loras=[f"{loras['mixed']}:0.5", str(loras["other"])])
+    job = BatchJob(tmp_path / "in", tmp_path / "out", load=load)
+    assert job_from_dict(json.loads(json.dumps(job_to_dict(job)))).load == load
+    item = BatchItem(
+        "a.png", ("a_x4.png",), UpscaleOptions(seed=1), "option", 1, "m", load.loras
+    )
+    again = item_from_json(item_to_json(item))
+    assert again == item and again.params["loras"][0] == {
+        "path": str(loras["mixed"]),
+        "scale": 0.5,
+    }
+    plain = BatchItem("a.png", ("a_x4.png",), UpscaleOptions(seed=1), "option", 1, "m")
+    assert "loras" not in plain.params and item_from_json(item_to_json(plain)) == plain

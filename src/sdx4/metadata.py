@@ -18,7 +18,7 @@ from .options import UpscaleOptions
 #: The key every record carries: the sdx4 that wrote it.
 VERSION_KEY = "sdx4_version"
 #: The image's own fields that a batch manifest record repeats (when the upscale got that far).
-MANIFEST_IMAGE_KEYS = ("input_size", "output_size", "device", "unet_dtype", "random_weights")
+MANIFEST_IMAGE_KEYS = ("input_size", "output_size", "device", "unet_dtype", "random_weights", "loras")
 
 
 def image_metadata(options: UpscaleOptions, image: LoadedImage) -> dict[str, Any]:
