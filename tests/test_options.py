@@ -89,6 +89,7 @@ BAD_VALUES = {
     },
     LoadOptions: {
         "model": "", "device": "tpu", "dtype": "fp8", "vae_dtype": "fp16", "low_memory": "yes", "compile": 1,
+        "loras": "style.safetensors",
     },
 }  # fmt: skip
 
@@ -119,10 +120,10 @@ def test_a_bad_size_names_max_memory_and_err_option_survives_pickling():
 def test_load_options_defaults_are_those_of_sdx4_load():
     assert option_defaults(LoadOptions) == {
         "model": DEFAULT_MODEL, "device": "auto", "dtype": "auto", "vae_dtype": "fp32", "low_memory": None,
-        "compile": False,
+        "compile": False, "loras": (),
     }  # fmt: skip
     load = inspect.signature(sdx4.load).parameters
-    for name in ("device", "dtype", "vae_dtype", "low_memory", "compile"):
+    for name in ("device", "dtype", "vae_dtype", "low_memory", "compile", "loras"):
         assert load[name].default == option_defaults(LoadOptions)[name], name
     with pytest.raises(dataclasses.FrozenInstanceError):
         LoadOptions().device = "cpu"  # type: ignore[misc]
