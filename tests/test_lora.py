@@ -585,3 +585,109 @@ def test_ray_job_and_items_carry_the_loras(tmp_path, loras):
     }
     plain = BatchItem("a.png", ("a_x4.png",), UpscaleOptions(seed=1), "option", 1, "m")
     assert "loras" not in plain.params and item_from_json(item_to_json(plain)) == plain
+
+
+# --- switching LoRAs on a loaded model; compare and evaluate ------------------------------------------------
+
+
+def test_set_loras_switches_exactly_and_a_bad_file_leaves_the_model_as_it_was(
+    tiny_model_dir, loras, image, ours, tmp_path
+):
+    up = _load(tiny_model_dir)
+    base = _pixels(up(image, **RUN))
+    up.set_loras([(loras["peft"], 0.5)])
+    assert up.loras == (LoraSpec(str(loras["peft"]), 0.5),)
+    assert np.array_equal(
+        _pixels(up(image, **RUN)), ours([(loras["peft"], 0.5)])
+    )  # == loaded with it
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nope")
+    unet = up.components.unet
+    with pytest.raises(LoraError, match="not a safetensors file"):
+        up.set_loras([bad])
+    assert up.components.unet is unet and up.loras == (
+        LoraSpec(str(loras["peft"]), 0.5),
+    )
+    up.set_loras([])
+    assert up.loras == () and "loras" not in up.info
+    assert np.array_equal(
+        _pixels(up(image, **RUN)), base
+    )  # the base model again, bit for bit
+    assert (
+        up.components.speed.prepacked_layers > 0
+    )  # the speed tricks are back on the fresh UNet
+
+
+def test_compare_runs_sd_and_sd_plus_lora_side_by_side(
+    tiny_model_dir, loras, tmp_path, capsys
+):
+    from sdx4.cli import main
+
+    src = tmp_path / "in.png"
+    Image.fromarray(
+        np.random.RandomState(2).randint(0, 256, (16, 16, 3), dtype=np.uint8)
+    ).save(src)
+    out = tmp_path / "grid.png"
+    argv = _cli("compare", str(src), "-o", str(out), "--model", str(tiny_model_dir), "--lora", f"{loras['other']}:0.5",
+                "--methods", "sd,sd+lora,bicubic", "-q")  # fmt: skip
+    assert main(argv) == 0
+    meta = sdx4.read_metadata(out)
+    assert meta["methods"] == ["sd", "sd+lora", "bicubic"]
+    assert meta["labels"][1:3] == ["sd (seed 3)", "sd+lora (seed 3)"]
+    assert "loras" not in meta["per_method"]["sd"]
+    assert meta["per_method"]["sd+lora"]["loras"] == [
+        {
+            "name": "other.safetensors",
+            "sha256": LoraSpec(str(loras["other"])).sha256(),
+            "scale": 0.5,
+        }
+    ]
+    no_lora = _cli(
+        "compare",
+        str(src),
+        "-o",
+        str(tmp_path / "g2.png"),
+        "--model",
+        str(tiny_model_dir),
+        "--methods",
+        "sd+lora",
+    )
+    assert main(no_lora) == 2
+    assert (
+        "unknown method 'sd+lora'" in capsys.readouterr().err
+        and not (tmp_path / "g2.png").exists()
+    )
+
+
+def test_evaluate_gives_a_row_per_lora(tiny_model_dir, loras, tmp_path):
+    from sdx4.cli import main
+
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    Image.fromarray(
+        np.random.RandomState(4).randint(0, 256, (32, 32, 3), dtype=np.uint8)
+    ).save(hr / "a.png")
+    out = tmp_path / "report"
+    argv = _cli("evaluate", str(hr), "-o", str(out), "--model", str(tiny_model_dir), "--no-plot", "--no-perceptual",
+                "--lora", str(loras["other"]), "--lora", f"{loras['attn']}:2", "-q")  # fmt: skip
+    assert main(argv) == 0
+    import csv
+
+    rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
+    assert [r["method"] for r in rows] == [
+        "bicubic",
+        "lanczos",
+        "sd",
+        "sd+other",
+        "sd+attn",
+    ]
+    psnr = {r["method"]: r["psnr_y"] for r in rows}
+    assert (
+        len({psnr["sd"], psnr["sd+other"], psnr["sd+attn"]}) == 3
+    )  # three different models
+    report = (out / "report.md").read_text()
+    assert (
+        f"sd+attn: attn.safetensors (sha256 {LoraSpec(str(loras['attn'])).sha256()}) x2"
+        in report
+    )
+    assert "sd: no LoRA" in report

@@ -168,6 +168,40 @@ class Upscaler:
             self.unet_loads += 1
 
     @property
+    def loras(self) -> tuple[LoraSpec, ...]:
+        """The LoRAs merged into the UNet now (file and scale each), in merge order."""
+        return tuple(lora.spec for lora in self.components.loras)
+
+    def set_loras(self, loras: Sequence[Any]) -> None:
+        """Merge these LoRAs instead of the current ones; () = the base model. Each is a LoraSpec,
+        "PATH[:SCALE]" or (path, scale), as for `sdx4.load(loras=...)`.
+
+        The files are read and checked first (a bad one raises LoraError and leaves the model as it was);
+        then the UNet is loaded again from the model folder and the new LoRAs merged into fresh weights (no
+        unmerge arithmetic: the base model after any LoRA is bit for bit the base model). Costs one UNet
+        load (seconds; with compile=True a new compilation). A no-op when they are the current ones."""
+        from .model.lora import check_fits, read_lora
+
+        if isinstance(loras, (str, LoraSpec)):
+            raise OptionsError(f"loras must be a list of LoRAs ('PATH[:SCALE]' each); got {loras!r}", option="loras")
+        specs = tuple(LoraSpec.of(x) for x in loras)
+        if specs == self.loras:
+            return
+        read = tuple(read_lora(spec) for spec in specs)
+        c = self.components
+        if c.unet is not None:
+            for lora in read:
+                check_fits(c.unet, lora)  # while the current UNet is still there
+        old = c.loras
+        c.unet = None  # released first: never two UNets in memory
+        c.loras = read
+        try:
+            c.unet = c.load_unet()
+        except BaseException:
+            c.loras = old  # the next call loads the UNet with the LoRAs it had
+            raise
+
+    @property
     def info(self) -> dict[str, Any]:
         c = self.components
         return {

@@ -276,6 +276,16 @@ class LoraSpec:
 
         return os.path.basename(self.path)
 
+    def sha256(self, digits: int = 12) -> str:
+        """The first `digits` hex digits of the file's sha256 (what metadata records)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()[:digits]
+
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
         """`PATH[:SCALE]`: the text after the LAST colon is the scale only when it reads as a number, so

@@ -40,7 +40,7 @@ def runs_model(args: argparse.Namespace) -> bool:
     if args.command == "upscale":
         return args.method == "sd"
     if hasattr(args, "methods"):  # compare, evaluate
-        return "sd" in {m.strip() for m in str(args.methods).split(",")}
+        return any(m.strip() == "sd" or m.strip().startswith("sd+") for m in str(args.methods).split(","))
     return True  # serve
 
 

@@ -16,7 +16,6 @@ empty (meta) UNet built from the config, before the model's weights are read). E
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,14 +54,6 @@ class Lora:
     def record(self) -> dict[str, Any]:
         """What metadata, `/v1/info` and reports say about it."""
         return {"name": self.name, "sha256": self.sha256, "scale": self.scale}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:SHA256_DIGITS]
 
 
 def read_lora(spec: LoraSpec | str) -> Lora:
@@ -126,7 +117,7 @@ def read_lora(spec: LoraSpec | str) -> Lora:
         if alphas
         else None
     )
-    return Lora(spec, _sha256(path), unet, unet_alphas or None, metadata or None)
+    return Lora(spec, spec.sha256(SHA256_DIGITS), unet, unet_alphas or None, metadata or None)
 
 
 def peft_keys(lora: Lora) -> dict[str, Any]:
