@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import re
 from pathlib import Path
@@ -691,3 +692,42 @@ def test_evaluate_gives_a_row_per_lora(tiny_model_dir, loras, tmp_path):
         in report
     )
     assert "sd: no LoRA" in report
+
+
+# --- the service ----------------------------------------------------------------------------------------
+
+
+def test_served_loras_are_listed_in_info_and_recorded_in_every_result(
+    tiny_model_dir, loras
+):
+    from fastapi.testclient import TestClient
+    from server_helpers import png_bytes
+
+    from sdx4.service.app import create_app
+    from sdx4.service.requests import ServerSettings
+
+    up = _load(tiny_model_dir, [f"{loras['other']}:0.75"])
+    want = [
+        {
+            "name": "other.safetensors",
+            "sha256": LoraSpec(str(loras["other"])).sha256(),
+            "scale": 0.75,
+        }
+    ]
+    with TestClient(
+        create_app(up, ServerSettings()), base_url="http://localhost"
+    ) as client:
+        info = client.get("/v1/info").json()
+        assert info["loras"] == want and info["model"]["loras"] == want
+        r = client.post(
+            "/v1/upscale",
+            files={"image": ("a.png", png_bytes(), "image/png")},
+            data={"steps": "1", "seed": "1"},
+        )
+        assert r.status_code == 200, r.text
+        meta = sdx4.read_metadata(io.BytesIO(r.content))
+        assert meta["loras"] == want
+    with TestClient(
+        create_app(_load(tiny_model_dir), ServerSettings()), base_url="http://localhost"
+    ) as client:
+        assert client.get("/v1/info").json()["loras"] == []

@@ -189,8 +189,10 @@ def service_info(
     defaults: Mapping[str, Any],
     api_key_required: bool,
     queue: Mapping[str, Any],
+    loras: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The service's `/v1/info`: version, the model and where it runs, limits, choices and defaults, the queue."""
+    """The service's `/v1/info`: version, the model and where it runs, limits, choices and defaults, the queue,
+    and the LoRAs merged into the served model (name, sha256 prefix, scale; [] for the base model)."""
     return {
         VERSION_KEY: __version__,
         "model": model,
@@ -200,6 +202,7 @@ def service_info(
         "defaults": defaults,
         "api_key_required": api_key_required,
         "queue": queue,
+        "loras": [dict(r) for r in loras],
     }
 
 
