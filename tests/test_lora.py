@@ -731,3 +731,19 @@ def test_served_loras_are_listed_in_info_and_recorded_in_every_result(
         create_app(_load(tiny_model_dir), ServerSettings()), base_url="http://localhost"
     ) as client:
         assert client.get("/v1/info").json()["loras"] == []
+
+
+def test_every_model_command_takes_repeatable_lora_flags(tmp_path):
+    from sdx4.cli import build_parser
+
+    parser = build_parser()
+    a, b = str(tmp_path / "a.safetensors"), f"{tmp_path / 'b.safetensors'}:0.5"
+    for argv in (
+        ["upscale", "x.png"],
+        ["serve"],
+        ["compare", "x.png"],
+        ["evaluate", "hr", "-o", "r"],
+    ):
+        args = parser.parse_args([*argv, "--lora", a, "--lora", b])
+        assert args.lora == [a, b], argv
+        assert parser.parse_args(argv).lora == []
