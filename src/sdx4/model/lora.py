@@ -62,6 +62,7 @@ def read_lora(spec: LoraSpec | str) -> Lora:
     from diffusers import StableDiffusionUpscalePipeline
     from safetensors import SafetensorError, safe_open
 
+    _require_peft()  # merging needs it: say so before any heavy work
     spec = LoraSpec.of(spec)
     path = Path(spec.path)
     try:
@@ -117,7 +118,9 @@ def read_lora(spec: LoraSpec | str) -> Lora:
         if alphas
         else None
     )
-    return Lora(spec, spec.sha256(SHA256_DIGITS), unet, unet_alphas or None, metadata or None)
+    return Lora(
+        spec, spec.sha256(SHA256_DIGITS), unet, unet_alphas or None, metadata or None
+    )
 
 
 def peft_keys(lora: Lora) -> dict[str, Any]:
@@ -224,8 +227,3 @@ def merge_loras(unet: Any, loras: tuple[Lora, ...] | list[Lora]) -> None:
             ) from None
         finally:
             unet.unload_lora()  # takes the peft layers off (fused weights stay), also after a failure
-
-
-def describe(loras: tuple[Lora, ...] | list[Lora]) -> list[dict[str, Any]]:
-    """The records of `loras` (name, sha256 prefix, scale), in merge order."""
-    return [lora.record() for lora in loras]
