@@ -437,16 +437,20 @@ def test_text_encoder_loras_are_refused_saying_so(
 def test_kohya_keys_diffusers_cannot_convert_are_a_lora_error(
     tiny_model_dir, monkeypatch, tmp_path
 ):
+    up, down = torch.zeros(4, 2), torch.zeros(2, 4)
     path = tmp_path / "strange.safetensors"
-    save_file(
-        {
-            "lora_unet_.lora_up.weight": torch.zeros(4, 2),
-            "lora_unet_.lora_down.weight": torch.zeros(2, 4),
-        },
-        path,
-    )
+    # a lora_up without its lora_down: diffusers' converter leaves it unrenamed and raises
+    save_file({"lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": up}, path)
     assert "diffusers cannot read its keys" in _refused(
         tiny_model_dir, path, monkeypatch
+    )
+    # an empty module name: converted, to a key that names no layer
+    nameless = tmp_path / "nameless.safetensors"
+    save_file(
+        {"lora_unet_.lora_up.weight": up, "lora_unet_.lora_down.weight": down}, nameless
+    )
+    assert ".lora_A.weight names no layer of it" in _refused(
+        tiny_model_dir, nameless, monkeypatch
     )
 
 

@@ -148,6 +148,8 @@ def check_fits(unet: Any, lora: Lora) -> None:
                 f"LoRA {path}: {key} is not a LoRA tensor sdx4 can merge (expected lora_A/lora_B weights)"
             )
         try:
+            if not module_name:
+                raise AttributeError(module_name)  # get_submodule("") is the UNet itself
             module = unet.get_submodule(module_name)
         except AttributeError:
             raise LoraError(
