@@ -751,3 +751,25 @@ def test_every_model_command_takes_repeatable_lora_flags(tmp_path):
         args = parser.parse_args([*argv, "--lora", a, "--lora", b])
         assert args.lora == [a, b], argv
         assert parser.parse_args(argv).lora == []
+
+
+def test_speed_tricks_go_on_after_the_merge(tiny_model_dir, loras, monkeypatch):
+    """speed.install must see merged weights (its packing may read them at once on other builds)."""
+    from sdx4.model import loading
+
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    seen = []
+    install = loading.speed.install
+
+    def spy(unet, *a, **k):
+        seen.append(unet.get_submodule(name).weight.detach().clone())
+        return install(unet, *a, **k)
+
+    monkeypatch.setattr(loading.speed, "install", spy)
+    up = _load(tiny_model_dir, [loras["peft"]])
+    up.components.speed.uninstall()
+    assert len(seen) == 1 and torch.equal(
+        seen[0], up.components.unet.get_submodule(name).weight
+    )
+    base = _load(tiny_model_dir).components.unet
+    assert not torch.allclose(seen[0], base.get_submodule(name).weight, atol=1e-3)
