@@ -116,8 +116,9 @@ def test_compare_service_and_evaluate_records():
     assert compare_metadata(**{**_grid_args(), "sd_options": UpscaleOptions(seed=5)})["sd_options"]["seed"] == 5
     info = service_info(model=INFO, limits={"max_queue": 1}, methods=("sd",), choices={"tile_blend": ("cosine",)},
                         defaults={"steps": 20}, api_key_required=False, queue={"queued": 0})
-    assert list(info) == ["sdx4_version", "model", "limits", "methods", "choices", "defaults", "api_key_required", "queue"]
-    assert info["methods"] == ["sd"] and info["choices"] == {"tile_blend": ["cosine"]}
+    assert list(info) == ["sdx4_version", "model", "limits", "methods", "choices", "defaults", "api_key_required", "queue",
+                          "loras"]
+    assert info["methods"] == ["sd"] and info["choices"] == {"tile_blend": ["cosine"]} and info["loras"] == []
     assert evaluate_settings("bicubic") == {"sdx4_version": sdx4.__version__, "lr": "bicubic"}
 
 

@@ -91,6 +91,7 @@ BAD_VALUES = {
     LoadOptions: {
         "model": "", "device": "tpu", "dtype": "fp8", "vae_dtype": "fp16", "low_memory": "yes", "compile": 1,
         "weight_cache": "no",
+        "loras": "style.safetensors",
     },
 }  # fmt: skip
 
@@ -121,10 +122,10 @@ def test_a_bad_size_names_max_memory_and_err_option_survives_pickling():
 def test_load_options_defaults_are_those_of_sdx4_load():
     assert option_defaults(LoadOptions) == {
         "model": DEFAULT_MODEL, "device": "auto", "dtype": "auto", "vae_dtype": "fp32", "low_memory": None,
-        "compile": False, "weight_cache": True,
+        "compile": False, "weight_cache": True, "loras": (),
     }  # fmt: skip
     load = inspect.signature(sdx4.load).parameters
-    for name in ("device", "dtype", "vae_dtype", "low_memory", "compile", "weight_cache"):
+    for name in ("device", "dtype", "vae_dtype", "low_memory", "compile", "weight_cache", "loras"):
         assert load[name].default == option_defaults(LoadOptions)[name], name
     with pytest.raises(dataclasses.FrozenInstanceError):
         LoadOptions().device = "cpu"  # type: ignore[misc]

@@ -23,7 +23,7 @@ from .api import (
 )
 from .engine.estimate import Estimate  # no torch there
 from .imageio import ImageInputError, read_metadata
-from .options import METHODS, PRESETS, LoadOptions, OptionsError, UpscaleOptions
+from .options import METHODS, PRESETS, LoadOptions, LoraSpec, OptionsError, UpscaleOptions
 
 __all__ = [
     "__version__",
@@ -34,6 +34,7 @@ __all__ = [
     "UpscaleOptions",
     "LoadOptions",
     "OptionsError",
+    "LoraSpec",
     "ImageInputError",
     "METHODS",
     "read_metadata",

@@ -38,6 +38,7 @@ from .imageio import (
 )
 from .metadata import VERSION_KEY, classical_metadata, sd_metadata
 from .model.errors import (  # noqa: F401
+    LoraError,
     ModelConfigError,
     ModelNotFoundError,
     ModelPathError,
@@ -46,6 +47,7 @@ from .model.errors import (  # noqa: F401
 from .options import (
     DEFAULT_MODEL,
     LoadOptions,
+    LoraSpec,
     OptionsError,
     UpscaleOptions,
     option_defaults,
@@ -190,6 +192,40 @@ class Upscaler:
             self._unet_warm = False
 
     @property
+    def loras(self) -> tuple[LoraSpec, ...]:
+        """The LoRAs merged into the UNet now (file and scale each), in merge order."""
+        return tuple(lora.spec for lora in self.components.loras)
+
+    def set_loras(self, loras: Sequence[Any]) -> None:
+        """Merge these LoRAs instead of the current ones; () = the base model. Each is a LoraSpec,
+        "PATH[:SCALE]" or (path, scale), as for `sdx4.load(loras=...)`.
+
+        The files are read and checked first (a bad one raises LoraError and leaves the model as it was);
+        then the UNet is loaded again from the model folder and the new LoRAs merged into fresh weights (no
+        unmerge arithmetic: the base model after any LoRA is bit for bit the base model). Costs one UNet
+        load (seconds; with compile=True a new compilation). A no-op when they are the current ones."""
+        from .model.lora import check_fits, read_lora
+
+        if isinstance(loras, (str, LoraSpec)):
+            raise OptionsError(f"loras must be a list of LoRAs ('PATH[:SCALE]' each); got {loras!r}", option="loras")
+        specs = tuple(LoraSpec.of(x) for x in loras)
+        if specs == self.loras:
+            return
+        read = tuple(read_lora(spec) for spec in specs)
+        c = self.components
+        if c.unet is not None:
+            for lora in read:
+                check_fits(c.unet, lora)  # while the current UNet is still there
+        old = c.loras
+        c.unet = None  # released first: never two UNets in memory
+        c.loras = read
+        try:
+            c.unet = c.load_unet()
+        except BaseException:
+            c.loras = old  # the next call loads the UNet with the LoRAs it had
+            raise
+
+    @property
     def info(self) -> dict[str, Any]:
         c = self.components
         return {
@@ -199,6 +235,7 @@ class Upscaler:
             **c.placement.describe(),
             "low_memory": self.low_memory,
             VERSION_KEY: __version__,  # the key metadata.py owns
+            **({"loras": [lora.record() for lora in c.loras]} if getattr(c, "loras", ()) else {}),
         }
 
     def describe(self, seconds: float) -> list[str]:
@@ -208,6 +245,8 @@ class Upscaler:
         lines = [f"loaded {info['model']} on {info['device']} ({info['unet_dtype']}) in {seconds:.1f} s"]
         if info["random_weights"]:
             lines.append("warning: this model has RANDOM WEIGHTS (made for tests/benchmarks); its output is noise")
+        for lora in info.get("loras", ()):
+            lines.append(f"merged LoRA {lora['name']} (sha256 {lora['sha256']}) at scale {lora['scale']:g}")
         return lines
 
     def check(self, options: UpscaleOptions, size: tuple[int, int]) -> None:
@@ -396,6 +435,7 @@ def load(
     compile: bool = False,
     prompts: Sequence[str] | None = None,
     weight_cache: bool = True,
+    loras: Sequence[Any] = (),
 ) -> Upscaler:
     """Load the x4 upscaler from a Hub id (default: the published model) or a local diffusers folder.
 
@@ -407,10 +447,12 @@ def load(
     default prompt and negative prompt, ""); the text encoder is then dropped, so that it and the UNet are
     never in memory together (fp32, measured: peak 3.76 -> 2.81 GiB). Other prompts load it again when
     they come. Ignored when the text encoder is kept (the GPU default): it encodes on the first call.
+    loras: LoRA files merged into the UNet (`LoadOptions.loras`): "path.safetensors:0.8" strings, (path, scale)
+    pairs or `LoraSpec`s, e.g. `sdx4.load(loras=["style.safetensors:0.8"])`.
     """
     if isinstance(model, LoadOptions):
         given = {"device": device, "dtype": dtype, "vae_dtype": vae_dtype, "low_memory": low_memory, "compile": compile,
-                 "weight_cache": weight_cache}
+                 "weight_cache": weight_cache, "loras": loras if isinstance(loras, str) else tuple(loras)}
         defaults = option_defaults(LoadOptions)
         extra = [name for name, value in given.items() if value != defaults[name]]
         if extra:
@@ -427,6 +469,7 @@ def load(
             low_memory=low_memory,
             compile=compile,
             weight_cache=weight_cache,
+            loras=loras if isinstance(loras, str) else tuple(loras),  # a lone string: LoadOptions says so
         )
     return _load(options, prompts)
 
@@ -460,6 +503,7 @@ def _load(options: LoadOptions, prompts: Sequence[str] | None) -> Upscaler:
         compile=options.compile,
         before_denoiser=encode_first,
         weight_cache=options.weight_cache,
+        loras=options.loras,
     )
     return made[0]
 

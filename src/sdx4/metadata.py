@@ -18,7 +18,7 @@ from .options import UpscaleOptions
 #: The key every record carries: the sdx4 that wrote it.
 VERSION_KEY = "sdx4_version"
 #: The image's own fields that a batch manifest record repeats (when the upscale got that far).
-MANIFEST_IMAGE_KEYS = ("input_size", "output_size", "device", "unet_dtype", "random_weights")
+MANIFEST_IMAGE_KEYS = ("input_size", "output_size", "device", "unet_dtype", "random_weights", "loras")
 
 
 def image_metadata(options: UpscaleOptions, image: LoadedImage) -> dict[str, Any]:
@@ -190,8 +190,10 @@ def service_info(
     defaults: Mapping[str, Any],
     api_key_required: bool,
     queue: Mapping[str, Any],
+    loras: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The service's `/v1/info`: version, the model and where it runs, limits, choices and defaults, the queue."""
+    """The service's `/v1/info`: version, the model and where it runs, limits, choices and defaults, the queue,
+    and the LoRAs merged into the served model (name, sha256 prefix, scale; [] for the base model)."""
     return {
         VERSION_KEY: __version__,
         "model": model,
@@ -201,6 +203,7 @@ def service_info(
         "defaults": defaults,
         "api_key_required": api_key_required,
         "queue": queue,
+        "loras": [dict(r) for r in loras],
     }
 
 

@@ -14,6 +14,7 @@ import math
 import re
 import secrets
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Literal, get_args
 
 Method = Literal["sd", "nearest", "bilinear", "bicubic", "lanczos"]
@@ -262,6 +263,92 @@ class UpscaleOptions:
         return cls(**{**PRESETS[preset], **explicit, "preset": preset})  # type: ignore[arg-type]
 
 
+#: LoRA files are read only from safetensors (no pickle); a scale beyond this is surely a typo.
+LORA_SUFFIX = ".safetensors"
+MAX_LORA_SCALE = 16.0
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA to merge into the UNet when the model loads: a `.safetensors` file (diffusers/peft or Kohya
+    keys) and its scale (1.0 = as trained, 0 = no effect, negative = the opposite; -16..16).
+
+    The path is kept absolute (a Ray worker or a later job in another folder finds the same file)."""
+
+    path: str
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        import os
+
+        if not isinstance(self.path, (str, os.PathLike)) or not str(self.path):
+            raise OptionsError(f"loras: a LoRA path must be a non-empty string; got {self.path!r}", option="loras")
+        path = os.path.abspath(os.path.expanduser(os.fspath(self.path)))
+        object.__setattr__(self, "path", path)
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise OptionsError(f"loras: the scale of {path} must be a number in -16..16; got {self.scale!r}", option="loras")
+        if not -MAX_LORA_SCALE <= self.scale <= MAX_LORA_SCALE:
+            raise OptionsError(f"loras: the scale of {path} must be in -16..16; got {self.scale:g}", option="loras")
+        object.__setattr__(self, "scale", float(self.scale))
+        if not path.lower().endswith(LORA_SUFFIX):
+            raise OptionsError(f"loras: {path} is not a {LORA_SUFFIX} file (LoRAs are read from safetensors only)",
+                               option="loras")
+        if not os.path.isfile(path):
+            raise OptionsError(f"loras: {path} does not exist or is not a file", option="loras")
+
+    @property
+    def name(self) -> str:
+        """The file's name, as metadata and the service show it."""
+        import os
+
+        return os.path.basename(self.path)
+
+    def sha256(self, digits: int = 12) -> str:
+        """The first `digits` hex digits of the file's sha256 (what metadata records)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()[:digits]
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        """`PATH[:SCALE]`: the text after the LAST colon is the scale only when it reads as a number, so
+        `C:\\loras\\a.safetensors` and names holding colons are paths."""
+        if not isinstance(text, str):
+            raise OptionsError(f"loras: expected PATH[:SCALE]; got {text!r}", option="loras")
+        path, sep, tail = text.rpartition(":")
+        if sep and path:
+            try:
+                return cls(path, float(tail))
+            except ValueError as e:
+                if isinstance(e, OptionsError):
+                    raise
+        return cls(text)
+
+    @classmethod
+    def of(cls, value: object) -> LoraSpec:
+        """A LoraSpec from what users and serialisers pass: a LoraSpec, "PATH[:SCALE]", a path, (path, scale),
+        or {"path": ..., "scale": ...} (`dataclasses.asdict` of a LoadOptions, as Ray ships it)."""
+        import os
+
+        if isinstance(value, LoraSpec):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, os.PathLike):
+            return cls(os.fspath(value))
+        if isinstance(value, Mapping) and set(value) <= {"path", "scale"} and "path" in value:
+            return cls(**value)
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            return cls(value[0], value[1])
+        raise OptionsError(
+            f"loras: each LoRA is 'PATH[:SCALE]', (path, scale) or a LoraSpec; got {value!r}", option="loras"
+        )
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How the model is loaded: which one, where it runs and in which precision (`sdx4.load(LoadOptions(...))`).
@@ -278,6 +365,9 @@ class LoadOptions:
     compile: torch.compile the UNet (opt-in: a slow first call; see README).
     weight_cache: keep the weights converted to their dtype and layout in the cache folder at the first
       start and map them at later starts (the fast start; SDX4_WEIGHT_CACHE=0 also turns it off).
+    loras: LoRA files merged into the UNet's weights after they load (before the speed tricks: inference then
+      costs what it costs without), in order; each a `LoraSpec` (also given as "PATH[:SCALE]", (path, scale)
+      or {"path", "scale"}). Default none.
 
     Later fields (LoRA weights, a single-file checkpoint, ...) go here with their defaults: `to_dict()` and
     `LoadOptions(**d)` carry every field through Ray and the batch job unchanged.
@@ -290,6 +380,7 @@ class LoadOptions:
     low_memory: bool | None = None
     compile: bool = False
     weight_cache: bool = True
+    loras: tuple[LoraSpec, ...] = ()
 
     def __post_init__(self) -> None:
         _check_str("model", self.model)
@@ -302,6 +393,9 @@ class LoadOptions:
             raise OptionsError(f"compile must be True or False; got {self.compile!r}", option="compile")
         if not isinstance(self.weight_cache, bool):
             raise OptionsError(f"weight_cache must be True or False; got {self.weight_cache!r}", option="weight_cache")
+        if isinstance(self.loras, (str, LoraSpec, Mapping)) or not isinstance(self.loras, (tuple, list)):
+            raise OptionsError(f"loras must be a list of LoRAs ('PATH[:SCALE]' each); got {self.loras!r}", option="loras")
+        object.__setattr__(self, "loras", tuple(LoraSpec.of(x) for x in self.loras))
 
     def replace(self, **changes: object) -> LoadOptions:
         """A copy with some fields changed (validated again)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..imageio import INPUT_SUFFIXES, output_name
-from ..options import LoadOptions, UpscaleOptions
+from ..options import LoadOptions, LoraSpec, UpscaleOptions
 
 MANIFEST_NAME = "sdx4-manifest.jsonl"
 #: Files read as images (by suffix, case-insensitive; imageio owns the list); other files are skipped and reported.
@@ -127,11 +127,14 @@ class BatchItem:
     prompt_source: str  # "mapping", "sidecar" or "option"
     base_seed: int
     model: str | None  # None for the classical methods (no model involved)
+    loras: tuple[LoraSpec, ...] = ()  # the job's LoRAs (LoadOptions.loras) when the model is used
 
     @property
     def params(self) -> dict[str, Any]:
-        """What decides the output: compared with the manifest to tell done from to-do."""
-        return {**self.options.to_dict(), "model": self.model}
+        """What decides the output: compared with the manifest to tell done from to-do. The LoRAs only when
+        there are some (records written before LoRAs existed keep matching)."""
+        lora = {"loras": [{"path": s.path, "scale": s.scale} for s in self.loras]} if self.loras else {}
+        return {**self.options.to_dict(), "model": self.model, **lora}
 
 
 @dataclass(frozen=True)

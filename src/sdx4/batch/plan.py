@@ -268,7 +268,8 @@ def plan(job: BatchJob, log: Log | None = None) -> BatchPlan:
             opts = job.options.replace(prompt=prompt, negative_prompt=negative, seed=image_seed(base_seed, rel))
         except OptionsError as e:
             raise BatchError(f"{shown_name(rel)}: {e}") from None
-        items.append(BatchItem(rel, output_names(rel, opts), opts, source, base_seed, model))
+        items.append(BatchItem(rel, output_names(rel, opts), opts, source, base_seed, model,
+                               job.load.loras if model is not None else ()))
 
     owners: dict[str, str] = {}
     for item in items:

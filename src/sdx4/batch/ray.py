@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..options import LoadOptions, UpscaleOptions
+from ..options import LoadOptions, LoraSpec, UpscaleOptions
 from .job import BatchItem, BatchJob, Log
 from .worker import load_upscaler, run_pipeline
 
@@ -83,6 +83,7 @@ def item_from_json(text: str) -> BatchItem:
         prompt_source=d["prompt_source"],
         base_seed=d["base_seed"],
         model=d["model"],
+        loras=tuple(LoraSpec.of(x) for x in d.get("loras", ())),
     )
 
 

@@ -44,7 +44,7 @@ def runs_model(args: argparse.Namespace) -> bool:
     if args.command == "cache":
         return False
     if hasattr(args, "methods"):  # compare, evaluate
-        return "sd" in {m.strip() for m in str(args.methods).split(",")}
+        return any(m.strip() == "sd" or m.strip().startswith("sd+") for m in str(args.methods).split(","))
     if args.command in ("convert", "download"):
         return False  # no diffusion run: the allocator does not matter
     return True  # serve

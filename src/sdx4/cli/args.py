@@ -97,6 +97,14 @@ def add_model_args(p: argparse.ArgumentParser | Any) -> None:
     p.add_argument("--no-weight-cache", dest="weight_cache", action="store_false", default=argparse.SUPPRESS,
                    help="read and convert the weights at every start instead of mapping the converted copy kept in "
                    "the cache folder (also SDX4_WEIGHT_CACHE=0; `sdx4 cache info` shows it)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA .safetensors file (diffusers or Kohya keys) merged into the UNet at SCALE (default 1); "
+        "repeat for several; merged before the speed tricks, so inference is as fast as without",
+    )
 
 
 def low_memory_arg(args: argparse.Namespace) -> bool | None:
@@ -116,18 +124,21 @@ def load_options_from_args(args: argparse.Namespace) -> LoadOptions:
             low_memory=low_memory_arg(args),
             compile=args.compile,
             weight_cache=getattr(args, "weight_cache", True),
+            loras=tuple(getattr(args, "lora", None) or ()),
         )
     except OptionsError as e:
         raise UsageError(str(e)) from None
 
 
-def load_from_args(args: argparse.Namespace, say: Any = None, prompts: list[str] | None = None) -> Any:
+def load_from_args(args: argparse.Namespace, say: Any = None, prompts: list[str] | None = None, loras: Any = None) -> Any:
     """sdx4.load() with the arguments of `add_model_args`; a bad --model/--device is a UsageError.
     `prompts`: encoded before the UNet is loaded (sdx4.load's `prompts`; default: the default ones).
     `say` gets the lines of `Upscaler.describe` (what was loaded, in how long)."""
     from .. import api
 
     options = load_options_from_args(args)
+    if loras is not None:
+        options = options.replace(loras=tuple(loras))
     api.quiet_libraries()
     t0 = time.perf_counter()
     try:
@@ -184,14 +195,33 @@ def add_method_args(p: argparse.ArgumentParser, default_methods: str) -> None:
     add_sd_option_args(g)
 
 
-def methods_from_args(args: argparse.Namespace) -> tuple[str, ...]:
-    from ..quality.methods import parse_methods
+def methods_from_args(args: argparse.Namespace, default: str | None = None, lora_rows: str = "all") -> tuple[str, ...]:
+    """--methods, checked. With --lora and the command's `default` methods, the LoRA methods are added:
+    `lora_rows` "all" adds sd+lora (every LoRA merged), "each" one sd+NAME per LoRA."""
+    from ..quality.methods import LORA_METHOD, parse_methods
     from .args import UsageError
 
+    variants = lora_variants_from_args(args)
+    text = args.methods
+    if variants and default is not None and text == default:
+        text += "," + (LORA_METHOD if lora_rows == "all" or len(variants) == 2 else ",".join(list(variants)[2:]))
     try:
-        return parse_methods(args.methods)
+        return parse_methods(text, extra=tuple(variants))
     except ValueError as e:
         raise UsageError(f"--methods: {e}") from None
+
+
+def lora_variants_from_args(args: argparse.Namespace) -> dict[str, tuple[Any, ...]]:
+    """The sd methods --lora makes (quality.methods.lora_methods): {} without --lora."""
+    from ..options import LoraSpec
+    from ..quality.methods import lora_methods
+
+    try:
+        return lora_methods([LoraSpec.parse(text) for text in getattr(args, "lora", None) or ()])
+    except OptionsError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:
+        raise UsageError(f"--lora: {e}") from None
 
 
 def sd_options_from_args(args: argparse.Namespace) -> UpscaleOptions:
@@ -199,7 +229,9 @@ def sd_options_from_args(args: argparse.Namespace) -> UpscaleOptions:
     return options_from_args(args, method="sd", num_images=1).with_seed()
 
 
-def load_upscaler(args: argparse.Namespace, options: UpscaleOptions, quiet: bool = False) -> Any:
+def load_upscaler(args: argparse.Namespace, options: UpscaleOptions, quiet: bool = False, loras: Any = None) -> Any:
     """Load the model once, with the same error handling and messages as `sdx4 upscale`; the prompts of
-    `options` are encoded first (see sdx4.load)."""
-    return load_from_args(args, None if quiet else (lambda m: print(m, file=sys.stderr)), options.text_prompts)
+    `options` are encoded first (see sdx4.load). `loras`: merged instead of --lora's (compare/evaluate
+    load the first method's)."""
+    return load_from_args(args, None if quiet else (lambda m: print(m, file=sys.stderr)), options.text_prompts,
+                          loras=loras)

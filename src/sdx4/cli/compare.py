@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..quality.compare import auto_crop, build_grid, parse_crop
-    from ..quality.methods import MethodRunner
+    from ..quality.methods import MethodRunner, is_sd_method
+    from .args import lora_variants_from_args
     from .args import EXIT_OK, UsageError
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
@@ -56,8 +57,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else src.with_name(f"{src.stem}_compare.png")
 
     # Check everything before any heavy work.
-    methods = methods_from_args(args)
-    sd_options = sd_options_from_args(args) if "sd" in methods else None
+    methods = methods_from_args(args, DEFAULT_METHODS, lora_rows="all")
+    variants = lora_variants_from_args(args)
+    sd_methods = [m for m in methods if is_sd_method(m)]
+    sd_options = sd_options_from_args(args) if sd_methods else None
     try:
         loaded = open_image(src)
         if out.suffix.lower() != ".png":
@@ -74,13 +77,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if crop is None:
         crop = auto_crop(rgb)
 
-    upscaler = load_upscaler(args, sd_options, quiet=args.quiet) if sd_options is not None else None
-    runner = MethodRunner(sd_options=sd_options, upscaler=upscaler)
+    # One model in memory at a time: loaded with the first sd method's LoRAs, switched for the next ones.
+    first = variants[sd_methods[0]] if variants and sd_methods else None
+    upscaler = load_upscaler(args, sd_options, quiet=args.quiet, loras=first) if sd_options is not None else None
+    runner = MethodRunner(sd_options=sd_options, upscaler=upscaler, lora_variants=variants)
     panels = []
     per_method: dict[str, object] = {}
     for method in methods:
         result = runner.run(method, rgb, SCALE)
-        label = method if method != "sd" else f"sd (seed {sd_options.seed})"  # type: ignore[union-attr]
+        label = method if not is_sd_method(method) else f"{method} (seed {sd_options.seed})"  # type: ignore[union-attr]
         panels.append((label, result.image))
         per_method[method] = {**result.metadata, "seconds": round(result.seconds, 4)}
         say(f"{method}: {result.seconds:.2f} s")

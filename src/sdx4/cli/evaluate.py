@@ -63,18 +63,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         matplotlib_available,
         write_report,
     )
-    from ..quality.methods import SD_SCALE, MethodRunner
+    from ..quality.methods import SD_SCALE, MethodRunner, is_sd_method
+    from .args import lora_variants_from_args
     from .args import EXIT_OK, EXIT_USAGE, UsageError
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
 
     # Check everything before any heavy work.
-    methods = methods_from_args(args)
+    methods = methods_from_args(args, DEFAULT_METHODS, lora_rows="each")
+    variants = lora_variants_from_args(args)
+    sd_methods = [m for m in methods if is_sd_method(m)]
     if not 2 <= args.scale <= 8:
         raise UsageError(f"--scale must be in 2..8; got {args.scale}")
-    if "sd" in methods and args.scale != SD_SCALE:
+    if sd_methods and args.scale != SD_SCALE:
         raise UsageError(f"--scale {args.scale}: method sd upscales by exactly {SD_SCALE}")
-    sd_options = sd_options_from_args(args) if "sd" in methods else None
+    sd_options = sd_options_from_args(args) if sd_methods else None
     if args.pairs is not None:
         if args.hr_dir is not None:
             raise UsageError(f"give either HR_DIR ({args.hr_dir}) or --pairs LR_DIR HR_DIR, not both")
@@ -94,8 +97,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not args.no_plot and not matplotlib_available():
         raise UsageError(MATPLOTLIB_MISSING)
 
-    upscaler = load_upscaler(args, sd_options, quiet=args.quiet) if sd_options is not None else None
-    runner = MethodRunner(sd_options=sd_options, upscaler=upscaler)
+    # One model in memory at a time: each image runs every method, so with LoRAs the UNet is loaded again
+    # (Upscaler.set_loras: fresh weights, exact) when the method changes; the reload is not in the timings.
+    first = variants[sd_methods[0]] if variants and sd_methods else None
+    upscaler = load_upscaler(args, sd_options, quiet=args.quiet, loras=first) if sd_options is not None else None
+    runner = MethodRunner(sd_options=sd_options, upscaler=upscaler, lora_variants=variants)
 
     def on_failure(f: object) -> None:
         print(f"sdx4: error: {f.problem} (skipped; listed in the report)", file=sys.stderr)  # type: ignore[attr-defined]
@@ -110,6 +116,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         report.settings["sd_options"] = sd_options.to_dict()
         report.settings["model"] = upscaler.info["model"]
         report.settings["random_weights"] = upscaler.info["random_weights"]
+        if variants:  # method -> the LoRAs it merged (name, sha256 prefix, scale)
+            report.settings["loras"] = {
+                m: [{"name": s.name, "sha256": s.sha256(), "scale": s.scale} for s in variants[m]] for m in sd_methods
+            }
     written = write_report(report, out_dir, plot=not args.no_plot)
     for m, v in report.means().items():
         say(f"mean {m}: PSNR-Y {v['psnr_y']:.2f} dB, SSIM-Y {v['ssim_y']:.4f}, {v['seconds']:.4g} s/image")

@@ -18,5 +18,11 @@ class ModelConfigError(ValueError):
     first bad key or value and what was expected."""
 
 
+class LoraError(ModelConfigError):
+    """A LoRA file cannot be used with this model (model/lora.py): not safetensors, empty, NaN weights, a
+    text-encoder LoRA, or a key that names no layer of this UNet or has the wrong shape. The message names
+    the file and the first bad key (exit 2)."""
+
+
 class NonFiniteOutputError(RuntimeError):
     """The decoded image holds NaN or inf (a run-time failure, exit 1): never written as a black image."""

@@ -55,6 +55,7 @@ class Components:
     speed: speed.Installed | None = None  # the speed tricks on the UNet (`speed.install`), renewed by load_unet
     source: Any = None  # a single-file checkpoint (single_file.SingleFileModel) the networks are read from
     weight_cache: bool = False  # weights read through the cache folder's converted copies (weight_cache.py)
+    loras: tuple[Any, ...] = ()  # the LoRAs merged into the UNet (model/lora.py `Lora`), merged again by load_unet
 
     def load_text_encoder(self) -> Any:
         """Load the text encoder again (the low-memory policy drops it between prompts)."""
@@ -68,12 +69,12 @@ class Components:
         """Load the UNet again, placed and prepared as at first (the low-memory policy releases it for
         decodes that would otherwise spill to disk)."""
         if self.source is not None:
-            unet, self.speed = _prepare_unet(self.source.unet(self.placement), self.placement, self.compiled)
+            unet, self.speed = _prepare_unet(self.source.unet(self.placement), self.placement, self.compiled, self.loras)
             return unet
         if self.folder is None:
             raise RuntimeError("the UNet was released and the model folder is unknown")
         unet, self.speed = _prepare_unet(_load_unet(self.folder, self.placement, cache=self.weight_cache), self.placement,
-                                         self.compiled)
+                                         self.compiled, self.loras)
         return unet
 
     @property
@@ -118,10 +119,15 @@ def _load_unet(folder: Path, placement: Placement, empty: Any = None, cache: boo
                            empty=empty, cache=cache)
 
 
-def _prepare_unet(unet: Any, placement: Placement, compile: bool) -> tuple[Any, speed.Installed]:
-    """Place a checked UNet, then put the speed tricks on it (`sdx4.speed.install`, one door); returns the
-    UNet and what was installed on it."""
+def _prepare_unet(unet: Any, placement: Placement, compile: bool, loras: tuple[Any, ...] = ()) -> tuple[Any, speed.Installed]:
+    """Place a checked UNet, merge the LoRAs into its weights (model/lora.py: no peft layer is left), then put
+    the speed tricks on it (`sdx4.speed.install`, one door): they see the merged weights. Returns the UNet
+    and what was installed on it."""
     unet = _place(unet, placement)
+    if loras:
+        from .lora import merge_loras
+
+        merge_loras(unet, loras)
     return unet, speed.install(unet, placement, compile=compile)
 
 
@@ -169,6 +175,7 @@ def load_components(
     compile: bool = False,
     before_denoiser: Callable[[Components], None] | None = None,
     weight_cache: bool = True,
+    loras: tuple[Any, ...] = (),
 ) -> Components:
     """Find, load, check and place every component of the x4 upscaler.
 
@@ -180,6 +187,8 @@ def load_components(
     it knows there and drops the text encoder, so that it and the UNet are never in memory together.
     `weight_cache`: read the weights through the converted copies kept in the cache folder (weight_cache.py;
     made at the first start; off also with SDX4_WEIGHT_CACHE=0).
+    `loras` (`options.LoraSpec`s) are read and checked against the UNet's config before any weight is read,
+    and merged into the UNet's weights before the speed tricks go on (model/lora.py).
     """
     from . import weight_cache as kept
 
@@ -189,13 +198,14 @@ def load_components(
 
     single = single_file_path(model)
     if single is not None:  # x4-upscaler-ema.safetensors / .ckpt: the bundled configs, nothing fetched
-        return load_single_file_components(single, model, placement, compile, before_denoiser)
+        return load_single_file_components(single, model, placement, compile, before_denoiser, loras)
     folder = resolve_model_dir(model)
     # Configs and weight headers, before any heavy work; the networks come back empty (meta), to be filled.
     # Popped as they are used: this function keeps no reference to the text encoder (low-memory policy).
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*scaling_factor.*")
         max_noise_level, empty = check_model_folder(folder)
+    read_loras = _read_loras(loras, empty["unet"])
 
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
     from transformers import CLIPTokenizer
@@ -227,6 +237,7 @@ def load_components(
         folder=folder,
         compiled=compile,
         weight_cache=cache,
+        loras=read_loras,
     )
     del text_encoder  # the caller's hook may drop it: no second reference here
     if before_denoiser is not None:
@@ -238,7 +249,7 @@ def load_components(
         vae = _load_diffusers(AutoencoderKL, folder, "vae", placement.vae_dtype, placement.channels_last,
                               empty=empty.pop("vae"), cache=cache)
     check_components(unet, vae, text_hidden_size, components.max_noise_level)
-    components.unet, components.speed = _prepare_unet(unet, placement, compile)
+    components.unet, components.speed = _prepare_unet(unet, placement, compile, read_loras)
     components.vae = _place(vae, placement)
     components.unet_config = unet.config
     return components
@@ -282,18 +293,31 @@ def check_components(unet: Any, vae: Any, text_hidden_size: int, max_noise_level
         vae.register_to_config(scaling_factor=VAE_SCALING_FACTOR)
 
 
+def _read_loras(loras: tuple[Any, ...], empty_unet: Any) -> tuple[Any, ...]:
+    """The LoRA files read and checked against the empty (meta) UNet: before any weight is read."""
+    if not loras:
+        return ()
+    from .lora import check_fits, read_lora
+
+    read = tuple(read_lora(spec) for spec in loras)
+    for lora in read:
+        check_fits(empty_unet, lora)
+    return read
+
+
 def load_single_file_components(
-    path: Path, model: str, placement: Any, compile: bool, before_denoiser: Any = None
+    path: Path, model: str, placement: Any, compile: bool, before_denoiser: Any = None, loras: tuple[Any, ...] = ()
 ) -> Any:
     """`load_components` for a single file: the same order (tokenizer and text encoder, the caller's hook,
     then UNet and VAE), the same checks, the same Components."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     from .checks import max_noise_level as read_max_noise_level
-    from .single_file import load_tokenizer, open_single_file
+    from .single_file import build_empty, load_tokenizer, open_single_file
 
     source = open_single_file(path)
     configs = source.configs
+    read_loras = _read_loras(loras, source.empty.get("unet") or build_empty("unet", configs["unet"]))
     with damaged_model_errors(f"{path}: tokenizer"):
         tokenizer = load_tokenizer(configs)
     check_tokenizer(tokenizer, f"{path} ({source.origin})")
@@ -314,6 +338,7 @@ def load_single_file_components(
         folder=None,
         compiled=compile,
         source=source,
+        loras=read_loras,
     )
     del text_encoder
     if before_denoiser is not None:
@@ -323,7 +348,7 @@ def load_single_file_components(
         unet = source.unet(placement)
         vae = source.network("vae", placement.vae_dtype, placement.channels_last)
     check_components(unet, vae, text_hidden_size, components.max_noise_level)
-    components.unet, components.speed = _prepare_unet(unet, placement, compile)
+    components.unet, components.speed = _prepare_unet(unet, placement, compile, read_loras)
     components.vae = _place(vae, placement)
     components.unet_config = unet.config
     return components

@@ -314,6 +314,9 @@ def to_markdown(report: Report) -> str:
             f"model: {report.settings.get('model')}",
             "",
         ]
+        for m, records in (report.settings.get("loras") or {}).items():
+            merged = ", ".join(f"{r['name']} (sha256 {r['sha256']}) x{r['scale']:g}" for r in records) or "no LoRA"
+            lines.insert(len(lines) - 1, f"{m}: {merged}")
     lines += ["## Mean per method", "", "| method | PSNR-Y (dB) | SSIM-Y | LPIPS | ms / image (mean) | ms (median) | images |", "|---|---:|---:|---:|---:|---:|---:|"]
     for m, v in means.items():
         lines.append(

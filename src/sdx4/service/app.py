@@ -436,6 +436,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             defaults=option_defaults(),
             api_key_required=settings.api_key is not None,
             queue=manager.status(),
+            loras=model_info.get("loras", ()),  # merged at start (`sdx4 serve --lora`), the same for every job
         )
 
     @app.get("/health", tags=["service"])
