@@ -81,9 +81,12 @@ class AnimationInfo:
 
 def _open(source: str | os.PathLike[str] | bytes) -> tuple[Image.Image, Any]:
     """Image.open on a path or bytes; returns the image and the file object to close."""
-    f: BinaryIO = (
-        io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
-    )
+    # The caller closes it (after iterating frames lazily): a `with` here would close it too early.
+    f: BinaryIO
+    if isinstance(source, bytes):
+        f = io.BytesIO(source)
+    else:
+        f = open(source, "rb")  # noqa: SIM115
     try:
         return Image.open(f), f
     except BaseException:
@@ -159,7 +162,7 @@ def probe_animation(
                 im.seek(i)
                 if im.format == "WEBP":
                     im.load()  # WebP reports a frame's duration once it is decoded
-                durations.append(int(round(im.info.get("duration", 0) or 0)))
+                durations.append(round(im.info.get("duration", 0) or 0))
                 if im.format == "GIF":
                     disposal.append(int(getattr(im, "disposal_method", 0) or 0))
                 elif im.format == "PNG":

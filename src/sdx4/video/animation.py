@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 
 from ..imageio import (
-    AnimationInfo,
     VIDEO_OUTPUT_SUFFIXES,
+    AnimationInfo,
     ImageInputError,
     attach_alpha,
     check_animation_path,
