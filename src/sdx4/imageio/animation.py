@@ -9,8 +9,8 @@ Writing (`write_animation`): whole frames, so the way they are laid over each ot
 is shown. Opaque animations keep the input's GIF disposal and APNG dispose/blend values (any value shows
 a whole opaque frame the same). With transparency a frame must replace the canvas, not be drawn over the
 previous one: GIF frames are then written with disposal 2 (restore to background) and APNG frames with
-blend "source". Pillow's GIF and APNG writers merge identical consecutive frames into one whose duration
-is the sum: the animation plays the same.
+blend "source". Pillow's GIF and APNG writers and libwebp merge identical consecutive frames into one
+whose duration is the sum: the animation plays the same (a wholly static one becomes a single frame).
 
 GIF holds 256 colours: ONE palette is built over all output frames (a mosaic of them, median cut), and
 every frame is mapped onto it with Floyd-Steinberg dithering. One palette keeps a colour from jumping
@@ -151,8 +151,8 @@ def probe_animation(
             out_pixels = w * scale * h * scale * frames
             if out_pixels > MAX_ANIMATION_OUTPUT_PIXELS:
                 raise ImageInputError(
-                    f"{name}: {frames} frames of {w * scale}x{h * scale} = {out_pixels / 1e6:.0f} MP of output is over "
-                    f"the {MAX_ANIMATION_OUTPUT_PIXELS / 1e6:.0f} MP limit for an animation (the frames are held "
+                    f"{name}: {frames} frames of {w * scale}x{h * scale} = {out_pixels / 1e6:.3g} MP of output is over "
+                    f"the {MAX_ANIMATION_OUTPUT_PIXELS / 1e6:.3g} MP limit for an animation (the frames are held "
                     "in memory until written): cut it, or make it smaller"
                 )
             durations, disposal, blend = [], [], []
@@ -320,6 +320,11 @@ def write_animation(
             kwargs["disposal"] = list(info.disposal)
         if info.loop is not None:
             kwargs["loop"] = info.loop
+        # Pillow merges identical frames (adding their durations); left with one it writes a still GIF and
+        # reads a per-frame disposal list as a scalar (TypeError).
+        static = all(f.tobytes() == frames[0].tobytes() for f in frames[1:])
+        if static and isinstance(kwargs.get("disposal"), list):
+            kwargs["disposal"] = kwargs["disposal"][0]
         if record is not None:
             kwargs["comment"] = GIF_COMMENT_PREFIX + record
     elif fmt == "PNG":
