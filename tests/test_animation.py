@@ -23,7 +23,7 @@ from sdx4.imageio import (
 from sdx4.imageio.animation import gif_frames
 from sdx4.options import OptionsError, UpscaleOptions
 from sdx4.video import upscale_animation
-from sdx4.video.animation import temporal_colorfix
+from sdx4.video.temporal import temporal_colorfix, temporal_flow
 from sdx4.video.flicker import FlickerMeter, bicubic_upscale
 
 BICUBIC = UpscaleOptions(method="bicubic")
@@ -255,7 +255,7 @@ def test_bad_options_outputs_and_limits_are_refused_before_any_work_and_leave_no
         upscale_animation(None, src, tmp_path / "o.gif", BICUBIC.replace(num_images=2))
     assert e.value.option == "num_images"
     with pytest.raises(
-        OptionsError, match="temporal must be one of none, colorfix; got 'blur'"
+        OptionsError, match="temporal must be one of none, colorfix, flow; got .blur."
     ):
         upscale_animation(None, src, tmp_path / "o.gif", BICUBIC, temporal="blur")
     with pytest.raises(OptionsError, match="method 'sd' needs the model") as e:
@@ -498,4 +498,38 @@ def test_animated_bytes_are_recognised_too():
     assert (
         is_animated(buf.getvalue())
         and probe_animation(buf.getvalue(), "up.gif").frames == 2
+    )
+
+
+def test_temporal_flow_averages_invented_detail_along_the_motion_and_lowers_flicker():
+    inputs = _moving_clip(6)
+    rng = np.random.default_rng(5)
+    outputs = []
+    for inp in inputs:  # a method that invents different fine detail in every frame
+        up = bicubic_upscale(inp, (128, 128)).astype(float) + rng.normal(
+            0, 12, (128, 128, 3)
+        )
+        outputs.append(Image.fromarray(np.clip(up, 0, 255).astype(np.uint8)))
+    before = _flicker(outputs, inputs)
+    after = _flicker(temporal_flow(outputs, inputs), inputs)
+    assert after["flicker"] < 0.75 * before["flicker"], (before, after)
+    # A clip that moves the way its references move is left almost as it is.
+    clean = [Image.fromarray(bicubic_upscale(i, (128, 128))) for i in inputs]
+    blended = temporal_flow(clean, inputs)
+    assert (
+        max(
+            np.abs(np.asarray(a, float) - np.asarray(b, float)).mean()
+            for a, b in zip(clean, blended, strict=True)
+        )
+        < 2
+    )
+
+
+def test_temporal_flow_gives_no_blending_across_a_cut():
+    a, b = _moving_clip(1)[0], 255 - _moving_clip(1)[0]
+    frames = [Image.fromarray(bicubic_upscale(x, (128, 128))) for x in (a, b)]
+    blended = temporal_flow(frames, [a, b])
+    assert (
+        np.abs(np.asarray(blended[1], float) - np.asarray(frames[1], float)).mean()
+        < 1.5
     )

@@ -23,7 +23,7 @@ from ..options import OptionsError
 from .args import UsageError, load_from_args, options_from_args
 
 #: The --temporal choices (sdx4.video.TEMPORAL_MODES; kept here so building the parser imports no numpy).
-TEMPORAL_CHOICES = ("none", "colorfix")
+TEMPORAL_CHOICES = ("none", "colorfix", "flow")
 
 
 def add_animation_args(p: argparse.ArgumentParser) -> None:

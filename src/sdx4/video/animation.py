@@ -7,10 +7,7 @@ Frame consistency: every frame is upscaled with the SAME options and seed, so th
 low-res noise are the same for every frame: a static animation gives identical output frames, and what
 changes between output frames is driven by what changes between input frames.
 
-`temporal="colorfix"`: each output frame's per-channel mean and standard deviation, relative to those of
-its own bicubic reference (the input frame upscaled), are set to the clip's average relation. A method
-that shifts colours the same way in every frame is left as it is; frame-to-frame colour pumping goes.
-The input's own colour changes (fades, cuts) are followed, since each frame keeps its reference's.
+`temporal`: a treatment of the whole clip after every frame is upscaled (video/temporal.py).
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from ..imageio import (
     VIDEO_OUTPUT_SUFFIXES,
     AnimationInfo,
     ImageInputError,
-    attach_alpha,
     check_animation_path,
     iter_frames,
     probe_animation,
@@ -35,10 +31,9 @@ from ..imageio import (
     write_atomic,
 )
 from ..options import OptionsError, UpscaleOptions
-from .flicker import FlickerMeter, bicubic_upscale
+from .flicker import FlickerMeter
+from .temporal import TEMPORAL_FIXES, TEMPORAL_MODES
 
-#: The temporal treatments of an animation: "none" (every frame alone, same seed) or "colorfix".
-TEMPORAL_MODES = ("none", "colorfix")
 #: Output suffixes that make a video of an animation (through PyAV).
 VIDEO_SUFFIXES = VIDEO_OUTPUT_SUFFIXES
 
@@ -97,7 +92,7 @@ def upscale_animation(
         (classical filters and whatever `sdx4.upscale` runs).
     dst: .gif/.webp/.png/.apng writes that animated format with the input's timing and loop count;
         .mp4/.webm writes a video (H.264 / VP9, through PyAV: `pip install -e ".[video]"`).
-    temporal: "none" or "colorfix" (see the module's docstring).
+    temporal: "none", or one of video/temporal.py's TEMPORAL_FIXES ("colorfix", "flow").
     progress(done, total): after each frame. cancel(): before each frame; may raise to stop.
     The seed is drawn once (when options.seed is None) and used for every frame.
     """
@@ -135,8 +130,8 @@ def upscale_animation(
             f"{name}: {len(frames)} frames decoded, {info.frames} announced"
         )
 
-    if temporal == "colorfix":
-        frames = temporal_colorfix(frames, _inputs(src, name))
+    if temporal != "none":
+        frames = TEMPORAL_FIXES[temporal](frames, _inputs(src, name))
     meter = FlickerMeter()
     for out, inp in zip(frames, _inputs(src, name)):
         meter.add(np.asarray(out.convert("RGB")), inp)
@@ -175,33 +170,6 @@ def _inputs(src: Path, name: str):
     """The input frames again, as HxWx3 uint8 arrays (decoded one at a time)."""
     for loaded in iter_frames(src, name):
         yield np.asarray(loaded.rgb.convert("RGB"))
-
-
-def temporal_colorfix(frames: list[Image.Image], inputs) -> list[Image.Image]:
-    """Per channel: each frame's (mean, std) relative to its bicubic reference's is set to the clip's average
-    relation (see the module's docstring). Alpha is kept as it is."""
-    stats = []  # per frame: out mean, out std, ref mean, ref std  (each 3 values)
-    for out, inp in zip(frames, inputs):
-        o = np.asarray(out.convert("RGB"), np.float64).reshape(-1, 3)
-        r = bicubic_upscale(inp, out.size).astype(np.float64).reshape(-1, 3)
-        stats.append((o.mean(0), o.std(0), r.mean(0), r.std(0)))
-    eps = 1e-6
-    offset = np.mean(
-        [om - rm for om, _, rm, _ in stats], axis=0
-    )  # clip-level mean offset, per channel
-    gain = np.mean(
-        [(os + eps) / (rs + eps) for _, os, _, rs in stats], axis=0
-    )  # clip-level std ratio
-    fixed = []
-    for out, (om, os, rm, rs) in zip(frames, stats):
-        o = np.asarray(out.convert("RGB"), np.float64)
-        target_mean, target_std = rm + offset, rs * gain
-        y = (o - om) / (os + eps) * target_std + target_mean
-        rgb = Image.fromarray(np.clip(np.rint(y), 0, 255).astype(np.uint8), "RGB")
-        fixed.append(
-            attach_alpha(rgb, out.getchannel("A")) if out.mode == "RGBA" else rgb
-        )
-    return fixed
 
 
 def write_video(

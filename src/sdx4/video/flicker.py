@@ -111,45 +111,16 @@ class FlickerMeter:
 
     def _flow_grey(self, ref: np.ndarray) -> np.ndarray | None:
         """The bicubic frame in grey at the flow resolution (None without OpenCV)."""
-        if self._cv2 is None:
-            return None
-        cv2 = self._cv2
-        h, w = ref.shape[:2]
-        grey = cv2.cvtColor(ref, cv2.COLOR_RGB2GRAY)
-        side = max(h, w)
-        if side > FLOW_MAX_SIDE:
-            f = FLOW_MAX_SIDE / side
-            grey = cv2.resize(
-                grey,
-                (max(1, round(w * f)), max(1, round(h * f))),
-                interpolation=cv2.INTER_AREA,
-            )
-        return grey
+        return None if self._cv2 is None else flow_grey(self._cv2, ref)
 
     def _warper(self, prev_grey, grey, size: tuple[int, int]):
         """A function (previous frame, current frame) -> mean |current - warped previous| over valid pixels."""
-        h, w = size
         if self._cv2 is None or np.array_equal(prev_grey, grey):
             # No OpenCV, or no motion in the reference: Farneback on identical frames returns tiny non-zero
             # vectors whose interpolation would count as flicker.
             return lambda prev, cur: float(np.abs(cur - prev).mean())
         cv2 = self._cv2
-        # Flow from the current frame to the previous one: for each current pixel, where it was before.
-        flow = cv2.calcOpticalFlowFarneback(
-            grey, prev_grey, None, 0.5, 4, 15, 3, 5, 1.2, 0
-        )  # h',w',2
-        fh, fw = flow.shape[:2]
-        if (fh, fw) != (h, w):
-            flow = cv2.resize(flow, (w, h), interpolation=cv2.INTER_LINEAR)
-            flow[..., 0] *= w / fw
-            flow[..., 1] *= h / fh
-        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-        map_x = xs + flow[..., 0]
-        map_y = ys + flow[..., 1]
-        # Pixels that came from outside the frame have no previous value to compare with.
-        valid = (map_x >= 0) & (map_x <= w - 1) & (map_y >= 0) & (map_y <= h - 1)
-        if not valid.any():
-            valid[:] = True
+        map_x, map_y, valid = flow_maps(cv2, prev_grey, grey, size)
 
         def warp(prev: np.ndarray, cur: np.ndarray) -> float:
             warped = cv2.remap(
@@ -158,3 +129,41 @@ class FlickerMeter:
             return float(np.abs(cur - warped)[valid].mean())
 
         return warp
+
+
+def flow_grey(cv2, ref: np.ndarray) -> np.ndarray:
+    """An HxWx3 uint8 frame in grey at the flow resolution (long side at most FLOW_MAX_SIDE)."""
+    h, w = ref.shape[:2]
+    grey = cv2.cvtColor(np.ascontiguousarray(ref), cv2.COLOR_RGB2GRAY)
+    side = max(h, w)
+    if side > FLOW_MAX_SIDE:
+        f = FLOW_MAX_SIDE / side
+        grey = cv2.resize(
+            grey,
+            (max(1, round(w * f)), max(1, round(h * f))),
+            interpolation=cv2.INTER_AREA,
+        )
+    return grey
+
+
+def flow_maps(cv2, prev_grey: np.ndarray, grey: np.ndarray, size: tuple[int, int]):
+    """Farneback flow from the current frame to the previous one, as cv2.remap maps at `size` (h, w):
+    (map_x, map_y, valid), where `valid` marks the pixels whose previous position is inside the frame."""
+    h, w = size
+    flow = cv2.calcOpticalFlowFarneback(
+        grey, prev_grey, None, 0.5, 4, 15, 3, 5, 1.2, 0
+    )  # h',w',2
+    fh, fw = flow.shape[:2]
+    if (fh, fw) != (h, w):
+        flow = cv2.resize(flow, (w, h), interpolation=cv2.INTER_LINEAR)
+        flow[..., 0] *= w / fw
+        flow[..., 1] *= h / fh
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    map_x = (
+        xs + flow[..., 0]
+    )  # for each current pixel, where it was in the previous frame
+    map_y = ys + flow[..., 1]
+    valid = (map_x >= 0) & (map_x <= w - 1) & (map_y >= 0) & (map_y <= h - 1)
+    if not valid.any():
+        valid[:] = True
+    return map_x, map_y, valid
