@@ -23,8 +23,8 @@ from sdx4.imageio import (
 from sdx4.imageio.animation import gif_frames
 from sdx4.options import OptionsError, UpscaleOptions
 from sdx4.video import upscale_animation
-from sdx4.video.temporal import temporal_colorfix, temporal_flow
 from sdx4.video.flicker import FlickerMeter, bicubic_upscale
+from sdx4.video.temporal import temporal_colorfix, temporal_flow
 
 BICUBIC = UpscaleOptions(method="bicubic")
 
