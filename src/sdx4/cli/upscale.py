@@ -65,6 +65,9 @@ def register(sub: Any) -> None:
     )
 
     add_batch_args(up)
+    from .video import add_video_args  # video INPUTs (sdx4.video, cli/video.py)
+
+    add_video_args(up)
     up.set_defaults(func=cmd_upscale)
 
 
@@ -168,6 +171,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
     if is_batch(args):  # a folder INPUT: the batch runner takes over (manifest, resume, Ray)
         return cmd_batch(args)
+    from .video import cmd_video, is_video_run
+
+    if is_video_run(args):  # video INPUTs: sdx4.video (streamed, resumable chunks)
+        return cmd_video(args)
     options = options_from_args(args)
     if args.max_job_cost is not None and not args.max_job_cost > 0:
         raise UsageError(f"--max-job-cost must be a positive number of megapixel-steps; got {args.max_job_cost:g}")
