@@ -81,8 +81,9 @@ class ChunkWriter:
                 setattr(ctx, key, value)
         self.stream = s
         self.frames = 0
-        #: The chunk's first source pts: frames are written from 0 (an MP4 that starts later gets an edit list
-        #: that moves its timestamps by a rounding error) and moved back by `offset` when assembled.
+        #: MP4/MOV: the chunk's first source pts; frames are written from 0 (an MP4 that starts later gets an edit
+        #: list that moves its timestamps by a rounding error) and moved back by `offset` when assembled.
+        #: Matroska/WebM (milliseconds) keep the source pts (0): two roundings could be 1 ms off.
         self.offset: int | None = None
 
     def add(self, rgb: np.ndarray, pts: int) -> None:
@@ -100,7 +101,7 @@ class ChunkWriter:
             format=self.enc.pix_fmt, dst_colorspace=self.cs, dst_color_range=self.range
         )
         if self.offset is None:
-            self.offset = pts
+            self.offset = pts if self.enc.container in ("mp4", "mov") else 0
         frame.pts = pts - self.offset
         frame.time_base = self.time_base
         self.container.mux(self.stream.encode(frame))

@@ -250,7 +250,7 @@ def _check_copies(av: Any, info: VideoInfo, fmt: str, dst: str | Path) -> None:
                     kind = s.type
                     raise VideoInputError(
                         f"{dst}: the clip's {kind} stream #{s.index} ({s.codec_context.name if s.codec_context else '?'}) "
-                        f"cannot be copied into {fmt} ({e}); write another container (.mkv holds most) or drop it (--no-audio)"
+                        f"cannot be copied into {fmt} ({e}); write a container that holds it (mov_text: .mp4/.mov; AAC: not .webm) or drop audio and subtitles (--no-audio)"
                     ) from None
         finally:
             out.close()
