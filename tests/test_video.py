@@ -12,11 +12,11 @@ import pytest
 
 av = pytest.importorskip("av")
 
-import sdx4  # noqa: E402
-import sdx4.video as video  # noqa: E402
-from sdx4.video import VideoInputError, VideoOptions  # noqa: E402
+from conftest import run_cli
 
-from conftest import run_cli  # noqa: E402
+import sdx4
+from sdx4 import video
+from sdx4.video import VideoInputError, VideoOptions
 
 TB = Fraction(1, 90000)
 
@@ -491,5 +491,54 @@ def test_video_flags_need_a_video_input(tmp_path, rng_image):
     Image.fromarray(rng_image()).save(tmp_path / "a.png")
     r = run_cli(
         "upscale", str(tmp_path / "a.png"), "--method", "bicubic", "--crf", "20"
+    )
+    assert r.returncode == 2 and "--crf only applies to video INPUTs" in r.stderr
+
+
+def test_a_folder_run_takes_a_video_and_an_image(tmp_path, rng_image):
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_clip(folder / "clip.mkv", 3)
+    Image.fromarray(rng_image()).save(folder / "photo.png")
+    (folder / "notes.txt").write_text("not an input")
+    r = run_cli(
+        "upscale", str(folder), "-o", str(tmp_path / "out"), "--method", "bicubic"
+    )
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert len(decoded(out / "clip_x4_bicubic.mkv")) == 3
+    assert decoded(out / "clip_x4_bicubic.mkv")[0][1].shape == (128, 192, 3)
+    assert packets(out / "clip_x4_bicubic.mkv", "audio") == packets(
+        folder / "clip.mkv", "audio"
+    )
+    assert Image.open(out / "photo_x4_bicubic.png").size == (96, 128)
+    records = {
+        rec["input"]: rec
+        for rec in map(
+            json.loads, (out / "sdx4-manifest.jsonl").read_text().splitlines()
+        )
+    }
+    assert (
+        records["clip.mkv"]["status"] == "ok" and records["photo.png"]["status"] == "ok"
+    )
+    assert (
+        records["clip.mkv"]["outputs"] == ["clip_x4_bicubic.mkv"]
+        and records["notes.txt"]["status"] == "skipped"
+    )
+    r = run_cli(
+        "upscale", str(folder), "-o", str(tmp_path / "out"), "--method", "bicubic"
+    )  # all done: nothing redone
+    assert r.returncode == 0, r.stderr
+    r = run_cli(
+        "upscale",
+        str(folder),
+        "-o",
+        str(tmp_path / "out2"),
+        "--method",
+        "bicubic",
+        "--crf",
+        "20",
     )
     assert r.returncode == 2 and "--crf only applies to video INPUTs" in r.stderr

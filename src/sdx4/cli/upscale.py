@@ -168,13 +168,12 @@ def read_input(src: Path) -> LoadedImage:
 
 def cmd_upscale(args: argparse.Namespace) -> int:
     from .batch import cmd_batch, is_batch
-
-    if is_batch(args):  # a folder INPUT: the batch runner takes over (manifest, resume, Ray)
-        return cmd_batch(args)
     from .video import cmd_video, is_video_run
 
-    if is_video_run(args):  # video INPUTs: sdx4.video (streamed, resumable chunks)
+    if is_video_run(args):  # video INPUTs: sdx4.video (streamed, resumable chunks); video flags need them
         return cmd_video(args)
+    if is_batch(args):  # a folder INPUT: the batch runner takes over (manifest, resume, Ray)
+        return cmd_batch(args)
     options = options_from_args(args)
     if args.max_job_cost is not None and not args.max_job_cost > 0:
         raise UsageError(f"--max-job-cost must be a positive number of megapixel-steps; got {args.max_job_cost:g}")

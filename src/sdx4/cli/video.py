@@ -73,7 +73,7 @@ def is_video_run(args: argparse.Namespace) -> bool:
         given = [k for k, v in VIDEO_DEFAULTS.items() if getattr(args, k, v) != v]
         if given:
             raise UsageError(
-                f"--{given[0].replace('_', '-')} only applies to video INPUTs"
+                f"--{given[0].replace('_', '-')} only applies to video INPUTs (a folder run encodes its videos with the defaults)"
             )
         return False
     if len(videos) != len(args.inputs):
@@ -107,13 +107,10 @@ def video_output_paths(
     inputs: list[Path], output: str | None, method: str, scale: int
 ) -> list[Path]:
     """-o FILE (one input), -o FOLDER/, or beside each input as NAME_x4.SUFFIX (an .avi input: .mkv)."""
-    from ..video import OUTPUT_CONTAINERS
+    from ..video import video_output_suffix
 
     def name(src: Path) -> str:
-        suffix = (
-            src.suffix.lower() if src.suffix.lower() in OUTPUT_CONTAINERS else ".mkv"
-        )
-        return output_name(src.stem, scale, method, suffix=suffix)
+        return output_name(src.stem, scale, method, suffix=video_output_suffix(src))
 
     if output is None:
         return [src.with_name(name(src)) for src in inputs]

@@ -19,6 +19,7 @@ from .options import (
     VideoOptions,
     is_video,
     output_container,
+    video_output_suffix,
 )
 from .parts import parts_folder
 from .probe import Encoding, VideoInfo, plan_encoding, probe
@@ -40,6 +41,7 @@ __all__ = [
     "check_video_options",
     "is_video",
     "output_container",
+    "video_output_suffix",
     "parts_folder",
     "plan_encoding",
     "probe",

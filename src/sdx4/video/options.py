@@ -140,3 +140,9 @@ def output_container(path: str | Path) -> str:
             f"{path}: a video output must end in {', '.join(OUTPUT_CONTAINERS)} (AVI is read, not written)"
         )
     return fmt
+
+
+def video_output_suffix(path: str | Path) -> str:
+    """The suffix of a video input's output: its own when sdx4 writes it, else .mkv (an .avi input)."""
+    suffix = Path(path).suffix.lower()
+    return suffix if suffix in OUTPUT_CONTAINERS else ".mkv"
