@@ -27,7 +27,7 @@ def frame_pixels(i: int, h: int = 32, w: int = 48, static: bool = False) -> np.n
 
 
 def make_clip(path: Path, n: int = 6, *, size=(48, 32), pts=None, audio=True, subs=True, rotation=0, static=False,
-              codec="libx264", chapters=True, sizes=None) -> Path:  # fmt: skip
+              codec="libx264", chapters=True, sizes=None, bt709=False) -> Path:  # fmt: skip
     """A small clip: `n` frames (random pixels; `static`: all the same), AAC audio, a subtitle, a chapter."""
     pts = pts if pts is not None else [i * 7500 for i in range(n)]  # 12 fps in 1/90000
     mkv = path.suffix == ".mkv"
@@ -39,6 +39,11 @@ def make_clip(path: Path, n: int = 6, *, size=(48, 32), pts=None, audio=True, su
     v.codec_context.time_base = TB
     if rotation:
         v.set_display_rotation(rotation)
+    if bt709:  # tagged BT.709 (matrix, primaries, transfer), limited range
+        for key in ("colorspace", "color_primaries", "color_trc"):
+            setattr(v.codec_context, key, 1)
+        v.codec_context.color_range = 1
+    out.metadata["title"] = "a test clip"
     a = s = None
     if audio:
         a = out.add_stream("aac", rate=16000)
@@ -122,10 +127,11 @@ LOSSLESS = VideoOptions(codec="ffv1", chunk_frames=2)
 def test_a_clip_keeps_its_frames_timestamps_audio_subtitles_chapters_and_rotation(
     tmp_path,
 ):
-    src = make_clip(tmp_path / "clip.mp4", 5, rotation=90)
+    src = make_clip(tmp_path / "clip.mp4", 5, rotation=90, bt709=True)
     report = video.upscale_video(
         None, src, tmp_path / "out.mp4", BICUBIC, VideoOptions(chunk_frames=2)
     )
+    assert report.flicker is not None and report.flicker["frames"] == 5  # FlickerMeter
     assert (report.frames, report.chunks, report.output_size) == (5, 3, (192, 128))
     out = decoded(tmp_path / "out.mp4")
     assert [p for p, _, _ in out] == [0, 7500, 15000, 22500, 30000]
@@ -134,6 +140,9 @@ def test_a_clip_keeps_its_frames_timestamps_audio_subtitles_chapters_and_rotatio
         assert c.streams.video[0].time_base == TB
         assert [s.type for s in c.streams][:3] == ["video", "audio", "subtitle"]
         assert c.chapters()[0]["metadata"]["title"] == "one"
+        assert c.metadata["title"] == "a test clip"
+        first = next(c.decode(video=0))
+        assert (first.colorspace, first.color_primaries, first.color_trc) == (1, 1, 1)
         tag = json.loads(c.metadata["sdx4"])
     assert (tag["method"], tag["frames"], tag["codec"], tag["input_size"]) == (
         "bicubic",
@@ -290,10 +299,24 @@ def test_a_killed_cli_run_continues(tmp_path):
         if m.exists() and len(json.loads(m.read_text())["chunks"]) >= 2:
             break
         time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: exit 130 with the hint, chunks kept
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and b"run the same command again to continue" in err
+    assert len(json.loads((parts / "manifest.json").read_text())["chunks"]) >= 2
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], env=env, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 60
+    while (
+        time.time() < deadline
+    ):  # the second run continues; killed (-9) after 2 more chunks
+        if len(json.loads((parts / "manifest.json").read_text())["chunks"]) >= 4:
+            break
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = json.loads((parts / "manifest.json").read_text())["chunks"]
-    assert 2 <= len(done) < 6 and not dst.exists()
+    assert 4 <= len(done) < 6 and not dst.exists()
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
     assert f"{len(done)} of 6 chunks from an earlier run" in r.stderr
@@ -542,3 +565,20 @@ def test_a_folder_run_takes_a_video_and_an_image(tmp_path, rng_image):
         "20",
     )
     assert r.returncode == 2 and "--crf only applies to video INPUTs" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("suffix", "codec", "decoder"),
+    [(".webm", None, "vp9"), (".mkv", "h265", "hevc"), (".mp4", "av1", None)],
+)
+def test_each_output_codec_encodes_and_decodes(tmp_path, suffix, codec, decoder):
+    src = make_clip(tmp_path / "clip.mp4", 3, audio=False, subs=False)
+    dst = tmp_path / f"out{suffix}"
+    opts = VideoOptions(codec=codec, chunk_frames=2)
+    report = video.upscale_video(None, src, dst, BICUBIC, opts)
+    assert report.metadata["codec"] == (codec or "vp9")
+    with av.open(str(dst)) as c:
+        name = c.streams.video[0].codec_context.name
+        frames = [f.to_ndarray(format="rgb24").shape for f in c.decode(video=0)]
+    assert frames == [(128, 192, 3)] * 3
+    assert name in ((decoder,) if decoder else ("av1", "libdav1d", "libaom-av1"))

@@ -41,10 +41,10 @@ __all__ = [
     "check_video_options",
     "is_video",
     "output_container",
-    "video_output_suffix",
     "parts_folder",
     "plan_encoding",
     "probe",
     "read_video_metadata",
     "upscale_video",
+    "video_output_suffix",
 ]

@@ -86,7 +86,10 @@ def assemble(
         with av.open(str(tmp), "w", format=enc.container, container_options=options) as out, \
                 av.open(info.path, metadata_errors="replace") as src:  # fmt: skip
             with av.open(str(chunks[0][0])) as first:
-                video = out.add_stream_from_template(first.streams.video[0])
+                # opaque: the chunk's own codec context (a decoder such as libdav1d has no encoder of that name)
+                video = out.add_stream_from_template(
+                    first.streams.video[0], opaque=True
+                )
             video.metadata.update(_stream_tags(src.streams.video[0]))
             if info.rotation:
                 video.set_display_rotation(info.rotation)

@@ -85,6 +85,7 @@ class ChunkWriter:
         #: list that moves its timestamps by a rounding error) and moved back by `offset` when assembled.
         #: Matroska/WebM (milliseconds) keep the source pts (0): two roundings could be 1 ms off.
         self.offset: int | None = None
+        self.last_dts: int | None = None
 
     def add(self, rgb: np.ndarray, pts: int) -> None:
         """Encode one upscaled frame (H,W,3 uint8; padded here to the encoded size) with its source pts."""
@@ -104,11 +105,23 @@ class ChunkWriter:
             self.offset = pts if self.enc.container in ("mp4", "mov") else 0
         frame.pts = pts - self.offset
         frame.time_base = self.time_base
-        self.container.mux(self.stream.encode(frame))
+        self._mux(self.stream.encode(frame))
         self.frames += 1
 
+    def _mux(self, packets: list[Any]) -> None:
+        """Mux the encoder's packets; a decode timestamp past its pts (libx265 gives garbage for the
+        last frame of a short stream) is set to the pts, and kept above the one before."""
+        for p in packets:
+            if p.pts is not None and (p.dts is None or p.dts > p.pts):
+                p.dts = (
+                    p.pts if self.last_dts is None else max(p.pts, self.last_dts + 1)
+                )
+            if p.dts is not None:
+                self.last_dts = p.dts
+            self.container.mux(p)
+
     def finish(self) -> None:
-        self.container.mux(self.stream.encode(None))
+        self._mux(self.stream.encode(None))
         self.container.close()
         with open(self.tmp, "rb") as f:
             os.fsync(f.fileno())

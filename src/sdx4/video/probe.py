@@ -133,14 +133,9 @@ def probe(path: str | Path) -> VideoInfo:
             raise VideoInputError(
                 f"{path}: {w}x{h} = {w * h / 1e6:.0f} MP is over the {MAX_INPUT_PIXELS / 1e6:.0f} MP input limit"
             )
-        rotation = int(first.rotation or 0)
-        if (
-            not rotation and "rotate" in stream.metadata
-        ):  # old files: a tag instead of a display matrix
-            try:
-                rotation = -int(stream.metadata["rotate"]) % 360  # the tag is clockwise
-            except ValueError:
-                rotation = 0
+        rotation = int(
+            first.rotation or 0
+        )  # the display matrix (FFmpeg turns an old "rotate" tag into one)
         color = {
             k: int(getattr(first, k) or getattr(ctx, k) or 0)
             for k in ("color_range", "colorspace", "color_primaries", "color_trc")
