@@ -40,8 +40,16 @@ def make_clip(path: Path, frames: int, size: int, seed: int = 0) -> Path:
         s.width = s.height = size
         s.pix_fmt = "yuv420p"
         for i in range(frames):
-            base = np.stack([0.5 + 0.4 * np.sin(6 * xx + 2 * c + 3 * yy * (c + 1) + 0.2 * i) for c in range(3)], -1)
-            img = (np.clip(base + rng.normal(0, 0.03, base.shape), 0, 1) * 255).astype(np.uint8)
+            base = np.stack(
+                [
+                    0.5 + 0.4 * np.sin(6 * xx + 2 * c + 3 * yy * (c + 1) + 0.2 * i)
+                    for c in range(3)
+                ],
+                -1,
+            )
+            img = (np.clip(base + rng.normal(0, 0.03, base.shape), 0, 1) * 255).astype(
+                np.uint8
+            )
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             frame.pts, frame.time_base = i, Fraction(1, 24)
             out.mux(s.encode(frame))
@@ -56,13 +64,27 @@ def decoded_frames(path: Path) -> list[Any]:
         return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
 
 
-def run_method(method: str, upscaler: Any, clip: Path, work: Path, options: Any, reps: int, chunk: int) -> dict[str, Any]:
+def run_method(
+    method: str,
+    upscaler: Any,
+    clip: Path,
+    work: Path,
+    options: Any,
+    reps: int,
+    chunk: int,
+) -> dict[str, Any]:
     import sdx4
-    import sdx4.video as video
+    from sdx4 import video
 
     frames = decoded_frames(clip)
-    call = (lambda im: upscaler(im, options)) if upscaler is not None else (lambda im: sdx4.upscale(im, options))
-    call(frames[0])  # warm-up (first-call costs: kernels, prompt encoding) outside both timings
+    call = (
+        (lambda im: upscaler(im, options))
+        if upscaler is not None
+        else (lambda im: sdx4.upscale(im, options))
+    )
+    call(
+        frames[0]
+    )  # warm-up (first-call costs: kernels, prompt encoding) outside both timings
     image_s, video_s, model_s = [], [], []
     for rep in range(reps):
         t0 = time.perf_counter()
@@ -71,7 +93,9 @@ def run_method(method: str, upscaler: Any, clip: Path, work: Path, options: Any,
         image_s.append(time.perf_counter() - t0)
         dst = work / f"{method}-{rep}.mp4"
         t0 = time.perf_counter()
-        report = video.upscale_video(upscaler, clip, dst, options, video.VideoOptions(chunk_frames=chunk))
+        report = video.upscale_video(
+            upscaler, clip, dst, options, video.VideoOptions(chunk_frames=chunk)
+        )
         video_s.append(time.perf_counter() - t0)
         model_s.append(report.upscale_seconds)
         assert report.frames == len(frames)
@@ -87,23 +111,41 @@ def run_method(method: str, upscaler: Any, clip: Path, work: Path, options: Any,
         "image_fps": round(len(frames) / img, 3),
         "video_fps": round(len(frames) / vid, 3),
         "overhead": round(overhead, 4),  # (best video - best image) / best image
-        "within_5pct": overhead <= MAX_OVERHEAD if method != "bicubic" else None,  # classical: nothing to hide it
+        "within_5pct": overhead <= MAX_OVERHEAD
+        if method != "bicubic"
+        else None,  # classical: nothing to hide it
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny random model, 4 frames of 32 px, 1 step, 1 rep")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny random model, 4 frames of 32 px, 1 step, 1 rep",
+    )
     p.add_argument("--frames", type=int, default=24)
-    p.add_argument("--size", type=int, default=64, help="frame side in pixels (output is 4x)")
+    p.add_argument(
+        "--size", type=int, default=64, help="frame side in pixels (output is 4x)"
+    )
     p.add_argument("--steps", type=int, default=5, help="sd denoising steps per frame")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--chunk-frames", type=int, default=12)
     p.add_argument("--methods", default="bicubic,realesrgan,sd")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "video.json"))
+    p.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "video.json")
+    )
     args = p.parse_args(argv)
     if args.smoke:
-        args.frames, args.size, args.steps, args.reps, args.chunk_frames = 4, 32, 1, 1, 2
+        args.frames, args.size, args.steps, args.reps, args.chunk_frames = (
+            4,
+            32,
+            1,
+            1,
+            2,
+        )
 
     import sdx4
 
@@ -114,18 +156,29 @@ def main(argv: list[str] | None = None) -> int:
         clip = make_clip(work / "clip.mp4", args.frames, args.size)
         for method in methods:
             if method not in sdx4.METHODS:
-                rows.append({"method": method, "skipped": f"this sdx4 has no method {method!r}"})
+                rows.append(
+                    {"method": method, "skipped": f"this sdx4 has no method {method!r}"}
+                )
                 print(f"{method}: skipped (not a method of this sdx4)")
                 continue
             upscaler = None
             options = sdx4.UpscaleOptions(method=method, seed=1)
             if method == "sd":
-                from sdx4.model.random_model import build_random_model, cached_random_model
+                from sdx4.model.random_model import (
+                    build_random_model,
+                    cached_random_model,
+                )
 
-                model = build_random_model(work / "tiny", "tiny") if args.smoke else cached_random_model("full")
+                model = (
+                    build_random_model(work / "tiny", "tiny")
+                    if args.smoke
+                    else cached_random_model("full")
+                )
                 upscaler = sdx4.load(str(model), device="cpu", dtype="fp32")
                 options = options.replace(steps=args.steps)
-            row = run_method(method, upscaler, clip, work, options, args.reps, args.chunk_frames)
+            row = run_method(
+                method, upscaler, clip, work, options, args.reps, args.chunk_frames
+            )
             rows.append(row)
             print(f"{method}: image path {row['image_fps']} fps, video path {row['video_fps']} fps, "
                   f"overhead {100 * row['overhead']:.1f}%" + ("" if row["within_5pct"] is None else
@@ -134,8 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "video",
         "smoke": args.smoke,
         "sdx4_version": sdx4.__version__,
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": sys.version.split()[0]},
-        "settings": {k: getattr(args, k) for k in ("frames", "size", "steps", "reps", "chunk_frames")},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "python": sys.version.split()[0],
+        },
+        "settings": {
+            k: getattr(args, k)
+            for k in ("frames", "size", "steps", "reps", "chunk_frames")
+        },
         "sd_model": "tiny random" if args.smoke else "full-size random (fp32)",
         "rows": rows,
     }

@@ -378,7 +378,7 @@ def test_a_frame_over_the_pixel_limit_is_refused(tmp_path, monkeypatch):
     src = make_clip(tmp_path / "clip.mp4", 2)
     import sys
 
-    monkeypatch.setattr(sys.modules["sdx4.video.probe"], "MAX_INPUT_PIXELS", 1000)
+    monkeypatch.setattr(sys.modules["sdx4.video.checks"], "MAX_INPUT_PIXELS", 1000)
     with pytest.raises(
         VideoInputError, match="48x32 = 0 MP is over the 0 MP input limit"
     ):
@@ -582,3 +582,31 @@ def test_each_output_codec_encodes_and_decodes(tmp_path, suffix, codec, decoder)
         frames = [f.to_ndarray(format="rgb24").shape for f in c.decode(video=0)]
     assert frames == [(128, 192, 3)] * 3
     assert name in ((decoder,) if decoder else ("av1", "libdav1d", "libaom-av1"))
+
+
+def test_the_video_benchmark_smoke_run_reports_both_paths(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    out = tmp_path / "video.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "video.py"), "--smoke"]
+    proc = subprocess.run(
+        [*cmd, "--methods", "bicubic,nosuch", "--out", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={
+            "PYTHONPATH": str(root / "src"),
+            "HF_HUB_OFFLINE": "1",
+            "PATH": "/usr/bin:/bin",
+        },
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    bicubic, nosuch = report["rows"]
+    assert report["smoke"] and bicubic["frames"] == 4 and bicubic["within_5pct"] is None
+    assert bicubic["image_fps"] > 0 and bicubic["video_fps"] > 0
+    assert len(bicubic["video_path_s"]) == 1 and "overhead" in bicubic
+    assert nosuch == {"method": "nosuch", "skipped": "this sdx4 has no method 'nosuch'"}

@@ -10,6 +10,7 @@ chapters, timestamps, rotation and colour tags (`sdx4 upscale clip.mp4 -o clip_x
 Needs PyAV: pip install -e ".[video]" (imported only when a clip is opened). Front ends import from here only.
 """
 
+from .checks import Encoding, VideoInfo, plan_encoding, probe
 from .errors import VIDEO_EXTRA, VideoCancelled, VideoInputError, VideoMissingError
 from .options import (
     OUTPUT_CONTAINERS,
@@ -22,7 +23,6 @@ from .options import (
     video_output_suffix,
 )
 from .parts import parts_folder
-from .probe import Encoding, VideoInfo, plan_encoding, probe
 from .run import VideoReport, check_video_options, read_video_metadata, upscale_video
 
 __all__ = [

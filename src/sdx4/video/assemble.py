@@ -11,8 +11,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from .checks import Encoding, VideoInfo
 from .errors import require_av
-from .probe import Encoding, VideoInfo
 
 #: Container-level tags of the source that describe the old file, not the new one.
 _DROPPED_TAGS = {

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from .checks import Encoding, VideoInfo, sws_colorspace, sws_range
 from .errors import VideoInputError, require_av
-from .probe import Encoding, VideoInfo, sws_colorspace, sws_range
 
 
 def decode_frames(info: VideoInfo) -> Iterator[tuple[int, Any, np.ndarray]]:

@@ -20,6 +20,7 @@ from .._version import __version__
 from ..metadata import VERSION_KEY
 from ..options import OptionsError, UpscaleOptions
 from .assemble import assemble
+from .checks import Encoding, VideoInfo, plan_encoding, probe
 from .errors import VideoCancelled, VideoInputError
 from .frames import ChunkWriter, decode_frames
 from .options import VideoOptions
@@ -35,7 +36,6 @@ from .parts import (
     remove_folder,
     write_json_atomic,
 )
-from .probe import Encoding, VideoInfo, plan_encoding, probe
 
 #: Per-frame keys of an image's metadata that make no sense for a whole clip.
 _PER_FRAME_KEYS = (
