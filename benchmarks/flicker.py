@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import sdx4
-    from sdx4.video import TEMPORAL_MODES, upscale_animation
+    from sdx4.video import ANIMATION_TEMPORAL_MODES, upscale_animation
 
     work = Path(tempfile.mkdtemp(prefix="sdx4-flicker-"))
     frames = moving_texture(args.frames, args.size, args.shift, args.seed)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         upscaler = sdx4.load(model)
     rows = []
     for method in methods:
-        for temporal in TEMPORAL_MODES:
+        for temporal in ANIMATION_TEMPORAL_MODES:
             opts = sdx4.UpscaleOptions(method=method, steps=args.steps, seed=args.seed)
             t0 = time.perf_counter()
             result = upscale_animation(upscaler if method == "sd" else None, src, work / f"{method}-{temporal}.png",

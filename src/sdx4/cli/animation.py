@@ -36,6 +36,14 @@ def add_animation_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def refuse_temporal(args: argparse.Namespace, what: str) -> None:
+    """--temporal is for animations: refused (not ignored) for `what` (a video INPUT, a folder)."""
+    if getattr(args, "temporal", "none") != "none":
+        raise UsageError(
+            f"--temporal only applies to animated GIF/WebP/APNG INPUTs, not {what}"
+        )
+
+
 def animated_inputs(args: argparse.Namespace) -> bool:
     """Whether this run's inputs are animations (then `cmd_animation` runs it). A mix of animations and
     still images is refused: run them separately, or as a folder."""

@@ -65,6 +65,9 @@ def register(sub: Any) -> None:
     )
 
     add_batch_args(up)
+    from .video import add_video_args  # video INPUTs (sdx4.video, cli/video.py)
+
+    add_video_args(up)
     from .animation import add_animation_args  # animated inputs (cli/animation.py)
 
     add_animation_args(up)
@@ -168,7 +171,13 @@ def read_input(src: Path) -> LoadedImage:
 
 def cmd_upscale(args: argparse.Namespace) -> int:
     from .batch import cmd_batch, is_batch
+    from .video import cmd_video, is_video_run
 
+    from .animation import refuse_temporal
+
+    if is_video_run(args):  # video INPUTs: sdx4.video (streamed, resumable chunks); video flags need them
+        refuse_temporal(args, "a video INPUT")
+        return cmd_video(args)
     if is_batch(args):  # a folder INPUT: the batch runner takes over (manifest, resume, Ray)
         return cmd_batch(args)
     from .animation import animated_inputs, cmd_animation
