@@ -250,7 +250,10 @@ SERVER_ROWS = [
     Http("not an image", post(image=b"this is not an image at all"), 415, r"cat\.png: not a supported image; send one of PNG, JPEG"),
     Http("empty upload", post(image=b""), 422, r"cat\.png: empty file \(0 bytes\)"),
     Http("truncated PNG upload", post(image=png_bytes()[:60]), 422, r"cat\.png: .*cannot decode the image"),
-    Http("animated GIF upload", post(image=animated_gif_bytes()), 422, r"cat\.png: an animated image with 3 frames"),
+    Http("video upload to a server without --allow-video", post(image=bytes(64), ctype="video/mp4"), 415,
+         r"cat\.png: a video; this server does not take videos \(start it with sdx4 serve --allow-video\)"),
+    Http("animated GIF over max_video_frames", post(image=animated_gif_bytes()), 413,
+         r"cat\.png: 3 frames is over the limit of 2 frames", settings={"max_video_frames": 2}),
     Http("upload whose content type is not an image", post(ctype="text/plain"), 415,
          r"content type 'text/plain' is not an image"),
     Http("unknown form field", post({"steps": "2", "stepz": "2"}), 422, r"unknown field 'stepz'"),
@@ -291,7 +294,8 @@ ROWS = [*CLI_ROWS, *BATCH_ROWS, *SERVER_ROWS, *API_ROWS]
 
 # The field each server row's JSON names ("field": null for the rest: the API key, an unknown job).
 SERVER_FIELDS = {"wrong Host header": "host", "foreign Origin": "origin", "upload too large": "image",
-                 "empty upload": "image", "truncated PNG upload": "image", "animated GIF upload": "image",
+                 "empty upload": "image", "truncated PNG upload": "image", "video upload to a server without --allow-video": "image",
+                 "animated GIF over max_video_frames": "image",
                  "upload whose content type is not an image": "image", "unknown form field": "stepz",
                  "not an image": "image", "too many pixels": "image", "a side over max_side": "image",
                  "aspect over max_aspect": "image", "job over max_job_cost": "image",

@@ -279,15 +279,15 @@ def test_animated_inputs_are_upscaled_frame_by_frame_by_the_cli_in_their_own_for
         assert (im.format, im.n_frames, im.size) == ("GIF", 2, (32, 24))
 
 
-def test_animated_uploads_are_refused_with_422(tmp_path):
-    from sdx4.service.requests import ApiError, ServerSettings, decode_upload
+def test_animated_uploads_become_animation_jobs_not_a_first_frame(tmp_path):
+    from sdx4.service.requests import ServerSettings
+    from sdx4.service.media import media_upload
 
     buf = io.BytesIO()
     first, *rest = _frames(4)
     first.save(buf, format="GIF", save_all=True, append_images=rest)
-    with pytest.raises(ApiError) as e:
-        decode_upload(buf.getvalue(), ServerSettings(), num_images=1, name="up.gif")
-    assert e.value.status == 422 and "up.gif: an animated image with 4 frames" in e.value.detail
+    media = media_upload(buf.getvalue(), "image/gif", "up.gif", sdx4.UpscaleOptions(), ServerSettings())
+    assert (media.kind, media.frames, media.size, media.suffix) == ("animation", 4, (8, 6), ".gif")
 
 
 def test_folder_runs_record_animated_inputs_with_the_reason_and_go_on(tmp_path, rng_image):
