@@ -79,7 +79,8 @@ def test_a_gif_round_trip_keeps_frames_durations_loop_and_disposal(tmp_path):
     assert (result.frames, result.size) == (4, (64, 48))
     record = read_animation_metadata(tmp_path / "out.gif")
     assert record["animation"] == {
-        "format": "GIF", "frames": 4, "durations_ms": [50, 60, 70, 80], "loop": 2, "seed_per_frame": "same",
+        "format": "GIF", "output_format": "GIF", "frames": 4, "durations_ms": [50, 60, 70, 80], "loop": 2,
+        "seed_per_frame": "same",
     }  # fmt: skip
     assert record["flicker"] == result.flicker and record["flicker"]["frames"] == 4
     assert record["method"] == "bicubic" and record["input"] == "anim.gif"

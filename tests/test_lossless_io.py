@@ -290,21 +290,28 @@ def test_animated_uploads_become_animation_jobs_not_a_first_frame(tmp_path):
     assert (media.kind, media.frames, media.size, media.suffix) == ("animation", 4, (8, 6), ".gif")
 
 
-def test_folder_runs_record_animated_inputs_with_the_reason_and_go_on(tmp_path, rng_image):
+def test_folder_runs_upscale_animated_inputs_frame_by_frame_into_an_animated_png(tmp_path, rng_image):
     from sdx4.batch import BatchJob, run_batch
 
     (tmp_path / "in").mkdir()
     first, *rest = _frames(2)
-    first.save(tmp_path / "in" / "anim.gif", save_all=True, append_images=rest)
+    first.save(tmp_path / "in" / "anim.gif", save_all=True, append_images=rest, duration=[80, 120], loop=0)
     _photo(rng_image).save(tmp_path / "in" / "still.png")
     job = BatchJob(tmp_path / "in", tmp_path / "out", sdx4.UpscaleOptions(method="nearest"))
     run_batch(job)
     records = {r["input"]: r for r in map(json.loads, job.manifest_path.read_text().splitlines()) if "input" in r}
     assert records["still.png"]["status"] == "ok"
-    assert records["anim.gif"]["status"] != "ok"
-    assert "anim.gif: an animated image with 2 frames; this call upscales one image" in records["anim.gif"]["error"]
-    assert not (tmp_path / "out" / "anim_x4_nearest.png").exists()
-
+    assert records["anim.gif"]["status"] == "ok", records["anim.gif"]
+    assert records["anim.gif"]["outputs"] == ["anim_x4_nearest.png"]
+    with Image.open(tmp_path / "out" / "anim_x4_nearest.png") as im:
+        assert (im.format, im.n_frames, im.size) == ("PNG", 2, (32, 24))
+        durations = []
+        for i in range(2):
+            im.seek(i)
+            durations.append(im.info["duration"])
+    assert durations == [80, 120]
+    record = sdx4.read_metadata(tmp_path / "out" / "anim_x4_nearest.png")["animation"]
+    assert (record["format"], record["output_format"], record["frames"]) == ("GIF", "PNG", 2)
 
 def test_a_grey_profile_stays_with_a_grey_output_and_is_not_put_on_an_rgb_one(tmp_path, rng_image):
     assert ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(GREY_PROFILE))).strip() == (

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..imageio import ImageInputError, decode_image, save_image
+from ..imageio import ImageInputError, decode_image, is_animated, save_image
 from ..metadata import manifest_record, saved_metadata
 from ..options import OptionsError
 from .job import ESCAPED_KEY, BatchItem, Status, is_escaped, shown_name
@@ -110,6 +110,9 @@ def read_item(item: BatchItem, input_dir: Path, output_dir: Path | None = None) 
         return read_video_item(item, input_dir, output_dir, t0)
     try:
         data, stamp = read_input(input_dir / item.input, name)
+        if output_dir is not None and item.outputs and is_animated(data):  # every frame, in the upscale stage
+            image = AnimationSource(input_dir / item.input, output_dir / item.outputs[0])
+            return Loaded(item, image=image, timings={"read": _secs(t0)}, stamp=stamp)
         image = decode_image(data, name)
     except ImageInputError as e:
         return Loaded(item, error=str(e), timings={"read": _secs(t0)}, stamp=stamp)
@@ -124,6 +127,8 @@ def upscale_item(loaded: Loaded, upscaler: Any) -> Done:
         return Done(loaded.item, error=loaded.error, timings=loaded.timings, stamp=loaded.stamp)
     if isinstance(loaded.image, VideoSource):
         return upscale_video_item(loaded, upscaler)
+    if isinstance(loaded.image, AnimationSource):
+        return upscale_animation_item(loaded, upscaler)
     t0 = time.perf_counter()
     opts = loaded.item.options
     try:
@@ -278,3 +283,35 @@ def upscale_video_item(loaded: Loaded, upscaler: Any) -> Done:
         return Done(loaded.item, error=error, timings=loaded.timings, stamp=loaded.stamp)
     timings = {**loaded.timings, "upscale": _secs(t0)}
     return Done(loaded.item, result=VideoDone(report.metadata), timings=timings, stamp=loaded.stamp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Animated GIF/WebP/APNG in a folder: one item each, every frame upscaled by sdx4.video in the upscale stage;
+# written under the item's usual output name NAME_x4.png, as an animated PNG (APNG)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnimationSource:
+    """An animated item after the read stage: where it is and where its output goes."""
+
+    src: Path
+    dst: Path
+
+
+def upscale_animation_item(loaded: Loaded, upscaler: Any) -> Done:
+    """Upscale an animation item straight into its output (atomic); its failure becomes its error."""
+    from ..video import upscale_animation
+
+    source: AnimationSource = loaded.image
+    opts = loaded.item.options
+    t0 = time.perf_counter()
+    try:
+        source.dst.parent.mkdir(parents=True, exist_ok=True)
+        result = upscale_animation(upscaler if opts.method == "sd" else None, source.src, source.dst, opts,
+                                   overwrite=True, name=shown_name(loaded.item.input))  # fmt: skip
+    except (ImageInputError, OptionsError, RuntimeError, ValueError, MemoryError, OSError) as e:
+        error = f"{shown_name(loaded.item.input)}: {type(e).__name__}: {printable(str(e))}"
+        return Done(loaded.item, error=error, timings=loaded.timings, stamp=loaded.stamp)
+    timings = {**loaded.timings, "upscale": _secs(t0)}
+    return Done(loaded.item, result=VideoDone(result.metadata), timings=timings, stamp=loaded.stamp)

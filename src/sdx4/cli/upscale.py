@@ -179,6 +179,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         refuse_temporal(args, "a video INPUT")
         return cmd_video(args)
     if is_batch(args):  # a folder INPUT: the batch runner takes over (manifest, resume, Ray)
+        refuse_temporal(args, "a folder (its animations are upscaled frame by frame, same seed, no temporal treatment)")
         return cmd_batch(args)
     from .animation import animated_inputs, cmd_animation
 

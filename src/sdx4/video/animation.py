@@ -26,6 +26,7 @@ from ..imageio import (
     ImageInputError,
     check_animation_path,
     iter_frames,
+    output_animation_format,
     probe_animation,
     write_animation,
     write_atomic,
@@ -141,7 +142,10 @@ def upscale_animation(
         **first_meta,
         "seconds": round(time.perf_counter() - t0, 3),
         "animation": {
-            "format": info.format,
+            "format": info.format,  # the input's
+            "output_format": Path(dst).suffix.lstrip(".").upper()
+            if kind == "video"
+            else output_animation_format(dst),
             "frames": info.frames,
             "durations_ms": list(info.durations),
             "loop": info.loop,
