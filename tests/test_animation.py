@@ -202,7 +202,7 @@ def test_the_gif_palette_is_computed_over_all_frames_and_stays_close_to_the_upsc
     got = _read_frames(tmp_path / "out.gif")
     for frame, out in zip(frames, got, strict=True):
         err = np.abs(out[..., :3].astype(float) - _bicubic(frame)).mean()
-        assert err < 6, err  # 256 dithered colours over both gradients
+        assert err < 6, err  # 256 colours over both gradients
     quantized, transparency = gif_frames([Image.fromarray(_bicubic(f)) for f in frames])
     assert transparency is None and [q.mode for q in quantized] == ["P", "P"]
     assert (

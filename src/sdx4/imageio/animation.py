@@ -13,8 +13,10 @@ blend "source". Pillow's GIF and APNG writers and libwebp merge identical consec
 whose duration is the sum: the animation plays the same (a wholly static one becomes a single frame).
 
 GIF holds 256 colours: ONE palette is built over all output frames (a mosaic of them, median cut), and
-every frame is mapped onto it with Floyd-Steinberg dithering. One palette keeps a colour from jumping
-between frames (per-frame palettes flicker); transparency takes palette index 255 where alpha < 128.
+every frame is mapped onto it WITHOUT dithering. Measured on a panning texture (8 frames, 192 px, bicubic;
+FlickerMeter, lossless frames 1.04): per-frame palettes (Pillow's default) flicker 2.14 with a mean error of
+3.75 grey levels, one palette dithered 3.46 / 4.93, one palette undithered 1.20 / 4.04: dither patterns
+and per-frame palettes both change from frame to frame. Transparency takes index 255 where alpha < 128.
 
 Memory: inputs are decoded one frame at a time, but the upscaled frames are held until the file is written
 (Pillow's writers compare each frame with the previous ones): MAX_ANIMATION_FRAMES frames and
@@ -259,7 +261,7 @@ def check_animation_path(path: str | os.PathLike[str], overwrite: bool) -> Path:
 
 
 def gif_frames(frames: list[Image.Image]) -> tuple[list[Image.Image], int | None]:
-    """RGB/RGBA frames -> P frames on ONE palette computed over all of them (Floyd-Steinberg dithered);
+    """RGB/RGBA frames -> P frames on ONE palette computed over all of them (undithered: module docstring);
     returns (frames, transparency index or None)."""
     alpha = any(
         f.mode == "RGBA" and f.getchannel("A").getextrema()[0] < 128 for f in frames
@@ -281,9 +283,7 @@ def gif_frames(frames: list[Image.Image]) -> tuple[list[Image.Image], int | None
     palette = mosaic.quantize(colours, method=Image.Quantize.MEDIANCUT)
     out = []
     for frame in frames:
-        p = frame.convert("RGB").quantize(
-            palette=palette, dither=Image.Dither.FLOYDSTEINBERG
-        )
+        p = frame.convert("RGB").quantize(palette=palette, dither=Image.Dither.NONE)
         if alpha and frame.mode == "RGBA":
             clear = frame.getchannel("A").point(lambda a: 255 if a < 128 else 0)
             p.paste(255, mask=clear)
