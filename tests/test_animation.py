@@ -534,3 +534,71 @@ def test_temporal_flow_gives_no_blending_across_a_cut():
         np.abs(np.asarray(blended[1], float) - np.asarray(frames[1], float)).mean()
         < 1.5
     )
+
+
+def test_temporal_is_refused_for_folders_and_videos_rather_than_ignored(
+    tmp_path, capsys
+):
+    (tmp_path / "in").mkdir()
+    _frames(1)[0].save(tmp_path / "in" / "a.png")
+    assert (
+        cli.main(
+            [
+                "upscale",
+                str(tmp_path / "in"),
+                "--method",
+                "bicubic",
+                "--temporal",
+                "flow",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "--temporal only applies to animated GIF/WebP/APNG INPUTs, not a folder"
+        in capsys.readouterr().err
+    )
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    assert (
+        cli.main(
+            [
+                "upscale",
+                str(tmp_path / "clip.mp4"),
+                "--method",
+                "bicubic",
+                "--temporal",
+                "flow",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "--temporal only applies to animated GIF/WebP/APNG INPUTs, not a video INPUT"
+        in capsys.readouterr().err
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "in"]
+
+
+def test_the_flicker_benchmark_runs_and_reports_every_temporal_mode(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "flicker_bench", Path(__file__).parents[1] / "benchmarks" / "flicker.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    assert (
+        bench.main(
+            ["--methods", "bicubic", "--frames", "3", "--size", "16", "--out", str(out)]
+        )
+        == 0
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["temporal"] for r in rows] == ["none", "colorfix", "flow"]
+    assert (
+        rows[0]["ratio"] == 1.0
+        and rows[0]["frames"] == 3
+        and rows[2]["flicker"] <= rows[0]["flicker"]
+    )

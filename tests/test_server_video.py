@@ -258,3 +258,43 @@ def test_bad_video_settings_are_refused_naming_the_setting():
         OptionsError, match="max_video_seconds must be a positive number; got -1"
     ):
         ServerSettings(max_video_seconds=-1)
+
+
+def test_a_running_animation_job_can_be_cancelled_between_frames_and_leaves_no_result(
+    upscaler, tmp_path
+):
+    with _client(upscaler, tmp_path) as c:
+        r = _post(
+            c,
+            _gif(8, (24, 16)),
+            "long.gif",
+            "image/gif",
+            method="sd",
+            steps="2",
+            guidance="1",
+        )
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        for _ in range(1200):
+            snap = c.get(f"/v1/jobs/{job_id}").json()
+            if (
+                snap["state"] == "running"
+                and snap["frames_done"] >= 1
+                or snap["state"] != "queued"
+                and snap["state"] != "running"
+            ):
+                break
+            time.sleep(0.02)
+        assert snap["state"] == "running", (
+            snap
+        )  # 8 frames: still running after the first
+        assert c.delete(f"/v1/jobs/{job_id}").json()["result"] == "cancelling"
+        snap = _wait(c, job_id)
+        assert snap["state"] == "cancelled" and snap["frames_done"] < 8, snap
+        assert c.get(f"/v1/jobs/{job_id}/result").status_code == 409
+    leftovers = [
+        p.name
+        for p in (tmp_path / "results").iterdir()
+        if p.is_file() and p.suffix in (".gif", ".tmp")
+    ]
+    assert leftovers == []
