@@ -602,3 +602,27 @@ def test_the_flicker_benchmark_runs_and_reports_every_temporal_mode(tmp_path):
         and rows[0]["frames"] == 3
         and rows[2]["flicker"] <= rows[0]["flicker"]
     )
+
+
+def test_max_job_cost_counts_every_frame_of_an_animation(
+    tmp_path, tiny_model_dir, capsys
+):
+    frames = _frames(3)
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    argv = [
+        "upscale",
+        str(tmp_path / "a.gif"),
+        "--model",
+        str(tiny_model_dir),
+        "--steps",
+        "2",
+        "--max-job-cost",
+        "0.0001",
+    ]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        "a.gif: --max-job-cost: this animation (3 frames of 16x12) costs" in err
+        and "over the limit of 0.0001" in err
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif"]

@@ -64,6 +64,10 @@ def cmd_animation(args: argparse.Namespace) -> int:
     from .. import video
 
     options = options_from_args(args)
+    if args.max_job_cost is not None and not args.max_job_cost > 0:
+        raise UsageError(
+            f"--max-job-cost must be a positive number of megapixel-steps; got {args.max_job_cost:g}"
+        )
     temporal = getattr(args, "temporal", "none")
     try:
         video.check_animation_options(options, temporal)
@@ -116,6 +120,14 @@ def cmd_animation(args: argparse.Namespace) -> int:
                 upscaler.check(options, info.size)
             except MemoryBudgetError as e:
                 raise UsageError(f"{src}: --max-memory: {e}") from None
+            cost = (
+                upscaler.cost(options, info.size).megapixel_steps * info.frames
+            )  # every frame
+            if args.max_job_cost is not None and cost > args.max_job_cost:
+                raise UsageError(
+                    f"{src}: --max-job-cost: this animation ({info.frames} frames of {info.size[0]}x{info.size[1]}) "
+                    f"costs {cost:.3g} megapixel-steps, over the limit of {args.max_job_cost:g}"
+                )
 
     for src, dst, info in plans:
         bar = _bar(args, src.name, info.frames)
