@@ -210,11 +210,11 @@ def test_the_gif_palette_is_computed_over_all_frames_and_stays_close_to_the_upsc
     )  # one palette for the clip
     reds = {
         tuple(quantized[0].getpalette()[3 * i : 3 * i + 3])
-        for i in set(quantized[0].getdata())
+        for i in np.unique(np.asarray(quantized[0])).tolist()
     }
     blues = {
         tuple(quantized[0].getpalette()[3 * i : 3 * i + 3])
-        for i in set(quantized[1].getdata())
+        for i in np.unique(np.asarray(quantized[1])).tolist()
     }
     assert (
         max(r for r, _, _ in reds) > 200 and max(b for _, _, b in blues) > 200
