@@ -1,5 +1,5 @@
 """Nothing lost silently (issue 22, item 8): what an output keeps of its input (ICC profile, EXIF, grayscale),
-and animated inputs refused rather than cut to their first frame. Through every writer: the API, the CLI,
+and animated inputs never cut to their first frame. Through every writer: the API, the CLI,
 folder runs and the server's results."""
 
 from __future__ import annotations
@@ -254,12 +254,13 @@ def _frames(n=3):
 
 
 @pytest.mark.parametrize("name, fmt", [("a.gif", "GIF"), ("a.webp", "WEBP"), ("a.png", "PNG")])
-def test_animated_inputs_are_refused_naming_the_file_and_the_frame_count(tmp_path, name, fmt):
+def test_animated_inputs_are_refused_by_the_still_image_reader_naming_the_file_frames_and_animation_api(tmp_path, name, fmt):
     first, *rest = _frames(3)
     first.save(tmp_path / name, format=fmt, save_all=True, append_images=rest, duration=100, loop=0)
     with Image.open(tmp_path / name) as im:
         assert im.n_frames == 3  # the test file really is animated
-    with pytest.raises(ImageInputError, match=rf"{name}: an animated image with 3 frames; animations are not supported yet"):
+    with pytest.raises(ImageInputError, match=rf"{name}: an animated image with 3 frames; this call upscales one image: "
+                       r"use sdx4\.video\.upscale_animation"):
         open_image(tmp_path / name)
 
 
@@ -268,40 +269,49 @@ def test_a_single_frame_gif_is_still_read(tmp_path):
     assert open_image(tmp_path / "one.gif").size == (8, 6)
 
 
-def test_animated_inputs_exit_2_in_the_cli_and_write_nothing(tmp_path, capsys):
+def test_animated_inputs_are_upscaled_frame_by_frame_by_the_cli_in_their_own_format(tmp_path, capsys):
     first, *rest = _frames(2)
     first.save(tmp_path / "anim.gif", save_all=True, append_images=rest)
-    assert cli.main(["upscale", str(tmp_path / "anim.gif"), "--method", "bicubic"]) == 2
-    assert "anim.gif: an animated image with 2 frames" in capsys.readouterr().err
+    assert cli.main(["upscale", str(tmp_path / "anim.gif"), "--method", "bicubic"]) == 0
+    assert "anim.gif -> " in capsys.readouterr().err
     assert not (tmp_path / "anim_x4_bicubic.png").exists()
+    with Image.open(tmp_path / "anim_x4_bicubic.gif") as im:
+        assert (im.format, im.n_frames, im.size) == ("GIF", 2, (32, 24))
 
 
-def test_animated_uploads_are_refused_with_422(tmp_path):
-    from sdx4.service.requests import ApiError, ServerSettings, decode_upload
+def test_animated_uploads_become_animation_jobs_not_a_first_frame(tmp_path):
+    from sdx4.service.requests import ServerSettings
+    from sdx4.service.media import media_upload
 
     buf = io.BytesIO()
     first, *rest = _frames(4)
     first.save(buf, format="GIF", save_all=True, append_images=rest)
-    with pytest.raises(ApiError) as e:
-        decode_upload(buf.getvalue(), ServerSettings(), num_images=1, name="up.gif")
-    assert e.value.status == 422 and "up.gif: an animated image with 4 frames" in e.value.detail
+    media = media_upload(buf.getvalue(), "image/gif", "up.gif", sdx4.UpscaleOptions(), ServerSettings())
+    assert (media.kind, media.frames, media.size, media.suffix) == ("animation", 4, (8, 6), ".gif")
 
 
-def test_folder_runs_record_animated_inputs_with_the_reason_and_go_on(tmp_path, rng_image):
+def test_folder_runs_upscale_animated_inputs_frame_by_frame_into_an_animated_png(tmp_path, rng_image):
     from sdx4.batch import BatchJob, run_batch
 
     (tmp_path / "in").mkdir()
     first, *rest = _frames(2)
-    first.save(tmp_path / "in" / "anim.gif", save_all=True, append_images=rest)
+    first.save(tmp_path / "in" / "anim.gif", save_all=True, append_images=rest, duration=[80, 120], loop=0)
     _photo(rng_image).save(tmp_path / "in" / "still.png")
     job = BatchJob(tmp_path / "in", tmp_path / "out", sdx4.UpscaleOptions(method="nearest"))
     run_batch(job)
     records = {r["input"]: r for r in map(json.loads, job.manifest_path.read_text().splitlines()) if "input" in r}
     assert records["still.png"]["status"] == "ok"
-    assert records["anim.gif"]["status"] != "ok"
-    assert "anim.gif: an animated image with 2 frames; animations are not supported yet" in records["anim.gif"]["error"]
-    assert not (tmp_path / "out" / "anim_x4_nearest.png").exists()
-
+    assert records["anim.gif"]["status"] == "ok", records["anim.gif"]
+    assert records["anim.gif"]["outputs"] == ["anim_x4_nearest.png"]
+    with Image.open(tmp_path / "out" / "anim_x4_nearest.png") as im:
+        assert (im.format, im.n_frames, im.size) == ("PNG", 2, (32, 24))
+        durations = []
+        for i in range(2):
+            im.seek(i)
+            durations.append(im.info["duration"])
+    assert durations == [80, 120]
+    record = sdx4.read_metadata(tmp_path / "out" / "anim_x4_nearest.png")["animation"]
+    assert (record["format"], record["output_format"], record["frames"]) == ("GIF", "PNG", 2)
 
 def test_a_grey_profile_stays_with_a_grey_output_and_is_not_put_on_an_rgb_one(tmp_path, rng_image):
     assert ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(GREY_PROFILE))).strip() == (

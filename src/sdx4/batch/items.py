@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..imageio import ImageInputError, decode_image, save_image
+from ..imageio import ImageInputError, decode_image, is_animated, save_image
 from ..metadata import manifest_record, saved_metadata
 from ..options import OptionsError
 from .job import ESCAPED_KEY, BatchItem, Status, is_escaped, shown_name
@@ -101,13 +101,18 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def read_item(item: BatchItem, input_dir: Path) -> Loaded:
+def read_item(item: BatchItem, input_dir: Path, output_dir: Path | None = None) -> Loaded:
     t0 = time.perf_counter()
     # Named by the relative path, so records do not depend on where the folder is mounted.
     name = shown_name(item.input)
     stamp: dict[str, Any] = {}
+    if output_dir is not None and item.outputs and _is_video(item.input):
+        return read_video_item(item, input_dir, output_dir, t0)
     try:
         data, stamp = read_input(input_dir / item.input, name)
+        if output_dir is not None and item.outputs and is_animated(data):  # every frame, in the upscale stage
+            image = AnimationSource(input_dir / item.input, output_dir / item.outputs[0])
+            return Loaded(item, image=image, timings={"read": _secs(t0)}, stamp=stamp)
         image = decode_image(data, name)
     except ImageInputError as e:
         return Loaded(item, error=str(e), timings={"read": _secs(t0)}, stamp=stamp)
@@ -120,6 +125,10 @@ def upscale_item(loaded: Loaded, upscaler: Any) -> Done:
 
     if loaded.error is not None:
         return Done(loaded.item, error=loaded.error, timings=loaded.timings, stamp=loaded.stamp)
+    if isinstance(loaded.image, VideoSource):
+        return upscale_video_item(loaded, upscaler)
+    if isinstance(loaded.image, AnimationSource):
+        return upscale_animation_item(loaded, upscaler)
     t0 = time.perf_counter()
     opts = loaded.item.options
     try:
@@ -215,3 +224,94 @@ def printable(text: str) -> str:
 
 def _secs(t0: float) -> float:
     return round(time.perf_counter() - t0, 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Videos in a folder: one item each, upscaled and written by sdx4.video in the upscale stage
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_video(rel: str) -> bool:
+    from ..video import is_video
+
+    return is_video(rel)
+
+
+@dataclass(frozen=True)
+class VideoSource:
+    """A video item after the read stage: where it is and where its output goes (never read into memory)."""
+
+    src: Path
+    dst: Path
+
+
+@dataclass(frozen=True)
+class VideoDone:
+    """A video item's result in the shape write_item takes: no images to write (sdx4.video wrote the file)."""
+
+    metadata: dict[str, Any]
+    images: tuple[()] = ()
+    icc_profile: None = None
+    exif: None = None
+
+
+def read_video_item(item: BatchItem, input_dir: Path, output_dir: Path, t0: float) -> Loaded:
+    """A video's stamp (size, mtime, sha256 streamed) for resume; the clip itself is checked by sdx4.video."""
+    path = input_dir / item.input
+    name = shown_name(item.input)
+    try:
+        st = os.stat(path)
+        stamp = {"input_bytes": st.st_size, "input_mtime_ns": st.st_mtime_ns, "input_sha256": sha256_file(path)}
+    except OSError as e:
+        return Loaded(item, error=f"{name}: cannot read ({e.strerror or e})", timings={"read": _secs(t0)})
+    return Loaded(item, image=VideoSource(path, output_dir / item.outputs[0]), timings={"read": _secs(t0)}, stamp=stamp)
+
+
+def upscale_video_item(loaded: Loaded, upscaler: Any) -> Done:
+    """Upscale a video item straight into its output (atomic; its chunks in OUTPUT.sdx4-parts/ let a rerun of
+    the folder continue it); its failure becomes its error, not the run's."""
+    from ..video import upscale_video
+
+    source: VideoSource = loaded.image
+    opts = loaded.item.options
+    t0 = time.perf_counter()
+    try:
+        source.dst.parent.mkdir(parents=True, exist_ok=True)
+        report = upscale_video(upscaler if opts.method == "sd" else None, source.src, source.dst, opts)
+    except (ImageInputError, OptionsError, RuntimeError, ValueError, MemoryError, OSError) as e:
+        error = f"{shown_name(loaded.item.input)}: {type(e).__name__}: {printable(str(e))}"
+        return Done(loaded.item, error=error, timings=loaded.timings, stamp=loaded.stamp)
+    timings = {**loaded.timings, "upscale": _secs(t0)}
+    return Done(loaded.item, result=VideoDone(report.metadata), timings=timings, stamp=loaded.stamp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Animated GIF/WebP/APNG in a folder: one item each, every frame upscaled by sdx4.video in the upscale stage;
+# written under the item's usual output name NAME_x4.png, as an animated PNG (APNG)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnimationSource:
+    """An animated item after the read stage: where it is and where its output goes."""
+
+    src: Path
+    dst: Path
+
+
+def upscale_animation_item(loaded: Loaded, upscaler: Any) -> Done:
+    """Upscale an animation item straight into its output (atomic); its failure becomes its error."""
+    from ..video import upscale_animation
+
+    source: AnimationSource = loaded.image
+    opts = loaded.item.options
+    t0 = time.perf_counter()
+    try:
+        source.dst.parent.mkdir(parents=True, exist_ok=True)
+        result = upscale_animation(upscaler if opts.method == "sd" else None, source.src, source.dst, opts,
+                                   overwrite=True, name=shown_name(loaded.item.input))  # fmt: skip
+    except (ImageInputError, OptionsError, RuntimeError, ValueError, MemoryError, OSError) as e:
+        error = f"{shown_name(loaded.item.input)}: {type(e).__name__}: {printable(str(e))}"
+        return Done(loaded.item, error=error, timings=loaded.timings, stamp=loaded.stamp)
+    timings = {**loaded.timings, "upscale": _secs(t0)}
+    return Done(loaded.item, result=VideoDone(result.metadata), timings=timings, stamp=loaded.stamp)

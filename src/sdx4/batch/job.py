@@ -190,4 +190,8 @@ def output_names(rel_input: str, options: UpscaleOptions) -> tuple[str, ...]:
     stem = os.path.splitext(stem)[0]
     n = options.num_images
     names = [output_name(stem, options.scale, options.method, i, n) for i in range(n)]
+    from ..video import is_video, video_output_suffix
+
+    if is_video(rel_input):  # a video's output is one video, in its container (.avi: .mkv)
+        names = [output_name(stem, options.scale, options.method, suffix=video_output_suffix(rel_input))]
     return tuple(f"{parent}/{name}" if parent else name for name in names)

@@ -14,6 +14,7 @@ from typing import Any
 from ..api import local_model_missing
 from ..imageio import is_input_image
 from ..options import OptionsError, option_defaults
+from ..video import is_video
 from .items import file_kind, sha256_file
 from .job import (
     MANIFEST_NAME,
@@ -88,12 +89,12 @@ def scan(input_dir: Path, recursive: bool, exclude: Path | None = None) -> Found
         not_read.append((where.relative_to(input_dir).as_posix() + "/", f"cannot list the folder: {e.strerror or e}"))
     files.sort()
     not_read.sort()
-    images = [f for f in files if is_input_image(f)]
+    images = [f for f in files if is_input_image(f) or is_video(f)]  # a video is an item whose output is a video
     image_stems = {os.path.splitext(f)[0] for f in images}
     others = [
         f
         for f in files
-        if not is_input_image(f)
+        if not (is_input_image(f) or is_video(f))
         and not (Path(f).suffix == SIDECAR_SUFFIX and os.path.splitext(f)[0] in image_stems)
     ]
     return Found(images, others, not_read)
@@ -109,7 +110,7 @@ def _not_readable(path: Path) -> str | None:
         return f"cannot stat it: {e.strerror or e}"
     if not stat.S_ISREG(st.st_mode):
         return f"{file_kind(st.st_mode)}, not a regular file"
-    if is_input_image(path) and not os.access(path, os.R_OK):
+    if (is_input_image(path) or is_video(path)) and not os.access(path, os.R_OK):
         return "permission denied"
     return None
 

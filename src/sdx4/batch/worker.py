@@ -56,7 +56,7 @@ def run_pipeline(
             for item in items:
                 if stop.is_set():
                     break
-                loaded = read_item(item, input_dir)
+                loaded = read_item(item, input_dir, output_dir)
                 while not stop.is_set():
                     try:
                         read_q.put(loaded, timeout=0.1)

@@ -57,6 +57,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-results", type=int, default=100, help="finished jobs kept at most (oldest forgotten first)")
     p.add_argument("--max-result-mb", type=float, default=2048.0, help="MiB of result files kept at most (oldest removed first)")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info", help="server log level")
+    p.add_argument("--allow-video", action="store_true", help="take video uploads as jobs (animated GIF/WebP/APNG are always taken)")
+    p.add_argument("--max-video-seconds", type=float, default=60.0, help="longest video or animation in seconds (413 above)")
+    p.add_argument("--max-video-frames", type=int, default=1800, help="most frames of a video or animation (413 above)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -130,6 +133,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             allowed_hosts=tuple(args.allowed_host),
             allowed_origins=tuple(args.allow_origin),
             expose_paths=args.expose_paths,
+            allow_video=args.allow_video,
+            max_video_seconds=args.max_video_seconds,
+            max_video_frames=args.max_video_frames,
             queue=QueueSettings(
                 max_queue=args.max_queue,
                 result_ttl_s=args.result_ttl,

@@ -66,6 +66,12 @@ def register(sub: Any) -> None:
     )
 
     add_batch_args(up)
+    from .video import add_video_args  # video INPUTs (sdx4.video, cli/video.py)
+
+    add_video_args(up)
+    from .animation import add_animation_args  # animated inputs (cli/animation.py)
+
+    add_animation_args(up)
     up.set_defaults(func=cmd_upscale)
 
 
@@ -172,11 +178,26 @@ def read_input(src: Path) -> LoadedImage:
 
 def cmd_upscale(args: argparse.Namespace) -> int:
     from .batch import cmd_batch, is_batch
+    from .video import cmd_video, is_video_run
 
+    from .animation import refuse_temporal
+
+    if is_video_run(args):  # video INPUTs: sdx4.video (streamed, resumable chunks); video flags need them
+        if args.estimate_only:
+            raise UsageError("--estimate-only takes still image files, not a video")
+        refuse_temporal(args, "a video INPUT")
+        return cmd_video(args)
     if is_batch(args):  # a folder INPUT: the batch runner takes over (manifest, resume, Ray)
         if args.estimate_only:
             raise UsageError("--estimate-only takes image files, not a folder")
+        refuse_temporal(args, "a folder (its animations are upscaled frame by frame, same seed, no temporal treatment)")
         return cmd_batch(args)
+    from .animation import animated_inputs, cmd_animation
+
+    if animated_inputs(args):  # animated GIF/WebP/APNG INPUTs: every frame (cli/animation.py)
+        if args.estimate_only:
+            raise UsageError("--estimate-only takes still image files, not an animation")
+        return cmd_animation(args)
     options = options_from_args(args)
     if args.max_job_cost is not None and not args.max_job_cost > 0:
         raise UsageError(f"--max-job-cost must be a positive number of megapixel-steps; got {args.max_job_cost:g}")

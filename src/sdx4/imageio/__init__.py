@@ -55,6 +55,20 @@ from .write import (
     write_atomic,
     write_image,
 )
+from .animation import (
+    ANIMATION_SUFFIXES,
+    MAX_ANIMATION_FRAMES,
+    MAX_ANIMATION_OUTPUT_PIXELS,
+    AnimationInfo,
+    VIDEO_OUTPUT_SUFFIXES,
+    check_animation_path,
+    is_animated,
+    iter_frames,
+    output_animation_format,
+    probe_animation,
+    read_animation_metadata,
+    write_animation,
+)
 
 __all__ = [
     "ALPHA_FORMATS", "EXIF_ORIENTATION", "GRAY_MODES", "INPUT_FORMATS", "INPUT_SUFFIXES", "MAX_INPUT_PIXELS",
@@ -64,4 +78,6 @@ __all__ = [
     "decode_image", "from_array", "human_size", "is_input_image", "is_stream", "max_output_bytes", "normalise",
     "numbered_name", "open_image", "output_format", "output_mode", "output_name", "profile_fits", "read_limited",
     "read_metadata", "read_stream", "save_image", "to_output_mode", "write_atomic", "write_image",
+    "ANIMATION_SUFFIXES", "MAX_ANIMATION_FRAMES", "MAX_ANIMATION_OUTPUT_PIXELS", "AnimationInfo", "VIDEO_OUTPUT_SUFFIXES", "check_animation_path", "is_animated",
+    "iter_frames", "output_animation_format", "probe_animation", "read_animation_metadata", "write_animation",
 ]  # fmt: skip

@@ -138,16 +138,17 @@ def read_limited(f: BinaryIO, name: str, limit: int | None = None) -> bytes:
 def normalise(im: Image.Image, name: str = "image") -> LoadedImage:
     """EXIF orientation applied; any Pillow mode converted to RGB (+ alpha kept separately).
 
-    Animated images (GIF, WebP, APNG with more than one frame) are refused: upscaling only the first
-    frame would drop the others without a word."""
+    Animated images (GIF, WebP, APNG with more than one frame) are refused here: one image in, one out would
+    drop every frame but the first without a word. `sdx4.video.upscale_animation` upscales every frame (the
+    `sdx4 upscale` command, folder runs and the server route animations there)."""
     _check_pixels(im.size, name)
     if im.width < 1 or im.height < 1:
         raise ImageInputError(f"{name}: empty image ({im.width}x{im.height})")
     frames = getattr(im, "n_frames", 1)
     if frames > 1:
         raise ImageInputError(
-            f"{name}: an animated image with {frames} frames; animations are not supported yet "
-            "(only still images are upscaled: export the frame you want, e.g. as PNG)"
+            f"{name}: an animated image with {frames} frames; this call upscales one image: use "
+            "sdx4.video.upscale_animation(upscaler, src, dst, options) for every frame"
         )
     icc = im.info.get("icc_profile") or None
     exif = _exif_upright(im)

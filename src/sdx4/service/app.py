@@ -81,7 +81,11 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
         model_info["model"] = public_model_name(model_info["model"])
     max_noise_level = int(model_info.get("max_noise_level", 350))
     cost_of = getattr(upscaler, "cost", None)  # Upscaler.cost; a stand-in without it costs nothing
-    manager = JobManager(upscaler if settings.expose_paths else _PublicPaths(upscaler), settings.queue)
+    from .media import MediaAware
+
+    worker_upscaler = upscaler if settings.expose_paths else _PublicPaths(upscaler)
+    # Animation and video jobs (service/media.py) run through the same worker, frame by frame.
+    manager = JobManager(MediaAware(worker_upscaler, lambda: manager.results_dir), settings.queue)
     queued_cost: dict[str, float] = {}  # job id -> cost, for the jobs still queued (pruned on each submit)
     estimate_of = getattr(upscaler, "estimate", None)  # Upscaler.estimate; a stand-in without it: classical only
     estimated: dict[str, float] = {}  # job id -> estimated seconds (pruned on each submit)
@@ -182,12 +186,18 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             if upload is None or isinstance(upload, str):
                 raise ApiError(422, "image: missing; send the picture as a multipart file field named 'image'", "image")
             part_type = (upload.content_type or "application/octet-stream").lower()
-            if not part_type.startswith(IMAGE_PART_TYPES):
+            if not part_type.startswith((*IMAGE_PART_TYPES, "video/")):  # a video: service/media.py decides
                 raise ApiError(415, f"image: content type {part_type!r} is not an image", "image")
             data = await upload.read()
             if len(data) > settings.max_upload_bytes:
                 raise ApiError(413, too_big, "image")
             name = safe_name(upload.filename)
+            from .media import media_upload
+
+            media = await run_in_threadpool(media_upload, data, part_type, name, options, settings)
+            if media is not None:  # an animation or a video: its cost is every frame's
+                check_cost(name, media.size, job_cost(options, media.size) * media.frames, settings)
+                return media, options, name
             admit = lambda size: check_cost(name, size, job_cost(options, size), settings)  # noqa: E731
             image = await run_in_threadpool(decode_upload, data, settings, options.num_images, name, options.scale, admit)
             return image, options, name
@@ -195,7 +205,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             await form.close()
 
     def submit(image: LoadedImage, options: UpscaleOptions, name: str) -> str:
-        cost = job_cost(options, image.size)
+        cost = job_cost(options, image.size) * max(1, getattr(image, "frames", 1))  # frames: an animation or video
         for job_id in list(queued_cost):
             snap = manager.snapshot(job_id)
             if snap is None or snap["state"] != "queued":
@@ -335,9 +345,12 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
         except FileNotFoundError:
             raise ApiError(404, f"the result of job {job_id} has expired") from None
         filename = download_name(snap["input_name"], index, snap["num_images"], snap["options"]["scale"])
+        from .media import MEDIA_TYPES  # an animation keeps its format, a video its container
+
+        filename = filename.rsplit(".", 1)[0] + path.suffix
         return Response(
             data,
-            media_type="image/png",
+            media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
             headers={
                 "Content-Disposition": f'{disposition}; filename="{filename}"',
                 "X-Sdx4-Job-Id": job_id,

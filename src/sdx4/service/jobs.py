@@ -120,6 +120,8 @@ class Job:
     cancel_reason: str = "cancelled"
     attempts: int = 0  # times a worker started it (recorded: survives restarts)
     seq: int = 0  # order of submission (listing order)
+    media: str | None = None  # "animation" or "video" (service/media.py): progress counts frames
+    frames: int = 0  # the media's frames
 
 
 class JobManager:
@@ -167,7 +169,9 @@ class JobManager:
     def submit(self, image: LoadedImage, options: UpscaleOptions, input_name: str = "image") -> Job:
         self._check_room()  # refuse before writing the input file
         job_id = uuid.uuid4().hex
-        self.store.save_input(job_id, image)  # outside the lock: a big PNG takes a while
+        media = getattr(image, "kind", None)  # a service.media.MediaInput: held in memory, not stored
+        if media is None:
+            self.store.save_input(job_id, image)  # outside the lock: a big PNG takes a while
         try:
             with self._cond:
                 self._check_room()
@@ -179,6 +183,8 @@ class JobManager:
                     input_name=input_name,
                     input_size=image.size,
                     seq=self._seq,
+                    media=media,
+                    frames=getattr(image, "frames", 0),
                 )
                 self._record(job)
                 self._jobs[job.id] = job
@@ -261,6 +267,9 @@ class JobManager:
                 "finished": job.finished,
                 "metadata": job.metadata,
                 "version": job.version,
+                "media": job.media,
+                "frames_done": job.step if job.media else None,
+                "frames_total": job.frames if job.media else None,
             }
 
     def version(self, job_id: str) -> int | None:
@@ -353,6 +362,8 @@ class JobManager:
                 self._running = job
                 job.state, job.started = "running", time.time()
                 job.total = job.options.steps if job.options.method == "sd" else 1
+                if job.media:
+                    job.total = job.frames
                 job.attempts += 1
                 self._record(job)
                 self._bump(job)
@@ -387,6 +398,9 @@ class JobManager:
                 raise JobCancelled(job.cancel_reason)
             meta = saved_metadata(result.metadata, job.input_name, job.id)
             files: list[Path] = []
+            media_path = getattr(result, "path", None)  # an animation or video job: one file, already written
+            if media_path is not None:
+                files.append(media_path.replace(self.results_dir / f"{job.id}{media_path.suffix}"))
             try:
                 for i, image in enumerate(result.images):
                     name = numbered_name(job.id, i, len(result.images))

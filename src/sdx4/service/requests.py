@@ -87,6 +87,11 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] = ()  # Host names besides IP addresses and localhost; 400 otherwise ("*": any)
     allowed_origins: tuple[str, ...] = ()  # Origins besides the server's own; 403 otherwise ("*": any)
     expose_paths: bool = False  # False: the model is shown by its Hub id or folder name, never a full path
+    # Animations and videos (service/media.py). Animated GIF/WebP/APNG uploads are always taken; videos only
+    # with allow_video (415 otherwise). Both within these, 413 above; pixel limits apply to each frame.
+    allow_video: bool = False
+    max_video_seconds: float = 60.0  # duration of a video or animation
+    max_video_frames: int = 1800  # frames of a video or animation
 
     def __post_init__(self) -> None:
         for name in ("max_upload_bytes", "max_input_pixels", "max_output_pixels", "max_prompt_chars",
@@ -100,6 +105,11 @@ class ServerSettings:
                 raise OptionsError(f"{name} must be a positive number; got {value!r}", option=name)
         if isinstance(self.max_aspect, bool) or not isinstance(self.max_aspect, (int, float)) or not 1 <= self.max_aspect < float("inf"):
             raise OptionsError(f"max_aspect must be a number >= 1; got {self.max_aspect!r}", option="max_aspect")
+        if isinstance(self.max_video_frames, bool) or not isinstance(self.max_video_frames, int) or self.max_video_frames < 1:
+            raise OptionsError(f"max_video_frames must be a positive integer; got {self.max_video_frames!r}", option="max_video_frames")
+        v = self.max_video_seconds
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+            raise OptionsError(f"max_video_seconds must be a positive number; got {v!r}", option="max_video_seconds")
         if self.api_key is not None and not self.api_key:
             raise OptionsError("api_key must not be empty (use None for no key)", option="api_key")
         for name in ("allowed_hosts", "allowed_origins"):
@@ -124,6 +134,9 @@ class ServerSettings:
             "max_job_cost": self.max_job_cost,
             "max_queue_cost": self.max_queue_cost,
             "cost_unit": "megapixel-steps",
+            "allow_video": self.allow_video,
+            "max_video_seconds": self.max_video_seconds,
+            "max_video_frames": self.max_video_frames,
         }
 
 
