@@ -516,6 +516,10 @@ def test_video_flags_need_a_video_input(tmp_path, rng_image):
         "upscale", str(tmp_path / "a.png"), "--method", "bicubic", "--crf", "20"
     )
     assert r.returncode == 2 and "--crf only applies to video INPUTs" in r.stderr
+    src = make_clip(tmp_path / "clip.mp4", 2)
+    r = run_cli("upscale", str(src), "--method", "bicubic", "--workers", "2")
+    assert r.returncode == 2 and "--workers only applies with --engine ray" in r.stderr
+    assert not (tmp_path / "clip_x4_bicubic.mp4").exists()
 
 
 def test_a_folder_run_takes_a_video_and_an_image(tmp_path, rng_image):
@@ -610,3 +614,33 @@ def test_the_video_benchmark_smoke_run_reports_both_paths(tmp_path):
     assert bicubic["image_fps"] > 0 and bicubic["video_fps"] > 0
     assert len(bicubic["video_path_s"]) == 1 and "overhead" in bicubic
     assert nosuch == {"method": "nosuch", "skipped": "this sdx4 has no method 'nosuch'"}
+
+
+def test_ray_spreads_the_chunks_and_continues_a_local_run(tmp_path):
+    pytest.importorskip("ray")
+    src = make_clip(tmp_path / "clip.mkv", 7)
+    whole = tmp_path / "whole.mkv"
+    video.upscale_video(None, src, whole, BICUBIC, LOSSLESS)
+    dst = tmp_path / "out.mkv"
+    first = Counting()
+    with pytest.raises(video.VideoCancelled):
+        video.upscale_video(
+            first, src, dst, BICUBIC, LOSSLESS, cancel=lambda: first.calls >= 2
+        )
+    seen = []
+    report = video.upscale_video_ray(
+        None,
+        src,
+        dst,
+        BICUBIC,
+        LOSSLESS,
+        workers=2,
+        progress=lambda d, n: seen.append((d, n)),
+    )
+    assert (report.chunks, report.chunks_reused, report.frames_upscaled) == (4, 1, 5)
+    assert seen[-1] == (7, 7) and report.frames == 7
+    got, want = decoded(dst), decoded(whole)
+    assert [p for p, _, _ in got] == [p for p, _, _ in want]
+    assert all(np.array_equal(a, b) for (_, a, _), (_, b, _) in zip(got, want))
+    assert packets(dst, "audio") == packets(src, "audio")
+    assert not video.parts_folder(dst).exists()

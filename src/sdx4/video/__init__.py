@@ -11,6 +11,7 @@ Needs PyAV: pip install -e ".[video]" (imported only when a clip is opened). Fro
 """
 
 from .checks import Encoding, VideoInfo, plan_encoding, probe
+from .distributed import VideoRayError, upscale_video_ray
 from .errors import VIDEO_EXTRA, VideoCancelled, VideoInputError, VideoMissingError
 from .options import (
     OUTPUT_CONTAINERS,
@@ -37,6 +38,7 @@ __all__ = [
     "VideoInputError",
     "VideoMissingError",
     "VideoOptions",
+    "VideoRayError",
     "VideoReport",
     "check_video_options",
     "is_video",
@@ -46,5 +48,6 @@ __all__ = [
     "probe",
     "read_video_metadata",
     "upscale_video",
+    "upscale_video_ray",
     "video_output_suffix",
 ]
