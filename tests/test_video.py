@@ -644,3 +644,20 @@ def test_ray_spreads_the_chunks_and_continues_a_local_run(tmp_path):
     assert all(np.array_equal(a, b) for (_, a, _), (_, b, _) in zip(got, want))
     assert packets(dst, "audio") == packets(src, "audio")
     assert not video.parts_folder(dst).exists()
+
+
+def test_without_pyav_the_message_names_the_extra(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from sdx4.cli import main
+
+    src = make_clip(tmp_path / "clip.mp4", 2)
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now fails
+    with pytest.raises(video.VideoMissingError, match=r'pip install -e "\.\[video\]"'):
+        video.probe(src)
+    assert main(["upscale", str(src), "--method", "bicubic"]) == 1
+    assert (
+        'sdx4: error: video needs PyAV (the `av` package): pip install -e ".[video]"'
+        in capsys.readouterr().err
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]

@@ -136,6 +136,7 @@ def video_output_paths(
 def cmd_video(args: argparse.Namespace) -> int:
     from ..video import (
         VideoCancelled,
+        VideoMissingError,
         VideoRayError,
         parts_folder,
         plan_encoding,
@@ -164,6 +165,9 @@ def cmd_video(args: argparse.Namespace) -> int:
         raise UsageError(f"--{(e.option or '').replace('_', '-')}: {e}") from None
     except ImageInputError as e:  # VideoInputError is one
         raise UsageError(str(e)) from None
+    except VideoMissingError as e:  # PyAV not installed: say which extra to install
+        print(f"sdx4: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
 
     ray = _ray_settings(
         args, options
