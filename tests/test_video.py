@@ -661,3 +661,17 @@ def test_without_pyav_the_message_names_the_extra(tmp_path, monkeypatch, capsys)
         in capsys.readouterr().err
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+def test_a_codec_this_pyav_build_cannot_encode_is_refused(tmp_path, monkeypatch):
+    import sys
+
+    src = make_clip(tmp_path / "clip.mp4", 2)
+    checks = sys.modules["sdx4.video.checks"]
+    monkeypatch.setitem(checks.ENCODERS, "av1", ("libnosuch-av1",))
+    with pytest.raises(
+        VideoInputError, match=r"this PyAV build has no av1 encoder \(libnosuch-av1\)"
+    ):
+        video.plan_encoding(
+            tmp_path / "o.mp4", video.probe(src), VideoOptions(codec="av1"), 4
+        )
