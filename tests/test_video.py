@@ -675,3 +675,21 @@ def test_a_codec_this_pyav_build_cannot_encode_is_refused(tmp_path, monkeypatch)
         video.plan_encoding(
             tmp_path / "o.mp4", video.probe(src), VideoOptions(codec="av1"), 4
         )
+
+
+def test_frames_are_converted_with_the_clip_s_own_colour_matrix(tmp_path):
+    src = make_clip(
+        tmp_path / "c.mkv", 2, audio=False, subs=False, codec="ffv1", bt709=True
+    )
+    video.upscale_video(None, src, tmp_path / "out.mkv", BICUBIC, LOSSLESS)
+
+    def rgb709(path):  # decoded with BT.709, limited range: what the tags say
+        with av.open(str(path)) as c:
+            return [
+                f.to_ndarray(format="rgb24", src_colorspace=1, src_color_range=1)
+                for f in c.decode(video=0)
+            ]
+
+    for a, b in zip(rgb709(src), rgb709(tmp_path / "out.mkv")):
+        want = np.asarray(sdx4.upscale(a, BICUBIC).image).astype(int)
+        assert np.abs(want - b.astype(int)).max() <= 3
