@@ -516,6 +516,10 @@ def test_video_flags_need_a_video_input(tmp_path, rng_image):
         "upscale", str(tmp_path / "a.png"), "--method", "bicubic", "--crf", "20"
     )
     assert r.returncode == 2 and "--crf only applies to video INPUTs" in r.stderr
+    src = make_clip(tmp_path / "clip.mp4", 2)
+    r = run_cli("upscale", str(src), "--method", "bicubic", "--workers", "2")
+    assert r.returncode == 2 and "--workers only applies with --engine ray" in r.stderr
+    assert not (tmp_path / "clip_x4_bicubic.mp4").exists()
 
 
 def test_a_folder_run_takes_a_video_and_an_image(tmp_path, rng_image):
@@ -610,3 +614,82 @@ def test_the_video_benchmark_smoke_run_reports_both_paths(tmp_path):
     assert bicubic["image_fps"] > 0 and bicubic["video_fps"] > 0
     assert len(bicubic["video_path_s"]) == 1 and "overhead" in bicubic
     assert nosuch == {"method": "nosuch", "skipped": "this sdx4 has no method 'nosuch'"}
+
+
+def test_ray_spreads_the_chunks_and_continues_a_local_run(tmp_path):
+    pytest.importorskip("ray")
+    src = make_clip(tmp_path / "clip.mkv", 7)
+    whole = tmp_path / "whole.mkv"
+    video.upscale_video(None, src, whole, BICUBIC, LOSSLESS)
+    dst = tmp_path / "out.mkv"
+    first = Counting()
+    with pytest.raises(video.VideoCancelled):
+        video.upscale_video(
+            first, src, dst, BICUBIC, LOSSLESS, cancel=lambda: first.calls >= 2
+        )
+    seen = []
+    report = video.upscale_video_ray(
+        None,
+        src,
+        dst,
+        BICUBIC,
+        LOSSLESS,
+        workers=2,
+        progress=lambda d, n: seen.append((d, n)),
+    )
+    assert (report.chunks, report.chunks_reused, report.frames_upscaled) == (4, 1, 5)
+    assert seen[-1] == (7, 7) and report.frames == 7
+    got, want = decoded(dst), decoded(whole)
+    assert [p for p, _, _ in got] == [p for p, _, _ in want]
+    assert all(np.array_equal(a, b) for (_, a, _), (_, b, _) in zip(got, want))
+    assert packets(dst, "audio") == packets(src, "audio")
+    assert not video.parts_folder(dst).exists()
+
+
+def test_without_pyav_the_message_names_the_extra(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from sdx4.cli import main
+
+    src = make_clip(tmp_path / "clip.mp4", 2)
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now fails
+    with pytest.raises(video.VideoMissingError, match=r'pip install -e "\.\[video\]"'):
+        video.probe(src)
+    assert main(["upscale", str(src), "--method", "bicubic"]) == 1
+    assert (
+        'sdx4: error: video needs PyAV (the `av` package): pip install -e ".[video]"'
+        in capsys.readouterr().err
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+def test_a_codec_this_pyav_build_cannot_encode_is_refused(tmp_path, monkeypatch):
+    import sys
+
+    src = make_clip(tmp_path / "clip.mp4", 2)
+    checks = sys.modules["sdx4.video.checks"]
+    monkeypatch.setitem(checks.ENCODERS, "av1", ("libnosuch-av1",))
+    with pytest.raises(
+        VideoInputError, match=r"this PyAV build has no av1 encoder \(libnosuch-av1\)"
+    ):
+        video.plan_encoding(
+            tmp_path / "o.mp4", video.probe(src), VideoOptions(codec="av1"), 4
+        )
+
+
+def test_frames_are_converted_with_the_clip_s_own_colour_matrix(tmp_path):
+    src = make_clip(
+        tmp_path / "c.mkv", 2, audio=False, subs=False, codec="ffv1", bt709=True
+    )
+    video.upscale_video(None, src, tmp_path / "out.mkv", BICUBIC, LOSSLESS)
+
+    def rgb709(path):  # decoded with BT.709, limited range: what the tags say
+        with av.open(str(path)) as c:
+            return [
+                f.to_ndarray(format="rgb24", src_colorspace=1, src_color_range=1)
+                for f in c.decode(video=0)
+            ]
+
+    for a, b in zip(rgb709(src), rgb709(tmp_path / "out.mkv")):
+        want = np.asarray(sdx4.upscale(a, BICUBIC).image).astype(int)
+        assert np.abs(want - b.astype(int)).max() <= 3

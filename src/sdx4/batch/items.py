@@ -278,7 +278,7 @@ def upscale_video_item(loaded: Loaded, upscaler: Any) -> Done:
     try:
         source.dst.parent.mkdir(parents=True, exist_ok=True)
         report = upscale_video(upscaler if opts.method == "sd" else None, source.src, source.dst, opts)
-    except (ImageInputError, OptionsError, RuntimeError, ValueError, MemoryError, OSError) as e:
+    except (ImageInputError, OptionsError, RuntimeError, ValueError, MemoryError, OSError, ImportError) as e:
         error = f"{shown_name(loaded.item.input)}: {type(e).__name__}: {printable(str(e))}"
         return Done(loaded.item, error=error, timings=loaded.timings, stamp=loaded.stamp)
     timings = {**loaded.timings, "upscale": _secs(t0)}

@@ -10,7 +10,14 @@ from typing import Any
 
 from ..imageio import ImageInputError, output_name
 from ..options import OptionsError
-from .args import EXIT_FAILURE, EXIT_OK, UsageError, load_from_args, options_from_args
+from .args import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    UsageError,
+    load_from_args,
+    load_options_from_args,
+    options_from_args,
+)
 
 #: Flags that only mean something for video INPUTs, with their defaults.
 VIDEO_DEFAULTS = {
@@ -127,7 +134,14 @@ def video_output_paths(
 
 
 def cmd_video(args: argparse.Namespace) -> int:
-    from ..video import VideoCancelled, parts_folder, plan_encoding, probe
+    from ..video import (
+        VideoCancelled,
+        VideoMissingError,
+        VideoRayError,
+        parts_folder,
+        plan_encoding,
+        probe,
+    )
 
     options = options_from_args(args)
     video = video_options_from_args(args)
@@ -151,9 +165,15 @@ def cmd_video(args: argparse.Namespace) -> int:
         raise UsageError(f"--{(e.option or '').replace('_', '-')}: {e}") from None
     except ImageInputError as e:  # VideoInputError is one
         raise UsageError(str(e)) from None
+    except VideoMissingError as e:  # PyAV not installed: say which extra to install
+        print(f"sdx4: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
 
+    ray = _ray_settings(
+        args, options
+    )  # --engine ray: the workers load the model, not this process
     upscaler = None
-    if options.method == "sd":
+    if options.method == "sd" and ray is None:
         from ..api import MemoryBudgetError, ModelNotFoundError
 
         try:
@@ -170,7 +190,7 @@ def cmd_video(args: argparse.Namespace) -> int:
     for src, dst, info in zip(inputs, outputs, infos):
         try:
             report = _run_one(
-                upscaler, src, dst, options, video, info.frames, args.quiet
+                upscaler, src, dst, options, video, info.frames, args.quiet, ray
             )
         except KeyboardInterrupt:
             print(
@@ -184,6 +204,9 @@ def cmd_video(args: argparse.Namespace) -> int:
             return EXIT_INTERRUPTED
         except ImageInputError as e:
             raise UsageError(str(e)) from None
+        except VideoRayError as e:
+            print(f"sdx4: error: {e}", file=sys.stderr)
+            return EXIT_FAILURE
         resumed = (
             f", {report.chunks_reused} of {report.chunks} chunks from an earlier run"
             if report.chunks_reused
@@ -209,8 +232,9 @@ def _run_one(
     video: Any,
     total: int,
     quiet: bool,
+    ray: dict[str, Any] | None = None,
 ) -> Any:
-    from ..video import upscale_video
+    from ..video import upscale_video, upscale_video_ray
 
     bar = None
     if not quiet and sys.stderr.isatty():
@@ -226,7 +250,36 @@ def _run_one(
             bar.update(done - bar.n)
 
     try:
+        if ray is not None:
+            return upscale_video_ray(ray["load"], src, dst, options, video, workers=ray["workers"],
+                                     address=ray["address"], gpus_per_worker=ray["gpus"], progress=progress)  # fmt: skip
         return upscale_video(upscaler, src, dst, options, video, progress=progress)
     finally:
         if bar is not None:
             bar.close()
+
+
+def _ray_settings(args: argparse.Namespace, options: Any) -> dict[str, Any] | None:
+    """--engine ray for video INPUTs: the chunks of each clip spread over --workers Ray actors."""
+    if getattr(args, "recursive", False) or getattr(args, "prompts", None):
+        flag = "--recursive" if args.recursive else "--prompts"
+        raise UsageError(f"{flag} only applies when INPUT is a folder")
+    if getattr(args, "engine", "local") != "ray":
+        given = [
+            f
+            for f in ("ray_address", "gpus_per_worker")
+            if getattr(args, f, None) is not None
+        ]
+        if given or getattr(args, "workers", 1) != 1:
+            flag = given[0].replace("_", "-") if given else "workers"
+            raise UsageError(f"--{flag} only applies with --engine ray")
+        return None
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1; got {args.workers}")
+    load = load_options_from_args(args) if options.method == "sd" else None
+    return {
+        "load": load,
+        "workers": args.workers,
+        "address": args.ray_address,
+        "gpus": args.gpus_per_worker or 0.0,
+    }

@@ -16,6 +16,7 @@ measure: `FlickerMeter` (video/flicker.py).
 
 from .animation import AnimationResult, check_animation_options, upscale_animation
 from .checks import Encoding, VideoInfo, plan_encoding, probe
+from .distributed import VideoRayError, upscale_video_ray
 from .errors import VIDEO_EXTRA, VideoCancelled, VideoInputError, VideoMissingError
 from .flicker import FlickerMeter
 from .options import (
@@ -47,6 +48,7 @@ __all__ = [
     "VideoInputError",
     "VideoMissingError",
     "VideoOptions",
+    "VideoRayError",
     "VideoReport",
     "check_animation_options",
     "check_video_options",
@@ -58,5 +60,6 @@ __all__ = [
     "read_video_metadata",
     "upscale_animation",
     "upscale_video",
+    "upscale_video_ray",
     "video_output_suffix",
 ]

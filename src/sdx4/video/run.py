@@ -119,7 +119,7 @@ def prepare(
         upscaler.check(options, info.size)  # MemoryBudgetError before any frame
     model = {}
     if upscaler is not None and options.method == "sd":
-        model = {k: upscaler.info.get(k) for k in ("model", "random_weights")}
+        model = {"model": upscaler.info.get("model")}
     record = _jsonable({
         "source": {"path": str(src.resolve()), **fingerprint(src)},
         "options": options.to_dict(),  # seed None = drawn once, kept in the manifest
@@ -231,11 +231,7 @@ def upscale_video(
                 if writer is None:
                     writer = ChunkWriter(folder / chunk_name(k, suffix), enc, info)
                 t1 = time.perf_counter()
-                result = (
-                    upscaler(rgb, opts)
-                    if upscaler is not None
-                    else _classical(rgb, opts)
-                )
+                result = upscale_frame(upscaler, rgb, opts)
                 upscale_s += time.perf_counter() - t1
                 import numpy as np
 
@@ -243,13 +239,7 @@ def upscale_video(
                 if meter is not None:
                     meter.add(out, rgb)
                 if manifest["metadata"] is None:
-                    manifest["metadata"] = _jsonable(
-                        {
-                            k2: v
-                            for k2, v in result.metadata.items()
-                            if k2 not in _PER_FRAME_KEYS
-                        }
-                    )
+                    manifest["metadata"] = frame_record(result.metadata)
                 writer.add(out, frame.pts if frame.pts is not None else i)
                 upscaled += 1
                 if (i + 1) % n == 0:
@@ -270,8 +260,35 @@ def upscale_video(
         if writer is not None:
             writer.abort()
         raise
+    return complete(plan, dst, video, frames, reused, upscaled, time.perf_counter() - t0, upscale_s,
+                    meter.result() if meter is not None else None)  # fmt: skip
+
+
+def upscale_frame(upscaler: Any, rgb: Any, opts: UpscaleOptions) -> Any:
+    """One frame (H,W,3 uint8) through the Upscaler, or the classical path when there is none."""
+    return upscaler(rgb, opts) if upscaler is not None else _classical(rgb, opts)
+
+
+def frame_record(metadata: dict[str, Any]) -> dict[str, Any]:
+    """What a frame's metadata gives the clip's record (its per-frame keys dropped)."""
+    return _jsonable({k: v for k, v in metadata.items() if k not in _PER_FRAME_KEYS})
+
+
+def complete(plan: _Plan, dst: Path, video: VideoOptions, frames: int, reused: int, upscaled: int, seconds: float,
+             upscale_s: float, flicker: dict[str, Any] | None) -> VideoReport:  # fmt: skip
+    """Every chunk is finished: record the frame count, assemble the output, remove the work folder."""
+    info, enc, opts, folder, manifest = (
+        plan.info,
+        plan.enc,
+        plan.options,
+        plan.folder,
+        plan.manifest,
+    )
+    t0 = time.perf_counter()
     manifest["frames"] = frames
     write_json_atomic(folder / MANIFEST, manifest)
+    suffix = dst.suffix.lower()
+    done = {int(k): v for k, v in manifest["chunks"].items()}
     chunks = [(folder / chunk_name(k, suffix), done[k]["offset"]) for k in sorted(done)]
     w, h = info.width * opts.scale, info.height * opts.scale
     record = {
@@ -296,10 +313,10 @@ def upscale_video(
         frames_upscaled=upscaled,
         input_size=info.size,
         output_size=(w, h),
-        seconds=time.perf_counter() - t0,
+        seconds=seconds + time.perf_counter() - t0,
         upscale_seconds=upscale_s,
         metadata=record,
-        flicker=meter.result() if meter is not None else None,
+        flicker=flicker,
     )
 
 
