@@ -244,3 +244,38 @@ def test_pairs_a_validation_folder_and_loader_workers_run_end_to_end(
         and run["val_dir"] == str(val)
         and run["status"] == "done"
     )
+
+
+def test_a_trained_lora_file_gives_the_same_image_in_sdx4_and_in_diffusers(tiny_model_dir, tmp_path):
+    """The whole path a user takes: the file `sdx4 train` writes (alpha != rank, attention AND convolution
+    targets) used with `sdx4.load(loras=[...])` gives diffusers' `load_lora_weights` image within 1/255."""
+    import sdx4
+    from diffusers import StableDiffusionUpscalePipeline
+
+    components, _ = load_for_training(fp32(tiny_model_dir), "fp32", [""])
+    unet = components.unet
+    add_lora(unet, TrainOptions(rank=4, alpha=2.0, targets="attn+conv"), seed=0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in unet.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    path = save_lora(tmp_path / "lora.safetensors", unet, {"base_model": str(tiny_model_dir), "steps": "0"})
+    image = Image.fromarray(np.random.RandomState(5).randint(0, 256, (24, 24, 3), dtype=np.uint8))
+    run = {"prompt": "a cat", "steps": 3, "guidance": 7.5, "noise_level": 20, "seed": 11}
+
+    up = sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", low_memory=False, loras=[str(path)])
+    ours = np.asarray(up(image, **run).image, dtype=np.int16)
+    base = np.asarray(
+        sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", low_memory=False)(image, **run).image, dtype=np.int16
+    )
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(tiny_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path))
+    theirs = pipe(
+        prompt=run["prompt"], image=image, num_inference_steps=run["steps"], guidance_scale=run["guidance"],
+        noise_level=run["noise_level"], generator=torch.Generator("cpu").manual_seed(run["seed"]),
+    ).images[0]
+    theirs = np.asarray(theirs, dtype=np.int16)
+    assert np.abs(ours - base).max() > 3  # the LoRA changes the image
+    assert np.abs(ours - theirs).max() <= 1
