@@ -186,5 +186,5 @@ def output_names(rel_input: str, options: UpscaleOptions) -> tuple[str, ...]:
     parent, stem = os.path.split(rel_input)
     stem = os.path.splitext(stem)[0]
     n = options.num_images
-    names = [output_name(stem, options.scale, options.method, i, n) for i in range(n)]
+    names = [output_name(stem, options.size_tag, options.method, i, n) for i in range(n)]
     return tuple(f"{parent}/{name}" if parent else name for name in names)

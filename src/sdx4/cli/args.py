@@ -138,9 +138,16 @@ def options_from_args(args: argparse.Namespace, **fixed: Any) -> UpscaleOptions:
         scheduler=args.scheduler,
     )
     for name in ("num_images", "method", "scale", "color_fix", "tile_size", "tile_overlap", "tile_batch", "tile_blend",
-                 "vae_attention_window", "color_mode", "bit_depth"):
+                 "vae_attention_window", "color_mode", "bit_depth", "width", "height"):
         if hasattr(args, name):
             values[name] = getattr(args, name)
+    if values.get("scale", 0) is None:  # --scale not given (its default is None so that it can clash with --width)
+        if values.get("width") is None and values.get("height") is None:
+            values.pop("scale")
+        else:
+            values["scale"] = 4  # the default, replaced by the width/height target
+    elif values.get("width") is not None or values.get("height") is not None:
+        raise UsageError(f"--scale: give either --scale ({values['scale']:g}) or --width/--height, not both")
     try:
         if getattr(args, "max_memory", None) is not None:
             values["max_memory"] = parse_size(args.max_memory)

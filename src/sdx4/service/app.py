@@ -38,7 +38,7 @@ from fastapi.staticfiles import StaticFiles
 from .._version import __version__
 from ..imageio import LoadedImage
 from ..metadata import service_info
-from ..options import METHODS, UpscaleOptions, option_defaults
+from ..options import METHODS, UpscaleOptions, option_defaults, size_tag
 from .guard import Guard, RateLimitedLog, guarded_protocol, quiet_access_log
 from .jobs import FINISHED, JobManager, QueueFull, ShuttingDown
 from .requests import (
@@ -182,7 +182,8 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
                 raise ApiError(413, too_big, "image")
             name = safe_name(upload.filename)
             admit = lambda size: check_cost(name, size, job_cost(options, size), settings)  # noqa: E731
-            image = await run_in_threadpool(decode_upload, data, settings, options.num_images, name, options.scale, admit)
+            image = await run_in_threadpool(decode_upload, data, settings, options.num_images, name, options.scale, admit,
+                                            options.output_size)
             return image, options, name
         finally:
             await form.close()
@@ -317,7 +318,8 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             data = await run_in_threadpool(path.read_bytes)
         except FileNotFoundError:
             raise ApiError(404, f"the result of job {job_id} has expired") from None
-        filename = download_name(snap["input_name"], index, snap["num_images"], snap["options"]["scale"])
+        o = snap["options"]  # a scale, or width/height (older stored jobs have neither key)
+        filename = download_name(snap["input_name"], index, snap["num_images"], size_tag(o["scale"], o.get("width"), o.get("height")))
         return Response(
             data,
             media_type="image/png",
