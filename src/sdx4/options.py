@@ -276,7 +276,9 @@ class UpscaleOptions:
             return scaled_size(size, self.scale)
         tw = self.width if self.width is not None else max(1, _round_half_up(w * self.height / h))  # type: ignore[operator]
         th = self.height if self.height is not None else max(1, _round_half_up(h * self.width / w))  # type: ignore[operator]
-        for side, target, have in (("width", tw, w), ("height", th, h)):
+        checks = [("width", tw, w), ("height", th, h)]
+        checks.sort(key=lambda c: getattr(self, c[0]) is None)  # the side the user gave is reported first
+        for side, target, have in checks:
             if target < have:
                 raise OptionsError(
                     f"{side} {target} is smaller than the input's {side} {have}: sdx4 only enlarges "
