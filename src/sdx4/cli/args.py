@@ -161,7 +161,8 @@ def add_method_args(p: argparse.ArgumentParser, default_methods: str) -> None:
     p.add_argument(
         "--methods",
         default=default_methods,
-        help="comma-separated: sd (the diffusion model) and/or nearest, bilinear, bicubic, lanczos",
+        help="comma-separated: sd (the diffusion model), realesrgan, realesrgan-anime (Real-ESRGAN, pip install -e \".[gan]\") "
+        "and/or nearest, bilinear, bicubic, lanczos",
     )
     g = p.add_argument_group("sd method (ignored when 'sd' is not in --methods)")
     add_model_args(g)
@@ -172,10 +173,15 @@ def methods_from_args(args: argparse.Namespace) -> tuple[str, ...]:
     from ..quality.methods import parse_methods
     from .args import UsageError
 
+    from ..api import check_method
+
     try:
-        return parse_methods(args.methods)
-    except ValueError as e:
+        methods = parse_methods(args.methods)
+        for method in methods:
+            check_method(method)  # Real-ESRGAN without its extra: said before any work
+    except ValueError as e:  # OptionsError included
         raise UsageError(f"--methods: {e}") from None
+    return methods
 
 
 def sd_options_from_args(args: argparse.Namespace) -> UpscaleOptions:
