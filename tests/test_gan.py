@@ -297,3 +297,36 @@ def test_v1_info_lists_the_method_and_the_server_runs_it():
         assert 'filename="a_x1.5.png"' in r.headers["content-disposition"]
         with Image.open(__import__("io").BytesIO(r.content)) as im:
             assert im.size == (15, 9)
+
+
+def test_folder_run_loads_the_net_once_and_writes_every_image(tmp_path):
+    from sdx4.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8 + i, 6), (40 * i, 90, 200)).save(src / f"p{i}.png")
+    gan.load_net.cache_clear()
+    assert (
+        main(
+            [
+                "upscale",
+                str(src),
+                "-o",
+                str(tmp_path / "out"),
+                "--method",
+                "realesrgan",
+                "--scale",
+                "2",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    sizes = {p.name: Image.open(p).size for p in (tmp_path / "out").glob("*.png")}
+    assert sizes == {
+        "p0_x2_realesrgan.png": (16, 12),
+        "p1_x2_realesrgan.png": (18, 12),
+        "p2_x2_realesrgan.png": (20, 12),
+    }
+    assert gan.load_net.cache_info().misses == 1
