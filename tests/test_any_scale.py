@@ -168,6 +168,10 @@ def test_server_form_reads_float_scales_and_targets():
     with pytest.raises(ApiError) as err:
         parse_options({"scale": "2", "width": "300"})
     assert err.value.status == 422 and err.value.field == "scale"
+    with pytest.raises(
+        ApiError, match=r"give either scale \(4\) or width/height, not both"
+    ):
+        parse_options({"scale": "4", "height": "300"})
     # the header check uses the exact output size, and refuses a target out of range for this image
     import io
 
@@ -244,3 +248,17 @@ def test_cli_writes_exact_sizes_with_names_and_metadata(tmp_path):
             assert meta["target"]["width"] == int(args[1])
         else:
             assert meta["scale"] == float(args[1])
+
+
+def test_sides_are_rounded_half_up():
+    from sdx4.options import scaled_size
+
+    assert scaled_size((3, 5), 1.5) == (
+        5,
+        8,
+    )  # 4.5 -> 5, 7.5 -> 8 (not banker's 4, 8; not truncated 4, 7)
+    assert UpscaleOptions(width=25).output_size((10, 7)) == (25, 18)  # 17.5 -> 18
+    assert UpscaleOptions(height=11).output_size((7, 5)) == (15, 11)  # 15.4 -> 15
+    assert sdx4.upscale(
+        Image.new("RGB", (3, 5)), method="nearest", scale=1.5
+    ).image.size == (5, 8)

@@ -191,6 +191,9 @@ def parse_options(fields: dict[str, str], max_prompt_chars: int = 2000) -> Upsca
             if text.lower() not in ("true", "false", "1", "0"):
                 raise ApiError(422, f"{name} must be true or false; got {short(raw)!r}", name)
             values[name] = text.lower() in ("true", "1")
+    if values.get("scale") is not None and (values.get("width") is not None or values.get("height") is not None):
+        # also scale=4, the default: a form that names both is ambiguous
+        raise ApiError(422, f"give either scale ({values['scale']:g}) or width/height, not both", "scale")
     try:
         return UpscaleOptions(**values)
     except OptionsError as e:
