@@ -181,7 +181,7 @@ CLI_ROWS = [
     Cli("--steps 0", lambda t: sd(t, "--steps", "0"), 2, r"--steps: steps must be in 1\.\.500; got 0"),
     Cli("--noise-level 400", lambda t: sd(t, "--noise-level", "400"), 2, r"--noise-level: noise_level must be in 0\.\.350; got 400"),
     Cli("--guidance -1", lambda t: sd(t, "--guidance", "-1"), 2, r"--guidance: guidance must be in 0\.\.100; got -1"),
-    Cli("--scale 1", lambda t: bicubic(str(photo(t)), "--scale", "1"), 2, r"--scale: scale must be in 2\.\.16; got 1"),
+    Cli("--scale 1", lambda t: bicubic(str(photo(t)), "--scale", "1"), 2, r"--scale: scale must be in \(1, 16\] \(above 1, at most 16\); got 1"),
     Cli("--tile-size 3", lambda t: sd(t, "--tile-size", "3"), 2, r"--tile-size: tile_size must be in 8\.\.4096; got 3"),
     Cli("--max-memory 6bananas", lambda t: sd(t, "--max-memory", "6bananas"), 2, r"--max-memory: max_memory must be a size such as 6GiB.*; got '6bananas'"),
     Cli("--scheduler nope (argparse)", lambda t: sd(t, "--scheduler", "nope"), 2, r"--scheduler: invalid choice: 'nope'"),

@@ -47,7 +47,7 @@ def test_options_are_frozen():
         ("eta", 2.0, "eta must be in 0..1; got 2"),
         ("seed", -5, "seed must be in 0.."),
         ("num_images", 0, "num_images must be in 1..16; got 0"),
-        ("method", "magic", "method must be one of sd, nearest, bilinear, bicubic, lanczos; got 'magic'"),
+        ("method", "magic", "method must be one of sd, nearest, bilinear, bicubic, lanczos, realesrgan, realesrgan-anime; got 'magic'"),
         ("prompt", 3, "prompt must be a string"),
         ("steps", True, "steps must be an integer"),
     ],
@@ -85,7 +85,7 @@ BAD_VALUES = {
         "seed": -1, "num_images": 17, "method": "magic", "scheduler": "plms", "scale": 1, "color_fix": "sepia",
         "tile_size": 4, "tile_overlap": -1, "tile_batch": 65, "tile_blend": "hard", "max_memory": 2**20,
         "vae_attention_window": 8,
-        "color_mode": "grey", "bit_depth": 12,
+        "color_mode": "grey", "bit_depth": 12, "width": 0, "height": 70000,
         "preset": "turbo",
     },
     LoadOptions: {

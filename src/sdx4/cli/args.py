@@ -166,9 +166,16 @@ def options_from_args(args: argparse.Namespace, **fixed: Any) -> UpscaleOptions:
         scheduler=args.scheduler,
     )
     for name in ("num_images", "method", "scale", "color_fix", "tile_size", "tile_overlap", "tile_batch", "tile_blend",
-                 "vae_attention_window", "color_mode", "bit_depth"):
+                 "vae_attention_window", "color_mode", "bit_depth", "width", "height"):
         if hasattr(args, name):
             values[name] = getattr(args, name)
+    if values.get("scale", 0) is None:  # --scale not given (its default is None so that it can clash with --width)
+        if values.get("width") is None and values.get("height") is None:
+            values.pop("scale")
+        else:
+            values["scale"] = 4  # the default, replaced by the width/height target
+    elif values.get("width") is not None or values.get("height") is not None:
+        raise UsageError(f"--scale: give either --scale ({values['scale']:g}) or --width/--height, not both")
     try:
         if getattr(args, "max_memory", None) is not None:
             values["max_memory"] = parse_size(args.max_memory)
@@ -188,7 +195,8 @@ def add_method_args(p: argparse.ArgumentParser, default_methods: str) -> None:
     p.add_argument(
         "--methods",
         default=default_methods,
-        help="comma-separated: sd (the diffusion model) and/or nearest, bilinear, bicubic, lanczos",
+        help="comma-separated: sd (the diffusion model), realesrgan, realesrgan-anime (Real-ESRGAN, pip install -e \".[gan]\") "
+        "and/or nearest, bilinear, bicubic, lanczos",
     )
     g = p.add_argument_group("sd method (ignored when 'sd' is not in --methods)")
     add_model_args(g)
@@ -201,14 +209,19 @@ def methods_from_args(args: argparse.Namespace, default: str | None = None, lora
     from ..quality.methods import LORA_METHOD, parse_methods
     from .args import UsageError
 
+    from ..api import check_method
+
     variants = lora_variants_from_args(args)
     text = args.methods
     if variants and default is not None and text == default:
         text += "," + (LORA_METHOD if lora_rows == "all" or len(variants) == 2 else ",".join(list(variants)[2:]))
     try:
-        return parse_methods(text, extra=tuple(variants))
-    except ValueError as e:
+        methods = parse_methods(text, extra=tuple(variants))
+        for method in methods:
+            check_method(method)  # Real-ESRGAN without its extra: said before any work
+    except ValueError as e:  # OptionsError included
         raise UsageError(f"--methods: {e}") from None
+    return methods
 
 
 def lora_variants_from_args(args: argparse.Namespace) -> dict[str, tuple[Any, ...]]:

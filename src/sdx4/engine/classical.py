@@ -31,10 +31,11 @@ def resize(image: Image.Image, size: tuple[int, int], method: str) -> Image.Imag
     return image.resize(size, FILTERS[method])
 
 
-def upscale_classical(image: LoadedImage, method: str, scale: int = 4) -> Image.Image:
-    """Upscale RGB and alpha with the same classical filter: exactly (scale*W, scale*H)."""
+def upscale_classical(image: LoadedImage, method: str, scale: int = 4, size: tuple[int, int] | None = None) -> Image.Image:
+    """Upscale RGB and alpha with the same classical filter: exactly (scale*W, scale*H), or `size` when given
+    (UpscaleOptions.output_size: a float scale or a width/height target)."""
     w, h = image.size
-    size = (w * scale, h * scale)
+    size = size or (w * scale, h * scale)
     rgb = resize(image.rgb, size, method)
     alpha = resize(image.alpha, size, method) if image.alpha is not None else None
     return attach_alpha(rgb, alpha)

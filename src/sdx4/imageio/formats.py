@@ -65,15 +65,21 @@ def is_input_image(path: str | os.PathLike[str]) -> bool:
 
 
 def output_name(
-    stem: str, scale: int, method: str | None = None, index: int = 0, count: int = 1, suffix: str = ".png"
+    stem: str, scale: int | float | str, method: str | None = None, index: int = 0, count: int = 1, suffix: str = ".png"
 ) -> str:
     """The name of an upscaled image: `photo` -> `photo_x4.png`; a classical method adds itself
     (`photo_x4_bicubic.png`); one of several images is numbered from 1 (`photo_x4_2.png`).
 
+    scale: a number (4 -> `_x4`, 1.5 -> `_x1.5`, 4.0 -> `_x4`) or a size tag as `UpscaleOptions.size_tag`
+      spells it (`x4`, `x1.5`, `3840w`, `2160h`, `3840x2160`), used as it is.
     method: "sd" and None add no method tag (the server's download names never carry one).
     index: which of the `count` images (0-based).
     """
-    tag = f"_x{scale}" if method in (None, "sd") else f"_x{scale}_{method}"
+    if isinstance(scale, str):
+        size = scale
+    else:
+        size = f"x{int(scale)}" if float(scale).is_integer() else f"x{scale:g}"
+    tag = f"_{size}" if method in (None, "sd") else f"_{size}_{method}"
     return numbered_name(stem + tag, index, count, suffix)
 
 

@@ -39,7 +39,7 @@ from fastapi.staticfiles import StaticFiles
 from .._version import __version__
 from ..imageio import LoadedImage
 from ..metadata import service_info
-from ..options import METHODS, UpscaleOptions, option_defaults
+from ..options import METHODS, UpscaleOptions, option_defaults, size_tag
 from .guard import Guard, RateLimitedLog, guarded_protocol, quiet_access_log
 from .jobs import FINISHED, JobManager, QueueFull, ShuttingDown
 from .requests import (
@@ -199,7 +199,8 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
                 check_cost(name, media.size, job_cost(options, media.size) * media.frames, settings)
                 return media, options, name
             admit = lambda size: check_cost(name, size, job_cost(options, size), settings)  # noqa: E731
-            image = await run_in_threadpool(decode_upload, data, settings, options.num_images, name, options.scale, admit)
+            image = await run_in_threadpool(decode_upload, data, settings, options.num_images, name, options.scale, admit,
+                                            options.output_size)
             return image, options, name
         finally:
             await form.close()
@@ -344,7 +345,8 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             data = await run_in_threadpool(path.read_bytes)
         except FileNotFoundError:
             raise ApiError(404, f"the result of job {job_id} has expired") from None
-        filename = download_name(snap["input_name"], index, snap["num_images"], snap["options"]["scale"])
+        o = snap["options"]  # a scale, or width/height (older stored jobs have neither key)
+        filename = download_name(snap["input_name"], index, snap["num_images"], size_tag(o["scale"], o.get("width"), o.get("height")))
         from .media import MEDIA_TYPES  # an animation keeps its format, a video its container
 
         filename = filename.rsplit(".", 1)[0] + path.suffix

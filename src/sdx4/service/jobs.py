@@ -259,7 +259,7 @@ class JobManager:
                 "error_kind": job.error_kind,
                 "input_name": job.input_name,
                 "input_size": list(job.input_size),
-                "output_size": [job.options.scale * job.input_size[0], job.options.scale * job.input_size[1]],
+                "output_size": list(job.options.output_size(tuple(job.input_size))),
                 "num_images": len(job.files) if job.state == "done" else job.options.num_images,
                 "options": job.options.to_dict(),
                 "created": job.created,

@@ -22,7 +22,7 @@ from ..imageio import (
     as_loaded,
     output_name,
 )
-from ..options import OptionsError, UpscaleOptions, option_defaults
+from ..options import OptionsError, UpscaleOptions, option_defaults, scaled_size
 from .jobs import QueueSettings
 
 log = logging.getLogger("sdx4.server")
@@ -206,6 +206,9 @@ def parse_options(fields: dict[str, str], max_prompt_chars: int = 2000) -> Upsca
             if text.lower() not in ("true", "false", "1", "0"):
                 raise ApiError(422, f"{name} must be true or false; got {short(raw)!r}", name)
             values[name] = text.lower() in ("true", "1")
+    if values.get("scale") is not None and (values.get("width") is not None or values.get("height") is not None):
+        # also scale=4, the default: a form that names both is ambiguous
+        raise ApiError(422, f"give either scale ({values['scale']:g}) or width/height, not both", "scale")
     try:
         if values.get("preset") is not None:  # the preset's values for the fields not sent (sent ones win)
             return UpscaleOptions.from_preset(values.pop("preset"), **values)
@@ -242,9 +245,12 @@ def short(text: str, n: int = 40) -> str:
 
 
 def check_header(
-    data: bytes, settings: ServerSettings, num_images: int, name: str = "image", scale: int = 4
+    data: bytes, settings: ServerSettings, num_images: int, name: str = "image", scale: float = 4,
+    output_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
 ) -> Image.Image:
-    """Open the image LAZILY (header only) and refuse it by format and pixel counts before any decoding."""
+    """Open the image LAZILY (header only) and refuse it by format and pixel counts before any decoding.
+    `output_size`: input size -> output size (`UpscaleOptions.output_size`, which may raise OptionsError for
+    a width/height out of range: 422 naming it); default: scale x the input, rounded half up."""
     if not data:
         raise ApiError(422, f"{name}: empty file (0 bytes)", "image")
     try:
@@ -277,11 +283,15 @@ def check_header(
         raise ApiError(
             422, f"{name}: {w}x{h} has an aspect ratio of {max(w, h) / min(w, h):.4g}, over the limit of {settings.max_aspect:g}", "image"
         )
-    out = scale * scale * w * h * num_images
+    try:
+        ow, oh = output_size((w, h)) if output_size is not None else scaled_size((w, h), scale)
+    except OptionsError as e:
+        raise ApiError(422, f"{name}: {e}", e.option if e.option in OPTION_NAMES else "image") from None
+    out = ow * oh * num_images
     if out > settings.max_output_pixels:
         raise ApiError(
             413,
-            f"{name}: the output would be {scale * w}x{scale * h}" + (f" x {num_images} images" if num_images > 1 else "")
+            f"{name}: the output would be {ow}x{oh}" + (f" x {num_images} images" if num_images > 1 else "")
             + f" = {out} pixels, over the output limit of {settings.max_output_pixels} pixels",
             "image",
         )
@@ -289,12 +299,13 @@ def check_header(
 
 
 def decode_upload(
-    data: bytes, settings: ServerSettings, num_images: int, name: str = "image", scale: int = 4,
+    data: bytes, settings: ServerSettings, num_images: int, name: str = "image", scale: float = 4,
     admit: Callable[[tuple[int, int]], None] | None = None,
+    output_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
 ) -> LoadedImage:
     """Checked header -> `admit(size)` (may raise ApiError) -> full decode -> RGB(+alpha) LoadedImage;
     truncated or corrupt data -> 422."""
-    im = check_header(data, settings, num_images, name, scale)
+    im = check_header(data, settings, num_images, name, scale, output_size)
     if admit is not None:
         admit(im.size)
     try:
@@ -315,8 +326,9 @@ def safe_name(filename: str | None) -> str:
     return base or "image"
 
 
-def download_name(input_name: str, index: int, count: int, scale: int = 4) -> str:
-    """`my photo.jpg` -> `my_photo_x4.png` (`_2` ... for one of several images); no method tag, as ever."""
+def download_name(input_name: str, index: int, count: int, scale: int | float | str = 4) -> str:
+    """`my photo.jpg` -> `my_photo_x4.png` (`_2` ... for one of several images); no method tag, as ever.
+    scale: a number (1.5 -> `_x1.5`) or a size tag (`options.size_tag`: `3840w`, `3840x2160`)."""
     stem = safe_name(input_name).rsplit(".", 1)[0].replace(" ", "_") or "image"
     return output_name(stem, scale, None, index, count)
 
