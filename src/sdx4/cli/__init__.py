@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="sdx4",
-        description="Upscale images 4x with the Stable Diffusion x4 Upscaler (or a classical filter).",
+        description="Upscale images, animations and videos with the Stable Diffusion x4 Upscaler (or Real-ESRGAN, or a classical filter).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sdx4 {__version__}")

@@ -57,8 +57,8 @@ STDIO = Path("-")
 def register(sub: Any) -> None:
     up = sub.add_parser(
         "upscale",
-        help="upscale images 4x",
-        description="Upscale images 4x (or --scale N). Outputs are exactly NW x NH; PNG outputs carry every parameter.",
+        help="upscale images, animations and videos (4x, --scale S or --width/--height)",
+        description="Upscale images, animations and videos 4x (or --scale S, --width W, --height H). Outputs have exactly the promised size; PNG outputs carry every parameter.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_upscale_args(up)
