@@ -773,3 +773,30 @@ def test_speed_tricks_go_on_after_the_merge(tiny_model_dir, loras, monkeypatch):
     )
     base = _load(tiny_model_dir).components.unet
     assert not torch.allclose(seen[0], base.get_submodule(name).weight, atol=1e-3)
+
+
+def test_evaluate_pairs_gives_a_row_per_lora_and_keeps_sd_the_base_model(tiny_model_dir, loras, tmp_path):
+    """`evaluate --pairs` with --lora: the same rows as the synthetic mode; `sd` is the base model (equal to a
+    run without --lora), each sd+NAME its own LoRA."""
+    import csv
+
+    from sdx4.cli import main
+
+    lr, hr = tmp_path / "lr", tmp_path / "hr"
+    lr.mkdir()
+    hr.mkdir()
+    Image.fromarray(np.random.RandomState(6).randint(0, 256, (32, 32, 3), dtype=np.uint8)).save(hr / "a.png")
+    Image.open(hr / "a.png").resize((8, 8), Image.Resampling.BICUBIC).save(lr / "a.png")
+
+    def rows(*extra):
+        out = tmp_path / f"report{len(extra)}"
+        argv = _cli("evaluate", "--pairs", str(lr), str(hr), "-o", str(out), "--model", str(tiny_model_dir),
+                    "--no-plot", *extra, "-q")  # fmt: skip
+        assert main(argv) == 0
+        return {r["method"]: r["psnr_y"] for r in csv.DictReader((out / "results.csv").read_text().splitlines())}
+
+    base = rows()
+    with_loras = rows("--lora", str(loras["other"]), "--lora", f"{loras['attn']}:2")
+    assert set(with_loras) == set(base) | {"sd+other", "sd+attn"} and "sd" in base
+    assert with_loras["sd"] == base["sd"]  # no LoRA merged into the base row
+    assert len({with_loras["sd"], with_loras["sd+other"], with_loras["sd+attn"]}) == 3

@@ -81,7 +81,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.pairs is not None:
         if args.hr_dir is not None:
             raise UsageError(f"give either HR_DIR ({args.hr_dir}) or --pairs LR_DIR HR_DIR, not both")
-        return cmd_evaluate_pairs(args, methods, sd_options, say)
+        return cmd_evaluate_pairs(args, methods, sd_options, say, variants, sd_methods)
     if args.hr_dir is None:
         raise UsageError("give HR_DIR, or --pairs LR_DIR HR_DIR")
     hr_dir, out_dir = Path(args.hr_dir), Path(args.output)
@@ -130,8 +130,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_evaluate_pairs(args: argparse.Namespace, methods: tuple[str, ...], sd_options: Any, say: Callable[..., None]) -> int:
-    """`--pairs LR_DIR HR_DIR`: every pair checked (names, sizes, scale) before the model loads."""
+def cmd_evaluate_pairs(
+    args: argparse.Namespace,
+    methods: tuple[str, ...],
+    sd_options: Any,
+    say: Callable[..., None],
+    variants: dict[str, tuple[Any, ...]],
+    sd_methods: list[str],
+) -> int:
+    """`--pairs LR_DIR HR_DIR`: every pair checked (names, sizes, scale) before the model loads. With --lora,
+    the sd methods switch LoRAs as in the synthetic mode (one UNet in memory; `sd` stays the base model)."""
     from ..imageio import ImageInputError
     from ..quality.evaluate import MATPLOTLIB_MISSING, matplotlib_available
     from ..quality.methods import MethodRunner
@@ -161,13 +169,18 @@ def cmd_evaluate_pairs(args: argparse.Namespace, methods: tuple[str, ...], sd_op
     for role, names in (("LR", match.unmatched_lr), ("HR", match.unmatched_hr)):
         if names:
             print(f"sdx4: {len(names)} {role} file(s) without a partner, not evaluated: {', '.join(names)}", file=sys.stderr)
-    upscaler = load_upscaler(args, sd_options, quiet=args.quiet) if sd_options is not None else None
-    runner = MethodRunner(sd_options=sd_options, upscaler=upscaler)
+    first = variants[sd_methods[0]] if variants and sd_methods else None
+    upscaler = load_upscaler(args, sd_options, quiet=args.quiet, loras=first) if sd_options is not None else None
+    runner = MethodRunner(sd_options=sd_options, upscaler=upscaler, lora_variants=variants)
     result = evaluate_pairs(match, methods, runner, args.scale, on_event=say)
     if sd_options is not None:
         result.report.settings["sd_options"] = sd_options.to_dict()
         result.report.settings["model"] = upscaler.info["model"]
         result.report.settings["random_weights"] = upscaler.info["random_weights"]
+        if variants:  # method -> the LoRAs it merged (name, sha256 prefix, scale)
+            result.report.settings["loras"] = {
+                m: [{"name": s.name, "sha256": s.sha256(), "scale": s.scale} for s in variants[m]] for m in sd_methods
+            }
     written = write_pairs_report(result, out_dir, lr_dir, hr_dir, plot=not args.no_plot)
     for m, v in result.report.means().items():
         say(f"mean {m}: PSNR-Y {v['psnr_y']:.2f} dB, SSIM-Y {v['ssim_y']:.4f}, {v['seconds']:.4g} s/image")
