@@ -87,10 +87,10 @@ def batch_loss(
     #    before decoding (`vae.decode(latents / scaling_factor)`). The VAE is frozen: no graph.
     with torch.no_grad():
         image = to_model_range(hr).to(dev, model.vae.dtype)  # B,3,H,W
-        posterior = model.vae.encode(image).latent_dist
-        latents = posterior.mean + posterior.std * d.vae_noise.to(
-            dev, posterior.mean.dtype
-        )  # B,4,H/4,W/4
+        with model.autocast():  # the frozen encoder in the training precision, as diffusers' LoRA script runs it
+            posterior = model.vae.encode(image).latent_dist
+        mean, std = posterior.mean.float(), posterior.std.float()
+        latents = mean + std * d.vae_noise.to(dev)  # B,4,H/4,W/4
         latents = (latents * model.vae.config.scaling_factor).float()
 
         # 2. Forward diffusion at t (the model's own schedule) and the target: v (or eps for such a model).
