@@ -529,3 +529,23 @@ def test_an_upscaler_is_warm_after_a_run(tiny_upscaler, rng_image):
     up(rng_image(16, 16), steps=2, seed=0)
     after = up.estimate((16, 16), steps=2)
     assert before.seconds - after.seconds == pytest.approx(4.0)
+
+
+def test_estimate_follows_float_scales_and_width_height(up):
+    """The estimate's output size, passes and repeats are those of the run (options.output_size, pass_plan)."""
+    one = up.estimate((16, 10), steps=2, scale=1.5)
+    assert one.output_size == (24, 15) and one.passes == 1
+    two = up.estimate((16, 10), steps=2, scale=4.5)
+    assert two.output_size == (72, 45) and two.passes == 2
+    assert up.estimate((16, 10), steps=2, width=40).output_size == (40, 25)
+    assert up.estimate((16, 10), steps=2, height=30).output_size == (48, 30)
+    assert up.estimate((16, 10), steps=2, width=100, height=20).passes == 2
+    # num_images=2 at a non-4 size: each image through its own passes (as the Upscaler runs it)
+    pair, single = (up.estimate((16, 10), steps=2, width=40, num_images=n) for n in (2, 1))
+    assert pair.parts["denoising"] == pytest.approx(2 * single.parts["denoising"])
+    with pytest.raises(OptionsError, match="width 8 is smaller than the input's width 16") as e:
+        up.estimate((16, 10), steps=2, width=8)
+    assert e.value.option == "width"
+    e = sdx4.estimate_classical((100, 50), method="lanczos", scale=2.5)
+    assert e.output_size == (250, 125) and e.peak_bytes == 4 * (100 * 50 + 250 * 125)
+    assert sdx4.estimate_classical((100, 50), method="bicubic", height=75).output_size == (150, 75)
