@@ -711,8 +711,9 @@ def test_a_float_scale_or_width_height_encodes_exactly_what_the_upscaler_returns
     report = video.upscale_video(None, src, tmp_path / "out.mp4", opts)
     frames = decoded(tmp_path / "out.mp4")
     assert len(frames) == 2 and frames[0][1].shape == (encoded[1], encoded[0], 3)
-    assert video.read_video_metadata(tmp_path / "out.mp4")["output_size"] == list(out_size)
-    assert report.frames == 2
+    meta = video.read_video_metadata(tmp_path / "out.mp4")
+    assert meta["output_size"] == list(out_size) and report.frames == 2
+    assert meta["scale"] == {(23, 14): 1.5, (40, 24): 2.6667, (33, 20): 2.2}[out_size]  # width/height: output/input
 
 
 def test_the_cli_names_a_clip_by_its_size_tag_and_refuses_a_width_out_of_range(tmp_path):

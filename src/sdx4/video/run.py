@@ -296,7 +296,7 @@ def complete(plan: _Plan, dst: Path, video: VideoOptions, frames: int, reused: i
         VERSION_KEY: __version__,
         "method": opts.method,
         "seed": opts.seed,
-        "scale": opts.scale,
+        "scale": opts.scale if not opts.has_target else round(w / info.width, 4),  # as metadata.py records it
         "input_size": [info.width, info.height],
         "output_size": [w, h],
         "frames": frames,
