@@ -111,7 +111,7 @@ def video_options_from_args(args: argparse.Namespace) -> Any:
 
 
 def video_output_paths(
-    inputs: list[Path], output: str | None, method: str, scale: int | float | str
+    inputs: list[Path], output: str | None, method: str, scale: float | str
 ) -> list[Path]:
     """-o FILE (one input), -o FOLDER/, or beside each input as NAME_x4.SUFFIX (an .avi input: .mkv)."""
     from ..video import video_output_suffix

@@ -28,18 +28,18 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from ..options import OptionsError, scaled_size
 from .errors import ImageInputError
 from .formats import MAX_INPUT_PIXELS, METADATA_KEY
 from .read import LoadedImage, normalise
 from .write import write_atomic
-from ..options import OptionsError, scaled_size
 
 #: (input width, height) -> (output width, height): `UpscaleOptions.output_size`.
 SizeRule = Callable[[tuple[int, int]], tuple[int, int]]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from ..imageio.formats import MAX_INPUT_PIXELS
