@@ -626,3 +626,50 @@ def test_max_job_cost_counts_every_frame_of_an_animation(
         and "over the limit of 0.0001" in err
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif"]
+
+
+# --- any scale and width/height (options.output_size, options.size_tag) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "name", "size"),
+    [
+        (["--scale", "1.5"], "a_x1.5_bicubic.gif", (24, 17)),  # 16x11 x 1.5 = 24x16.5, half up
+        (["--width", "40"], "a_40w_bicubic.gif", (40, 28)),  # 11 x 40/16 = 27.5 -> 28
+        (["--width", "20", "--height", "30"], "a_20x30_bicubic.gif", (20, 30)),
+    ],
+)
+def test_the_cli_names_and_sizes_an_animation_by_float_scale_and_width_height(tmp_path, capsys, argv, name, size):
+    frames = _frames(2, size=(16, 11))
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=80)
+    assert cli.main(["upscale", str(tmp_path / "a.gif"), "--method", "bicubic", *argv]) == 0
+    out = tmp_path / name
+    assert probe_animation(out).size == size and probe_animation(out).frames == 2, capsys.readouterr().err
+
+
+def test_animation_limits_use_the_exact_output_size(tmp_path, monkeypatch):
+    import sdx4.imageio.animation as anim
+
+    frames = _frames(2, size=(16, 11))
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    opts = UpscaleOptions(method="bicubic", width=40)  # 40x28 per frame, 2 frames = 2240 pixels
+    assert probe_animation(tmp_path / "a.gif", output_size=opts.output_size).output_pixels(
+        output_size=opts.output_size
+    ) == 2240
+    monkeypatch.setattr(anim, "MAX_ANIMATION_OUTPUT_PIXELS", 2239)
+    with pytest.raises(ImageInputError, match=r"2 frames of 40x28 = .* over the"):
+        upscale_animation(None, tmp_path / "a.gif", tmp_path / "b.gif", opts)
+    monkeypatch.setattr(anim, "MAX_ANIMATION_OUTPUT_PIXELS", 2240)
+    assert upscale_animation(None, tmp_path / "a.gif", tmp_path / "b.gif", opts).size == (40, 28)
+    with pytest.raises(OptionsError, match="width 8 is smaller than the input's width 16"):
+        upscale_animation(None, tmp_path / "a.gif", tmp_path / "c.gif", opts.replace(width=8))
+    assert not (tmp_path / "c.gif").exists()
+
+
+def test_a_width_out_of_range_for_an_animation_exits_2_in_the_cli(tmp_path, capsys):
+    frames = _frames(2, size=(16, 11))
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    assert cli.main(["upscale", str(tmp_path / "a.gif"), "--method", "bicubic", "--width", "300"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdx4: error: ") and "--width: width 300 is over 16 x the input's width 16" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif"]

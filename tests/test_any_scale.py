@@ -262,3 +262,17 @@ def test_sides_are_rounded_half_up():
     assert sdx4.upscale(
         Image.new("RGB", (3, 5)), method="nearest", scale=1.5
     ).image.size == (5, 8)
+
+
+def test_evaluate_refuses_a_float_scale_with_a_clear_message(tmp_path, capsys):
+    """quality/ crops HR images to a multiple of an integer scale: evaluate keeps whole scales (4.0 is 4)."""
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(tmp_path), "-o", str(tmp_path / "r"), "--scale", "1.5", "--methods", "bicubic"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument --scale: evaluate takes whole scales only (2..8" in err and "got 1.5" in err
+    from sdx4.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", str(tmp_path), "-o", "r", "--scale", "4.0"])
+    assert args.scale == 4 and isinstance(args.scale, int)
+    assert not (tmp_path / "r").exists()

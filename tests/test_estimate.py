@@ -369,7 +369,7 @@ def client_for(model, tmp_path, **kw):
 def test_v1_estimate_contract(up, tmp_path):
     with client_for(up, tmp_path) as client:
         r = client.post(
-            "/v1/estimate", data={"width": "32", "height": "24", "steps": "3"}
+            "/v1/estimate", data={"input_width": "32", "input_height": "24", "steps": "3"}
         )
         assert r.status_code == 200, r.text
         body = r.json()
@@ -386,7 +386,7 @@ def test_v1_estimate_contract(up, tmp_path):
         )  # free memory moves a little
         r = client.post(
             "/v1/estimate",
-            data={"width": "32", "height": "24", "preset": "fast", "scale": "2"},
+            data={"input_width": "32", "input_height": "24", "preset": "fast", "scale": "2"},
         )
         assert (
             r.status_code == 200
@@ -396,8 +396,8 @@ def test_v1_estimate_contract(up, tmp_path):
         r = client.post(
             "/v1/estimate",
             files={
-                "width": (None, "10"),
-                "height": (None, "10"),
+                "input_width": (None, "10"),
+                "input_height": (None, "10"),
                 "method": (None, "lanczos"),
             },
         )
@@ -407,7 +407,7 @@ def test_v1_estimate_contract(up, tmp_path):
             and "lanczos filter" in r.json()["summary"]
         )
         r = client.post(
-            "/v1/estimate", data={"width": "32", "height": "24", "preset": ""}
+            "/v1/estimate", data={"input_width": "32", "input_height": "24", "preset": ""}
         )
         assert r.status_code == 200 and "75 ddim steps" in r.json()["summary"]
 
@@ -415,26 +415,37 @@ def test_v1_estimate_contract(up, tmp_path):
 @pytest.mark.parametrize(
     "data, field, message",
     [
-        ({"height": "8"}, "width", "width: missing"),
-        ({"width": "8", "height": "x"}, "height", "height must be an integer; got 'x'"),
-        ({"width": "0", "height": "8"}, "width", "width must be in 1..4096; got 0"),
+        ({"input_height": "8"}, "input_width", "input_width: missing; send the input's size in pixels as input_width"),
+        ({"input_width": "8", "input_height": "x"}, "input_height", "input_height must be an integer; got 'x'"),
+        ({"input_width": "0", "input_height": "8"}, "input_width", "input_width must be in 1..4096; got 0"),
+        ({"width": "32", "height": "24"}, "input_width", "input_width: missing"),
         (
-            {"width": "8", "height": "8", "steps": "0"},
+            {"input_width": "8", "input_height": "8", "width": "4"},
+            "width",
+            "width 4 is smaller than the input's width 8",
+        ),
+        (
+            {"input_width": "8", "input_height": "8", "width": "16", "scale": "2"},
+            "scale",
+            "give either scale",
+        ),
+        (
+            {"input_width": "8", "input_height": "8", "steps": "0"},
             "steps",
             "steps must be in 1..500; got 0",
         ),
         (
-            {"width": "8", "height": "8", "preset": "turbo"},
+            {"input_width": "8", "input_height": "8", "preset": "turbo"},
             "preset",
             "preset must be one of fast, balanced, reference",
         ),
         (
-            {"width": "8", "height": "8", "colour": "red"},
+            {"input_width": "8", "input_height": "8", "colour": "red"},
             "colour",
             "unknown field 'colour'",
         ),
         (
-            {"width": "8", "height": "8", "max_memory": "5"},
+            {"input_width": "8", "input_height": "8", "max_memory": "5"},
             "max_memory",
             "max_memory must be in 1 GiB..1 PiB",
         ),
@@ -454,12 +465,12 @@ def test_v1_estimate_needs_the_api_key_and_jobs_carry_their_estimate(up, tmp_pat
 
     with client_for(up, tmp_path, api_key="k" * 20) as client:
         assert (
-            client.post("/v1/estimate", data={"width": "8", "height": "8"}).status_code
+            client.post("/v1/estimate", data={"input_width": "8", "input_height": "8"}).status_code
             == 401
         )
         ok = client.post(
             "/v1/estimate",
-            data={"width": "8", "height": "8"},
+            data={"input_width": "8", "input_height": "8"},
             headers={"X-API-Key": "k" * 20},
         )
         assert ok.status_code == 200
@@ -529,3 +540,38 @@ def test_an_upscaler_is_warm_after_a_run(tiny_upscaler, rng_image):
     up(rng_image(16, 16), steps=2, seed=0)
     after = up.estimate((16, 16), steps=2)
     assert before.seconds - after.seconds == pytest.approx(4.0)
+
+
+def test_estimate_follows_float_scales_and_width_height(up):
+    """The estimate's output size, passes and repeats are those of the run (options.output_size, pass_plan)."""
+    one = up.estimate((16, 10), steps=2, scale=1.5)
+    assert one.output_size == (24, 15) and one.passes == 1
+    two = up.estimate((16, 10), steps=2, scale=4.5)
+    assert two.output_size == (72, 45) and two.passes == 2
+    assert up.estimate((16, 10), steps=2, width=40).output_size == (40, 25)
+    assert up.estimate((16, 10), steps=2, height=30).output_size == (48, 30)
+    assert up.estimate((16, 10), steps=2, width=100, height=20).passes == 2
+    # num_images=2 at a non-4 size: each image through its own passes (as the Upscaler runs it)
+    pair, single = (up.estimate((16, 10), steps=2, width=40, num_images=n) for n in (2, 1))
+    assert pair.parts["denoising"] == pytest.approx(2 * single.parts["denoising"])
+    with pytest.raises(OptionsError, match="width 8 is smaller than the input's width 16") as e:
+        up.estimate((16, 10), steps=2, width=8)
+    assert e.value.option == "width"
+    e = sdx4.estimate_classical((100, 50), method="lanczos", scale=2.5)
+    assert e.output_size == (250, 125) and e.peak_bytes == 4 * (100 * 50 + 250 * 125)
+    assert sdx4.estimate_classical((100, 50), method="bicubic", height=75).output_size == (150, 75)
+
+
+def test_v1_estimate_width_height_are_the_output_target(up, tmp_path):
+    """input_width/input_height: the input; width/height: the output target, as in /v1/upscale."""
+    with client_for(up, tmp_path) as client:
+        r = client.post("/v1/estimate", data={"input_width": "16", "input_height": "10", "width": "40", "steps": "2"})
+        assert r.status_code == 200, r.text
+        assert r.json()["output_size"] == [40, 25]
+        assert r.json()["seconds"] == pytest.approx(up.estimate((16, 10), steps=2, width=40).seconds, rel=0.5)
+        r = client.post("/v1/estimate", data={"input_width": "16", "input_height": "10", "height": "160",
+                                              "width": "100", "method": "bicubic"})
+        assert r.status_code == 200 and r.json()["output_size"] == [100, 160], r.text
+        r = client.post("/v1/estimate", data={"input_width": "16", "input_height": "10", "scale": "1.5",
+                                              "method": "bicubic"})
+        assert r.status_code == 200 and r.json()["output_size"] == [24, 15], r.text

@@ -159,10 +159,10 @@ def test_the_page_keeps_its_csp_and_every_control_comes_from_v1_info(browser, ap
             "file",
         ]:
             assert page.eval_on_selector("#" + name, "e => e.labels.length") >= 1, name
-        # This server lists no LoRAs and no width/height: those controls are hidden.
+        # This server lists no LoRAs (hidden) and takes width/height (the output target: shown).
         expect(page.locator("#lora")).to_be_hidden()
-        expect(page.locator("#width")).to_be_hidden()
-        assert "loras" not in info and "width" not in d
+        expect(page.locator("#width")).to_be_visible()
+        assert "width" in d and d["width"] is None
 
         # Classical filters ignore the model's fields (and the colour fix, and extra images): disabled.
         page.select_option("#method", "bicubic")
@@ -228,15 +228,18 @@ def test_the_page_keeps_its_csp_and_every_control_comes_from_v1_info(browser, ap
         expect(page.locator("#estimate")).to_have_text(
             "call 1"
         )  # one call per burst of changes
-        assert 'name="width"\r\n\r\n64\r\n' in sent[0] and 'name="lora"' not in sent[0]
+        assert 'name="input_width"\r\n\r\n64\r\n' in sent[0] and 'name="lora"' not in sent[0]
+        assert 'name="width"' not in sent[0] and 'name="height"' not in sent[0]  # no output target set
         page.select_option("#lora", "sharp")
         page.fill("#width", "100")
         expect(page.locator("#estimate")).to_have_text("call 2")
         expect(page.locator("#file-info")).to_have_text("cat.png · 64×64 → 100×100")
-        # width/height of the estimate are the input's; the output width goes with the job.
+        # input_width/input_height are the input's size; width (the output target) goes as the job gets it.
         assert (
             'name="lora"\r\n\r\nsharp\r\n' in sent[1]
-            and 'name="width"\r\n\r\n64\r\n' in sent[1]
+            and 'name="input_width"\r\n\r\n64\r\n' in sent[1]
+            and 'name="input_height"\r\n\r\n64\r\n' in sent[1]
+            and 'name="width"\r\n\r\n100\r\n' in sent[1]
         )
         jobs: list[str] = []
 
@@ -486,9 +489,16 @@ def test_no_estimate_on_a_server_without_the_route(browser, app, tmp_path):
     with live_server(app) as base:
         errors: list[str] = []
         page = open_page(browser, base, errors)
-        with page.expect_response("**/v1/estimate") as answer:
-            page.set_input_files("#file", str(CAT))
-        assert answer.value.status == 404
+        asked: list[str] = []
+
+        def older_server(route):  # this server has the route; an older one answers 404
+            asked.append(route.request.url)
+            route.fulfill(status=404, json={"detail": "Not Found"})
+
+        page.route("**/v1/estimate", older_server)
+        page.set_input_files("#file", str(CAT))
+        page.wait_for_function("() => state.estimate.absent === true")
+        assert len(asked) == 1
         expect(page.locator("#file-info")).to_have_text("cat.png · 64×64 → 256×256")
         expect(page.locator("#estimate")).to_be_hidden()
         assert (
@@ -498,9 +508,11 @@ def test_no_estimate_on_a_server_without_the_route(browser, app, tmp_path):
 
 
 def test_the_estimate_follows_the_file_and_the_options(browser, app, tmp_path):
-    """The page against the /v1/estimate contract (fields width, height + the option fields; 200 JSON with
+    """The page against the /v1/estimate contract (fields input_width, input_height + the option fields; 200 JSON with
     `summary`, or a 422 JSON `detail`), here answered by a test route."""
     seen: list[dict] = []
+    # this test's route instead of the server's own (tested below)
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/v1/estimate"]
 
     @app.post("/v1/estimate")
     async def estimate(request: Request) -> JSONResponse:
@@ -511,7 +523,7 @@ def test_the_estimate_follows_the_file_and_the_options(browser, app, tmp_path):
                 {"detail": "steps must be in 1..1000; got 0", "option": "steps"},
                 status_code=422,
             )
-        w, h, s = int(form["width"]), int(form["height"]), int(form.get("scale", 4))
+        w, h, s = int(form["input_width"]), int(form["input_height"]), int(form.get("scale", 4))
         summary = f"{form['method']} {w}x{h} -> {w * s}x{h * s}: about 3.5 s"
         return JSONResponse(
             {
@@ -557,7 +569,7 @@ def test_the_estimate_from_this_server(browser, app, tmp_path):
         body = (
             "".join(
                 f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
-                for k, v in {"width": "64", "height": "64", "steps": "2"}.items()
+                for k, v in {"input_width": "64", "input_height": "64", "steps": "2"}.items()
             )
             + f"--{boundary}--\r\n"
         )

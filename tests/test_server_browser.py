@@ -145,7 +145,7 @@ def test_page_upload_progress_result_download(browser, upscaler, tmp_path):
         if os.environ.get("SDX4_UPDATE_SCREENSHOT") == "1":
             with Image.open(shot) as im:
                 im.convert("RGB").save(ROOT / "docs" / "web-page.png", optimize=True)
-        # the only console errors: this server has no /v1/estimate (404; browsers log every failed fetch)
+        # no console errors but a failed /v1/estimate fetch (a server without the route answers 404)
         assert [e for e in console_errors if "/v1/estimate" not in e] == []
         page.close()
 

@@ -298,3 +298,38 @@ def test_a_running_animation_job_can_be_cancelled_between_frames_and_leaves_no_r
         if p.is_file() and p.suffix in (".gif", ".tmp")
     ]
     assert leftovers == []
+
+
+def test_float_scales_and_width_height_give_animations_and_videos_their_exact_size(upscaler, tmp_path):
+    pytest.importorskip("av")
+    clip = _mp4(tmp_path, frames=2)  # 16x12
+    with _client(upscaler, tmp_path, allow_video=True) as c:
+        r = _post(c, _gif(2), "party.gif", "image/gif", scale="2.5")
+        snap = _wait(c, r.json()["id"])
+        res = c.get(snap["result_urls"][0])
+        assert 'filename="party_x2.5.gif"' in res.headers["content-disposition"]
+        with Image.open(io.BytesIO(res.content)) as im:
+            assert (im.n_frames, im.size) == (2, (40, 30))
+        r = _post(c, clip, "clip.mp4", "video/mp4", width="40")
+        snap = _wait(c, r.json()["id"])
+        assert snap["state"] == "done", snap
+        res = c.get(snap["result_urls"][0])
+        assert 'filename="clip_40w.mp4"' in res.headers["content-disposition"]
+        (tmp_path / "got.mp4").write_bytes(res.content)
+        import av
+
+        with av.open(str(tmp_path / "got.mp4")) as cont:
+            frame = next(cont.decode(cont.streams.video[0]))
+        assert (frame.width, frame.height) == (40, 30)
+        for data, name, ctype in ((clip, "clip.mp4", "video/mp4"), (_gif(2), "party.gif", "image/gif")):
+            r = _post(c, data, name, ctype, width="8")
+            assert r.status_code == 422, r.text
+            assert r.json()["detail"] == f"{name}: width 8 is smaller than the input's width 16: sdx4 only enlarges (output 8x6 for a 16x12 input)"
+        assert c.get("/health").json()["jobs"]["submitted"] == 2
+    with _client(upscaler, tmp_path, allow_video=True, max_output_pixels=431) as c:
+        r = _post(c, clip, "clip.mp4", "video/mp4", scale="1.5")  # 24x18 = 432 pixels
+        assert r.status_code == 413 and r.json()["detail"] == (
+            "clip.mp4: output frames of 24x18 are over the output limit of 431 pixels"
+        ), r.text
+        r = _post(c, _gif(2), "party.gif", "image/gif", height="18")  # 24x18 again
+        assert r.status_code == 413 and "party.gif: the output would be 24x18 = 432 pixels" in r.json()["detail"], r.text

@@ -693,3 +693,39 @@ def test_frames_are_converted_with_the_clip_s_own_colour_matrix(tmp_path):
     for a, b in zip(rgb709(src), rgb709(tmp_path / "out.mkv")):
         want = np.asarray(sdx4.upscale(a, BICUBIC).image).astype(int)
         assert np.abs(want - b.astype(int)).max() <= 3
+
+
+@pytest.mark.parametrize(
+    ("options", "out_size", "encoded"),
+    [
+        (dict(scale=1.5), (23, 14), (24, 14)),  # 15x9 x 1.5 = 22.5x13.5, half up; odd width padded for yuv420p
+        (dict(width=40), (40, 24), (40, 24)),  # 9 x 40/15 = 24
+        (dict(height=20), (33, 20), (34, 20)),  # 15 x 20/9 = 33.3
+    ],
+)
+def test_a_float_scale_or_width_height_encodes_exactly_what_the_upscaler_returns(tmp_path, options, out_size, encoded):
+    src = make_clip(tmp_path / "clip.mkv", 2, size=(15, 9), audio=False, subs=False, codec="ffv1")
+    opts = sdx4.UpscaleOptions(method="bicubic", **options)
+    enc = video.plan_encoding(tmp_path / "out.mp4", video.probe(src), VideoOptions(), opts.scale, opts.output_size)
+    assert enc.size == encoded and enc.padded == (encoded != out_size)
+    report = video.upscale_video(None, src, tmp_path / "out.mp4", opts)
+    frames = decoded(tmp_path / "out.mp4")
+    assert len(frames) == 2 and frames[0][1].shape == (encoded[1], encoded[0], 3)
+    meta = video.read_video_metadata(tmp_path / "out.mp4")
+    assert meta["output_size"] == list(out_size) and report.frames == 2
+    assert meta["scale"] == {(23, 14): 1.5, (40, 24): 2.6667, (33, 20): 2.2}[out_size]  # width/height: output/input
+
+
+def test_the_cli_names_a_clip_by_its_size_tag_and_refuses_a_width_out_of_range(tmp_path):
+    src = make_clip(tmp_path / "clip.mkv", 2, size=(16, 10), audio=False, subs=False, codec="ffv1")
+    r = run_cli("upscale", str(src), "--method", "bicubic", "--width", "40")
+    assert r.returncode == 0, r.stderr
+    assert "clip_40w_bicubic.mkv (40x25, 2 frames)" in r.stdout + r.stderr
+    assert video.probe(tmp_path / "clip_40w_bicubic.mkv").size == (40, 26)  # 25 padded to even (yuv420p)
+    r = run_cli("upscale", str(src), "--method", "bicubic", "--scale", "2.5")
+    assert r.returncode == 0, r.stderr
+    assert "clip_x2.5_bicubic.mkv (40x25, 2 frames)" in r.stdout + r.stderr
+    r = run_cli("upscale", str(src), "--method", "bicubic", "--height", "5")
+    assert r.returncode == 2 and "--height: height 5 is smaller than the input's height 10" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mkv", "clip_40w_bicubic.mkv", "clip_x2.5_bicubic.mkv"]

@@ -94,16 +94,18 @@ def cmd_animation(args: argparse.Namespace) -> int:
     plans = []  # (src, dst): every input probed and every output checked before any heavy work
     for src in inputs:
         try:
-            info = probe_animation(src, str(src), scale=options.scale)
+            info = probe_animation(src, str(src), output_size=options.output_size)
             if to_file:
                 dst = out
             else:
                 dst = (out or src.parent) / output_name(
-                    src.stem, options.scale, options.method, suffix=info.suffix
+                    src.stem, options.size_tag, options.method, suffix=info.suffix
                 )
             check_animation_path(dst, args.overwrite)
         except ImageInputError as e:
             raise UsageError(str(e)) from None
+        except OptionsError as e:  # --width/--height out of range for this animation's frames
+            raise UsageError(f"{src}: --{(e.option or 'option').replace('_', '-')}: {e}") from None
         plans.append((src, dst, info))
 
     upscaler = None

@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("hr_dir", metavar="HR_DIR", nargs="?", help="folder of high-resolution images (png, jpg, webp, bmp, tif)")
     p.add_argument("-o", "--output", required=True, metavar="REPORT_DIR", help="folder for the report (created if missing)")
-    p.add_argument("--scale", type=int, default=4, help="upscaling factor, 2..8 (sd: 4 only); also the border crop")
+    p.add_argument("--scale", type=_whole_scale, default=4, help="upscaling factor, 2..8 (sd: 4 only); also the border crop")
     add_method_args(p, DEFAULT_METHODS)
     p.add_argument(
         "--pairs",
@@ -186,3 +186,17 @@ def cmd_evaluate_pairs(
         say(f"mean {m}: PSNR-Y {v['psnr_y']:.2f} dB, SSIM-Y {v['ssim_y']:.4f}, {v['seconds']:.4g} s/image")
     say("wrote " + ", ".join(str(p) for p in written))
     return EXIT_OK
+
+
+def _whole_scale(text: str) -> int:
+    """--scale for evaluate: a whole number (HR images are cropped to a multiple of it and the LR input is
+    exactly 1/scale of them; `sdx4 upscale` takes float scales, evaluate does not)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number in 2..8; got {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(
+            f"evaluate takes whole scales only (2..8: HR images are cropped to a multiple of the scale); got {text}"
+        )
+    return int(value)

@@ -111,7 +111,7 @@ def video_options_from_args(args: argparse.Namespace) -> Any:
 
 
 def video_output_paths(
-    inputs: list[Path], output: str | None, method: str, scale: int
+    inputs: list[Path], output: str | None, method: str, scale: float | str
 ) -> list[Path]:
     """-o FILE (one input), -o FOLDER/, or beside each input as NAME_x4.SUFFIX (an .avi input: .mkv)."""
     from ..video import video_output_suffix
@@ -147,7 +147,7 @@ def cmd_video(args: argparse.Namespace) -> int:
     video = video_options_from_args(args)
     inputs = [Path(p) for p in args.inputs]
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    outputs = video_output_paths(inputs, args.output, options.method, options.scale)
+    outputs = video_output_paths(inputs, args.output, options.method, options.size_tag)
     infos = []
     try:  # every clip and output checked before the model loads or a frame is upscaled
         from ..video import check_video_options
@@ -155,7 +155,7 @@ def cmd_video(args: argparse.Namespace) -> int:
         check_video_options(object(), options)
         for src, dst in zip(inputs, outputs):
             info = probe(src)
-            plan_encoding(dst, info, video, options.scale)
+            plan_encoding(dst, info, video, options.scale, options.output_size)
             if dst.exists() and not args.overwrite:
                 raise UsageError(
                     f"{dst}: already exists (pass --overwrite to replace it)"

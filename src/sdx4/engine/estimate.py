@@ -177,7 +177,7 @@ def classical_estimate(
     """A classical filter: seconds = output pixels x the measured cost per output pixel; memory = the
     input and output images (RGBA, 8 bits) held at once."""
     w, h = size
-    out = (w * options.scale, h * options.scale)
+    out = options.output_size(size)
     seconds = out[0] * out[1] * seconds_per_pixel
     peak = 4 * (w * h + out[0] * out[1])
     return Estimate(
@@ -420,16 +420,18 @@ def estimate_sd(
 ) -> Estimate:
     """The estimate of a diffusion run on a size = (width, height) input (see the module's formula)."""
     from .budget import plan_for
-    from .scale import pass_plan, target_size
+    from .scale import NATIVE, pass_plan
 
     w, h = size
     if w < 1 or h < 1:
         raise ValueError(f"image size must be at least 1x1; got {w}x{h}")
     m = components.pad_multiple
-    out = target_size(size, options.scale)
+    out = options.output_size(size)  # scale (any float) or width/height: the exact size the run returns
     sizes = [size] + pass_plan(size, out)[:-1]  # the input of every x4 pass
-    per_pass = options if options.scale == 4 else options.replace(num_images=1)
-    repeats = 1 if options.scale == 4 else options.num_images
+    # as Upscaler.__call__: one pass over all images only when the output is exactly 4x; else each image alone
+    native = out == (NATIVE * w, NATIVE * h)
+    per_pass = options if native else options.replace(num_images=1)
+    repeats = 1 if native else options.num_images
     n = per_pass.num_images
     samples = n * (2 if options.do_guidance else 1)
     window = options.vae_attention_window**2

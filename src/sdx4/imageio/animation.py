@@ -28,17 +28,21 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from ..options import OptionsError, scaled_size
 from .errors import ImageInputError
 from .formats import MAX_INPUT_PIXELS, METADATA_KEY
 from .read import LoadedImage, normalise
 from .write import write_atomic
+
+#: (input width, height) -> (output width, height): `UpscaleOptions.output_size`.
+SizeRule = Callable[[tuple[int, int]], tuple[int, int]]
 
 #: The animated formats: Pillow format name -> the output suffix that keeps it.
 ANIMATION_FORMATS = {"GIF": ".gif", "WEBP": ".webp", "PNG": ".png"}
@@ -77,8 +81,11 @@ class AnimationInfo:
     def duration_s(self) -> float:
         return sum(self.durations) / 1000
 
-    def output_pixels(self, scale: int) -> int:
-        return self.size[0] * scale * self.size[1] * scale * self.frames
+    def output_pixels(self, scale: float = 4, output_size: SizeRule | None = None) -> int:
+        """Pixels of all upscaled frames: each frame `output_size(size)` (UpscaleOptions.output_size), else
+        size x scale rounded half up."""
+        w, h = output_size(self.size) if output_size is not None else scaled_size(self.size, scale)
+        return w * h * self.frames
 
 
 def _open(source: str | os.PathLike[str] | bytes) -> tuple[Image.Image, Any]:
@@ -119,10 +126,12 @@ def is_animated(source: str | os.PathLike[str] | bytes) -> bool:
 
 
 def probe_animation(
-    source: str | os.PathLike[str] | bytes, name: str | None = None, *, scale: int = 4
+    source: str | os.PathLike[str] | bytes, name: str | None = None, *, scale: float = 4,
+    output_size: SizeRule | None = None,
 ) -> AnimationInfo:
     """Read an animation's frame count, timing, loop and disposal (no pixels yet) and check the limits
-    for an upscale by `scale`; errors (ImageInputError) name the input."""
+    for an upscale by `scale`, or to `output_size(frame size)` when given (pass `options.output_size`: float
+    scales and width/height; its OptionsError comes out as it is); errors (ImageInputError) name the input."""
     name = name or str(source if not isinstance(source, bytes) else "animation")
     try:
         im, f = _open(source)
@@ -150,10 +159,11 @@ def probe_animation(
                 raise ImageInputError(
                     f"{name}: {frames} frames is over the limit of {MAX_ANIMATION_FRAMES} frames for an animation"
                 )
-            out_pixels = w * scale * h * scale * frames
+            ow, oh = output_size((w, h)) if output_size is not None else scaled_size((w, h), scale)
+            out_pixels = ow * oh * frames
             if out_pixels > MAX_ANIMATION_OUTPUT_PIXELS:
                 raise ImageInputError(
-                    f"{name}: {frames} frames of {w * scale}x{h * scale} = {out_pixels / 1e6:.3g} MP of output is over "
+                    f"{name}: {frames} frames of {ow}x{oh} = {out_pixels / 1e6:.3g} MP of output is over "
                     f"the {MAX_ANIMATION_OUTPUT_PIXELS / 1e6:.3g} MP limit for an animation (the frames are held "
                     "in memory until written): cut it, or make it smaller"
                 )
@@ -180,7 +190,7 @@ def probe_animation(
                 blend=tuple(blend) if blend else None,
                 background=background,
             )
-    except ImageInputError:
+    except (ImageInputError, OptionsError):  # OptionsError: output_size's width/height out of range
         raise
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageInputError(f"{name}: cannot decode image ({e})") from None

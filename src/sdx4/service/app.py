@@ -7,7 +7,7 @@
     GET  /v1/jobs/{id}/result   the PNG (its "sdx4" text chunk holds the metadata); ?index=i for num_images > 1
     DELETE /v1/jobs/{id}     cancel (a running job stops at its next step) or forget a finished one
     POST /v1/upscale         synchronous: the same form, answers with the PNG
-    POST /v1/estimate        form: width, height + options -> {seconds, peak_bytes, output_size, summary}
+    POST /v1/estimate        form: input_width, input_height + options -> {seconds, peak_bytes, output_size, summary}
     GET  /v1/info            model, device, dtype, limits, version
     GET  /health             200 while serving, 503 while shutting down
     GET  /                   the web page (static files, no build step, no CDN)
@@ -43,6 +43,7 @@ from ..options import METHODS, UpscaleOptions, option_defaults, size_tag
 from .guard import Guard, RateLimitedLog, guarded_protocol, quiet_access_log
 from .jobs import FINISHED, JobManager, QueueFull, ShuttingDown
 from .requests import (
+    ESTIMATE_SIZE_FIELDS,
     FORM_OVERHEAD_BYTES,
     IMAGE_PART_TYPES,
     OPTION_KINDS,
@@ -403,9 +404,9 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
 
     @app.post("/v1/estimate", dependencies=v1, tags=["jobs"])
     async def estimate(request: Request) -> dict[str, Any]:
-        """How long an upscale of a width x height input with these options would take and its peak memory,
-        before any work (form fields: width, height and any /v1/upscale option) -> {"seconds", "peak_bytes",
-        "output_size": [w, h], "summary"}."""
+        """How long an upscale of an input_width x input_height input with these options would take and its
+        peak memory, before any work (form fields: input_width, input_height and any /v1/upscale option, width
+        and height included: the output target) -> {"seconds", "peak_bytes", "output_size": [w, h], "summary"}."""
         try:
             form = await request.form(max_files=0, max_fields=len(OPTION_NAMES) + 2)
         except Exception as e:  # starlette raises HTTPException(400) on a malformed body
@@ -413,8 +414,9 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
         try:
             fields: dict[str, str] = {}
             for key, value in form.multi_items():
-                if key not in OPTION_NAMES and key not in ("width", "height"):
-                    raise ApiError(422, f"unknown field {short(key)!r}; allowed: width, height, {', '.join(OPTION_NAMES)}", key)
+                if key not in OPTION_NAMES and key not in ESTIMATE_SIZE_FIELDS:
+                    allowed = ", ".join((*ESTIMATE_SIZE_FIELDS, *OPTION_NAMES))
+                    raise ApiError(422, f"unknown field {short(key)!r}; allowed: {allowed}", key)
                 if not isinstance(value, str):
                     raise ApiError(422, f"{key}: expected a text field, got a file", key)
                 if key in fields:

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..imageio import ImageInputError, is_animated, probe_animation
 from ..options import OptionsError, UpscaleOptions
-from .requests import ApiError, ServerSettings, check_header
+from .requests import OPTION_NAMES, ApiError, ServerSettings, check_header
 
 #: Content types of results by suffix (what GET /v1/jobs/{id}/result answers).
 MEDIA_TYPES = {
@@ -92,10 +92,10 @@ def media_upload(
     if is_animated(data):
         _check_options(options, name)
         check_header(
-            data, settings, 1, name, options.scale
-        )  # format, pixels, side, aspect, output per frame
+            data, settings, 1, name, options.scale, options.output_size
+        )  # format, pixels, side, aspect, output per frame (its exact size: float scales, width/height)
         try:
-            info = probe_animation(data, name, scale=options.scale)
+            info = probe_animation(data, name, output_size=options.output_size)
         except ImageInputError as e:
             raise ApiError(
                 422 if "limit" not in str(e) else 413, str(e), "image"
@@ -134,9 +134,13 @@ def media_upload(
             f"{name}: {w}x{h} frames are over the input limit of {settings.max_input_pixels} pixels",
             "image",
         )
-    if options.scale**2 * w * h > settings.max_output_pixels:
+    try:
+        ow, oh = options.output_size((w, h))  # exactly what each frame becomes (float scales, width/height)
+    except OptionsError as e:
+        raise ApiError(422, f"{name}: {e}", e.option if e.option in OPTION_NAMES else "image") from None
+    if ow * oh > settings.max_output_pixels:
         raise ApiError(
-            413, f"{name}: output frames of {options.scale * w}x{options.scale * h} are over the output limit of "
+            413, f"{name}: output frames of {ow}x{oh} are over the output limit of "
             f"{settings.max_output_pixels} pixels", "image",
         )  # fmt: skip
     _check_length(name, info.frames, info.duration_s, settings)

@@ -217,18 +217,23 @@ def parse_options(fields: dict[str, str], max_prompt_chars: int = 2000) -> Upsca
         raise ApiError(422, str(e), e.option if e.option in OPTION_NAMES else None) from None
 
 
-#: The fields of POST /v1/estimate besides the option fields: the input's size in pixels.
-ESTIMATE_SIZE_FIELDS = ("width", "height")
+#: The fields of POST /v1/estimate besides the option fields: the input's size in pixels (`width`/`height`
+#: there are the option fields, the output target, as in /v1/upscale).
+ESTIMATE_SIZE_FIELDS = ("input_width", "input_height")
 
 
 def parse_estimate(fields: dict[str, str], settings: ServerSettings) -> tuple[tuple[int, int], UpscaleOptions]:
-    """POST /v1/estimate's form: width and height (required, integers in 1..max_side) and any option field
-    (parse_options); 422 naming the field otherwise."""
+    """POST /v1/estimate's form: input_width and input_height (the input's size; required, integers in
+    1..max_side) and any option field (parse_options; width/height among them: the output target); 422 naming
+    the field otherwise."""
     size = []
     for name in ESTIMATE_SIZE_FIELDS:
         raw = fields.get(name)
         if raw is None:
-            raise ApiError(422, f"{name}: missing; send the input's width and height in pixels", name)
+            raise ApiError(
+                422, f"{name}: missing; send the input's size in pixels as input_width and input_height "
+                "(width and height are the output target, as in /v1/upscale)", name,
+            )
         try:
             value = int(raw.strip())
         except ValueError:

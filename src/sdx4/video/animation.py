@@ -109,7 +109,7 @@ def upscale_animation(
             option="method",
         )
     kind = check_animation_output(dst, overwrite)
-    info = probe_animation(src, name, scale=opts.scale)
+    info = probe_animation(src, name, output_size=opts.output_size)  # float scales, width/height
     if upscaler is not None and opts.method == "sd":
         upscaler.check(opts, info.size)  # the memory budget, before any heavy work
     run = upscaler if upscaler is not None else upscale_without_model

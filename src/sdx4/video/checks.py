@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from ..imageio.formats import MAX_INPUT_PIXELS
+from ..options import scaled_size
 from .errors import VideoInputError, require_av
 from .options import (
     CONTAINER_CODECS,
@@ -181,11 +183,14 @@ def _needs_even(pix_fmt: str) -> tuple[bool, bool]:
 
 
 def plan_encoding(
-    dst: str | Path, info: VideoInfo, video: VideoOptions, scale: int
+    dst: str | Path, info: VideoInfo, video: VideoOptions, scale: float = 4,
+    output_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
 ) -> Encoding:
-    """The encoding of `dst` for an upscale of `info` by `scale`, checked before any work: the suffix is a video
-    container, the codec fits it, this PyAV build has an encoder and the pixel format, and the copied audio and
-    subtitle streams fit the container. VideoInputError names the problem."""
+    """The encoding of `dst` for an upscale of `info` by `scale` (sides rounded half up), or to
+    `output_size(frame size)` when given (pass `options.output_size`: float scales and width/height, exactly
+    what the upscaler returns; its OptionsError comes out as it is), checked before any work: the suffix is a
+    video container, the codec fits it, this PyAV build has an encoder and the pixel format, and the copied
+    audio and subtitle streams fit the container. VideoInputError names the problem."""
     av = require_av()
     fmt = output_container(dst)
     codec = video.codec or DEFAULT_CODEC[fmt]
@@ -215,7 +220,8 @@ def plan_encoding(
         if codec == "ffv1"
         else (video.crf if video.crf is not None else DEFAULT_CRF[codec])
     )
-    w, h = info.width * scale, info.height * scale
+    size_in = (info.width, info.height)
+    w, h = output_size(size_in) if output_size is not None else scaled_size(size_in, scale)
     even_w, even_h = _needs_even(pix_fmt)
     size = (w + (w % 2 if even_w else 0), h + (h % 2 if even_h else 0))
     if video.keep_audio:

@@ -110,7 +110,7 @@ def prepare(
     then the work folder and its manifest (new, or the earlier run's when it matches)."""
     check_video_options(upscaler, options)
     info = probe(src)
-    enc = plan_encoding(dst, info, video, options.scale)
+    enc = plan_encoding(dst, info, video, options.scale, options.output_size)
     if not dst.parent.is_dir():
         raise VideoInputError(f"{dst}: the folder {dst.parent} does not exist")
     if src.resolve() == dst.resolve():
@@ -290,13 +290,13 @@ def complete(plan: _Plan, dst: Path, video: VideoOptions, frames: int, reused: i
     suffix = dst.suffix.lower()
     done = {int(k): v for k, v in manifest["chunks"].items()}
     chunks = [(folder / chunk_name(k, suffix), done[k]["offset"]) for k in sorted(done)]
-    w, h = info.width * opts.scale, info.height * opts.scale
+    w, h = opts.output_size((info.width, info.height))  # what every frame became (float scale, width/height)
     record = {
         **(manifest["metadata"] or {}),
         VERSION_KEY: __version__,
         "method": opts.method,
         "seed": opts.seed,
-        "scale": opts.scale,
+        "scale": opts.scale if not opts.has_target else round(w / info.width, 4),  # as metadata.py records it
         "input_size": [info.width, info.height],
         "output_size": [w, h],
         "frames": frames,

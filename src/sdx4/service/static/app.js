@@ -217,11 +217,10 @@ async function runEstimate() {
   let bad = false;
   for (const f of sized) {
     const fd = new FormData();
-    fd.append("width", String(f.w));
-    fd.append("height", String(f.h));
-    // width/height here are the INPUT's size (the route's contract); the output width/height options
-    // cannot be sent under the same names.
-    for (const [k, v] of formFields()) if (k !== "width" && k !== "height") fd.append(k, v);
+    fd.append("input_width", String(f.w));
+    fd.append("input_height", String(f.h));
+    // the options as the job gets them: width/height (when set) are the output target, as in /v1/upscale
+    for (const [k, v] of formFields()) fd.append(k, v);
     let res;
     try {
       res = await fetch("/v1/estimate", { method: "POST", body: fd, headers: headers(), signal });
