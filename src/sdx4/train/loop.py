@@ -105,6 +105,9 @@ def load_for_training(
     if components.speed is not None:
         components.speed.uninstall()  # prepacked weights, cached attention etc. off: a plain trainable UNet
         components.speed = None
+    # Inference keeps convolution kernels channels-last; training runs oneDNN's backward faster on plain
+    # (contiguous) kernels under gradient checkpointing (benchmarks/train.py).
+    components.unet.to(memory_format=torch.contiguous_format)
     return components, embeds
 
 
