@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default="bench-out", help="folder for estimate.json / estimate.md"
     )
     p.add_argument("--dtype", default="auto", help="sdx4's --dtype")
+    p.add_argument("--steps", type=int, default=None,
+                   help="override every preset's step count (the preset then names the sampler); long runs at 256 px")
     a = p.parse_args(argv)
 
     import sdx4
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for preset in presets:
             opts = sdx4.preset_options(
-                preset, seed=0, **({"steps": 2} if a.quick else {})
+                preset, seed=0, **({"steps": 2} if a.quick else {"steps": a.steps} if a.steps else {})
             )
             est = up.estimate((size, size), opts)
             t0 = time.perf_counter()
