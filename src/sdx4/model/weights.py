@@ -172,6 +172,11 @@ def read_state_dict(
     return out
 
 
+#: Tensors smaller than this are read into memory instead of mapped: every memory map holds a file descriptor
+#: while it lives, and a model has hundreds of small tensors (the service must not run out of descriptors).
+SMALL_TENSOR_BYTES = 1 << 20
+
+
 def map_tensors(path: Path, header: dict[str, Any], base: int) -> dict[str, torch.Tensor]:
     """name -> tensor, each in a private (copy-on-write) memory map of its own pages of `path`: nothing is read
     until used, nothing is copied, and a tensor's pages go back when it is freed. (One map of the whole file,
@@ -191,6 +196,11 @@ def map_tensors(path: Path, header: dict[str, Any], base: int) -> dict[str, torc
                 out[name] = torch.empty(info["shape"], dtype=src)
                 continue
             start = base + begin
+            if end - begin < SMALL_TENSOR_BYTES:  # biases, norms: read, not mapped (each map holds a descriptor)
+                f.seek(start)
+                data = bytearray(f.read(end - begin))
+                out[name] = torch.frombuffer(data, dtype=src).reshape(info["shape"])
+                continue
             at = start // grain * grain  # maps start on the allocation grain
             view = mmap.mmap(f.fileno(), start + (end - begin) - at, access=mmap.ACCESS_COPY, offset=at)
             # frombuffer keeps the map alive as long as the tensor (it is unmapped when the tensor is freed)
