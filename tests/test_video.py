@@ -4,6 +4,7 @@ path; frames, timestamps, copied packets, resume, bad inputs and the CLI checked
 from __future__ import annotations
 
 import json
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -464,6 +465,7 @@ def test_cli_end_to_end_and_its_exit_codes(tmp_path):
     src = make_clip(tmp_path / "clip.mp4", 3)
     r = run_cli("upscale", str(src), "--method", "bicubic", "--crf", "23")
     assert r.returncode == 0, r.stderr
+    assert re.search(r"^flicker \d+\.\d\d \(bicubic \d+\.\d\d, ratio \d+\.\d\d\)$", r.stderr, re.M), r.stderr
     out = tmp_path / "clip_x4_bicubic.mp4"
     assert (
         len(decoded(out)) == 3

@@ -221,6 +221,15 @@ def cmd_video(args: argparse.Namespace) -> int:
             )
             + f"{resumed})"
         )
+        f = report.flicker
+        if f:
+            say(
+                f"flicker {f['flicker']:.2f} (bicubic {f['bicubic_flicker']:.2f}, ratio {f['ratio']:.2f}"
+                + ("" if f.get("warped", True) else ", unwarped: OpenCV missing")
+                + ")"
+            )
+        else:
+            say("flicker: not measured (frames from an earlier run were not seen again)")
     return EXIT_OK
 
 
