@@ -12,8 +12,6 @@ reads r and lora_alpha from there, so an alpha that is not the rank scales right
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -144,13 +142,8 @@ def save_tensors(
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`data` into `path` through imageio's one atomic writer (temp file, fsync, rename; an OSError comes back
+    as an OSError naming `path`, errno kept)."""
+    from ..imageio.write import write_atomic
+
+    write_atomic(path, lambda f: f.write(data))

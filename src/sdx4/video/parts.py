@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +47,10 @@ def fingerprint(path: str | Path) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`data` as JSON into `path` through imageio's one atomic writer (temp file, fsync, rename)."""
+    from ..imageio.write import write_atomic
+
+    write_atomic(path, lambda f: f.write(json.dumps(data, indent=1).encode("utf-8")))
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
