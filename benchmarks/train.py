@@ -14,11 +14,15 @@ over reps; the peak is the largest over reps.
 
 What each side does:
 - sdx4: `sdx4.train.train()` on a folder of images (the real command's path: data loading, checkpoints off
-  until the end). Its design for memory: prompts encoded once, the text encoder dropped before the UNet loads;
+  until the end), in a process started the way the `sdx4` command starts itself: with tcmalloc preloaded when
+  the system has it (sdx4.speed.allocator.reexec_env, the CLI's own rule; SDX4_ALLOCATOR=system turns it off).
+  glibc's malloc keeps freed mid-sized activations in its heap: at 512 px the same run peaks ~0.7 GiB higher. Its design for memory: prompts encoded once, the text encoder dropped before the UNet loads;
   frozen weights in the training precision; only the LoRA parameters in the optimizer; gradients set to None.
 - peer: diffusers + peft as in the example script: every component loaded with from_pretrained, frozen weights
   cast to the precision (its "weight_dtype"), cast_training_params for the LoRA weights, the text encoder run
-  on every step, torch.autocast for bf16, unet.enable_gradient_checkpointing() when on.
+  on every step, torch.autocast for bf16, unet.enable_gradient_checkpointing() when on. Run as a user runs
+  such a script (`python train_lora.py`: the system allocator). --peer-tcmalloc adds "peer-tcmalloc" rows: the
+  same loop with tcmalloc preloaded by hand, to show what the allocator alone is worth.
 
 Writes train.json and train.md to --out (default bench-out/).
 """
@@ -203,10 +207,27 @@ def child(cfg: dict[str, Any]) -> None:
                 "step_s": statistics.median(timed),
                 "steps_s": timed,
                 "peak_rss": peak_rss(),
+                "allocator": allocator_active(),
                 "wall_s": time.perf_counter() - t0,
             }
         )
     )
+
+
+def allocator_active() -> str:
+    from sdx4.speed.allocator import active
+
+    return active()
+
+
+def child_env(impl: str, env: dict[str, str]) -> dict[str, str]:
+    """The environment a measurement runs in: sdx4 as its command starts itself (tcmalloc when installed),
+    the peer as a plain script, peer-tcmalloc with tcmalloc preloaded by hand."""
+    from sdx4.speed.allocator import reexec_env
+
+    if impl == "peer":
+        return env
+    return reexec_env(env, current="system") or env
 
 
 def config_name(c: dict[str, Any]) -> str:
@@ -234,6 +255,11 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "bench-out")
+    p.add_argument(
+        "--peer-tcmalloc",
+        action="store_true",
+        help="also run the peer with tcmalloc preloaded (peer-tcmalloc rows)",
+    )
     a = p.parse_args()
     if a.child:
         child(json.loads(a.child))
@@ -261,7 +287,10 @@ def main() -> int:
             "warmup": a.warmup,
         }
         for crop, prec, gc, impl in itertools.product(
-            crops, a.precisions, gcs, ("sdx4", "peer")
+            crops,
+            a.precisions,
+            gcs,
+            ("sdx4", "peer", "peer-tcmalloc") if a.peer_tcmalloc else ("sdx4", "peer"),
         )
     ]
     runs: dict[str, list[dict[str, Any]]] = {config_name(c): [] for c in configs}
@@ -277,7 +306,7 @@ def main() -> int:
                 check=False,
                 capture_output=True,
                 text=True,
-                env=env,
+                env=child_env(c["impl"], env),
             )
             if out.returncode != 0:
                 print(f"{name}: FAILED\n{out.stderr[-3000:]}", file=sys.stderr)
@@ -285,7 +314,7 @@ def main() -> int:
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(
                 f"rep {rep + 1}/{a.reps} {name}: {runs[name][-1]['step_s']:.3f} s/step, "
-                f"peak {runs[name][-1]['peak_rss'] / 2**30:.2f} GiB",
+                f"peak {runs[name][-1]['peak_rss'] / 2**30:.2f} GiB ({runs[name][-1]['allocator']})",
                 file=sys.stderr,
             )
 
@@ -301,9 +330,11 @@ def main() -> int:
             return {
                 "step_s": statistics.median(x["step_s"] for x in r),
                 "peak_gib": max(x["peak_rss"] for x in r) / 2**30,
+                "allocator": r[0]["allocator"],
             }
 
         ours, peer = summary("sdx4"), summary("peer")
+        extra = {"peer_tcmalloc": summary("peer-tcmalloc")} if a.peer_tcmalloc else {}
         rows.append(
             {
                 "crop": crop,
@@ -314,6 +345,7 @@ def main() -> int:
                 "peer": peer,
                 "time_ratio": ours["step_s"] / peer["step_s"],
                 "memory_ratio": ours["peak_gib"] / peer["peak_gib"],
+                **extra,
             }
         )
     a.out.mkdir(parents=True, exist_ok=True)
@@ -335,15 +367,28 @@ def main() -> int:
         (
             "| HR crop (latent) | precision | grad. ckpt | sdx4 s/step | peer s/step | time ratio | sdx4 peak GiB | "
             "peer peak GiB | memory ratio |"
+            + (" peer+tcmalloc s/step | peer+tcmalloc peak GiB |" if a.peer_tcmalloc else "")
         ),
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if a.peer_tcmalloc else ""),
     ]
     for r in rows:
         lines.append(
             f"| {r['crop']} ({r['latent']}) | {r['precision']} | {'on' if r['gradient_checkpointing'] else 'off'} "
             f"| {r['sdx4']['step_s']:.3f} | {r['peer']['step_s']:.3f} | {r['time_ratio']:.2f}x "
             f"| {r['sdx4']['peak_gib']:.2f} | {r['peer']['peak_gib']:.2f} | {r['memory_ratio']:.2f}x |"
+            + (
+                f" {r['peer_tcmalloc']['step_s']:.3f} | {r['peer_tcmalloc']['peak_gib']:.2f} |"
+                if a.peer_tcmalloc
+                else ""
+            )
         )
+    lines.append(
+        "\nAllocators: sdx4 "
+        + ", ".join(sorted({r["sdx4"]["allocator"] for r in rows}))
+        + "; peer "
+        + ", ".join(sorted({r["peer"]["allocator"] for r in rows}))
+        + "."
+    )
     (a.out / "train.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
