@@ -202,7 +202,8 @@ class LoraChoices:
         asked = [part.strip() for part in text.split(",")]
         for name in asked:
             if name == NO_LORA:
-                raise ApiError(422, f"lora: {NO_LORA} is the base model and takes no other LoRA; got {short(text)!r}", LORA_FIELD)
+                raise ApiError(422, f"lora: {NO_LORA} is the base model and takes no other LoRA; got {short(text)!r}; "
+                                   f"allowed: {allowed}", LORA_FIELD)
             if name not in self.names:
                 raise ApiError(422, f"lora: {short(name)!r} is not a LoRA this server offers; allowed: {allowed}", LORA_FIELD)
             if asked.count(name) > 1:
