@@ -186,14 +186,15 @@ def test_the_page_keeps_its_csp_and_every_control_comes_from_v1_info(browser, ap
                 {"name": "film-grain", "scale": 0.8},
                 {"name": "sharp", "scale": 1.0},
             ]
-            body["defaults"] |= {"width": None, "height": None, "lora": None}
+            body["defaults"] |= {"width": None, "height": None, "lora": "film-grain,sharp"}
             route.fulfill(json=body)
 
         page.route("**/v1/info", richer)
         page.reload()
         expect(page.locator("#lora")).to_be_visible()
         assert options_of(page, "#lora") == [
-            ["", "none"],
+            ["", "server default (film-grain, sharp)"],  # sent as nothing
+            ["none", "none (the base model)"],
             ["film-grain", "film-grain (scale 0.8)"],
             ["sharp", "sharp (scale 1)"],
         ]
@@ -594,5 +595,61 @@ def test_the_estimate_from_this_server(browser, app, tmp_path):
         page.fill("#steps", "2")
         expect(page.locator("#estimate")).to_have_text(expected["summary"])
         assert expected["output_size"] == [256, 256]
+        assert unexpected(errors) == []
+        page.close()
+
+
+def test_the_lora_chosen_on_the_page_is_the_lora_the_real_service_merges(browser, tiny_model_dir, tmp_path):
+    """The real service with two tiny LoRAs (`sdx4 serve --lora film.safetensors --lora sharp.safetensors:0.5`):
+    the page offers the server default, none and each LoRA; each job's result has the pixels that
+    `sdx4.load(model, loras=...)` gives with the same seed and options (exactly: same process and kernels)."""
+    import io
+    import urllib.request
+
+    from lora_helpers import make_lora
+
+    import sdx4
+
+    film = make_lora(tiny_model_dir, tmp_path / "film.safetensors", r=4, alpha=8, seed=1)
+    sharp = make_lora(tiny_model_dir, tmp_path / "sharp.safetensors", r=2, alpha=2, seed=5)
+
+    def load(*loras):
+        return sdx4.load(str(tiny_model_dir), device="cpu", dtype="fp32", low_memory=False, loras=list(loras))
+
+    served = create_app(load(str(film), f"{sharp}:0.5"), ServerSettings(queue=QueueSettings(results_dir=str(tmp_path / "r"))))
+    with live_server(served) as base:
+        errors: list[str] = []
+        page = open_page(browser, base, errors)
+        expect(page.locator("#lora")).to_be_visible()
+        assert options_of(page, "#lora") == [
+            ["", "server default (film.safetensors, sharp.safetensors)"],
+            ["none", "none (the base model)"],
+            ["film.safetensors", "film.safetensors (scale 1)"],
+            ["sharp.safetensors", "sharp.safetensors (scale 0.5)"],
+        ]
+        page.set_input_files("#file", str(CAT))
+        page.fill("#steps", "2")
+        page.fill("#seed", "7")
+        # (the page's choice, what the result must have merged, what the page says of it)
+        runs = [
+            ("film.safetensors", [str(film)], "LoRA film.safetensors ×1"),
+            ("none", [], "no LoRA"),
+            ("", [str(film), f"{sharp}:0.5"], "LoRA film.safetensors ×1, sharp.safetensors ×0.5"),
+        ]
+        for i, (choice, loras, said) in enumerate(runs, 1):
+            page.select_option("#lora", choice)
+            page.click("#run")
+            expect(page.locator("#jobs li[data-state=done]")).to_have_count(i)
+            expect(page.locator("#result-info")).to_contain_text(said)
+            newest = page.request.get(base + "/v1/jobs?limit=1").json()["jobs"][0]
+            job = page.request.get(base + newest["url"]).json()
+            assert job["lora"] == [Path(p.rsplit(":", 1)[0]).name for p in loras]
+            assert [r["name"] for r in job["metadata"].get("loras", [])] == job["lora"]
+            with urllib.request.urlopen(base + job["result_urls"][0], timeout=TIMEOUT) as r:
+                got = np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))
+            want = np.asarray(load(*loras)(Image.open(CAT), steps=2, seed=7).image.convert("RGB"))
+            assert np.array_equal(got, want), (choice, np.abs(got.astype(int) - want).max())
+        page.select_option("#method", "bicubic")
+        assert page.is_disabled("#lora")  # classical filters merge no LoRA: not sent
         assert unexpected(errors) == []
         page.close()

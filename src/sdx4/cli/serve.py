@@ -152,7 +152,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and api_key is None:
         say(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it (set $SDX4_API_KEY or --api-key-file)")
 
-    from .args import load_from_args
+    from ..service.requests import LoraChoices
+    from .args import load_from_args, load_options_from_args
+
+    try:  # jobs choose among the --lora files by file name: refused now, before minutes of loading
+        LoraChoices(load_options_from_args(args).loras)
+    except OptionsError as e:
+        raise UsageError(f"--lora: {e}") from None
 
     if args.results_dir is not None:
         from ..service.store import folder_in_use

@@ -1,6 +1,6 @@
 """The HTTP service: a FastAPI app in front of the job queue (`jobs.py`), and its uvicorn runner.
 
-    POST /v1/jobs            multipart: image file + options (same names and checks as the CLI) -> 202 {id}
+    POST /v1/jobs            multipart: image file + options (same names and checks as the CLI) + lora -> 202 {id}
     GET  /v1/jobs            the jobs, newest first, paged (?limit=, ?before=ID)
     GET  /v1/jobs/{id}       state, step i of n, queue position, metadata once done
     GET  /v1/jobs/{id}/events   the same as server-sent events, pushed on every change
@@ -44,12 +44,15 @@ from .guard import Guard, RateLimitedLog, guarded_protocol, quiet_access_log
 from .jobs import FINISHED, JobManager, QueueFull, ShuttingDown
 from .requests import (
     ESTIMATE_SIZE_FIELDS,
+    FORM_FIELDS,
     FORM_OVERHEAD_BYTES,
     IMAGE_PART_TYPES,
+    LORA_FIELD,
     OPTION_KINDS,
     OPTION_NAMES,
     ApiError,
     Changes,
+    LoraChoices,
     ServerSettings,
     check_cost,
     decode_upload,
@@ -75,6 +78,7 @@ MAX_LIST = 100  # jobs per page of GET /v1/jobs
 def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI:
     """The ASGI app. `upscaler` is an `sdx4.Upscaler` (or anything called the same way with an `info`
     dict); only the app's worker thread calls it. The worker starts and stops with the app's lifespan.
+    The LoRAs merged into `upscaler` now (`Upscaler.loras`) are the ones jobs may choose among (`lora`).
     """
     settings = settings or ServerSettings()
     model_info = dict(getattr(upscaler, "info", {}) or {})
@@ -84,9 +88,18 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
     cost_of = getattr(upscaler, "cost", None)  # Upscaler.cost; a stand-in without it costs nothing
     from .media import MediaAware
 
+    # The LoRAs merged at start (`sdx4 serve --lora`) are offered: each job merges all of them (the default),
+    # some, or none (its `lora` field). A stand-in without set_loras cannot switch: jobs run on it as it is.
+    lora_choices = LoraChoices(tuple(upscaler.loras)) if callable(getattr(upscaler, "set_loras", None)) else None
+
+    def switch_loras(names: tuple[str, ...]) -> None:  # the worker's thread, between jobs; a no-op when merged
+        assert lora_choices is not None
+        upscaler.set_loras(lora_choices.specs_of(names))
+
     worker_upscaler = upscaler if settings.expose_paths else _PublicPaths(upscaler)
     # Animation and video jobs (service/media.py) run through the same worker, frame by frame.
-    manager = JobManager(MediaAware(worker_upscaler, lambda: manager.results_dir), settings.queue)
+    manager = JobManager(MediaAware(worker_upscaler, lambda: manager.results_dir), settings.queue,
+                         switch_loras=switch_loras if lora_choices is not None else None)
     queued_cost: dict[str, float] = {}  # job id -> cost, for the jobs still queued (pruned on each submit)
     estimate_of = getattr(upscaler, "estimate", None)  # Upscaler.estimate; a stand-in without it: classical only
     estimated: dict[str, float] = {}  # job id -> estimated seconds (pruned on each submit)
@@ -141,8 +154,17 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
         if manager.stopping:
             raise ApiError(503, "the server is shutting down", headers={"Retry-After": "30", "Connection": "close"})
 
-    async def read_submission(request: Request) -> tuple[LoadedImage, UpscaleOptions, str]:
-        """Read the multipart body within the byte limit, check options, check and decode the image."""
+    def parse_lora(raw: str | None, method: str) -> tuple[str, ...] | None:
+        """The `lora` field -> the job's LoRA names (LoraChoices.parse), or None: nothing to switch."""
+        if lora_choices is None:
+            if (raw or "").strip():
+                raise ApiError(422, "lora: this server's model cannot switch LoRAs; leave lora out", LORA_FIELD)
+            return None
+        return lora_choices.parse(raw, method)
+
+    async def read_submission(request: Request) -> tuple[LoadedImage, UpscaleOptions, str, tuple[str, ...] | None]:
+        """Read the multipart body within the byte limit, check options (and the LoRA choice), check and decode
+        the image."""
         refuse_if_stopping()
         ctype = request.headers.get("content-type", "")
         if not ctype.lower().startswith("multipart/form-data"):
@@ -165,7 +187,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         try:
-            form = await Request(request.scope, replay).form(max_files=1, max_fields=len(OPTION_NAMES) + 1)
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=len(FORM_FIELDS) + 1)
         except Exception as e:  # starlette raises HTTPException(400) on malformed multipart
             raise ApiError(400, f"malformed multipart body: {getattr(e, 'detail', e)}") from None
         try:
@@ -174,16 +196,18 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             for key, value in form.multi_items():
                 if key == "image":
                     continue
-                if key not in OPTION_NAMES:
-                    raise ApiError(422, f"unknown field {short(key)!r}; allowed: image, {', '.join(OPTION_NAMES)}", key)
+                if key not in FORM_FIELDS:
+                    raise ApiError(422, f"unknown field {short(key)!r}; allowed: image, {', '.join(FORM_FIELDS)}", key)
                 if not isinstance(value, str):
                     raise ApiError(422, f"{key}: expected a text field, got a file", key)
                 if key in fields:
                     raise ApiError(422, f"{key}: given more than once", key)
                 fields[key] = value
+            raw_lora = fields.pop(LORA_FIELD, None)
             options = parse_options(fields, settings.max_prompt_chars)
             if options.noise_level > max_noise_level:
                 raise ApiError(422, f"noise_level must be in 0..{max_noise_level}; got {options.noise_level}", "noise_level")
+            loras = parse_lora(raw_lora, options.method)
             if upload is None or isinstance(upload, str):
                 raise ApiError(422, "image: missing; send the picture as a multipart file field named 'image'", "image")
             part_type = (upload.content_type or "application/octet-stream").lower()
@@ -198,15 +222,15 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             media = await run_in_threadpool(media_upload, data, part_type, name, options, settings)
             if media is not None:  # an animation or a video: its cost is every frame's
                 check_cost(name, media.size, job_cost(options, media.size) * media.frames, settings)
-                return media, options, name
+                return media, options, name, loras
             admit = lambda size: check_cost(name, size, job_cost(options, size), settings)  # noqa: E731
             image = await run_in_threadpool(decode_upload, data, settings, options.num_images, name, options.scale, admit,
                                             options.output_size)
-            return image, options, name
+            return image, options, name, loras
         finally:
             await form.close()
 
-    def submit(image: LoadedImage, options: UpscaleOptions, name: str) -> str:
+    def submit(image: LoadedImage, options: UpscaleOptions, name: str, loras: tuple[str, ...] | None) -> str:
         cost = job_cost(options, image.size) * max(1, getattr(image, "frames", 1))  # frames: an animation or video
         for job_id in list(queued_cost):
             snap = manager.snapshot(job_id)
@@ -221,7 +245,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
                 extra={"limit": settings.max_queue_cost, "queued_cost": round(waiting, 3), "cost": round(cost, 3)},
             )
         try:
-            job_id = manager.submit(image, options, name).id
+            job_id = manager.submit(image, options, name, loras).id
             queued_cost[job_id] = cost
             for known in list(estimated):
                 if manager.snapshot(known) is None:
@@ -266,6 +290,11 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
                                 k: {"type": OPTION_KINDS[k][0], "default": v, **({"enum": list(OPTION_KINDS[k][1])} if OPTION_KINDS[k][1] else {})}
                                 for k, v in option_defaults().items()
                             },
+                            LORA_FIELD: {
+                                "type": "string",
+                                "description": "the LoRAs merged for this job: none, or the names of LoRAs the server offers "
+                                "(GET /v1/info `loras`) separated by commas, each at its serve-time scale; default: all of them",
+                            },
                         },
                     }
                 }
@@ -278,8 +307,8 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
     @app.post("/v1/jobs", status_code=202, dependencies=v1, openapi_extra=form_schema, tags=["jobs"])
     async def create_job(request: Request) -> JSONResponse:
         """Queue an upscale; answers 202 with the job id and where to poll."""
-        image, options, name = await read_submission(request)
-        job_id = submit(image, options, name)
+        image, options, name, loras = await read_submission(request)
+        job_id = submit(image, options, name, loras)
         return JSONResponse(
             _public(manager.snapshot(job_id) or {"id": job_id, "state": "queued"}) | {"url": f"/v1/jobs/{job_id}"},
             status_code=202,
@@ -381,8 +410,8 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
     async def upscale_sync(request: Request) -> Response:
         """Queue, wait, and answer with the PNG (the first image; others at /v1/jobs/{id}/result?index=i).
         If the client goes away while waiting, the job is cancelled."""
-        image, options, name = await read_submission(request)
-        job_id = submit(image, options, name)
+        image, options, name, loras = await read_submission(request)
+        job_id = submit(image, options, name, loras)
         while True:
             since = app.state.changes.event
             snap = manager.snapshot(job_id)
@@ -408,14 +437,14 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
         peak memory, before any work (form fields: input_width, input_height and any /v1/upscale option, width
         and height included: the output target) -> {"seconds", "peak_bytes", "output_size": [w, h], "summary"}."""
         try:
-            form = await request.form(max_files=0, max_fields=len(OPTION_NAMES) + 2)
+            form = await request.form(max_files=0, max_fields=len(FORM_FIELDS) + 2)
         except Exception as e:  # starlette raises HTTPException(400) on a malformed body
             raise ApiError(400, f"malformed form body: {getattr(e, 'detail', e)}") from None
         try:
             fields: dict[str, str] = {}
             for key, value in form.multi_items():
-                if key not in OPTION_NAMES and key not in ESTIMATE_SIZE_FIELDS:
-                    allowed = ", ".join((*ESTIMATE_SIZE_FIELDS, *OPTION_NAMES))
+                if key not in FORM_FIELDS and key not in ESTIMATE_SIZE_FIELDS:
+                    allowed = ", ".join((*ESTIMATE_SIZE_FIELDS, *FORM_FIELDS))
                     raise ApiError(422, f"unknown field {short(key)!r}; allowed: {allowed}", key)
                 if not isinstance(value, str):
                     raise ApiError(422, f"{key}: expected a text field, got a file", key)
@@ -424,9 +453,13 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
                 fields[key] = value
         finally:
             await form.close()
+        raw_lora = fields.pop(LORA_FIELD, None)
         size, options = parse_estimate(fields, settings)
         if options.noise_level > max_noise_level:
             raise ApiError(422, f"noise_level must be in 0..{max_noise_level}; got {options.noise_level}", "noise_level")
+        # Checked as a job's; the estimate leaves out switching to these LoRAs (a UNet load and merge, seconds at
+        # full size): whether the job must switch depends on the jobs that run before it.
+        parse_lora(raw_lora, options.method)
         from .. import api
 
         try:
@@ -450,10 +483,11 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             limits=settings.limits(),
             methods=METHODS,
             choices={k: v[1] for k, v in OPTION_KINDS.items() if v[1]},
-            defaults=option_defaults(),
+            # lora: what a job that sends none merges (every offered LoRA, "none" when none is offered)
+            defaults=option_defaults() | {LORA_FIELD: lora_choices.default if lora_choices is not None else None},
             api_key_required=settings.api_key is not None,
             queue=manager.status(),
-            loras=model_info.get("loras", ()),  # merged at start (`sdx4 serve --lora`), the same for every job
+            loras=model_info.get("loras", ()),  # offered: merged at start (`sdx4 serve --lora`), chosen per job
         )
 
     @app.get("/health", tags=["service"])

@@ -5,7 +5,9 @@
 
 Everything here is plain threading (no asyncio, no FastAPI) so it can be tested alone. The upscaler is
 any object called as `upscaler(image, options, progress=fn)` returning an `UpscaleResult`; `fn(i, n)`
-is called after each denoising step and raises `JobCancelled` to stop the job at that step. Classical
+is called after each denoising step and raises `JobCancelled` to stop the job at that step. A job may
+name the LoRAs merged for it (`Job.loras`): the worker hands them to `switch_loras` before running it, so the
+model changes only between jobs, on the worker's thread. Classical
 methods (`method=bicubic` ...) go through the same queue and worker: one queue, one order, one place
 where CPU/GPU work happens.
 
@@ -122,13 +124,22 @@ class Job:
     seq: int = 0  # order of submission (listing order)
     media: str | None = None  # "animation" or "video" (service/media.py): progress counts frames
     frames: int = 0  # the media's frames
+    loras: tuple[str, ...] | None = None  # the offered LoRAs (by name) merged for it; () the base model; None: as is
+
+
+class LoraSwitchFailed(Exception):
+    """Merging a job's LoRAs failed (a file gone or changed since the start, out of memory): that job fails."""
 
 
 class JobManager:
     """A bounded FIFO queue in front of one worker thread that owns the upscaler."""
 
-    def __init__(self, upscaler: Any, settings: QueueSettings | None = None) -> None:
+    def __init__(self, upscaler: Any, settings: QueueSettings | None = None,
+                 switch_loras: Callable[[tuple[str, ...]], None] | None = None) -> None:
         self.upscaler = upscaler
+        #: Called on the worker thread before a job with `loras` runs, with them (a no-op when they are merged
+        #: already: `Upscaler.set_loras`); None: jobs run on the model as it is.
+        self.switch_loras = switch_loras
         self.settings = settings or QueueSettings()
         if self.settings.results_dir is None:
             remove_abandoned_temp_dirs()  # left by servers killed before they could clean up
@@ -166,7 +177,8 @@ class JobManager:
     def stopping(self) -> bool:
         return self._stopping
 
-    def submit(self, image: LoadedImage, options: UpscaleOptions, input_name: str = "image") -> Job:
+    def submit(self, image: LoadedImage, options: UpscaleOptions, input_name: str = "image",
+               loras: tuple[str, ...] | None = None) -> Job:
         self._check_room()  # refuse before writing the input file
         job_id = uuid.uuid4().hex
         media = getattr(image, "kind", None)  # a service.media.MediaInput: held in memory, not stored
@@ -185,6 +197,7 @@ class JobManager:
                     seq=self._seq,
                     media=media,
                     frames=getattr(image, "frames", 0),
+                    loras=loras,
                 )
                 self._record(job)
                 self._jobs[job.id] = job
@@ -262,6 +275,7 @@ class JobManager:
                 "output_size": list(job.options.output_size(tuple(job.input_size))),
                 "num_images": len(job.files) if job.state == "done" else job.options.num_images,
                 "options": job.options.to_dict(),
+                "lora": None if job.loras is None else list(job.loras),  # the LoRAs it merges by name ([]: none)
                 "created": job.created,
                 "started": job.started,
                 "finished": job.finished,
@@ -393,6 +407,7 @@ class JobManager:
             if job.cancel.is_set():
                 raise JobCancelled(job.cancel_reason)
             assert job.image is not None
+            self._switch_loras(job)
             result = self.upscaler(job.image, job.options, progress=progress, **extra)
             if job.cancel.is_set():  # cancelled during decoding: honour it, write nothing
                 raise JobCancelled(job.cancel_reason)
@@ -416,6 +431,11 @@ class JobManager:
                 self._finish(job, "cancelled", str(e), kind)
             log.info("job %s cancelled at step %d/%d: %s", job.id, job.step, job.total, e)
             return
+        except LoraSwitchFailed as e:  # the model is as it was, or reloads at the next job: the server goes on
+            log.error("job %s failed: %s", job.id, e, exc_info=e.__cause__)
+            with self._cond:
+                self._finish(job, "failed", str(e), "internal")
+            return
         except (ValueError, MemoryError) as e:
             # Bad options for this model (ValueError) or an input too large for this machine: the job
             # fails with the reason; the worker and the server keep going.
@@ -437,6 +457,16 @@ class JobManager:
             job.step = job.total
             self._finish(job, "done", None, None)
         log.info("job %s done in %.2f s", job.id, seconds)
+
+    def _switch_loras(self, job: Job) -> None:
+        """Merge the job's LoRAs (worker thread, between jobs); any failure is the job's LoraSwitchFailed."""
+        if job.loras is None or self.switch_loras is None:
+            return
+        try:
+            self.switch_loras(job.loras)
+        except Exception as e:  # noqa: BLE001 - the job fails with the reason; the worker goes on
+            chosen = ", ".join(job.loras) or "none (the base model)"
+            raise LoraSwitchFailed(f"could not merge this job's LoRAs ({chosen}): {type(e).__name__}: {e}") from e
 
     # ---- helpers (caller holds the lock) ---------------------------------------------------------
 
@@ -478,7 +508,7 @@ class JobManager:
             id=job.id, state=job.state, options=job.options.to_dict(), input_name=job.input_name,
             input_size=job.input_size, files=[f.name for f in job.files], nbytes=job.nbytes, metadata=job.metadata,
             error=job.error, error_kind=job.error_kind, created=job.created, started=job.started,
-            finished=job.finished, attempts=job.attempts,
+            finished=job.finished, attempts=job.attempts, loras=None if job.loras is None else list(job.loras),
         ))
 
     def _recover(self) -> dict[str, int]:
@@ -504,6 +534,7 @@ class JobManager:
                     error=row.error, error_kind=row.error_kind, files=[self.results_dir / f for f in row.files],
                     nbytes=row.nbytes, metadata=row.metadata, created=row.created, started=row.started,
                     finished=row.finished, attempts=row.attempts, seq=self._seq,
+                    loras=None if row.loras is None else tuple(row.loras),
                 )
                 job.total = options.steps if options.method == "sd" else 1
                 self._jobs[job.id] = job

@@ -22,7 +22,13 @@ from ..imageio import (
     as_loaded,
     output_name,
 )
-from ..options import OptionsError, UpscaleOptions, option_defaults, scaled_size
+from ..options import (
+    LoraSpec,
+    OptionsError,
+    UpscaleOptions,
+    option_defaults,
+    scaled_size,
+)
 from .jobs import QueueSettings
 
 log = logging.getLogger("sdx4.server")
@@ -54,6 +60,12 @@ def _option_kinds() -> dict[str, tuple[str, tuple[str, ...]]]:
 OPTION_KINDS = _option_kinds()
 OPTION_NAMES = tuple(OPTION_KINDS)
 NULLABLE_OPTIONS = tuple(k for k, v in option_defaults().items() if v is None)  # empty field -> None (seed)
+#: The form field that picks a job's LoRAs among those `sdx4 serve --lora` offers (`LoraChoices`). Not an
+#: UpscaleOptions field: LoRAs are part of the model, which the worker switches between jobs.
+LORA_FIELD = "lora"
+NO_LORA = "none"  # the field's value for the base model
+#: Every text field of an upscale form: the options, and the LoRA choice.
+FORM_FIELDS = (*OPTION_NAMES, LORA_FIELD)
 #: What the image part may declare as its type; the bytes themselves are checked by Pillow.
 IMAGE_PART_TYPES = ("image/", "application/octet-stream")
 #: Room for the option fields and multipart framing on top of the image bytes.
@@ -138,6 +150,75 @@ class ServerSettings:
             "max_video_seconds": self.max_video_seconds,
             "max_video_frames": self.max_video_frames,
         }
+
+
+@dataclass(frozen=True)
+class LoraChoices:
+    """The LoRAs a server offers (`sdx4 serve --lora`: merged at start, each at its serve-time scale), by file
+    name in the order given, and what a job's `lora` field picks among them (`parse`).
+
+    OptionsError (option "loras") when two share a name or a name holds a comma: jobs name LoRAs by file
+    name, several separated by commas."""
+
+    specs: tuple[LoraSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.specs]
+        for spec in self.specs:
+            if names.count(spec.name) > 1:
+                paths = ", ".join(s.path for s in self.specs if s.name == spec.name)
+                raise OptionsError(f"loras: {names.count(spec.name)} LoRAs are named {spec.name} ({paths}); jobs choose "
+                                   "LoRAs by file name: give each a different name", option="loras")
+            if "," in spec.name:
+                raise OptionsError(f"loras: {spec.name} has a comma in its name; jobs choose LoRAs by file name, "
+                                   "several separated by commas: rename it", option="loras")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.specs)
+
+    @property
+    def default(self) -> str:
+        """The `lora` value of a job that sends none: every offered LoRA (`none` when none is offered)."""
+        return ",".join(self.names) or NO_LORA
+
+    def parse(self, raw: str | None, method: str) -> tuple[str, ...] | None:
+        """A job's `lora` field -> the names of the offered LoRAs merged for it, in the offered order (() =
+        the base model), or None for a method without the model (nothing to switch). Absent or empty: every
+        offered LoRA (`default`). 422 naming the field for a name not offered, a name given twice, `none`
+        beside a name, or any value with a method other than sd."""
+        text = (raw or "").strip()
+        if method != "sd":
+            if text:
+                raise ApiError(422, f"lora is for method sd (the diffusion model); method {method} merges no LoRA: "
+                               "leave lora out", LORA_FIELD)
+            return None
+        if not text:
+            return self.names
+        allowed = (f"{NO_LORA}, or one or more of {', '.join(self.names)} separated by commas" if self.names
+                   else f"{NO_LORA} (this server offers no LoRAs; `sdx4 serve --lora FILE[:SCALE]` offers some)")
+        if text == NO_LORA:
+            return ()
+        asked = [part.strip() for part in text.split(",")]
+        for name in asked:
+            if name == NO_LORA:
+                raise ApiError(422, f"lora: {NO_LORA} is the base model and takes no other LoRA; got {short(text)!r}; "
+                                   f"allowed: {allowed}", LORA_FIELD)
+            if name not in self.names:
+                raise ApiError(422, f"lora: {short(name)!r} is not a LoRA this server offers; allowed: {allowed}", LORA_FIELD)
+            if asked.count(name) > 1:
+                raise ApiError(422, f"lora: {name} is named twice; allowed: {allowed}", LORA_FIELD)
+        return tuple(n for n in self.names if n in asked)
+
+    def specs_of(self, names: tuple[str, ...]) -> tuple[LoraSpec, ...]:
+        """The files and scales of these offered LoRAs (what `Upscaler.set_loras` takes); ValueError naming
+        one no longer offered (a job recorded by a server started with other LoRAs)."""
+        by_name = {s.name: s for s in self.specs}
+        for name in names:
+            if name not in by_name:
+                offered = ", ".join(self.names) or "none"
+                raise ValueError(f"LoRA {name} is not offered by this server (it offers: {offered})")
+        return tuple(by_name[n] for n in names)
 
 
 class Changes:

@@ -42,7 +42,7 @@ RESULT_NAME = re.compile(r"[0-9a-f]{32}(_[0-9]+)?\.png")
 
 _COLUMNS = (
     "id", "state", "options", "input_name", "input_w", "input_h", "files", "nbytes", "metadata",
-    "error", "error_kind", "created", "started", "finished", "attempts",
+    "error", "error_kind", "created", "started", "finished", "attempts", "loras",
 )
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created REAL NOT NULL,
     started REAL,
     finished REAL,
-    attempts INTEGER NOT NULL       -- times a worker started it (a job that killed the server twice fails)
+    attempts INTEGER NOT NULL,      -- times a worker started it (a job that killed the server twice fails)
+    loras TEXT                      -- JSON list of the LoRA names merged for it, or NULL (the model as it is)
 );
 -- {len(_COLUMNS)} columns besides seq
 """
@@ -85,6 +86,7 @@ class StoredJob:
     started: float | None
     finished: float | None
     attempts: int
+    loras: list[str] | None = None
 
 
 class FolderInUse(OptionsError):
@@ -107,6 +109,8 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        if "loras" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN loras TEXT")  # a folder an older sdx4 wrote
 
     # ---- rows -------------------------------------------------------------------------------------
 
@@ -116,6 +120,7 @@ class JobStore:
             job.id, job.state, json.dumps(job.options), job.input_name, job.input_size[0], job.input_size[1],
             json.dumps(job.files), job.nbytes, None if job.metadata is None else json.dumps(job.metadata),
             job.error, job.error_kind, job.created, job.started, job.finished, job.attempts,
+            None if job.loras is None else json.dumps(job.loras),
         )
         updates = ", ".join(f"{c}=excluded.{c}" for c in _COLUMNS[1:])
         with self._lock:
@@ -147,7 +152,7 @@ class JobStore:
                 input_size=(d["input_w"], d["input_h"]), files=json.loads(d["files"]), nbytes=d["nbytes"],
                 metadata=None if d["metadata"] is None else json.loads(d["metadata"]), error=d["error"],
                 error_kind=d["error_kind"], created=d["created"], started=d["started"], finished=d["finished"],
-                attempts=d["attempts"],
+                attempts=d["attempts"], loras=None if d["loras"] is None else json.loads(d["loras"]),
             ))
         return jobs
 

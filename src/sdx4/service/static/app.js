@@ -11,7 +11,8 @@
 const $ = (id) => document.getElementById(id);
 const FINISHED = ["done", "failed", "cancelled"];
 // Every option field the page may send, in form order; one is sent only when the server offers it
-// (/v1/info's defaults, or its "loras" list), it is enabled and not empty (empty = the server's default).
+// (/v1/info's defaults, or its "loras" list), it is enabled and not empty (empty = the server's default; for
+// "lora" every LoRA the server offers, named by /v1/info's defaults.lora).
 const FIELDS = ["prompt", "negative_prompt", "method", "scale", "color_fix", "width", "height", "num_images", "lora",
   "steps", "guidance", "noise_level", "seed", "eta", "scheduler"];
 // What only the diffusion model reads; the other methods ignore these fields, so the page disables them.
@@ -88,8 +89,10 @@ async function loadInfo() {
     fillSelect($("method"), info.methods || choices.method || [d.method], d.method, METHOD_TITLES);
     for (const name of ["color_fix", "scheduler"]) fillSelect($(name), choices[name] || [], d[name]);
     const loras = offered("lora") ? info.loras : [];
-    fillSelect($("lora"), ["", ...loras.map((l) => l.name)], "",
-      Object.fromEntries([["", "none"], ...loras.map((l) => [l.name, `${l.name} (scale ${l.scale})`])]));
+    const byDefault = typeof d.lora === "string" ? ` (${d.lora.split(",").join(", ")})` : "";
+    fillSelect($("lora"), ["", "none", ...loras.map((l) => l.name)], "",
+      Object.fromEntries([["", "server default" + byDefault], ["none", "none (the base model)"],
+        ...loras.map((l) => [l.name, `${l.name} (scale ${l.scale})`])]));
     for (const name of ["scale", "num_images", "steps", "guidance", "noise_level", "eta", "width", "height"]) {
       if ($(name).value === "" && d[name] !== null && d[name] !== undefined) $(name).value = d[name];
     }
@@ -106,6 +109,12 @@ async function loadInfo() {
     $("model-info").textContent = "";
     showError(e.status === 401 ? "This server needs an API key: enter it above." : "Cannot reach the server: " + e.message);
   }
+}
+
+// The LoRAs a result's metadata says were merged (its "loras": name, sha256, scale), for people.
+function loraText(loras) {
+  if (!Array.isArray(loras) || !loras.length) return "no LoRA";
+  return "LoRA " + loras.map((l) => `${l.name} ×${l.scale}`).join(", ");
 }
 
 function ignoredBy(method) {
@@ -468,7 +477,8 @@ async function showResult(job) {
   $("loupe-after-tag").textContent = name;
   const m = job.snap.metadata || {};
   $("result-info").textContent = `${job.name} · ${w}×${h}` + (m.seed !== undefined && m.seed !== null ? ` · seed ${m.seed}` : "") +
-    (m.steps ? ` · ${m.steps} steps · guidance ${m.guidance} · noise ${m.noise_level}` : "") + ` · ${m.seconds} s`;
+    (m.steps ? ` · ${m.steps} steps · guidance ${m.guidance} · noise ${m.noise_level}` : "") +
+    (m.steps && offered("lora") ? " · " + loraText(m.loras) : "") + ` · ${m.seconds} s`;
   const link = $("download");
   link.href = job.urls[0];
   link.download = job.filenames[0];
