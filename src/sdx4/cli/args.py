@@ -73,9 +73,15 @@ def add_output_args(p: argparse.ArgumentParser | Any) -> None:
     )
 
 
-def add_model_args(p: argparse.ArgumentParser | Any) -> None:
-    """--model/--device/--dtype/--vae-dtype/--low-memory/--compile: how the model is loaded, defaults read
-    from LoadOptions (`load_options_from_args` builds one)."""
+LORA_HELP = (
+    "a LoRA .safetensors file (diffusers or Kohya keys) merged into the UNet at SCALE (default 1); "
+    "repeat for several; merged before the speed tricks, so inference is as fast as without"
+)
+
+
+def add_model_args(p: argparse.ArgumentParser | Any, lora_help: str = LORA_HELP) -> None:
+    """--model/--device/--dtype/--vae-dtype/--low-memory/--compile/--no-weight-cache/--lora: how the model is
+    loaded, defaults read from LoadOptions (`load_options_from_args` builds one)."""
     d = option_defaults(LoadOptions)
     p.add_argument("--model", default=d["model"], help="Hub id, local folder in diffusers layout, or single-file checkpoint (.safetensors, .ckpt)")
     p.add_argument("--device", default=d["device"], help="auto, cpu, cuda, cuda:N or mps")
@@ -102,8 +108,7 @@ def add_model_args(p: argparse.ArgumentParser | Any) -> None:
         action="append",
         default=[],
         metavar="PATH[:SCALE]",
-        help="a LoRA .safetensors file (diffusers or Kohya keys) merged into the UNet at SCALE (default 1); "
-        "repeat for several; merged before the speed tricks, so inference is as fast as without",
+        help=lora_help,
     )
 
 

@@ -28,7 +28,12 @@ def register(subparsers: Any) -> None:
         add_model_args,  # cli is fully imported by the time it registers subcommands
     )
 
-    add_model_args(p)
+    add_model_args(
+        p,
+        lora_help="a LoRA .safetensors file (diffusers or Kohya keys) offered at SCALE (default 1); repeat for "
+        "several; a job's lora field picks among them by file name (none: the base model), a job without it "
+        "gets all of them merged",
+    )
     p.add_argument("--api-key", default=None, help=f"require this key (header 'Authorization: Bearer KEY' or 'X-API-Key'); "
                    f"VISIBLE to every user in `ps`: prefer ${API_KEY_ENV} or --api-key-file; default: ${API_KEY_ENV} if set, else none")
     p.add_argument("--api-key-file", default=None, metavar="PATH", help="read the key from this file (first line; surrounding spaces dropped)")
