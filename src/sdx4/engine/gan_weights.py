@@ -111,15 +111,18 @@ def _load(path: str, size: int, mtime_ns: int) -> UserNet:
 
     p = Path(path)
     sd = read_state_dict(p)
+    import torch
+
     try:
         spec = detect(sd)
         net = load(sd, spec)
     except ArchError as e:
         raise refuse(p, f"not a Real-ESRGAN-family network: {e}") from None
-    return UserNet(net, spec, p.name, file_sha256(p))
+    # channels_last: measured 8% faster for x4plus and 14-35% for the smaller nets on a CPU (README)
+    return UserNet(net.to(memory_format=torch.channels_last), spec, p.name, file_sha256(p))
 
 
-def forward(user: UserNet, rgb: Any, channels_last: bool = False) -> Any:
+def forward(user: UserNet, rgb: Any) -> Any:
     """One pass: float32 H,W,3 in [0,1] -> float32 sH,sW,3 (s = the net's scale; not clipped).
 
     An x2 / x1 RRDBNet pixel-unshuffles by 2 / 4, so the input is padded (reflected, bottom and right) to a
@@ -136,8 +139,7 @@ def forward(user: UserNet, rgb: Any, channels_last: bool = False) -> Any:
     if ph or pw:
         mode = "reflect" if ph < h and pw < w else "replicate"  # reflect needs the image larger than the pad
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)  # as the net's weights
     with torch.inference_mode():
         y = user.net(x)[:, :, : s * h, : s * w]  # 1,3,sH,sW
     out = y[0].permute(1, 2, 0).contiguous().numpy()
