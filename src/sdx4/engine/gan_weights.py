@@ -59,12 +59,12 @@ def read_state_dict(path: Path) -> dict[str, Any]:
 
         try:
             obj: Any = load_file(str(path), device="cpu")
-        except Exception as e:  # SafetensorError on a truncated or foreign file
+        except Exception as e:  # noqa: BLE001 - SafetensorError on a truncated or foreign file
             raise refuse(path, f"not a readable .safetensors file (truncated or of another kind): {_first_line(e)}") from None
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated zip, a pickle with code in it (weights_only), not a torch file at all
+        except Exception as e:  # noqa: BLE001 - a truncated zip, a pickle with code in it (weights_only), not a torch file
             raise refuse(path, f"not a readable PyTorch weights file (truncated, or it holds more than tensors): {_first_line(e)}") from None
     if isinstance(obj, dict):
         for key in WRAPPERS:

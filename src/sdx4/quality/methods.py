@@ -14,7 +14,13 @@ from PIL import Image
 
 from ..api import upscale
 from ..imageio import LoadedImage
-from ..options import METHODS, WEIGHTS_METHOD_PREFIX, LoraSpec, UpscaleOptions, split_method
+from ..options import (
+    METHODS,
+    WEIGHTS_METHOD_PREFIX,
+    LoraSpec,
+    UpscaleOptions,
+    split_method,
+)
 
 #: The diffusion model only upscales by exactly 4.
 SD_SCALE = 4

@@ -22,7 +22,13 @@ from ..imageio import (
     as_loaded,
     output_name,
 )
-from ..options import LOCAL_OPTIONS, OptionsError, UpscaleOptions, option_defaults, scaled_size
+from ..options import (
+    LOCAL_OPTIONS,
+    OptionsError,
+    UpscaleOptions,
+    option_defaults,
+    scaled_size,
+)
 from .jobs import QueueSettings
 
 log = logging.getLogger("sdx4.server")
