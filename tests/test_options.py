@@ -86,7 +86,7 @@ BAD_VALUES = {
         "tile_size": 4, "tile_overlap": -1, "tile_batch": 65, "tile_blend": "hard", "max_memory": 2**20,
         "vae_attention_window": 8,
         "color_mode": "grey", "bit_depth": 12, "width": 0, "height": 70000,
-        "preset": "turbo",
+        "preset": "turbo", "gan_weights": "my_net.pth",
     },
     LoadOptions: {
         "model": "", "device": "tpu", "dtype": "fp8", "vae_dtype": "fp16", "low_memory": "yes", "compile": 1,

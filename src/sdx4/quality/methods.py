@@ -14,7 +14,13 @@ from PIL import Image
 
 from ..api import upscale
 from ..imageio import LoadedImage
-from ..options import METHODS, LoraSpec, UpscaleOptions
+from ..options import (
+    METHODS,
+    WEIGHTS_METHOD_PREFIX,
+    LoraSpec,
+    UpscaleOptions,
+    split_method,
+)
 
 #: The diffusion model only upscales by exactly 4.
 SD_SCALE = 4
@@ -44,14 +50,20 @@ def is_sd_method(name: str) -> bool:
     return name == "sd" or name.startswith("sd+")
 
 
+def is_weights_method(name: str) -> bool:
+    """A user's own Real-ESRGAN-family weights, spelled realesrgan:PATH (options.split_method)."""
+    return name.startswith(WEIGHTS_METHOD_PREFIX)
+
+
 def parse_methods(text: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
     """'sd,bicubic, lanczos' -> ('sd', 'bicubic', 'lanczos'); unknown or repeated names are errors.
-    `extra`: further allowed names (the LoRA methods of `lora_methods`)."""
+    `extra`: further allowed names (the LoRA methods of `lora_methods`). realesrgan:PATH names a user's
+    weights file (checked by api.check_method, not here; a PATH cannot hold a comma)."""
     names = [t.strip() for t in text.split(",") if t.strip()]
     choices = (*METHODS, *(e for e in extra if e not in METHODS))
     if not names:
-        raise ValueError(f"no methods given; choose from {', '.join(choices)}")
-    unknown = [n for n in names if n not in choices]
+        raise ValueError(f"no methods given; choose from {', '.join(choices)}, or {WEIGHTS_METHOD_PREFIX}PATH")
+    unknown = [n for n in names if n not in choices and not is_weights_method(n)]
     if unknown:
         hint = "; sd+lora and sd+NAME need --lora" if is_sd_method(unknown[0]) and not extra else ""
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(choices)}{hint}")
@@ -101,9 +113,13 @@ class MethodRunner:
             result = self.upscaler(rgb, opts)
             seconds = time.perf_counter() - t0
             return MethodOutput(result.image.convert("RGB"), seconds, result.metadata)
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        name, weights = split_method(method)
+        if name not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}, or {WEIGHTS_METHOD_PREFIX}PATH")
         t0 = time.perf_counter()
-        out = upscale(LoadedImage(rgb=rgb, alpha=None), method=method, scale=scale).image  # the public API's path
+        result = upscale(LoadedImage(rgb=rgb, alpha=None), method=name, scale=scale, gan_weights=weights)  # the public API's path
         seconds = time.perf_counter() - t0
-        return MethodOutput(out, seconds, {"method": method, "scale": scale})
+        meta: dict[str, Any] = {"method": method, "scale": scale}
+        if weights is not None:  # which file made this row
+            meta.update({k: result.metadata[k] for k in ("model", "model_file", "weights_sha256")})
+        return MethodOutput(result.image, seconds, meta)

@@ -39,7 +39,7 @@ from fastapi.staticfiles import StaticFiles
 from .._version import __version__
 from ..imageio import LoadedImage
 from ..metadata import service_info
-from ..options import METHODS, UpscaleOptions, option_defaults, size_tag
+from ..options import METHODS, UpscaleOptions, size_tag
 from .guard import Guard, RateLimitedLog, guarded_protocol, quiet_access_log
 from .jobs import FINISHED, JobManager, QueueFull, ShuttingDown
 from .requests import (
@@ -61,6 +61,7 @@ from .requests import (
     parse_options,
     public_model_name,
     safe_name,
+    service_option_defaults,
     short,
 )
 
@@ -288,7 +289,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
                             "image": {"type": "string", "format": "binary", "description": "the picture (PNG, JPEG, WebP, ...)"},
                             **{
                                 k: {"type": OPTION_KINDS[k][0], "default": v, **({"enum": list(OPTION_KINDS[k][1])} if OPTION_KINDS[k][1] else {})}
-                                for k, v in option_defaults().items()
+                                for k, v in service_option_defaults().items()
                             },
                             LORA_FIELD: {
                                 "type": "string",
@@ -484,7 +485,7 @@ def create_app(upscaler: Any, settings: ServerSettings | None = None) -> FastAPI
             methods=METHODS,
             choices={k: v[1] for k, v in OPTION_KINDS.items() if v[1]},
             # lora: what a job that sends none merges (every offered LoRA, "none" when none is offered)
-            defaults=option_defaults() | {LORA_FIELD: lora_choices.default if lora_choices is not None else None},
+            defaults=service_option_defaults() | {LORA_FIELD: lora_choices.default if lora_choices is not None else None},
             api_key_required=settings.api_key is not None,
             queue=manager.status(),
             loras=model_info.get("loras", ()),  # offered: merged at start (`sdx4 serve --lora`), chosen per job

@@ -23,6 +23,7 @@ from ..imageio import (
     output_name,
 )
 from ..options import (
+    LOCAL_OPTIONS,
     LoraSpec,
     OptionsError,
     UpscaleOptions,
@@ -39,9 +40,12 @@ API_KEY_ENV = "SDX4_API_KEY"
 def _option_kinds() -> dict[str, tuple[str, tuple[str, ...]]]:
     """UpscaleOptions field -> ("integer" | "number" | "boolean" | "string", allowed strings for Literals).
 
-    Read from the dataclass itself, so an option added there is accepted here with the same name."""
+    Read from the dataclass itself, so an option added there is accepted here with the same name; not the
+    LOCAL_OPTIONS (files on the server's disk, such as gan_weights): a client never names a server path."""
     kinds: dict[str, tuple[str, tuple[str, ...]]] = {}
     for name, hint in typing.get_type_hints(UpscaleOptions).items():
+        if name in LOCAL_OPTIONS:
+            continue
         args = tuple(a for a in typing.get_args(hint) if a is not type(None))
         base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
         if base is bool:
@@ -66,6 +70,12 @@ LORA_FIELD = "lora"
 NO_LORA = "none"  # the field's value for the base model
 #: Every text field of an upscale form: the options, and the LoRA choice.
 FORM_FIELDS = (*OPTION_NAMES, LORA_FIELD)
+
+
+def service_option_defaults() -> dict[str, object]:
+    """The defaults of the options a client may send (OPTION_NAMES), for /v1/info and the OpenAPI form."""
+    return {k: v for k, v in option_defaults().items() if k in OPTION_KINDS}
+
 #: What the image part may declare as its type; the bytes themselves are checked by Pillow.
 IMAGE_PART_TYPES = ("image/", "application/octet-stream")
 #: Room for the option fields and multipart framing on top of the image bytes.
