@@ -184,7 +184,8 @@ def test_prompts_from_mapping_then_sidecar_then_option(tmp_path: Path, model: Pa
     assert not np.array_equal(pixels(out / "a_x4.png"), np.asarray(other.image.convert("RGBA")))
 
 
-def test_all_prompts_are_encoded_before_the_first_image(tmp_path: Path, model: Path) -> None:
+def test_all_prompts_are_encoded_before_the_first_image(tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDX4_CACHE", str(tmp_path / "cache"))  # a first start: "" is encoded at load, not read
     src = make_folder(tmp_path / "in", ["a.png", "b.png", "c.png"])
     (src / "a.txt").write_text("a cat")
     mapping = tmp_path / "p.jsonl"

@@ -229,11 +229,13 @@ def test_load_prompts_must_be_a_list_of_strings(tiny_model_dir, prompts):
     assert up.prompt_cache.encoder_runs == 0
 
 
-def test_low_memory_load_drops_the_text_encoder_before_the_unet_is_loaded(tiny_model_dir, rng_image, monkeypatch):
+def test_low_memory_load_drops_the_text_encoder_before_the_unet_is_loaded(tiny_model_dir, rng_image, monkeypatch, tmp_path):
     """The peak of a low-memory load is max(text encoder, UNet + VAE), not their sum: the text encoder
     encodes the default prompts and is gone (no reference left) before the UNet's weights are read."""
     import gc
     import weakref
+
+    monkeypatch.setenv("SDX4_CACHE", str(tmp_path / "cache"))  # a first start: the prompts are encoded, not read
 
 
     encoders: list[weakref.ref] = []

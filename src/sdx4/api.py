@@ -530,13 +530,22 @@ def _load(options: LoadOptions, prompts: Sequence[str] | None) -> Upscaler:
 
     def encode_first(components: Any) -> None:
         up = Upscaler(components, low_memory=options.low_memory)
-        up.text_load_seconds = time.perf_counter() - t0  # tokenizer and text encoder: what a reload costs
+        cache = up.prompt_cache
+        if components.text_encoder is not None:  # loaded with the model (a single file)
+            up.text_load_seconds = time.perf_counter() - t0  # tokenizer and text encoder: what a reload costs
         if up.low_memory:
+            # The given prompts, read from the cache folder when an earlier start kept them (then the text
+            # encoder is never loaded), else encoded and kept; then the encoder goes before the UNet comes.
+            cache(first, keep=True)
+            cache.drop_encoder()  # also when every prompt was already cached (or none given)
+        elif components.text_encoder is None:  # the keep policy holds the encoder: load it now, as before
             t1 = time.perf_counter()
-            up.encode_prompts(first)
-            if first:
-                up.text_encode_seconds = (time.perf_counter() - t1) / len(set(first))
-            up.prompt_cache.drop_encoder()  # also when every prompt was already cached (or none given)
+            components.text_encoder = components.load_text_encoder()
+            cache.encoder_load_seconds = time.perf_counter() - t1
+        if cache.encoder_load_seconds is not None:
+            up.text_load_seconds = cache.encoder_load_seconds
+        if cache.encode_seconds:
+            up.text_encode_seconds = sum(cache.encode_seconds) / len(cache.encode_seconds)
         made.append(up)
 
     load_components(
@@ -548,6 +557,7 @@ def _load(options: LoadOptions, prompts: Sequence[str] | None) -> Upscaler:
         before_denoiser=encode_first,
         weight_cache=options.weight_cache,
         loras=options.loras,
+        lazy_text_encoder=True,  # encode_first loads it when a prompt is not kept (or the policy keeps it)
     )
     return made[0]
 

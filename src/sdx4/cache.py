@@ -12,16 +12,19 @@ def cache_root() -> Path:
 
 
 #: What sdx4 keeps in the cache folder (and `clear` removes; nothing else there is touched, e.g. the
-#: benchmarks' random models): the converted weights (model/weight_cache.py), the time calibration
-#: (engine/estimate.py) and the bf16-vs-fp32 measurement (model/placement.py).
+#: benchmarks' random models): the converted weights (model/weight_cache.py) and the embeddings of the prompts
+#: given at load (engine/prompt_store.py), the time calibration (engine/estimate.py) and the bf16-vs-fp32
+#: measurement (model/placement.py).
 WEIGHTS_DIR = "weights"
+PROMPTS_DIR = "prompts"
 CALIBRATION_FILE = "estimate-calibration.json"
 PRECISION_FILE = "cpu-precision.json"
 
 
 def cache_info() -> dict[str, object]:
     """What sdx4 keeps in the cache folder: {"folder", "weights": [{"file", "bytes", "source", "dtype",
-    "written"}], "weights_bytes", "files": [the measurement files present], "total_bytes"}. No torch."""
+    "written"}], "weights_bytes", "prompts" (kept prompt embeddings), "prompts_bytes", "files": [the measurement
+    files present], "total_bytes"}. No torch."""
     import json
 
     root = cache_root()
@@ -38,21 +41,24 @@ def cache_info() -> dict[str, object]:
                         "dtype": key.get("dtype", "?"), "written": meta.get("written", "?") if isinstance(meta, dict) else "?"})
     files = [name for name in (CALIBRATION_FILE, PRECISION_FILE) if (root / name).is_file()]
     weights = sum(int(e["bytes"]) for e in entries)  # type: ignore[call-overload]
-    return {"folder": str(root), "weights": entries, "weights_bytes": weights, "files": files,
-            "total_bytes": weights + sum((root / f).stat().st_size for f in files)}
+    kept = sorted((root / PROMPTS_DIR).glob("*.safetensors")) if (root / PROMPTS_DIR).is_dir() else []
+    prompts = sum(p.stat().st_size for p in kept)
+    return {"folder": str(root), "weights": entries, "weights_bytes": weights, "prompts": len(kept),
+            "prompts_bytes": prompts, "files": files,
+            "total_bytes": weights + prompts + sum((root / f).stat().st_size for f in files)}
 
 
 def clear_cache(weights_only: bool = False) -> int:
-    """Remove what sdx4 keeps in the cache folder (only the weights with `weights_only`); returns the bytes
-    freed. Other files in the folder are left alone."""
+    """Remove what sdx4 keeps in the cache folder (only the converted weights and the prompt embeddings made
+    from them with `weights_only`); returns the bytes freed. Other files in the folder are left alone."""
     import shutil
 
     root = cache_root()
     freed = 0
-    folder = root / WEIGHTS_DIR
-    if folder.is_dir():
-        freed += sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-        shutil.rmtree(folder)
+    for folder in (root / WEIGHTS_DIR, root / PROMPTS_DIR):
+        if folder.is_dir():
+            freed += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+            shutil.rmtree(folder)
     if not weights_only:
         for name in (CALIBRATION_FILE, PRECISION_FILE):
             p = root / name

@@ -1,5 +1,6 @@
 """`sdx4 cache info` and `sdx4 cache clear`: what sdx4 keeps in its cache folder ($SDX4_CACHE, else
-~/.cache/sdx4): the converted weights of the fast start, the time calibration and the bf16 measurement."""
+~/.cache/sdx4): the converted weights of the fast start and the embeddings of the prompts given at load, the
+time calibration and the bf16 measurement."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ def register(sub: Any) -> None:
         "cache",
         help="show or clear what sdx4 keeps in its cache folder",
         description="What sdx4 keeps in its cache folder ($SDX4_CACHE, else ~/.cache/sdx4): the weights converted "
-        "to their dtype and layout (mapped at later starts; --no-weight-cache or SDX4_WEIGHT_CACHE=0 turns that "
-        "off), the time calibration of the estimates and the bf16 measurement. Other files there are left alone.",
+        "to their dtype and layout (mapped at later starts) and the embeddings of the prompts given at load "
+        "(--no-weight-cache or SDX4_WEIGHT_CACHE=0 turns both off), the time calibration of the estimates and the bf16 measurement. Other files there are left alone.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     what = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
@@ -27,7 +28,7 @@ def register(sub: Any) -> None:
     )
     clear = what.add_parser("clear", help="remove them (rebuilt at the next start)")
     clear.add_argument(
-        "--weights", action="store_true", help="remove only the converted weights"
+        "--weights", action="store_true", help="remove only the converted weights and prompt embeddings"
     )
     p.set_defaults(func=cmd_cache)
 
@@ -40,7 +41,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.cache_command == "clear":
         freed = clear_cache(weights_only=args.weights)
         print(
-            f"cleared {'the converted weights' if args.weights else 'the sdx4 cache'} in {cache_info()['folder']}: "
+            f"cleared {'the converted weights and prompt embeddings' if args.weights else 'the sdx4 cache'} in {cache_info()['folder']}: "
             f"{_gib(freed)} freed"
         )
         return EXIT_OK
@@ -57,6 +58,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(
             f"  {e['file']}  {_gib(int(e['bytes']))}  {e['dtype']}  {e['source']}  (written {e['written']})"
         )
+    print(f"prompt embeddings: {info['prompts']} entries, {_gib(int(info['prompts_bytes']))}")  # type: ignore[call-overload]
     for name in info["files"]:  # type: ignore[attr-defined]
         print(f"measurement: {name}")
     print(f"total: {_gib(int(info['total_bytes']))}")  # type: ignore[call-overload]

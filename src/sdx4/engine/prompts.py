@@ -11,7 +11,7 @@ import torch
 
 from ..model.loading import Components
 from ..options import UpscaleOptions
-from . import budget
+from . import budget, prompt_store
 
 log = logging.getLogger("sdx4")
 
@@ -71,21 +71,44 @@ class PromptCache:
         self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self.encoder_runs = 0
-        self.encoder_loads = 0
+        self.encoder_loads = 0  # loads of the text encoder after the model's load
+        self.kept_reads = 0  # prompts read from the cache folder (prompt_store.py) instead of encoded
+        #: Seconds of the last text-encoder load done here and of the encoder runs (None: none done here).
+        self.encoder_load_seconds: float | None = None
+        self.encode_seconds: list[float] = []
 
-    def __call__(self, prompts: list[str]) -> list[torch.Tensor]:
+    def __call__(self, prompts: list[str], keep: bool = False) -> list[torch.Tensor]:
+        """The embeddings of `prompts`, in order. `keep`: read the ones not in memory from the cache folder
+        and keep the newly encoded ones there (prompt_store.py; `sdx4.load` does it for the prompts it is given;
+        no other prompt is ever written to disk)."""
+        import time
+
         prompts = check_prompts(prompts)
         with self._lock:
             missing = [p for p in dict.fromkeys(prompts) if p not in self._entries]
+            c = self.components
+            if missing and keep:
+                for prompt in list(missing):
+                    kept = prompt_store.read(c, prompt)
+                    if kept is not None:
+                        self._entries[prompt] = kept
+                        self.kept_reads += 1
+                        missing.remove(prompt)
             if missing:
-                c = self.components
                 if c.text_encoder is None:
-                    log.info("loading the text encoder again for %d new prompt(s) (low-memory policy)", len(missing))
+                    if c.text_encoder_loaded:
+                        log.info("loading the text encoder again for %d new prompt(s) (low-memory policy)", len(missing))
+                        self.encoder_loads += 1
+                    t0 = time.perf_counter()
                     c.text_encoder = c.load_text_encoder()
-                    self.encoder_loads += 1
+                    self.encoder_load_seconds = time.perf_counter() - t0
                 for prompt in missing:
+                    t0 = time.perf_counter()
                     self._entries[prompt] = encode_prompt(c, prompt).to(c.placement.unet_dtype)  # 1,77,D
+                    self.encode_seconds.append(time.perf_counter() - t0)
                     self.encoder_runs += 1
+                    if keep:
+                        prompt_store.write(c, prompt, self._entries[prompt])
                 if self.low_memory:
                     self._drop_encoder()
             out = []

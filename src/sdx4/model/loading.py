@@ -56,14 +56,23 @@ class Components:
     source: Any = None  # a single-file checkpoint (single_file.SingleFileModel) the networks are read from
     weight_cache: bool = False  # weights read through the cache folder's converted copies (weight_cache.py)
     loras: tuple[Any, ...] = ()  # the LoRAs merged into the UNet (model/lora.py `Lora`), merged again by load_unet
+    text_encoder_loaded: bool = True  # False until a lazily loaded text encoder is first loaded (load_components)
+    text_encoder_empty: Any = None  # its empty (meta) module, built while checking the folder, filled at that load
 
     def load_text_encoder(self) -> Any:
-        """Load the text encoder again (the low-memory policy drops it between prompts)."""
+        """Load the text encoder: the first time when the model was loaded without it (`lazy_text_encoder`),
+        or again (the low-memory policy drops it between prompts)."""
         if self.source is not None:
-            return self.source.text_encoder(self.placement)
-        if self.folder is None:
+            enc = self.source.text_encoder(self.placement)
+        elif self.folder is None:
             raise RuntimeError("the text encoder was released and the model folder is unknown")
-        return _load_text_encoder(self.folder, self.placement, cache=self.weight_cache)
+        else:
+            empty, self.text_encoder_empty = self.text_encoder_empty, None
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*scaling_factor.*")
+                enc = _load_text_encoder(self.folder, self.placement, empty=empty, cache=self.weight_cache)
+        self.text_encoder_loaded = True
+        return enc
 
     def load_unet(self) -> Any:
         """Load the UNet again, placed and prepared as at first (the low-memory policy releases it for
@@ -176,6 +185,7 @@ def load_components(
     before_denoiser: Callable[[Components], None] | None = None,
     weight_cache: bool = True,
     loras: tuple[Any, ...] = (),
+    lazy_text_encoder: bool = False,
 ) -> Components:
     """Find, load, check and place every component of the x4 upscaler.
 
@@ -189,6 +199,9 @@ def load_components(
     made at the first start; off also with SDX4_WEIGHT_CACHE=0).
     `loras` (`options.LoraSpec`s) are read and checked against the UNet's config before any weight is read,
     and merged into the UNet's weights before the speed tricks go on (model/lora.py).
+    `lazy_text_encoder`: a model folder's text encoder is not loaded here (`text_encoder` None,
+    `Components.load_text_encoder()` loads it when a prompt must be encoded: `sdx4.load` reads the prompts it
+    is given from the cache folder when it can, engine/prompt_store.py); its config is checked all the same.
     """
     from . import weight_cache as kept
 
@@ -215,9 +228,11 @@ def load_components(
         with damaged_model_errors("tokenizer"):
             tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         check_tokenizer(tokenizer, folder / "tokenizer")
-        text_encoder = _load_text_encoder(folder, placement, empty=empty.pop("text_encoder"), cache=cache)
-    check_text_encoder_fits_tokenizer(tokenizer, text_encoder.config)
-    text_hidden_size = text_encoder.config.hidden_size
+        empty_text = empty.pop("text_encoder")
+        text_encoder = None if lazy_text_encoder else _load_text_encoder(folder, placement, empty=empty_text, cache=cache)
+    text_config = empty_text.config if text_encoder is None else text_encoder.config
+    check_text_encoder_fits_tokenizer(tokenizer, text_config)
+    text_hidden_size = text_config.hidden_size
     index = _read_json(folder / "model_index.json")
     with damaged_model_errors("scheduler/scheduler_config.json"):
         scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
@@ -238,8 +253,10 @@ def load_components(
         compiled=compile,
         weight_cache=cache,
         loras=read_loras,
+        text_encoder_loaded=text_encoder is not None,
+        text_encoder_empty=empty_text if text_encoder is None else None,
     )
-    del text_encoder  # the caller's hook may drop it: no second reference here
+    del text_encoder, empty_text  # the caller's hook may drop it: no second reference here
     if before_denoiser is not None:
         before_denoiser(components)
 
