@@ -169,3 +169,15 @@ def test_cache_info_counts_the_kept_prompts_and_clear_weights_removes_them(cache
     assert main(["cache", "clear", "--weights"]) == 0
     assert "cleared the converted weights and prompt embeddings" in capsys.readouterr().out
     assert _kept(cache) == [] and not (cache / "prompts").exists()
+
+
+def test_a_kept_start_knows_what_a_new_prompt_will_cost(cache, model, rng_image):
+    first = _load(model, prompts=["a cat"])
+    assert first.text_load_seconds > 0 and first.text_encode_seconds > 0
+    second = _load(model, prompts=["a cat"])
+    assert second.prompt_cache.kept_reads == 1 and second.components.text_encoder is None
+    # the timings measured by the start that wrote the entry, kept with it, so the estimate of a new prompt
+    # still counts loading and running the encoder
+    assert (second.text_load_seconds, second.text_encode_seconds) == (first.text_load_seconds, first.text_encode_seconds)
+    est = second.estimate(rng_image(8, 8), prompt="a new prompt", steps=2)
+    assert est.parts["text_encoding"] >= second.text_load_seconds + second.text_encode_seconds * 0.99

@@ -544,8 +544,12 @@ def _load(options: LoadOptions, prompts: Sequence[str] | None) -> Upscaler:
             cache.encoder_load_seconds = time.perf_counter() - t1
         if cache.encoder_load_seconds is not None:
             up.text_load_seconds = cache.encoder_load_seconds
+        elif up.text_load_seconds is None:  # prompts read from the cache folder: the timing kept with them
+            up.text_load_seconds = cache.kept_timing.get("encoder_load_s")
         if cache.encode_seconds:
             up.text_encode_seconds = sum(cache.encode_seconds) / len(cache.encode_seconds)
+        else:
+            up.text_encode_seconds = cache.kept_timing.get("encode_s")
         made.append(up)
 
     load_components(

@@ -35,6 +35,7 @@ log = logging.getLogger("sdx4")
 
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 _TENSOR = "embeds"
+_TIMINGS = ("encoder_load_s", "encode_s")
 
 
 def entry_key(components: Any, prompt: str) -> dict[str, Any] | None:
@@ -68,9 +69,11 @@ def entry_path(key: dict[str, Any]) -> Path:
     return cache_root() / PROMPTS_DIR / f"{digest}.safetensors"
 
 
-def read(components: Any, prompt: str) -> torch.Tensor | None:
-    """The kept embedding of `prompt` for this model (1 x 77 x D, the UNet's dtype), or None (not kept, not
-    keepable, or an entry that does not hold up: removed, to be written again)."""
+def read(components: Any, prompt: str) -> tuple[torch.Tensor, dict[str, float]] | None:
+    """The kept embedding of `prompt` for this model (1 x 77 x D, the UNet's dtype) and the text encoder's
+    timings measured when it was written ({"encoder_load_s", "encode_s"}: what a new prompt will cost, for
+    the estimates), or None (not kept, not keepable, or an entry that does not hold up: removed, to be
+    written again)."""
     key = entry_key(components, prompt)
     if key is None:
         return None
@@ -81,24 +84,30 @@ def read(components: Any, prompt: str) -> torch.Tensor | None:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            if f.metadata() is None or json.loads(f.metadata().get("key", "null")) != key:
+            meta = f.metadata() or {}
+            if json.loads(meta.get("key", "null")) != key:
                 raise ValueError("its key does not match this model and prompt")
             embeds = f.get_tensor(_TENSOR)
+            timing = json.loads(meta.get("timing", "{}"))
         tokens = components.tokenizer.model_max_length  # the width is keyed by the encoder's config
         if (embeds.ndim != 3 or embeds.shape[:2] != (1, tokens)
                 or str(embeds.dtype).removeprefix("torch.") != key["stored_dtype"]):
             raise ValueError(f"a {embeds.dtype} tensor of shape {tuple(embeds.shape)}")
         if not torch.isfinite(embeds).all():
             raise ValueError("NaN or inf values")
+        if not isinstance(timing, dict):
+            raise ValueError("its timing is not a mapping")
+        timing = {k: float(v) for k, v in timing.items() if k in _TIMINGS and isinstance(v, (int, float)) and v >= 0}
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         log.warning("prompt cache: ignoring %s (%s)", path.name, e)
         path.unlink(missing_ok=True)
         return None
-    return embeds.to(components.placement.device)
+    return embeds.to(components.placement.device), timing
 
 
-def write(components: Any, prompt: str, embeds: torch.Tensor) -> Path | None:
-    """Keep `embeds` (what the in-process cache holds for `prompt`); the file, or None when not kept."""
+def write(components: Any, prompt: str, embeds: torch.Tensor, timing: dict[str, float | None] | None = None) -> Path | None:
+    """Keep `embeds` (what the in-process cache holds for `prompt`) and the encoder's `timing` ({"encoder_load_s",
+    "encode_s"}, the known ones); the file, or None when not kept."""
     key = entry_key(components, prompt)
     if key is None or not torch.isfinite(embeds).all():
         return None
@@ -108,7 +117,9 @@ def write(components: Any, prompt: str, embeds: torch.Tensor) -> Path | None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({_TENSOR: embeds.detach().to("cpu").contiguous()}, tmp, metadata={"key": json.dumps(key)})
+        known = {k: v for k, v in (timing or {}).items() if k in _TIMINGS and v is not None}
+        save_file({_TENSOR: embeds.detach().to("cpu").contiguous()}, tmp,
+                  metadata={"key": json.dumps(key), "timing": json.dumps(known)})
         os.replace(tmp, path)
         return path
     except OSError as e:

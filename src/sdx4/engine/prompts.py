@@ -76,6 +76,9 @@ class PromptCache:
         #: Seconds of the last text-encoder load done here and of the encoder runs (None: none done here).
         self.encoder_load_seconds: float | None = None
         self.encode_seconds: list[float] = []
+        #: The text encoder's timings recorded with the kept embeddings read here ({} when none was read):
+        #: what a new prompt costs when this process has not loaded the encoder (the estimates use them).
+        self.kept_timing: dict[str, float] = {}
 
     def __call__(self, prompts: list[str], keep: bool = False) -> list[torch.Tensor]:
         """The embeddings of `prompts`, in order. `keep`: read the ones not in memory from the cache folder
@@ -91,7 +94,8 @@ class PromptCache:
                 for prompt in list(missing):
                     kept = prompt_store.read(c, prompt)
                     if kept is not None:
-                        self._entries[prompt] = kept
+                        self._entries[prompt], timing = kept
+                        self.kept_timing = self.kept_timing or timing
                         self.kept_reads += 1
                         missing.remove(prompt)
             if missing:
@@ -108,7 +112,8 @@ class PromptCache:
                     self.encode_seconds.append(time.perf_counter() - t0)
                     self.encoder_runs += 1
                     if keep:
-                        prompt_store.write(c, prompt, self._entries[prompt])
+                        timing = {"encoder_load_s": self.encoder_load_seconds, "encode_s": self.encode_seconds[-1]}
+                        prompt_store.write(c, prompt, self._entries[prompt], timing)
                 if self.low_memory:
                     self._drop_encoder()
             out = []
