@@ -281,6 +281,34 @@ def test_a_key_too_many_or_too_few_or_a_wrong_shape_is_named(tmp_path):
     assert "key 'net' holds OrderedDict, not a tensor" in refused(wrapped)
 
 
+def test_a_stray_block_index_or_width_is_refused_before_the_net_is_built(tmp_path, monkeypatch):
+    # A small file whose keys claim a huge net (a typo'd or hostile body index, a wide conv_first beside
+    # tiny tensors) is refused from its keys and shapes: no layer of the claimed net is ever allocated.
+    built = []
+    real_conv = torch.nn.Conv2d.__init__
+
+    def counting(self, *a, **k):
+        real_conv(self, *a, **k)
+        if self.weight.device.type != "meta":  # layers on the meta device hold no memory
+            built.append(self.weight.numel())
+            if len(built) > 1000 or sum(built) > 10**7:
+                raise AssertionError("the claimed net is being built")
+
+    sd = gan_arch.build(gan_arch.NetSpec("RRDBNet", 4, 8, 1, 4)).state_dict()
+    monkeypatch.setattr(torch.nn.Conv2d, "__init__", counting)
+    far = save(tmp_path, "far.pth", {**sd, "body.200000.rdb1.conv1.weight": torch.zeros(1)})
+    assert "missing key 'body.1.rdb1.conv1.weight'" in refused(far)
+    small = {k: v for k, v in gan_arch.build(gan_arch.NetSpec("SRVGGNetCompact", 4, 4, 1)).state_dict().items()}
+    built.clear()
+    gap = save(tmp_path, "gap.pth", {**small, "body.400000.weight": torch.zeros(48, 4, 3, 3)})
+    assert "missing key 'body.5.weight'" in refused(gap)
+    built.clear()
+    wide = {"conv_first.weight": torch.zeros(4096, 3, 3, 3), "conv_first.bias": torch.zeros(4096),
+            **{k: torch.zeros(1) for k in sd if k.startswith("body.")}}
+    huge = save(tmp_path, "wide.pth", wide)
+    assert "missing key 'conv_body.weight' for RRDBNet x4 (num_feat 4096, num_block 1, num_grow_ch 1)" in refused(huge)
+
+
 def test_gan_weights_go_with_method_realesrgan_only():
     with pytest.raises(sdx4.OptionsError, match="gan_weights must be used with method realesrgan") as err:
         sdx4.UpscaleOptions(method="realesrgan-anime", gan_weights="x.pth")
