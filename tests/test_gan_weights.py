@@ -348,6 +348,40 @@ def test_cli_refuses_a_bad_file_before_reading_any_input(tmp_path):
     assert r.returncode == 2 and "realesrgan:PATH" in r.stderr
 
 
+def test_a_folder_run_redoes_its_images_with_another_file_of_the_same_relative_path(tmp_path, monkeypatch):
+    # The weights path is kept absolute (as a LoRA's): the manifest then tells a/net.pth from b/net.pth, and a
+    # rerun from another folder with `realesrgan:net.pth` is not taken for the run that made the outputs.
+    from sdx4.cli import main
+
+    for d, scale in (("a", 4), ("b", 2)):
+        (tmp_path / d).mkdir()
+        tiny(tmp_path / d, "SRVGGNetCompact", scale, "net.pth")
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (8, 6), (40, 90, 200)).save(tmp_path / "in" / "p.png")
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["upscale", str(tmp_path / "in"), "-o", str(out), "--method", "realesrgan:net.pth", "-q"]) == 0
+    with Image.open(out / "p_x4_realesrgan-net.png") as im:
+        first = json.loads(im.text["sdx4"])
+    assert first["native_scale"] == 4
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["upscale", str(tmp_path / "in"), "-o", str(out), "--method", "realesrgan:net.pth", "-q"]) == 0
+    with Image.open(out / "p_x4_realesrgan-net.png") as im:
+        assert json.loads(im.text["sdx4"])["native_scale"] == 2  # b's net ran: the image was redone
+    assert sdx4.UpscaleOptions(method="realesrgan", gan_weights="net.pth").gan_weights == str(tmp_path / "b" / "net.pth")
+
+
+def test_a_long_weights_file_name_gives_an_output_name_the_disk_takes(tmp_path):
+    net = tiny(tmp_path, "SRVGGNetCompact", 4, "x" * 240 + ".pth")
+    tag = sdx4.UpscaleOptions(method="realesrgan", gan_weights=str(net)).method_tag
+    assert tag == "realesrgan-" + "x" * 64
+    src = tmp_path / "in.png"
+    Image.new("RGB", (8, 6), (10, 200, 30)).save(src)
+    r = run_cli("upscale", str(src), "--method", f"realesrgan:{net}", "-o", str(tmp_path) + "/")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / f"in_x4_{tag}.png").is_file()
+
+
 def test_compare_and_evaluate_take_realesrgan_colon_path(tmp_path):
     net = tiny(tmp_path, name="net.safetensors")
     spelled = f"realesrgan:{net}"
