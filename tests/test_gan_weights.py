@@ -281,6 +281,34 @@ def test_a_key_too_many_or_too_few_or_a_wrong_shape_is_named(tmp_path):
     assert "key 'net' holds OrderedDict, not a tensor" in refused(wrapped)
 
 
+def test_a_stray_block_index_or_width_is_refused_before_the_net_is_built(tmp_path, monkeypatch):
+    # A small file whose keys claim a huge net (a typo'd or hostile body index, a wide conv_first beside
+    # tiny tensors) is refused from its keys and shapes: no layer of the claimed net is ever allocated.
+    built = []
+    real_conv = torch.nn.Conv2d.__init__
+
+    def counting(self, *a, **k):
+        real_conv(self, *a, **k)
+        if self.weight.device.type != "meta":  # layers on the meta device hold no memory
+            built.append(self.weight.numel())
+            if len(built) > 1000 or sum(built) > 10**7:
+                raise AssertionError("the claimed net is being built")
+
+    sd = gan_arch.build(gan_arch.NetSpec("RRDBNet", 4, 8, 1, 4)).state_dict()
+    monkeypatch.setattr(torch.nn.Conv2d, "__init__", counting)
+    far = save(tmp_path, "far.pth", {**sd, "body.200000.rdb1.conv1.weight": torch.zeros(1)})
+    assert "missing key 'body.1.rdb1.conv1.weight'" in refused(far)
+    small = {k: v for k, v in gan_arch.build(gan_arch.NetSpec("SRVGGNetCompact", 4, 4, 1)).state_dict().items()}
+    built.clear()
+    gap = save(tmp_path, "gap.pth", {**small, "body.400000.weight": torch.zeros(48, 4, 3, 3)})
+    assert "missing key 'body.5.weight'" in refused(gap)
+    built.clear()
+    wide = {"conv_first.weight": torch.zeros(4096, 3, 3, 3), "conv_first.bias": torch.zeros(4096),
+            **{k: torch.zeros(1) for k in sd if k.startswith("body.")}}
+    huge = save(tmp_path, "wide.pth", wide)
+    assert "missing key 'conv_body.weight' for RRDBNet x4 (num_feat 4096, num_block 1, num_grow_ch 1)" in refused(huge)
+
+
 def test_gan_weights_go_with_method_realesrgan_only():
     with pytest.raises(sdx4.OptionsError, match="gan_weights must be used with method realesrgan") as err:
         sdx4.UpscaleOptions(method="realesrgan-anime", gan_weights="x.pth")
@@ -318,6 +346,40 @@ def test_cli_refuses_a_bad_file_before_reading_any_input(tmp_path):
     assert f"sdx4: error: --method: gan_weights {tmp_path / 'none.pth'}: no such file" in r.stderr
     r = run_cli("upscale", "x.png", "--method", "esrgan")
     assert r.returncode == 2 and "realesrgan:PATH" in r.stderr
+
+
+def test_a_folder_run_redoes_its_images_with_another_file_of_the_same_relative_path(tmp_path, monkeypatch):
+    # The weights path is kept absolute (as a LoRA's): the manifest then tells a/net.pth from b/net.pth, and a
+    # rerun from another folder with `realesrgan:net.pth` is not taken for the run that made the outputs.
+    from sdx4.cli import main
+
+    for d, scale in (("a", 4), ("b", 2)):
+        (tmp_path / d).mkdir()
+        tiny(tmp_path / d, "SRVGGNetCompact", scale, "net.pth")
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (8, 6), (40, 90, 200)).save(tmp_path / "in" / "p.png")
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["upscale", str(tmp_path / "in"), "-o", str(out), "--method", "realesrgan:net.pth", "-q"]) == 0
+    with Image.open(out / "p_x4_realesrgan-net.png") as im:
+        first = json.loads(im.text["sdx4"])
+    assert first["native_scale"] == 4
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["upscale", str(tmp_path / "in"), "-o", str(out), "--method", "realesrgan:net.pth", "-q"]) == 0
+    with Image.open(out / "p_x4_realesrgan-net.png") as im:
+        assert json.loads(im.text["sdx4"])["native_scale"] == 2  # b's net ran: the image was redone
+    assert sdx4.UpscaleOptions(method="realesrgan", gan_weights="net.pth").gan_weights == str(tmp_path / "b" / "net.pth")
+
+
+def test_a_long_weights_file_name_gives_an_output_name_the_disk_takes(tmp_path):
+    net = tiny(tmp_path, "SRVGGNetCompact", 4, "x" * 240 + ".pth")
+    tag = sdx4.UpscaleOptions(method="realesrgan", gan_weights=str(net)).method_tag
+    assert tag == "realesrgan-" + "x" * 64
+    src = tmp_path / "in.png"
+    Image.new("RGB", (8, 6), (10, 200, 30)).save(src)
+    r = run_cli("upscale", str(src), "--method", f"realesrgan:{net}", "-o", str(tmp_path) + "/")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / f"in_x4_{tag}.png").is_file()
 
 
 def test_compare_and_evaluate_take_realesrgan_colon_path(tmp_path):

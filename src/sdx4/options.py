@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ GAN_METHODS: tuple[str, ...] = tuple(GAN_MODELS)
 WEIGHTS_METHOD_PREFIX = "realesrgan:"
 #: Options that name files on this machine: the CLI and the Python API take them, the HTTP service never does.
 LOCAL_OPTIONS: tuple[str, ...] = ("gan_weights",)
+#: At most this many characters of a weights file's stem go into output names (a file system takes 255 bytes).
+MAX_TAG_STEM = 64
 CLASSICAL_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "sd" and m not in GAN_METHODS)
 
 #: Named, tested combinations of sampler and steps (`--preset`, `UpscaleOptions.from_preset`). "reference" is
@@ -266,6 +269,9 @@ class UpscaleOptions:
                     f"gan_weights must be used with method realesrgan (it names a Real-ESRGAN-family network); got method {self.method!r}",
                     option="gan_weights",
                 )
+            # Kept absolute, as a LoRA's path: a folder run's manifest then tells two files apart by their
+            # path, whatever folder each run started in.
+            object.__setattr__(self, "gan_weights", os.path.abspath(os.path.expanduser(self.gan_weights)))
         if self.bit_depth == 16 and self.method in GAN_METHODS:
             raise OptionsError(
                 f"bit_depth 16 is for the classical methods and sd; {self.method} outputs 8-bit images", option="bit_depth"
@@ -307,10 +313,11 @@ class UpscaleOptions:
     @property
     def method_tag(self) -> str:
         """What output names carry for the method (imageio.output_name): the method, or realesrgan-STEM with
-        a user's weights file STEM.pth (characters other than letters, digits, '.', '_', '-' become '-')."""
+        a user's weights file STEM.pth (characters other than letters, digits, '.', '_', '-' become '-'; the
+        first MAX_TAG_STEM characters)."""
         if self.gan_weights is None:
             return self.method
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", PurePath(self.gan_weights).stem).strip("-.")
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", PurePath(self.gan_weights).stem)[:MAX_TAG_STEM].strip("-.")
         return f"realesrgan-{stem or 'weights'}"
 
     @property

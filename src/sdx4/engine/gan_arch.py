@@ -156,6 +156,10 @@ def detect(sd: Mapping[str, Any]) -> NetSpec:
         blocks = {int(m.group(1)) for k in keys if (m := _RRDB_KEY.fullmatch(k))}
         if not blocks:
             raise ArchError("it has conv_first but no body.N.rdbM.convK blocks: not an RRDBNet")
+        gap = min(set(range(max(blocks) + 1)) - blocks, default=None)
+        if gap is not None:  # before any layer is built: one stray index must not claim a net of that depth
+            raise ArchError(f"missing key 'body.{gap}.rdb1.conv1.weight' (its blocks go up to body.{max(blocks)}): "
+                            "an RRDBNet's blocks are body.0, body.1, ... without a gap")
         grow = _shape(sd, "body.0.rdb1.conv1.weight")[0] if "body.0.rdb1.conv1.weight" in sd else 0
         return NetSpec("RRDBNet", scales[cin], out, max(blocks) + 1, grow)
     if "body.0.weight" in sd and all(_SRVGG_KEY.fullmatch(k) for k in keys):
@@ -164,6 +168,10 @@ def detect(sd: Mapping[str, Any]) -> NetSpec:
         if "body.1.weight" not in sd or len(_shape(sd, "body.1.weight")) != 1:
             raise ArchError("an SRVGGNetCompact without PReLU activations (act_type relu or leakyrelu): only "
                             "act_type prelu (the published nets) is supported")
+        gap = min(set(range(last + 1)) - set(indices), default=None)
+        if gap is not None:  # before any layer is built: one stray index must not claim a net of that depth
+            raise ArchError(f"missing key 'body.{gap}.weight' (its layers go up to body.{last}): an "
+                            "SRVGGNetCompact's layers are body.0, body.1, ... without a gap")
         num_feat = _shape(sd, "body.0.weight")[0]
         out = _shape(sd, f"body.{last}.weight")[0]
         scale = math.isqrt(out // 3)
@@ -191,9 +199,11 @@ def build(spec: NetSpec) -> nn.Module:
 
 
 def load(sd: Mapping[str, Any], spec: NetSpec) -> nn.Module:
-    """`build(spec)` with the weights of `sd`; ArchError naming the first missing, unexpected or misshapen key."""
-    net = build(spec)
-    own = net.state_dict()
+    """`build(spec)` with the weights of `sd`; ArchError naming the first missing, unexpected or misshapen key.
+    Keys and shapes are checked against the net built on the meta device (no memory), so a file whose shapes
+    claim a far wider net than its tensors hold is refused before that net is allocated."""
+    with torch.device("meta"):
+        own = build(spec).state_dict()
     unexpected = [k for k in sd if k not in own]
     if unexpected:
         raise ArchError(f"unexpected key {unexpected[0]!r} for {spec.description}"
@@ -205,5 +215,6 @@ def load(sd: Mapping[str, Any], spec: NetSpec) -> nn.Module:
     for k, v in own.items():
         if tuple(sd[k].shape) != tuple(v.shape):
             raise ArchError(f"{k} has shape {list(sd[k].shape)}; {spec.description} needs {list(v.shape)}")
+    net = build(spec)  # the shapes match the file's tensors: as large as what was read, no larger
     net.load_state_dict({k: sd[k].to(torch.float32) for k in own}, strict=True)
     return net
