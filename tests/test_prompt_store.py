@@ -181,3 +181,59 @@ def test_a_kept_start_knows_what_a_new_prompt_will_cost(cache, model, rng_image)
     assert (second.text_load_seconds, second.text_encode_seconds) == (first.text_load_seconds, first.text_encode_seconds)
     est = second.estimate(rng_image(8, 8), prompt="a new prompt", steps=2)
     assert est.parts["text_encoding"] >= second.text_load_seconds + second.text_encode_seconds * 0.99
+
+
+def test_a_prompt_that_is_not_text_is_refused_naming_it_before_loading(cache, model, tmp_path, capsys, monkeypatch):
+    from sdx4.cli import main
+    from sdx4.options import OptionsError, UpscaleOptions
+
+    bad = b"caf\xff".decode("utf-8", "surrogateescape")  # how Python hands over a command-line byte that is not UTF-8
+    with pytest.raises(OptionsError, match=r"negative_prompt is not valid text: character '\\udcff' at position 3"):
+        UpscaleOptions(negative_prompt=bad)
+    loads = _count_encoder_loads(monkeypatch)
+    with pytest.raises(OptionsError, match="prompts is not valid text"):
+        _load(model, prompts=[bad])
+    assert loads == [] and not cache.exists()  # refused before any loading or writing
+    img = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(img)
+    code = main(["upscale", str(img), "--model", str(model), "--prompt", bad, "-o", str(tmp_path / "out.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "prompt is not valid text" in err and "Traceback" not in err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_a_damaged_entry_in_a_cache_that_cannot_be_written_is_ignored(cache, model, rng_image, monkeypatch, caplog):
+    import pathlib
+
+    image = rng_image(8, 8)
+    good = _run(_load(model, prompts=["a cat"]), image, prompt="a cat")
+    (path,) = _kept(cache)
+    path.write_bytes(b"\x00" * 64)
+    real = pathlib.Path.unlink
+
+    def read_only(self, *a, **k):
+        if self.parent.name == "prompts":
+            raise PermissionError(13, "Read-only file system", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "unlink", read_only)
+    with caplog.at_level(logging.WARNING, logger="sdx4"):
+        up = _load(model, prompts=["a cat"])  # was: the PermissionError escaped and the load failed
+    assert "prompt cache: could not remove" in caplog.text
+    assert up.prompt_cache.encoder_runs == 1 and _run(up, image, prompt="a cat").tobytes() == good.tobytes()
+
+
+def test_kept_timings_that_are_not_finite_are_dropped(cache, model):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _load(model, prompts=["a cat"])
+    (path,) = _kept(cache)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    meta["timing"] = '{"encoder_load_s": Infinity, "encode_s": 0.25}'
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    up = _load(model, prompts=["a cat"])
+    assert up.prompt_cache.kept_timing == {"encode_s": 0.25} and up.text_load_seconds is None

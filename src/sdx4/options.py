@@ -221,8 +221,8 @@ class UpscaleOptions:
     gan_weights: str | None = None
 
     def __post_init__(self) -> None:
-        _check_str("prompt", self.prompt)
-        _check_str("negative_prompt", self.negative_prompt)
+        check_text("prompt", self.prompt)
+        check_text("negative_prompt", self.negative_prompt)
         _check_int("steps", self.steps, 1, MAX_STEPS)
         _check_float("guidance", self.guidance, 0.0, 100.0)
         _check_int("noise_level", self.noise_level, 0, MAX_NOISE_LEVEL)
@@ -582,6 +582,21 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 def _check_str(name: str, value: object) -> None:
     if not isinstance(value, str):
         raise OptionsError(f"{name} must be a string; got {type(value).__name__} {value!r}", option=name)
+
+
+def check_text(name: str, value: object) -> None:
+    """A string that is text: one that UTF-8 can encode (a command-line argument with a byte that is not
+    UTF-8 arrives as a lone surrogate, which the tokenizer and the files cannot take)."""
+    _check_str(name, value)
+    assert isinstance(value, str)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise OptionsError(
+            f"{name} is not valid text: character {e.object[e.start]!r} at position {e.start} is not Unicode text "
+            "(a byte that is not UTF-8, e.g. from a file or terminal in another encoding)",
+            option=name,
+        ) from None
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 from pathlib import Path
@@ -60,7 +61,7 @@ def entry_key(components: Any, prompt: str) -> dict[str, Any] | None:
         "stored_dtype": str(placement.unet_dtype).removeprefix("torch."),
         "device": placement.device.type,
         "tokenizer_sha256": tokenizer.hexdigest()[:16],
-        "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(),
+        "prompt_sha256": hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest(),
     }
 
 
@@ -97,10 +98,14 @@ def read(components: Any, prompt: str) -> tuple[torch.Tensor, dict[str, float]] 
             raise ValueError("NaN or inf values")
         if not isinstance(timing, dict):
             raise ValueError("its timing is not a mapping")
-        timing = {k: float(v) for k, v in timing.items() if k in _TIMINGS and isinstance(v, (int, float)) and v >= 0}
+        timing = {k: float(v) for k, v in timing.items()
+                  if k in _TIMINGS and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0}
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         log.warning("prompt cache: ignoring %s (%s)", path.name, e)
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as gone:  # a read-only cache folder: the entry stays ignored, the start goes on
+            log.warning("prompt cache: could not remove %s: %s", path.name, gone)
         return None
     return embeds.to(components.placement.device), timing
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..model.loading import Components
-from ..options import UpscaleOptions
+from ..options import UpscaleOptions, check_text
 from . import budget, prompt_store
 
 log = logging.getLogger("sdx4")
@@ -52,6 +52,8 @@ def check_prompts(prompts: Any) -> list[str]:
     prompts = list(prompts)
     if not all(isinstance(p, str) for p in prompts):
         raise TypeError(f"prompts must be a list of strings; got {prompts!r}")
+    for p in prompts:
+        check_text("prompts", p)
     return prompts
 
 
