@@ -20,7 +20,7 @@ from ..imageio import (
     probe_animation,
 )
 from ..options import OptionsError
-from .args import UsageError, load_from_args, options_from_args
+from .args import EXIT_FAILURE, UsageError, check_fits, load_or_report, options_from_args
 
 #: The --temporal choices (sdx4.video.TEMPORAL_MODES; kept here so building the parser imports no numpy).
 TEMPORAL_CHOICES = ("none", "colorfix", "flow")
@@ -110,26 +110,11 @@ def cmd_animation(args: argparse.Namespace) -> int:
 
     upscaler = None
     if options.method == "sd":
-        from ..api import MemoryBudgetError, ModelNotFoundError
-
-        try:
-            upscaler = load_from_args(args, say, options.text_prompts)
-        except ModelNotFoundError as e:
-            print(f"sdx4: error: {e}", file=sys.stderr)
-            return 1
-        for src, _, info in plans:
-            try:
-                upscaler.check(options, info.size)
-            except MemoryBudgetError as e:
-                raise UsageError(f"{src}: --max-memory: {e}") from None
-            cost = (
-                upscaler.cost(options, info.size).megapixel_steps * info.frames
-            )  # every frame
-            if args.max_job_cost is not None and cost > args.max_job_cost:
-                raise UsageError(
-                    f"{src}: --max-job-cost: this animation ({info.frames} frames of {info.size[0]}x{info.size[1]}) "
-                    f"costs {cost:.3g} megapixel-steps, over the limit of {args.max_job_cost:g}"
-                )
+        upscaler = load_or_report(args, say, options)
+        if upscaler is None:
+            return EXIT_FAILURE
+        for src, _, info in plans:  # every frame counts in the job's cost
+            check_fits(upscaler, options, src, info.size, frames=info.frames, max_cost=args.max_job_cost)
 
     for src, dst, info in plans:
         bar = _bar(args, src.name, info.frames)

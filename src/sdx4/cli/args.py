@@ -161,6 +161,42 @@ def load_from_args(args: argparse.Namespace, say: Any = None, prompts: list[str]
     return upscaler
 
 
+def load_or_report(args: argparse.Namespace, say: Any, options: UpscaleOptions) -> Any | None:
+    """`load_from_args` for a run of the diffusion model, its prompts encoded first; None when the model is not
+    found (the reason printed: the caller exits EXIT_FAILURE)."""
+    from ..api import ModelNotFoundError
+
+    try:
+        return load_from_args(args, say, options.text_prompts)
+    except ModelNotFoundError as e:
+        print(f"sdx4: error: {e}", file=sys.stderr)
+        return None
+
+
+def check_fits(upscaler: Any, options: UpscaleOptions, src: Any, size: tuple[int, int], frames: int | None = None,
+               max_cost: float | None = None) -> None:
+    """Before any heavy work: a UsageError naming `src` when an input of `size` cannot fit the memory budget
+    (--max-memory), or when its job (every frame of an animation of `frames`) costs more than `max_cost`
+    megapixel-steps (--max-job-cost)."""
+    from ..api import MemoryBudgetError
+
+    try:
+        upscaler.check(options, size)
+    except MemoryBudgetError as e:
+        raise UsageError(f"{src}: --max-memory: {e}") from None
+    if max_cost is None:
+        return
+    cost = upscaler.cost(options, size).megapixel_steps * (frames or 1)
+    if cost > max_cost:
+        if frames is None:
+            what, hint = f"this job ({size[0]}x{size[1]})", (
+                " (fewer steps, guidance <= 1, fewer images or a smaller image cost less)")
+        else:
+            what, hint = f"this animation ({frames} frames of {size[0]}x{size[1]})", ""
+        raise UsageError(f"{src}: --max-job-cost: {what} costs {cost:.3g} megapixel-steps, over the limit of "
+                         f"{max_cost:g}{hint}")
+
+
 def method_arg(text: str) -> str:
     """--method: a name of METHODS, or realesrgan:PATH (a user's Real-ESRGAN-family weights, split by
     options_from_args; the file is checked there, before any work)."""

@@ -45,7 +45,9 @@ from .args import (
     add_model_args,
     add_output_args,
     add_sd_option_args,
+    check_fits,
     load_from_args,
+    load_or_report,
     method_arg,
     options_from_args,
 )
@@ -315,25 +317,11 @@ def _upscale_all(
 ) -> int:
     upscaler = None
     if options.method == "sd":
-        from ..api import MemoryBudgetError, ModelNotFoundError
-
-        try:
-            upscaler = load_from_args(args, say, options.text_prompts)
-        except ModelNotFoundError as e:
-            print(f"sdx4: error: {e}", file=sys.stderr)
+        upscaler = load_or_report(args, say, options)
+        if upscaler is None:
             return EXIT_FAILURE
-
         for src, size in zip(inputs, sizes):  # the memory budget must hold every input, checked before any heavy work
-            try:
-                upscaler.check(options, size)
-            except MemoryBudgetError as e:
-                raise UsageError(f"{src}: --max-memory: {e}") from None
-            cost = upscaler.cost(options, size).megapixel_steps
-            if args.max_job_cost is not None and cost > args.max_job_cost:
-                raise UsageError(
-                    f"{src}: --max-job-cost: this job ({size[0]}x{size[1]}) costs {cost:.3g} megapixel-steps, over the "
-                    f"limit of {args.max_job_cost:g} (fewer steps, guidance <= 1, fewer images or a smaller image cost less)"
-                )
+            check_fits(upscaler, options, src, size, max_cost=args.max_job_cost)
 
     for src, source, paths, size in zip(inputs, sources, outputs, sizes):
         opts = options.with_seed()

@@ -14,8 +14,9 @@ from .args import (
     EXIT_FAILURE,
     EXIT_OK,
     UsageError,
-    load_from_args,
+    check_fits,
     load_options_from_args,
+    load_or_report,
     options_from_args,
 )
 
@@ -174,18 +175,11 @@ def cmd_video(args: argparse.Namespace) -> int:
     )  # --engine ray: the workers load the model, not this process
     upscaler = None
     if options.method == "sd" and ray is None:
-        from ..api import MemoryBudgetError, ModelNotFoundError
-
-        try:
-            upscaler = load_from_args(args, say, options.text_prompts)
-        except ModelNotFoundError as e:
-            print(f"sdx4: error: {e}", file=sys.stderr)
+        upscaler = load_or_report(args, say, options)
+        if upscaler is None:
             return EXIT_FAILURE
         for src, info in zip(inputs, infos):
-            try:
-                upscaler.check(options, info.size)
-            except MemoryBudgetError as e:
-                raise UsageError(f"{src}: --max-memory: {e}") from None
+            check_fits(upscaler, options, src, info.size)
 
     for src, dst, info in zip(inputs, outputs, infos):
         try:
