@@ -147,13 +147,7 @@ def upscale_video_ray(
         raise VideoInputError("method 'sd' needs the model: pass its LoadOptions")
     plan = prepare(_NoCheck(load.model) if load is not None else None, src, dst, options, video,
                    Path(work_dir) if work_dir is not None else None)  # fmt: skip
-    info, enc, opts, folder, manifest = (
-        plan.info,
-        plan.enc,
-        plan.options,
-        plan.folder,
-        plan.manifest,
-    )
+    info, enc, opts, folder, manifest = plan.parts()
     n = video.chunk_frames
     times = frame_times(info)
     total = len(times) if times is not None else info.frames

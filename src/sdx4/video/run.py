@@ -75,6 +75,10 @@ class _Plan:
     manifest: dict[str, Any]
     created: bool  # this call made the work folder
 
+    def parts(self) -> tuple[VideoInfo, Encoding, UpscaleOptions, Path, dict[str, Any]]:
+        """(info, enc, options, folder, manifest): what the runners (here and distributed.py) work with."""
+        return self.info, self.enc, self.options, self.folder, self.manifest
+
 
 def check_video_options(upscaler: Any, options: UpscaleOptions) -> None:
     """The UpscaleOptions a clip cannot take, before anything is opened."""
@@ -188,13 +192,7 @@ def upscale_video(
         video,
         Path(work_dir) if work_dir is not None else None,
     )
-    info, enc, opts, folder, manifest = (
-        plan.info,
-        plan.enc,
-        plan.options,
-        plan.folder,
-        plan.manifest,
-    )
+    info, enc, opts, folder, manifest = plan.parts()
     n = video.chunk_frames
     done: dict[int, dict[str, int]] = {int(k): v for k, v in manifest["chunks"].items()}
     reused = len(done)
@@ -275,13 +273,7 @@ def frame_record(metadata: dict[str, Any]) -> dict[str, Any]:
 def complete(plan: _Plan, dst: Path, video: VideoOptions, frames: int, reused: int, upscaled: int, seconds: float,
              upscale_s: float, flicker: dict[str, Any] | None) -> VideoReport:  # fmt: skip
     """Every chunk is finished: record the frame count, assemble the output, remove the work folder."""
-    info, enc, opts, folder, manifest = (
-        plan.info,
-        plan.enc,
-        plan.options,
-        plan.folder,
-        plan.manifest,
-    )
+    info, enc, opts, folder, manifest = plan.parts()
     t0 = time.perf_counter()
     manifest["frames"] = frames
     write_json_atomic(folder / MANIFEST, manifest)
