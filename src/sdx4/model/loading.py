@@ -56,8 +56,14 @@ class Components:
     source: Any = None  # a single-file checkpoint (single_file.SingleFileModel) the networks are read from
     weight_cache: bool = False  # weights read through the cache folder's converted copies (weight_cache.py)
     loras: tuple[Any, ...] = ()  # the LoRAs merged into the UNet (model/lora.py `Lora`), merged again by load_unet
-    text_encoder_loaded: bool = True  # False until a lazily loaded text encoder is first loaded (load_components)
-    text_encoder_empty: Any = None  # its empty (meta) module, built while checking the folder, filled at that load
+    #: The text encoder's empty (meta) module while a lazily loaded one (load_components) was never loaded: built
+    #: while checking the folder, filled at its first load.
+    text_encoder_empty: Any = None
+
+    @property
+    def text_encoder_loaded(self) -> bool:
+        """Whether the text encoder was loaded in this process (now held or dropped since)."""
+        return self.text_encoder_empty is None
 
     def load_text_encoder(self) -> Any:
         """Load the text encoder: the first time when the model was loaded without it (`lazy_text_encoder`),
@@ -71,7 +77,6 @@ class Components:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*scaling_factor.*")
                 enc = _load_text_encoder(self.folder, self.placement, empty=empty, cache=self.weight_cache)
-        self.text_encoder_loaded = True
         return enc
 
     def load_unet(self) -> Any:
@@ -253,7 +258,6 @@ def load_components(
         compiled=compile,
         weight_cache=cache,
         loras=read_loras,
-        text_encoder_loaded=text_encoder is not None,
         text_encoder_empty=empty_text if text_encoder is None else None,
     )
     del text_encoder, empty_text  # the caller's hook may drop it: no second reference here
